@@ -1,0 +1,142 @@
+//! A 16550 UART (vm-superio) on the port bus, with output to any writer and input pushed by the
+//! VMM.
+
+use std::fs::File;
+use std::io::{self, Write};
+
+use vm_superio::Serial;
+
+use crate::bus::BusDevice;
+use crate::interrupt::{InterruptLine, SuperioTrigger};
+use crate::ratelimit::LogOnce;
+
+/// Where the guest's serial output goes.
+pub enum SerialOutput {
+    Stdout,
+    File(File),
+    /// Any writer (embedders capture output this way).
+    Writer(Box<dyn Write + Send>),
+    /// Output is discarded.
+    Sink,
+}
+
+impl SerialOutput {
+    fn into_writer(self) -> Box<dyn Write + Send> {
+        match self {
+            SerialOutput::Stdout => Box::new(io::stdout()),
+            SerialOutput::File(f) => Box::new(f),
+            SerialOutput::Writer(w) => w,
+            SerialOutput::Sink => Box::new(io::sink()),
+        }
+    }
+}
+
+pub struct SerialConsole {
+    uart: Serial<SuperioTrigger<Box<dyn InterruptLine>>, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    errors: LogOnce<&'static str>,
+}
+
+impl SerialConsole {
+    pub fn new(irq: Box<dyn InterruptLine>, output: SerialOutput) -> Self {
+        Self { uart: Serial::new(SuperioTrigger(irq), output.into_writer()), errors: LogOnce::new(4) }
+    }
+
+    /// Queues bytes for the guest to read; returns how many fit in the receive FIFO.
+    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                if self.errors.first("input") {
+                    log::warn!("serial: cannot queue input: {e:?}");
+                }
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match data {
+            [byte] => *byte = self.uart.read(offset as u8),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let [byte] = data {
+            if let Err(e) = self.uart.write(offset as u8, *byte) {
+                // A closed stdout must not stop the guest; say so once.
+                if self.errors.first("output") {
+                    log::warn!("serial: output failed, further output may be lost: {e:?}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct CountingIrq(std::sync::atomic::AtomicUsize);
+
+    impl InterruptLine for CountingIrq {
+        fn trigger(&self) -> io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_bytes_and_receives_input() {
+        let out = Capture::default();
+        let irq = Arc::new(CountingIrq::default());
+        let mut uart = SerialConsole::new(Box::new(irq.clone()), SerialOutput::Writer(Box::new(out.clone())));
+        for b in b"hi\n" {
+            uart.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+
+        // Enable the received-data interrupt, then push input.
+        uart.write(1, &[0x01]);
+        assert_eq!(uart.push_input(b"x"), 1);
+        assert!(irq.0.load(std::sync::atomic::Ordering::SeqCst) > 0);
+        let mut lsr = [0];
+        uart.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut rbr = [0];
+        uart.read(0, &mut rbr);
+        assert_eq!(rbr, *b"x");
+    }
+
+    #[test]
+    fn ignores_wide_accesses() {
+        let mut uart = SerialConsole::new(Box::new(Arc::new(CountingIrq::default())), SerialOutput::Sink);
+        let mut data = [0u8; 4];
+        uart.read(0, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        uart.write(0, &[1, 2]);
+    }
+}

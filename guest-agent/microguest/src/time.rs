@@ -1,0 +1,39 @@
+//! Time from the TSC. The frequency comes from the hypervisor timing leaf (0x40000010), which
+//! our VMM fills in; without it (e.g. QEMU's default CPU model) durations are not reported.
+use microguest_protocol::CPUID_TIMING_LEAF;
+
+use crate::arch;
+
+/// TSC frequency in kHz, if the hypervisor tells us.
+pub fn tsc_khz() -> Option<u64> {
+    let (max_hv_leaf, ..) = arch::cpuid(0x4000_0000, 0);
+    if max_hv_leaf < CPUID_TIMING_LEAF {
+        return None;
+    }
+    let (khz, ..) = arch::cpuid(CPUID_TIMING_LEAF, 0);
+    (khz != 0).then_some(u64::from(khz))
+}
+
+/// Microseconds between two TSC readings, if the frequency is known.
+pub fn elapsed_us(start: u64, end: u64) -> Option<u64> {
+    tsc_khz().map(|khz| end.wrapping_sub(start) * 1000 / khz)
+}
+
+/// Spins until `us` microseconds have passed (or about that many pause instructions without a
+/// known TSC frequency).
+pub fn spin_us(us: u64) {
+    match tsc_khz() {
+        Some(khz) => {
+            let start = arch::rdtsc();
+            let ticks = us * khz / 1000;
+            while arch::rdtsc().wrapping_sub(start) < ticks {
+                arch::pause();
+            }
+        }
+        None => {
+            for _ in 0..us * 30 {
+                arch::pause();
+            }
+        }
+    }
+}
