@@ -14,5 +14,3 @@ pub const MICROGUEST_IMAGE: &str = env!("MICROGUEST_IMAGE");
 pub fn microguest() -> &'static [u8] {
     include_bytes!(env!("MICROGUEST_IMAGE"))
 }
-
-/// Programs the bundled microguest knows (`prog=NAME` on its command line).

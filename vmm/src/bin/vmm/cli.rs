@@ -1,0 +1,218 @@
+//! Command-line parsing and the `run` command.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value};
+use vmm::{BootProtocol, BuildError, SerialConfig, SerialInput, VmBuilder, VmConfig};
+
+/// Exit status for bad input (flags, config file, kernel image).
+pub const STATUS_BAD_INPUT: u8 = 2;
+/// Exit status when the VMM fails at run time.
+pub const STATUS_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "vmm", version, about = "A KVM virtual machine monitor for live component replacement")]
+pub struct Cli {
+    /// Log level for the VMM's own messages (on stderr).
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = parse_level)]
+    pub log_level: log::LevelFilter,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a kernel and run it until the guest ends.
+    Run(RunArgs),
+    /// Boot the bundled microguest and show what the VMM can do.
+    Demo(DemoArgs),
+    /// Write the bundled microguest image to a file (to use with `vmm run --kernel`).
+    ExportMicroguest {
+        /// Where to write the ELF image.
+        path: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Kernel image: 64-bit ELF (vmlinux, the microguest) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "N")]
+    pub mem_mib: Option<u64>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Serial console: stdout, none or file:PATH.
+    #[arg(long, value_name = "DEST", value_parser = parse_serial)]
+    pub serial: Option<SerialConfig>,
+    /// Boot protocol: auto (PVH if the kernel supports it), linux or pvh.
+    #[arg(long, value_name = "PROTO", value_parser = parse_protocol)]
+    pub boot_protocol: Option<BootProtocol>,
+    /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib, vcpus, serial,
+    /// boot_protocol, ram_backing); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Show only the guest programs' output, not the VMM's commentary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("invalid log level {s:?} (expected off, error, warn, info, debug or trace)"))
+}
+
+fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+    s.parse()
+}
+
+fn parse_protocol(s: &str) -> Result<BootProtocol, String> {
+    s.parse()
+}
+
+/// An error with the exit status it deserves.
+pub struct Failure {
+    pub status: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn bad_input(error: anyhow::Error) -> Self {
+        Self { status: STATUS_BAD_INPUT, error }
+    }
+
+    pub fn runtime(error: anyhow::Error) -> Self {
+        Self { status: STATUS_FAILURE, error }
+    }
+}
+
+impl From<BuildError> for Failure {
+    fn from(e: BuildError) -> Self {
+        let status = match e {
+            BuildError::Config(_) | BuildError::Boot(_) | BuildError::SerialFile { .. } => STATUS_BAD_INPUT,
+            _ => STATUS_FAILURE,
+        };
+        Failure { status, error: anyhow!(e) }
+    }
+}
+
+/// Prints a clap error as one line (help and version keep clap's own output).
+pub fn report_clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind::*;
+    if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+        let _ = e.print();
+        return ExitCode::from(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand { STATUS_BAD_INPUT } else { 0 });
+    }
+    let rendered = e.render().to_string();
+    let message = rendered.split("\n\nUsage:").next().unwrap_or(&rendered);
+    let message = message.trim().trim_start_matches("error:").split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("error: {message} (see 'vmm --help')");
+    ExitCode::from(STATUS_BAD_INPUT)
+}
+
+/// Merges the config file (if any) with the flags; flags win.
+pub fn resolve_config(args: &RunArgs) -> Result<VmConfig, Failure> {
+    let mut fields = match &args.config {
+        Some(path) => read_config_file(path).map_err(Failure::bad_input)?,
+        None => Map::new(),
+    };
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            fields.insert(key.to_string(), v);
+        }
+    };
+    set("kernel", args.kernel.as_ref().map(|p| Value::from(p.to_string_lossy().into_owned())));
+    set("initrd", args.initrd.as_ref().map(|p| Value::from(p.to_string_lossy().into_owned())));
+    set("cmdline", args.cmdline.clone().map(Value::from));
+    set("mem_mib", args.mem_mib.map(Value::from));
+    set("vcpus", args.vcpus.map(Value::from));
+    set("serial", args.serial.as_ref().map(|s| Value::from(s.to_string())));
+    set("boot_protocol", args.boot_protocol.map(|p| Value::from(p.to_string())));
+    if !fields.contains_key("kernel") {
+        return Err(Failure::bad_input(anyhow!(
+            "no kernel given: pass --kernel PATH or set \"kernel\" in the --config file"
+        )));
+    }
+    serde_json::from_value(Value::Object(fields))
+        .map_err(|e| Failure::bad_input(anyhow!("invalid configuration: {e}")))
+}
+
+fn read_config_file(path: &Path) -> anyhow::Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(anyhow!("config file {}: expected a JSON object", path.display())),
+        Err(e) => Err(anyhow!("config file {} is not valid JSON: {e}", path.display())),
+    }
+}
+
+/// `vmm run`.
+pub fn run(args: &RunArgs) -> Result<u8, Failure> {
+    let config = resolve_config(args)?;
+    let forward_stdin = config.serial == SerialConfig::Stdout;
+    let vm = VmBuilder::from_config(config).start()?;
+    let info = vm.info();
+    log::info!(
+        "booted {} kernel via {} at {:#x}: {} vCPUs, {} MiB",
+        info.kernel_format,
+        info.boot_protocol,
+        info.entry_point,
+        info.vcpus,
+        info.mem_bytes >> 20
+    );
+    if forward_stdin {
+        forward_stdin_to(vm.serial_input());
+    }
+    let exit = vm.wait();
+    log::info!("VM ended: {exit}");
+    if let vmm::VmExit::Crashed(crash) = &exit {
+        return Err(Failure::runtime(anyhow!("{crash}")));
+    }
+    Ok(exit.process_status() as u8)
+}
+
+/// Copies stdin into the guest's serial port on a background thread.
+fn forward_stdin_to(input: SerialInput) {
+    let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        while let Ok(n @ 1..) = stdin.read(&mut buf) {
+            let mut sent = 0;
+            while sent < n {
+                let accepted = input.send(&buf[sent..n]);
+                sent += accepted;
+                if accepted == 0 {
+                    // The guest has not drained its receive FIFO yet.
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("serial input disabled: {e}");
+    }
+}
+
+/// `vmm export-microguest PATH`.
+pub fn export_microguest(path: &Path) -> Result<u8, Failure> {
+    std::fs::write(path, guest_agent::microguest())
+        .with_context(|| format!("cannot write {}", path.display()))
+        .map_err(Failure::runtime)?;
+    eprintln!("wrote the microguest ({} bytes) to {}", guest_agent::microguest().len(), path.display());
+    Ok(0)
+}

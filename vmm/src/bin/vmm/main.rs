@@ -1,0 +1,47 @@
+//! The `vmm` command: run a VM from flags or a JSON config, or run the bundled demo.
+//!
+//! Guest serial output goes to stdout; everything the VMM itself says goes to stderr. Errors
+//! are one line, never a panic or a backtrace. Exit status: the guest's debug-exit status, 0
+//! for a clean guest shutdown, 1 when the VMM fails or the guest crashes, 2 for bad input.
+
+mod cli;
+mod demo;
+mod logger;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command, Failure};
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        // One line, no backtrace: a panic is a VMM bug, reported as such.
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        eprintln!("error: internal error (please report): {message}{location}");
+    }));
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::report_clap_error(e),
+    };
+    logger::init(cli.log_level);
+    let result = match cli.command {
+        Command::Run(args) => cli::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::ExportMicroguest { path } => cli::export_microguest(&path),
+    };
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(Failure { status, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(status)
+        }
+    }
+}

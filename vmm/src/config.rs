@@ -1,0 +1,211 @@
+//! The VM configuration: what the `vmm` CLI flags and the JSON config file describe, and what
+//! [`VmBuilder`](crate::VmBuilder) assembles. Validation happens here, before any resource is
+//! taken, so bad input costs nothing.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::boot::BootProtocol;
+use crate::memory::RamBacking;
+
+/// Smallest guest RAM accepted.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Largest guest RAM accepted (a guard against typos; RAM is mapped lazily).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+/// Most vCPUs per VM (8-bit xAPIC ids, 0xff reserved); KVM's own limit may be lower.
+pub const MAX_VCPUS: u32 = 254;
+
+pub const DEFAULT_MEM_MIB: u64 = 128;
+pub const DEFAULT_VCPUS: u32 = 1;
+/// A serial console, reboots through the keyboard controller (which ends the VMM cleanly) and
+/// a reboot one second after a panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SerialConfig {
+    #[default]
+    Stdout,
+    File(PathBuf),
+    /// Discard output.
+    None,
+}
+
+impl FromStr for SerialConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdout" => Ok(SerialConfig::Stdout),
+            "none" => Ok(SerialConfig::None),
+            _ => match s.strip_prefix("file:") {
+                Some("") => Err("serial \"file:\" needs a path, as in file:/tmp/console.log".into()),
+                Some(path) => Ok(SerialConfig::File(path.into())),
+                None => Err(format!("invalid serial {s:?}: expected stdout, none or file:PATH")),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for SerialConfig {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for SerialConfig {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            SerialConfig::Stdout => f.write_str("stdout"),
+            SerialConfig::None => f.write_str("none"),
+            SerialConfig::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+impl From<SerialConfig> for String {
+    fn from(s: SerialConfig) -> String {
+        s.to_string()
+    }
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_mem_mib() -> u64 {
+    DEFAULT_MEM_MIB
+}
+fn default_vcpus() -> u32 {
+    DEFAULT_VCPUS
+}
+
+/// A complete VM description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: a 64-bit ELF (vmlinux, the microguest) or a bzImage.
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    #[serde(default)]
+    pub boot_protocol: BootProtocol,
+    #[serde(default)]
+    pub ram_backing: RamBacking,
+}
+
+/// A configuration that cannot work; the message names the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("mem_mib (--mem-mib) is {0}: a guest needs at least {MIN_MEM_MIB} MiB")]
+    TooLittleMemory(u64),
+    #[error("mem_mib (--mem-mib) is {0}: at most {MAX_MEM_MIB} MiB is accepted")]
+    TooMuchMemory(u64),
+    #[error("vcpus (--vcpus) is {got}: must be between 1 and {max}")]
+    VcpuCount { got: u32, max: u32 },
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            mem_mib: DEFAULT_MEM_MIB,
+            vcpus: DEFAULT_VCPUS,
+            serial: SerialConfig::default(),
+            boot_protocol: BootProtocol::default(),
+            ram_backing: RamBacking::default(),
+        }
+    }
+
+    /// Checks everything that can be checked without the hypervisor; `max_vcpus` is the
+    /// host's limit when known.
+    pub fn validate(&self, max_vcpus: Option<u32>) -> Result<(), ConfigError> {
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::TooLittleMemory(self.mem_mib));
+        }
+        if self.mem_mib > MAX_MEM_MIB {
+            return Err(ConfigError::TooMuchMemory(self.mem_mib));
+        }
+        let max = max_vcpus.map_or(MAX_VCPUS, |m| m.min(MAX_VCPUS));
+        if self.vcpus == 0 || self.vcpus > max {
+            return Err(ConfigError::VcpuCount { got: self.vcpus, max });
+        }
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Err(_) => Err(ConfigError::Missing { what, path: path.clone() }),
+        Ok(m) if !m.is_file() => Err(ConfigError::NotAFile { what, path: path.clone() }),
+        Ok(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_defaults_and_unknown_keys() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(c, VmConfig::new("/k"));
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "mem_mib": 64, "vcpus": 4, "serial": "file:/tmp/x"}"#).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus, c.serial), (64, 4, SerialConfig::File("/tmp/x".into())));
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "memory": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `memory`"), "{err}");
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "serial": "tty"}"#).unwrap_err();
+        assert!(err.to_string().contains("expected stdout, none or file:PATH"), "{err}");
+    }
+
+    #[test]
+    fn serial_round_trips() {
+        for s in ["stdout", "none", "file:/var/log/c"] {
+            assert_eq!(s.parse::<SerialConfig>().unwrap().to_string(), s);
+        }
+        assert!("file:".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let exe = std::env::current_exe().unwrap();
+        let mut c = VmConfig::new(&exe);
+        assert_eq!(c.validate(Some(8)), Ok(()));
+        c.mem_mib = 1;
+        assert_eq!(c.validate(None), Err(ConfigError::TooLittleMemory(1)));
+        c.mem_mib = 64;
+        c.vcpus = 9;
+        assert_eq!(c.validate(Some(8)), Err(ConfigError::VcpuCount { got: 9, max: 8 }));
+        c.vcpus = 0;
+        assert!(c.validate(None).is_err());
+        c.vcpus = 1;
+        c.kernel = "/nonexistent/kernel".into();
+        assert_eq!(c.validate(None).unwrap_err().to_string(), "kernel /nonexistent/kernel does not exist");
+        c.kernel = std::env::temp_dir();
+        assert!(matches!(c.validate(None), Err(ConfigError::NotAFile { .. })));
+    }
+}

@@ -1,0 +1,34 @@
+//! A KVM virtual machine monitor built on the rust-vmm crates, designed around changing a
+//! running VM without stopping it.
+//!
+//! Embedders start a VM with [`VmBuilder`] and drive it through the returned [`Vm`] handle:
+//!
+//! ```no_run
+//! use vmm::{VmBuilder, VmExit};
+//!
+//! let vm = VmBuilder::new("/path/to/microguest").cmdline("prog=smp").vcpus(4).start()?;
+//! vm.pause()?;   // every vCPU stopped at an instruction boundary
+//! vm.resume()?;
+//! assert_eq!(vm.wait(), VmExit::Guest(0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Layout: [`hv`] owns every KVM object; [`memory`] the guest RAM regions and their
+//! backings; [`boot`] the kernel loaders and boot structures; [`vcpu`] the vCPU threads and
+//! their pause/resume rendezvous; [`vm`] the running-VM handle; [`builder`] composes them from
+//! a [`VmConfig`]. Device models live in the `devices` crate.
+
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod hv;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use boot::BootProtocol;
+pub use builder::{BuildError, VmBuilder};
+pub use config::{SerialConfig, VmConfig};
+pub use devices::legacy::SerialOutput;
+pub use memory::RamBacking;
+pub use vm::{SerialInput, Vm, VmError, VmExit, VmInfo, VmState};

@@ -1,0 +1,41 @@
+//! The x86_64 guest-physical address map.
+//!
+//! ```text
+//! 0            .. low RAM end    RAM (legacy BIOS areas inside it are reserved in e820)
+//! 3 GiB        .. 4 GiB          MMIO gap: virtio-mmio windows, KVM's TSS pages, IOAPIC, LAPIC
+//! 4 GiB        .. 4 GiB + rest   RAM above the gap, when the guest has more than 3 GiB
+//! ```
+
+/// Start of the MMIO gap below 4 GiB; RAM beyond this address continues at 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the MMIO gap.
+pub const MMIO_GAP_END: u64 = 1 << 32;
+/// Where virtio-mmio device windows are allocated, inside the gap.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Each virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The IOAPIC's MMIO page.
+pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+/// The local APICs' MMIO page.
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+
+/// Guest RAM ranges `(guest address, length)` for `size` bytes of RAM.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_splits_around_the_mmio_gap() {
+        assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
+        assert_eq!(ram_ranges(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
+        assert_eq!(ram_ranges(4 << 30), vec![(0, MMIO_GAP_START), (1 << 32, 1 << 30)]);
+    }
+}

@@ -1,0 +1,165 @@
+//! The rendezvous between the VM controller and its vCPU threads: what every vCPU should be
+//! doing, and how many have got there.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// What the controller wants the vCPUs to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Target {
+    Run = 0,
+    Pause = 1,
+    Stop = 2,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// vCPU threads waiting in `park`.
+    parked: usize,
+    /// vCPU threads that left their run loop for good.
+    exited: usize,
+}
+
+pub struct RunControl {
+    /// Read on every loop iteration without the lock.
+    target: AtomicU8,
+    counts: Mutex<Counts>,
+    changed: Condvar,
+    vcpus: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("the VM has stopped")]
+    Stopped,
+    #[error("only {arrived} of {total} vCPUs reached the requested state within {timeout:?}")]
+    Timeout { arrived: usize, total: usize, timeout: Duration },
+}
+
+impl RunControl {
+    pub fn new(vcpus: usize) -> Self {
+        Self { target: AtomicU8::new(Target::Run as u8), counts: Mutex::default(), changed: Condvar::new(), vcpus }
+    }
+
+    pub fn target(&self) -> Target {
+        match self.target.load(Ordering::SeqCst) {
+            0 => Target::Run,
+            1 => Target::Pause,
+            _ => Target::Stop,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the target; refuses to leave `Stop`.
+    pub fn set_target(&self, target: Target) -> Result<(), ControlError> {
+        let _counts = self.lock();
+        if self.target() == Target::Stop && target != Target::Stop {
+            return Err(ControlError::Stopped);
+        }
+        self.target.store(target as u8, Ordering::SeqCst);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until every vCPU is parked (or gone).
+    pub fn wait_all_parked(&self, timeout: Duration) -> Result<(), ControlError> {
+        self.wait_until(timeout, |c, n| c.parked + c.exited == n)
+    }
+
+    /// Waits until no vCPU is parked.
+    pub fn wait_none_parked(&self, timeout: Duration) -> Result<(), ControlError> {
+        self.wait_until(timeout, |c, _| c.parked == 0)
+    }
+
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Counts, usize) -> bool) -> Result<(), ControlError> {
+        let deadline = Instant::now() + timeout;
+        let mut counts = self.lock();
+        while !done(&counts, self.vcpus) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ControlError::Timeout { arrived: counts.parked + counts.exited, total: self.vcpus, timeout });
+            }
+            counts = self.changed.wait_timeout(counts, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Ok(())
+    }
+
+    /// Called by a vCPU thread: waits while the target is `Pause`; returns the new target.
+    pub fn park(&self) -> Target {
+        let mut counts = self.lock();
+        counts.parked += 1;
+        self.changed.notify_all();
+        while self.target() == Target::Pause {
+            counts = self.changed.wait(counts).unwrap_or_else(|p| p.into_inner());
+        }
+        counts.parked -= 1;
+        self.changed.notify_all();
+        self.target()
+    }
+
+    /// Called by a vCPU thread as it leaves its run loop.
+    pub fn exited(&self) {
+        self.lock().exited += 1;
+        self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn pause_resume_stop_rendezvous() {
+        let control = Arc::new(RunControl::new(3));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let c = control.clone();
+                std::thread::spawn(move || {
+                    let mut parks = 0;
+                    loop {
+                        match c.target() {
+                            Target::Run => std::thread::yield_now(),
+                            Target::Pause => {
+                                parks += 1;
+                                if c.park() == Target::Stop {
+                                    break;
+                                }
+                            }
+                            Target::Stop => break,
+                        }
+                    }
+                    c.exited();
+                    parks
+                })
+            })
+            .collect();
+        let t = Duration::from_secs(10);
+        for _ in 0..3 {
+            control.set_target(Target::Pause).unwrap();
+            control.wait_all_parked(t).unwrap();
+            control.set_target(Target::Run).unwrap();
+            control.wait_none_parked(t).unwrap();
+        }
+        control.set_target(Target::Stop).unwrap();
+        assert_eq!(control.set_target(Target::Run), Err(ControlError::Stopped));
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 3);
+        }
+        control.wait_all_parked(Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn times_out_when_a_vcpu_never_arrives() {
+        let control = RunControl::new(1);
+        control.set_target(Target::Pause).unwrap();
+        let err = control.wait_all_parked(Duration::from_millis(10)).unwrap_err();
+        assert!(matches!(err, ControlError::Timeout { arrived: 0, total: 1, .. }));
+    }
+}

@@ -1,0 +1,159 @@
+//! vCPU threads and their control: start, pause at once, resume, stop.
+//!
+//! Pausing is a rendezvous: the controller sets the target to `Pause`, sets each vCPU's
+//! `immediate_exit` and signals its thread. A vCPU inside `KVM_RUN` is thrown out by the
+//! signal; one about to enter finds `immediate_exit` set and returns at once (KVM still
+//! completes a pending port or MMIO access first, so device state stays consistent). Every
+//! vCPU then parks until the target changes, and `pause` returns when all are parked.
+
+mod control;
+mod exits;
+
+use std::sync::Arc;
+use std::sync::Once;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+pub use control::{ControlError, Target};
+pub use exits::ExitContext;
+
+use crate::hv::{KvmVcpu, VcpuKicker};
+use control::RunControl;
+use exits::Next;
+
+/// Real-time signal used to kick vCPU threads out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivering the signal is what interrupts KVM_RUN.
+}
+
+fn install_kick_handler() -> std::io::Result<()> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// How long `pause`/`resume` wait for every vCPU before reporting a stuck one.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct VcpuThread {
+    /// Returns the vCPU so its `kvm_run` page outlives any kick sent before the join.
+    handle: Option<JoinHandle<KvmVcpu>>,
+    kicker: VcpuKicker,
+}
+
+/// The running vCPU threads of one VM.
+pub struct Vcpus {
+    threads: Vec<VcpuThread>,
+    control: Arc<RunControl>,
+}
+
+impl Vcpus {
+    /// Starts one thread per vCPU, each running the guest until told otherwise.
+    pub fn start(vcpus: Vec<KvmVcpu>, ctx: Arc<ExitContext>) -> std::io::Result<Self> {
+        install_kick_handler()?;
+        let control = Arc::new(RunControl::new(vcpus.len()));
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let kicker = vcpu.kicker();
+            let (ctx, control_for_thread) = (ctx.clone(), control.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id()))
+                .spawn(move || run_loop(vcpu, &ctx, &control_for_thread));
+            match spawned {
+                Ok(handle) => threads.push(VcpuThread { handle: Some(handle), kicker }),
+                Err(e) => {
+                    // Do not leave the threads already started running.
+                    let mut partial = Vcpus { threads, control };
+                    partial.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self { threads, control })
+    }
+
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn target(&self) -> Target {
+        self.control.target()
+    }
+
+    fn kick_all(&self) {
+        // A joined thread has dropped its vCPU, and with it the page the kicker points into.
+        for t in self.threads.iter().filter(|t| t.handle.is_some()) {
+            t.kicker.set_immediate_exit();
+            if let Some(handle) = &t.handle {
+                // ESRCH only means the thread already left its loop.
+                let _ = handle.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Stops every vCPU at its next instruction boundary; returns once all are parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.control.set_target(Target::Pause)?;
+        self.kick_all();
+        self.control.wait_all_parked(RENDEZVOUS_TIMEOUT)
+    }
+
+    /// Lets every vCPU run again; returns once none is parked.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.control.set_target(Target::Run)?;
+        self.control.wait_none_parked(RENDEZVOUS_TIMEOUT)
+    }
+
+    /// Ends every vCPU thread and waits for them.
+    pub fn stop(&mut self) {
+        let _ = self.control.set_target(Target::Stop);
+        self.kick_all();
+        for t in &mut self.threads {
+            if let Some(handle) = t.handle.take() {
+                if handle.join().is_err() {
+                    log::error!("a vCPU thread panicked");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_loop(mut vcpu: KvmVcpu, ctx: &ExitContext, control: &RunControl) -> KvmVcpu {
+    // The creating thread may block signals; the kick must get through.
+    let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+    loop {
+        match control.target() {
+            Target::Run => {}
+            Target::Pause => {
+                if control.park() == Target::Stop {
+                    break;
+                }
+                continue;
+            }
+            Target::Stop => break,
+        }
+        match ctx.run_once(&mut vcpu) {
+            Next::Continue => {}
+            // Clear the kick before looking at the target again (see the module docs).
+            Next::Kicked => vcpu.clear_immediate_exit(),
+            Next::Stop => break,
+        }
+    }
+    control.exited();
+    vcpu
+}

@@ -1,0 +1,159 @@
+//! A running VM: the handle the builder returns and embedders drive.
+
+pub mod exit;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use devices::bus::lock_device;
+use devices::legacy::SerialConsole;
+
+pub use exit::{Crash, CrashKind, VmExit};
+
+use crate::boot::{BootProtocol, KernelFormat};
+use crate::hv::KvmVm;
+use crate::memory::GuestRam;
+use crate::vcpu::{ControlError, Target, Vcpus};
+use exit::ExitState;
+
+/// Whether the guest is running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    Running,
+    Paused,
+    Exited(VmExit),
+}
+
+/// Facts about how the VM was put together.
+#[derive(Clone, Debug)]
+pub struct VmInfo {
+    pub vcpus: u32,
+    pub mem_bytes: u64,
+    pub boot_protocol: BootProtocol,
+    pub kernel_format: KernelFormat,
+    pub entry_point: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("the VM has exited ({0})")]
+    Exited(VmExit),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// Pushes bytes into the guest's serial port from any thread.
+#[derive(Clone)]
+pub struct SerialInput {
+    serial: Arc<Mutex<SerialConsole>>,
+}
+
+impl SerialInput {
+    /// Queues as many bytes as the UART's receive FIFO takes; returns how many.
+    pub fn send(&self, bytes: &[u8]) -> usize {
+        lock_device(&self.serial).push_input(bytes)
+    }
+}
+
+/// A running VM.
+///
+/// Dropping it stops the guest. Field order is drop order: vCPU threads end before the VM
+/// and the guest RAM they use go away.
+pub struct Vm {
+    vcpus: Mutex<Vcpus>,
+    exit: Arc<ExitState>,
+    serial: Arc<Mutex<SerialConsole>>,
+    info: VmInfo,
+    _kvm: KvmVm,
+    ram: GuestRam,
+}
+
+impl Vm {
+    pub(crate) fn new(
+        vcpus: Vcpus,
+        exit: Arc<ExitState>,
+        serial: Arc<Mutex<SerialConsole>>,
+        info: VmInfo,
+        kvm: KvmVm,
+        ram: GuestRam,
+    ) -> Self {
+        Self { vcpus: Mutex::new(vcpus), exit, serial, info, _kvm: kvm, ram }
+    }
+
+    fn vcpus(&self) -> MutexGuard<'_, Vcpus> {
+        self.vcpus.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn info(&self) -> &VmInfo {
+        &self.info
+    }
+
+    /// The guest's RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub fn state(&self) -> VmState {
+        if let Some(exit) = self.exit.get() {
+            return VmState::Exited(exit);
+        }
+        match self.vcpus().target() {
+            Target::Pause => VmState::Paused,
+            _ => VmState::Running,
+        }
+    }
+
+    fn ensure_running(&self) -> Result<(), VmError> {
+        match self.exit.get() {
+            Some(exit) => Err(VmError::Exited(exit)),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops every vCPU at an instruction boundary; returns once all are stopped.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.ensure_running()?;
+        Ok(self.vcpus().pause()?)
+    }
+
+    /// Lets the vCPUs run again; returns once all are running.
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.ensure_running()?;
+        Ok(self.vcpus().resume()?)
+    }
+
+    /// Ends the VM (no-op if it already ended) and waits for its vCPU threads.
+    pub fn stop(&self) -> VmExit {
+        self.exit.report(VmExit::Stopped);
+        self.finish()
+    }
+
+    /// Blocks until the VM ends, then reaps its vCPU threads.
+    pub fn wait(&self) -> VmExit {
+        self.exit.wait(None);
+        self.finish()
+    }
+
+    /// Like [`wait`](Self::wait), giving up after `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        self.exit.wait(Some(timeout))?;
+        Some(self.finish())
+    }
+
+    fn finish(&self) -> VmExit {
+        self.vcpus().stop();
+        self.exit.get().unwrap_or(VmExit::Stopped)
+    }
+
+    /// A handle for feeding the guest's serial input.
+    pub fn serial_input(&self) -> SerialInput {
+        SerialInput { serial: self.serial.clone() }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.exit.report(VmExit::Stopped);
+        self.vcpus().stop();
+    }
+}
