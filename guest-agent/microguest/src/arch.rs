@@ -52,10 +52,23 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-#[inline]
+/// Ring-0 services, requested by executing HLT in ring 3 with the number in RDI (see boot.S).
+const SERVICE_HALT: u64 = 0;
+const SERVICE_CPUID: u64 = 1;
+
+/// CPUID as the VMM defines it. Native (ring-3) CPUID may show the host's values instead (it
+/// does on the PVM host), so this asks ring 0, whose CPUID the hypervisor always intercepts.
 pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
-    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    (r.eax, r.ebx, r.ecx, r.edx)
+    let (eax, ebx, ecx, edx): (u32, u64, u32, u32);
+    // SAFETY: the ring-0 service returns CPUID's results in EAX-EDX and touches nothing else.
+    // RBX is reserved by LLVM, so it is swapped with a scratch register around the call.
+    unsafe {
+        asm!("xchg {tmp}, rbx", "hlt", "xchg {tmp}, rbx",
+             tmp = inout(reg) 0u64 => ebx, in("rdi") SERVICE_CPUID,
+             inout("eax") leaf => eax, inout("ecx") subleaf => ecx, out("edx") edx,
+             options(nostack));
+    }
+    (eax, ebx as u32, ecx, edx)
 }
 
 #[inline]
@@ -86,8 +99,8 @@ pub unsafe fn mmio_write32(addr: u64, value: u32) {
 /// Halts this CPU for good (ring-0 `cli; hlt`), so an idle CPU costs the host nothing.
 pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: HLT in ring 3 raises #GP; the ring-0 handler recognises it and halts the CPU.
-        unsafe { asm!("hlt", options(nomem, nostack)) };
+        // SAFETY: HLT in ring 3 raises #GP; ring 0 sees service 0 and halts the CPU.
+        unsafe { asm!("hlt", in("rdi") SERVICE_HALT, options(nomem, nostack)) };
     }
 }
 

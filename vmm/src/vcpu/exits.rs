@@ -109,7 +109,7 @@ impl ExitContext {
     fn crash(&self, vcpu: &KvmVcpu, kind: CrashKind) -> Next {
         let rip = vcpu.regs().ok().map(|r| r.rip);
         let crash = Crash { vcpu: vcpu.id(), kind, rip };
-        log::error!("{crash}");
+        log::debug!("{crash}");
         self.exit.report(VmExit::Crashed(crash));
         Next::Stop
     }

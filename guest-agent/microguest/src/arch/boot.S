@@ -10,9 +10,11 @@
  *
  * After switching to our own GDT, IDT, TSS and page tables, each CPU `iretq`s into ring 3:
  * the BSP into microguest_main(boot_info, protocol), application processors into ap_main(index).
- * Ring 3 halts its CPU by executing HLT: the #GP it raises lands in ring 0, which sees the
- * HLT and halts for real. (On the PVM host, INT n from ring 3 raises #UD and SYSCALL does not
- * reach CPL0, while exceptions are delivered faithfully.)
+ * Ring 3 calls ring 0 by executing HLT with a service number in RDI: the #GP it raises lands
+ * in ring 0, which sees the HLT and serves the request (0 = halt this CPU, 1 = CPUID with
+ * EAX/ECX in, EAX-EDX out). On the PVM host INT n from ring 3 raises #UD and SYSCALL does not
+ * reach CPL0, while exceptions are delivered faithfully; and only ring-0 CPUID (emulated by
+ * KVM) sees the VMM's CPUID table, ring-3 CPUID runs natively on the host.
  */
 
     .set MAX_CPUS, 64
@@ -47,6 +49,8 @@
     .set EFER_LME, 0x100
     .set VEC_GP, 13
     .set OPCODE_HLT, 0xf4
+    .set SERVICE_HALT, 0
+    .set SERVICE_CPUID, 1
 
 /* ---------------------------------------------------------------------------------------- */
 /* PVH ELF note: XEN_ELFNOTE_PHYS32_ENTRY, read by our VMM (linux-loader) and by QEMU.      */
@@ -257,9 +261,19 @@ exc_common:
     jne 1f
     testb $3, 24(%rsp)          /* from ring 3? */
     jz 1f
-    mov 16(%rsp), %rax
-    cmpb $OPCODE_HLT, (%rax)
-    je halt_forever             /* ring 3 asked to halt this CPU */
+    push %rsi
+    mov 24(%rsp), %rsi          /* faulting RIP (one slot further down after the push) */
+    cmpb $OPCODE_HLT, (%rsi)
+    pop %rsi
+    jne 1f
+    cmp $SERVICE_HALT, %rdi     /* a service request from ring 3 */
+    je halt_forever
+    cmp $SERVICE_CPUID, %rdi
+    jne 1f
+    cpuid
+    incq 16(%rsp)               /* return after the one-byte HLT */
+    add $16, %rsp               /* drop vector and error code */
+    iretq
 1:  lea msg_exc(%rip), %rsi
     call puts0
     mov (%rsp), %rax
