@@ -30,7 +30,10 @@ fn pause_resume_a_running_four_vcpu_guest() {
     // While paused, input is queued but not consumed; after resume the guest sees it.
     vm.pause().unwrap();
     assert_eq!(vm.serial_input().send(b"q"), 1);
-    assert!(vm.wait_timeout(Duration::from_millis(200)).is_none(), "a paused guest cannot finish");
+    assert!(
+        vm.wait_timeout(Duration::from_millis(200)).is_none(),
+        "a paused guest cannot finish"
+    );
     vm.resume().unwrap();
     assert_eq!(vm.wait_timeout(WAIT), Some(VmExit::Guest(0)));
     assert!(serial.text().contains("idle: input received"));
@@ -69,18 +72,31 @@ fn dropping_a_running_vm_stops_it() {
 fn paused_guest_resumes_where_it_stopped() {
     let serial = Capture::default();
     let vm = VmBuilder::new(common::microguest())
-        .cmdline("prog=smp increments=2000000")
+        .cmdline("prog=smp until_input=1")
         .vcpus(4)
         .serial_output(SerialOutput::Writer(Box::new(serial.clone())))
         .start()
         .unwrap();
-    serial.wait_for("firmware describes 4 cpus", WAIT);
-    for _ in 0..10 {
+    serial.wait_for("all cpus incrementing", WAIT);
+    for _ in 0..20 {
         vm.pause().unwrap();
         vm.resume().unwrap();
     }
-    assert_eq!(vm.wait_timeout(WAIT), Some(VmExit::Guest(0)));
-    assert!(serial.text().contains("smp: 4/4 cpus online, shared counter 8000000 as expected"), "{}", serial.text());
+    vm.serial_input().send(b"s");
+    assert_eq!(
+        vm.wait_timeout(WAIT),
+        Some(VmExit::Guest(0)),
+        "{}",
+        serial.text()
+    );
+    assert!(
+        serial
+            .text()
+            .contains("smp: 4/4 cpus online, shared counter"),
+        "{}",
+        serial.text()
+    );
+    assert!(serial.text().contains("as expected"), "{}", serial.text());
 }
 
 #[test]

@@ -15,38 +15,64 @@ fn hello_pvh_one_vcpu() {
 
 #[test]
 fn hello_linux64_entry_four_vcpus() {
-    run_microguest("prog=hello", &["--boot-protocol", "linux", "--vcpus", "4", "--mem-mib", "64"])
-        .expect_status(0)
-        .expect_stdout("boot=linux64 ram=63MiB cpus=4");
+    run_microguest(
+        "prog=hello",
+        &[
+            "--boot-protocol",
+            "linux",
+            "--vcpus",
+            "4",
+            "--mem-mib",
+            "64",
+        ],
+    )
+    .expect_status(0)
+    .expect_stdout("boot=linux64 ram=63MiB cpus=4");
 }
 
 #[test]
 fn hello_sees_the_vmm_timing_leaf() {
     let out = run_microguest("prog=hello", &[]);
     out.expect_status(0);
-    let khz: u64 = out.stdout.split("tsc_khz=").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
-    assert!(khz > 100_000, "TSC frequency from the VMM's CPUID leaf: {khz} kHz");
+    let khz: u64 = out
+        .stdout
+        .split("tsc_khz=")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        khz > 100_000,
+        "TSC frequency from the VMM's CPUID leaf: {khz} kHz"
+    );
 }
 
 #[test]
 fn memtouch_one_and_four_vcpus() {
     for vcpus in ["1", "4"] {
-        run_microguest("prog=memtouch mib=64", &["--vcpus", vcpus, "--mem-mib", "128"])
-            .expect_status(0)
-            .expect_stdout("memtouch: 64 MiB at")
-            .expect_stdout("written and verified");
+        run_microguest(
+            "prog=memtouch mib=64",
+            &["--vcpus", vcpus, "--mem-mib", "128"],
+        )
+        .expect_status(0)
+        .expect_stdout("memtouch: 64 MiB at")
+        .expect_stdout("written and verified");
     }
 }
 
 #[test]
 fn memtouch_more_than_the_guest_has_is_a_usage_error() {
-    run_microguest("prog=memtouch mib=512", &["--mem-mib", "64"]).expect_status(2).expect_stdout("does not fit");
+    run_microguest("prog=memtouch mib=512", &["--mem-mib", "64"])
+        .expect_status(2)
+        .expect_stdout("does not fit");
 }
 
 #[test]
 fn smp_every_vcpu_reports_in() {
     let out = run_microguest("prog=smp", &["--vcpus", "4"]);
-    out.expect_status(0).expect_stdout("smp: 4/4 cpus online, shared counter 400000 as expected");
+    out.expect_status(0)
+        .expect_stdout("smp: 4/4 cpus online, shared counter 400000 as expected");
     for cpu in 0..4 {
         out.expect_stdout(&format!("smp: cpu {cpu} (apic id"));
     }
@@ -54,7 +80,9 @@ fn smp_every_vcpu_reports_in() {
 
 #[test]
 fn smp_single_vcpu() {
-    run_microguest("prog=smp", &["--vcpus", "1"]).expect_status(0).expect_stdout("smp: 1/1 cpus online");
+    run_microguest("prog=smp", &["--vcpus", "1"])
+        .expect_status(0)
+        .expect_stdout("smp: 1/1 cpus online");
 }
 
 #[test]
@@ -68,7 +96,13 @@ fn guest_status_becomes_exit_status() {
 #[test]
 fn serial_input_reaches_the_guest() {
     let out = common::vmm_with(
-        &["run", "--kernel", common::microguest(), "--cmdline", "prog=idle"],
+        &[
+            "run",
+            "--kernel",
+            common::microguest(),
+            "--cmdline",
+            "prog=idle",
+        ],
         Some(b"x"),
         std::time::Duration::from_secs(60),
     );
@@ -91,7 +125,11 @@ fn serial_to_file_and_config_file() {
     .unwrap();
     let out = common::vmm(&["run", "--config", config.to_str().unwrap()]);
     out.expect_status(0);
-    assert!(out.stdout.is_empty(), "serial went to the file, not stdout: {}", out.stdout);
+    assert!(
+        out.stdout.is_empty(),
+        "serial went to the file, not stdout: {}",
+        out.stdout
+    );
     let console = std::fs::read_to_string(&log).unwrap();
     assert!(console.contains("smp: 2/2 cpus online"), "{console}");
 }
@@ -100,7 +138,14 @@ fn serial_to_file_and_config_file() {
 fn flags_override_the_config_file() {
     let dir = TempDir::new("override");
     let config = dir.join("vm.json");
-    std::fs::write(&config, format!(r#"{{"kernel": "{}", "cmdline": "prog=hello", "vcpus": 2}}"#, common::microguest())).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"kernel": "{}", "cmdline": "prog=hello", "vcpus": 2}}"#,
+            common::microguest()
+        ),
+    )
+    .unwrap();
     common::vmm(&["run", "--config", config.to_str().unwrap(), "--vcpus", "3"])
         .expect_status(0)
         .expect_stdout("cpus=3");
@@ -108,5 +153,7 @@ fn flags_override_the_config_file() {
 
 #[test]
 fn demo_runs_every_step() {
-    common::vmm(&["demo"]).expect_status(0).expect_stdout("All demo steps passed.");
+    common::vmm(&["demo"])
+        .expect_status(0)
+        .expect_stdout("All demo steps passed.");
 }

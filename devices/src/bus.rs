@@ -9,6 +9,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
+
+    /// A string write (`rep outs`): `data` holds several `unit`-byte writes to one register,
+    /// delivered by a single VM exit. Devices that can batch (the serial console) override it.
+    fn write_units(&mut self, offset: u64, unit: usize, data: &[u8]) {
+        for chunk in data.chunks(unit.max(1)) {
+            self.write(offset, chunk);
+        }
+    }
 }
 
 /// A device shared between the bus and whoever else drives it (e.g. serial input).
@@ -17,7 +25,9 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 /// Locks a device, recovering from poisoning: a device that panicked mid-access is still better
 /// served than a VMM that cascades the panic into every vCPU thread.
 pub fn lock_device<T: ?Sized>(device: &Mutex<T>) -> MutexGuard<'_, T> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A half-open address range `[base, base + len)`.
@@ -73,14 +83,29 @@ impl Bus {
     }
 
     /// Places `device` at `range`; `name` is used in diagnostics.
-    pub fn insert(&mut self, range: BusRange, name: &'static str, device: SharedDevice) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        range: BusRange,
+        name: &'static str,
+        device: SharedDevice,
+    ) -> Result<(), BusError> {
         if range.len == 0 {
             return Err(BusError::Empty(range.base));
         }
         if let Some(existing) = self.entries.values().find(|e| e.range.overlaps(&range)) {
-            return Err(BusError::Overlap { new: range, existing: existing.range });
+            return Err(BusError::Overlap {
+                new: range,
+                existing: existing.range,
+            });
         }
-        self.entries.insert(range.base, Entry { range, name, device });
+        self.entries.insert(
+            range.base,
+            Entry {
+                range,
+                name,
+                device,
+            },
+        );
         Ok(())
     }
 
@@ -107,6 +132,17 @@ impl Bus {
         match self.resolve(addr, data.len()) {
             Some((entry, offset)) => {
                 lock_device(&entry.device).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches a string write of `unit`-byte units; returns false if no device claims it.
+    pub fn write_units(&self, addr: u64, unit: usize, data: &[u8]) -> bool {
+        match self.resolve(addr, unit.min(data.len())) {
+            Some((entry, offset)) => {
+                lock_device(&entry.device).write_units(offset, unit, data);
                 true
             }
             None => false,
@@ -154,9 +190,29 @@ mod tests {
     }
 
     #[test]
+    fn string_writes_arrive_as_units() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(BusRange::new(0x3f8, 8), "d", dev.clone())
+            .unwrap();
+        assert!(bus.write_units(0x3f8, 1, b"abc"));
+        assert!(bus.write_units(0x3fa, 2, &[1, 2, 3, 4]));
+        assert!(!bus.write_units(0x400, 1, b"x"));
+        let writes = &dev.lock().unwrap().writes;
+        assert_eq!(writes.len(), 5);
+        assert_eq!(writes[2], (0, b"c".to_vec()));
+        assert_eq!(writes[4], (2, vec![3, 4]));
+    }
+
+    #[test]
     fn misses_outside_and_across_ranges() {
         let mut bus = Bus::new();
-        bus.insert(BusRange::new(0x10, 4), "d", Arc::new(Mutex::new(Recorder::default()))).unwrap();
+        bus.insert(
+            BusRange::new(0x10, 4),
+            "d",
+            Arc::new(Mutex::new(Recorder::default())),
+        )
+        .unwrap();
         let mut data = [0xaa; 4];
         assert!(!bus.read(0xf, &mut data[..1]));
         assert!(!bus.read(0x14, &mut data[..1]));
@@ -179,7 +235,10 @@ mod tests {
             bus.insert(BusRange::new(0xf0, 0x11), "c", dev()),
             Err(BusError::Overlap { .. })
         ));
-        assert_eq!(bus.insert(BusRange::new(0x200, 0), "d", dev()), Err(BusError::Empty(0x200)));
+        assert_eq!(
+            bus.insert(BusRange::new(0x200, 0), "d", dev()),
+            Err(BusError::Empty(0x200))
+        );
         bus.insert(BusRange::new(0x110, 1), "e", dev()).unwrap();
         assert_eq!(bus.devices().count(), 2);
     }

@@ -70,7 +70,10 @@ impl VmBuilder {
     }
 
     pub fn from_config(config: VmConfig) -> Self {
-        Self { config, serial_output: None }
+        Self {
+            config,
+            serial_output: None,
+        }
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -141,7 +144,11 @@ impl VmBuilder {
             unsafe { kvm.set_memslot(&slot)? };
         }
 
-        let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.guest_addr(), r.size())).collect();
+        let ranges: Vec<(u64, u64)> = ram
+            .regions()
+            .iter()
+            .map(|r| (r.guest_addr(), r.size()))
+            .collect();
         let spec = BootSpec {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
@@ -160,8 +167,15 @@ impl VmBuilder {
         let (pio, serial) = legacy_devices(&kvm, &exit, serial_output)?;
 
         let vcpus = create_vcpus(&hv, &kvm, config.vcpus, &booted.cpu)?;
-        let ctx = Arc::new(ExitContext::new(Arc::new(pio), Arc::new(Bus::new()), exit.clone()));
-        let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io { what: "vCPU threads", source })?;
+        let ctx = Arc::new(ExitContext::new(
+            Arc::new(pio),
+            Arc::new(Bus::new()),
+            exit.clone(),
+        ));
+        let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io {
+            what: "vCPU threads",
+            source,
+        })?;
 
         let info = VmInfo {
             vcpus: config.vcpus,
@@ -183,7 +197,10 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| BuildError::SerialFile { path: path.clone(), source })?,
+                .map_err(|source| BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
         ),
     })
 }
@@ -194,13 +211,24 @@ fn legacy_devices(
     exit: &Arc<ExitState>,
     serial_output: SerialOutput,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), BuildError> {
-    let irq = EventFdInterrupt::new().map_err(|source| BuildError::Io { what: "serial interrupt", source })?;
+    let irq = EventFdInterrupt::new().map_err(|source| BuildError::Io {
+        what: "serial interrupt",
+        source,
+    })?;
     kvm.register_irqfd(irq.eventfd(), ports::COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(Box::new(irq), serial_output)));
 
     let mut pio = Bus::new();
-    pio.insert(BusRange::new(ports::COM1, ports::COM1_LEN), "serial", serial.clone())?;
-    pio.insert(BusRange::new(ports::I8042, ports::I8042_LEN), "i8042", Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
+    pio.insert(
+        BusRange::new(ports::COM1, ports::COM1_LEN),
+        "serial",
+        serial.clone(),
+    )?;
+    pio.insert(
+        BusRange::new(ports::I8042, ports::I8042_LEN),
+        "i8042",
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
     pio.insert(
         BusRange::new(ports::DEBUG_EXIT, ports::DEBUG_EXIT_LEN),
         "debug-exit",
@@ -211,12 +239,24 @@ fn legacy_devices(
 
 /// Creates and configures every vCPU; vCPU 0 gets the boot state, the others wait for
 /// INIT/SIPI from the guest as on real hardware.
-fn create_vcpus(hv: &Hypervisor, kvm: &KvmVm, count: u32, boot: &boot::CpuBootState) -> Result<Vec<KvmVcpu>, BuildError> {
+fn create_vcpus(
+    hv: &Hypervisor,
+    kvm: &KvmVm,
+    count: u32,
+    boot: &boot::CpuBootState,
+) -> Result<Vec<KvmVcpu>, BuildError> {
     let mut vcpus = Vec::with_capacity(count as usize);
     for id in 0..count {
         let vcpu = kvm.create_vcpu(id)?;
         let tsc_khz = vcpu.tsc_khz().unwrap_or(0);
-        vcpu.set_cpuid(&shape_cpuid(hv.supported_cpuid(), CpuidShape { apic_id: id, vcpu_count: count, tsc_khz }))?;
+        vcpu.set_cpuid(&shape_cpuid(
+            hv.supported_cpuid(),
+            CpuidShape {
+                apic_id: id,
+                vcpu_count: count,
+                tsc_khz,
+            },
+        ))?;
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu_defaults()?;
         vcpu.set_lapic_lint()?;

@@ -43,9 +43,13 @@ impl FromStr for SerialConfig {
             "stdout" => Ok(SerialConfig::Stdout),
             "none" => Ok(SerialConfig::None),
             _ => match s.strip_prefix("file:") {
-                Some("") => Err("serial \"file:\" needs a path, as in file:/tmp/console.log".into()),
+                Some("") => {
+                    Err("serial \"file:\" needs a path, as in file:/tmp/console.log".into())
+                }
                 Some(path) => Ok(SerialConfig::File(path.into())),
-                None => Err(format!("invalid serial {s:?}: expected stdout, none or file:PATH")),
+                None => Err(format!(
+                    "invalid serial {s:?}: expected stdout, none or file:PATH"
+                )),
             },
         }
     }
@@ -147,7 +151,10 @@ impl VmConfig {
         }
         let max = max_vcpus.map_or(MAX_VCPUS, |m| m.min(MAX_VCPUS));
         if self.vcpus == 0 || self.vcpus > max {
-            return Err(ConfigError::VcpuCount { got: self.vcpus, max });
+            return Err(ConfigError::VcpuCount {
+                got: self.vcpus,
+                max,
+            });
         }
         check_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
@@ -159,8 +166,14 @@ impl VmConfig {
 
 fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
     match std::fs::metadata(path) {
-        Err(_) => Err(ConfigError::Missing { what, path: path.clone() }),
-        Ok(m) if !m.is_file() => Err(ConfigError::NotAFile { what, path: path.clone() }),
+        Err(_) => Err(ConfigError::Missing {
+            what,
+            path: path.clone(),
+        }),
+        Ok(m) if !m.is_file() => Err(ConfigError::NotAFile {
+            what,
+            path: path.clone(),
+        }),
         Ok(_) => Ok(()),
     }
 }
@@ -173,13 +186,23 @@ mod tests {
     fn json_defaults_and_unknown_keys() {
         let c: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
         assert_eq!(c, VmConfig::new("/k"));
-        let c: VmConfig =
-            serde_json::from_str(r#"{"kernel": "/k", "mem_mib": 64, "vcpus": 4, "serial": "file:/tmp/x"}"#).unwrap();
-        assert_eq!((c.mem_mib, c.vcpus, c.serial), (64, 4, SerialConfig::File("/tmp/x".into())));
+        let c: VmConfig = serde_json::from_str(
+            r#"{"kernel": "/k", "mem_mib": 64, "vcpus": 4, "serial": "file:/tmp/x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.mem_mib, c.vcpus, c.serial),
+            (64, 4, SerialConfig::File("/tmp/x".into()))
+        );
         let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "memory": 1}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `memory`"), "{err}");
-        let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "serial": "tty"}"#).unwrap_err();
-        assert!(err.to_string().contains("expected stdout, none or file:PATH"), "{err}");
+        let err =
+            serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "serial": "tty"}"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected stdout, none or file:PATH"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -199,13 +222,22 @@ mod tests {
         assert_eq!(c.validate(None), Err(ConfigError::TooLittleMemory(1)));
         c.mem_mib = 64;
         c.vcpus = 9;
-        assert_eq!(c.validate(Some(8)), Err(ConfigError::VcpuCount { got: 9, max: 8 }));
+        assert_eq!(
+            c.validate(Some(8)),
+            Err(ConfigError::VcpuCount { got: 9, max: 8 })
+        );
         c.vcpus = 0;
         assert!(c.validate(None).is_err());
         c.vcpus = 1;
         c.kernel = "/nonexistent/kernel".into();
-        assert_eq!(c.validate(None).unwrap_err().to_string(), "kernel /nonexistent/kernel does not exist");
+        assert_eq!(
+            c.validate(None).unwrap_err().to_string(),
+            "kernel /nonexistent/kernel does not exist"
+        );
         c.kernel = std::env::temp_dir();
-        assert!(matches!(c.validate(None), Err(ConfigError::NotAFile { .. })));
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::NotAFile { .. })
+        ));
     }
 }

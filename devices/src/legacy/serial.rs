@@ -31,14 +31,73 @@ impl SerialOutput {
     }
 }
 
+/// Collects what the UART transmits during one guest access and writes it with one system
+/// call: the UART flushes after every byte, but a `rep outsb` line should cost one `write(2)`.
+struct Batched {
+    pending: Vec<u8>,
+    out: Box<dyn Write + Send>,
+}
+
+impl Write for Batched {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    /// Deferred to [`Batched::commit`].
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Batched {
+    fn commit(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .out
+            .write_all(&self.pending)
+            .and_then(|()| self.out.flush());
+        self.pending.clear();
+        result
+    }
+}
+
+type Uart = Serial<SuperioTrigger<Box<dyn InterruptLine>>, vm_superio::serial::NoEvents, Batched>;
+
 pub struct SerialConsole {
-    uart: Serial<SuperioTrigger<Box<dyn InterruptLine>>, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Uart,
     errors: LogOnce<&'static str>,
 }
 
 impl SerialConsole {
     pub fn new(irq: Box<dyn InterruptLine>, output: SerialOutput) -> Self {
-        Self { uart: Serial::new(SuperioTrigger(irq), output.into_writer()), errors: LogOnce::new(4) }
+        let out = Batched {
+            pending: Vec::with_capacity(256),
+            out: output.into_writer(),
+        };
+        Self {
+            uart: Serial::new(SuperioTrigger(irq), out),
+            errors: LogOnce::new(4),
+        }
+    }
+
+    fn transmit(&mut self, offset: u64, byte: u8) {
+        if let Err(e) = self.uart.write(offset as u8, byte)
+            && self.errors.first("interrupt")
+        {
+            log::warn!("serial: cannot raise interrupt: {e:?}");
+        }
+    }
+
+    fn commit(&mut self) {
+        // A closed stdout must not stop the guest; say so once.
+        if let Err(e) = self.uart.writer_mut().commit()
+            && self.errors.first("output")
+        {
+            log::warn!("serial: output failed, further output may be lost: {e}");
+        }
     }
 
     /// Queues bytes for the guest to read; returns how many fit in the receive FIFO.
@@ -70,12 +129,17 @@ impl BusDevice for SerialConsole {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let [byte] = data {
-            if let Err(e) = self.uart.write(offset as u8, *byte) {
-                // A closed stdout must not stop the guest; say so once.
-                if self.errors.first("output") {
-                    log::warn!("serial: output failed, further output may be lost: {e:?}");
-                }
+            self.transmit(offset, *byte);
+            self.commit();
+        }
+    }
+
+    fn write_units(&mut self, offset: u64, unit: usize, data: &[u8]) {
+        if unit == 1 {
+            for byte in data {
+                self.transmit(offset, *byte);
             }
+            self.commit();
         }
     }
 }
@@ -113,7 +177,10 @@ mod tests {
     fn transmits_bytes_and_receives_input() {
         let out = Capture::default();
         let irq = Arc::new(CountingIrq::default());
-        let mut uart = SerialConsole::new(Box::new(irq.clone()), SerialOutput::Writer(Box::new(out.clone())));
+        let mut uart = SerialConsole::new(
+            Box::new(irq.clone()),
+            SerialOutput::Writer(Box::new(out.clone())),
+        );
         for b in b"hi\n" {
             uart.write(0, &[*b]);
         }
@@ -131,9 +198,37 @@ mod tests {
         assert_eq!(rbr, *b"x");
     }
 
+    #[derive(Clone, Default)]
+    struct CountingWriter(Arc<Mutex<Vec<usize>>>);
+
+    impl Write for CountingWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().push(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_string_write_is_one_output_write() {
+        let out = CountingWriter::default();
+        let mut uart = SerialConsole::new(
+            Box::new(Arc::new(CountingIrq::default())),
+            SerialOutput::Writer(Box::new(out.clone())),
+        );
+        uart.write_units(0, 1, b"hello world\n");
+        uart.write(0, b"!");
+        assert_eq!(*out.0.lock().unwrap(), vec![12, 1]);
+    }
+
     #[test]
     fn ignores_wide_accesses() {
-        let mut uart = SerialConsole::new(Box::new(Arc::new(CountingIrq::default())), SerialOutput::Sink);
+        let mut uart = SerialConsole::new(
+            Box::new(Arc::new(CountingIrq::default())),
+            SerialOutput::Sink,
+        );
         let mut data = [0u8; 4];
         uart.read(0, &mut data);
         assert_eq!(data, [0xff; 4]);

@@ -1,6 +1,6 @@
 //! Serial console output. Each `println!` formats into a line buffer and sends it with one
-//! `rep outsb` (one VM exit per line, not per byte); a spin lock keeps lines from several CPUs
-//! whole.
+//! `rep outsb`, which KVM on a VMX/SVM host delivers as one VM exit per line (the PVM host
+//! still exits per byte). A spin lock keeps lines from several CPUs whole.
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,7 +19,10 @@ struct LineBuffer {
 
 impl LineBuffer {
     const fn new() -> Self {
-        Self { bytes: [0; LINE_CAPACITY], len: 0 }
+        Self {
+            bytes: [0; LINE_CAPACITY],
+            len: 0,
+        }
     }
 
     fn flush(&mut self) {
@@ -42,7 +45,10 @@ impl Write for LineBuffer {
 }
 
 fn lock() {
-    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         arch::pause();
     }
 }

@@ -55,7 +55,9 @@ impl std::str::FromStr for BootProtocol {
             "auto" => Ok(BootProtocol::Auto),
             "linux" => Ok(BootProtocol::Linux),
             "pvh" => Ok(BootProtocol::Pvh),
-            other => Err(format!("unknown boot protocol {other:?} (expected auto, linux or pvh)")),
+            other => Err(format!(
+                "unknown boot protocol {other:?} (expected auto, linux or pvh)"
+            )),
         }
     }
 }
@@ -84,7 +86,9 @@ pub enum BootError {
     NoPvhEntry,
     #[error("initrd {0} is empty")]
     EmptyInitrd(PathBuf),
-    #[error("initrd of {size} bytes does not fit: {room} bytes free between the kernel and the top of low memory")]
+    #[error(
+        "initrd of {size} bytes does not fit: {room} bytes free between the kernel and the top of low memory"
+    )]
     InitrdTooLarge { size: u64, room: u64 },
     #[error("cannot read initrd {path} into guest memory: {source}")]
     InitrdRead {
@@ -132,7 +136,10 @@ pub struct BootOutcome {
 /// (the guest's RAM ranges).
 pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootOutcome, BootError> {
     if spec.cmdline.len() >= layout::CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong { len: spec.cmdline.len(), max: layout::CMDLINE_MAX - 1 });
+        return Err(BootError::CmdlineTooLong {
+            len: spec.cmdline.len(),
+            max: layout::CMDLINE_MAX - 1,
+        });
     }
     if spec.cmdline.contains('\0') {
         return Err(BootError::CmdlineNul);
@@ -151,12 +158,18 @@ pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootO
         // A bzImage states how long a command line it accepts.
         let max = hdr.cmdline_size as usize;
         if hdr.version >= 0x0206 && spec.cmdline.len() > max {
-            return Err(BootError::CmdlineTooLong { len: spec.cmdline.len(), max });
+            return Err(BootError::CmdlineTooLong {
+                len: spec.cmdline.len(),
+                max,
+            });
         }
     }
 
     let low_ram_end = ram.first().map_or(0, |&(addr, len)| addr + len);
-    let initrd = spec.initrd.map(|path| kernel::load_initrd(mem, path, &kernel, low_ram_end)).transpose()?;
+    let initrd = spec
+        .initrd
+        .map(|path| kernel::load_initrd(mem, path, &kernel, low_ram_end))
+        .transpose()?;
 
     let mut cmdline = spec.cmdline.as_bytes().to_vec();
     cmdline.push(0);
@@ -178,13 +191,24 @@ pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootO
                 initrd,
                 rsdp_addr: spec.rsdp,
             };
-            mem.write_obj(linux::zero_page(&inputs, &memory_map)?, GuestAddress(layout::ZERO_PAGE_ADDR))?;
+            mem.write_obj(
+                linux::zero_page(&inputs, &memory_map)?,
+                GuestAddress(layout::ZERO_PAGE_ADDR),
+            )?;
             cpu::write_descriptor_tables(mem, cpu::CodeMode::Long64)?;
             cpu::write_identity_page_tables(mem)?;
             CpuBootState::linux64(kernel.entry64, layout::ZERO_PAGE_ADDR)
         }
     };
-    mem.write_slice(&mptable::build(layout::MPTABLE_ADDR, spec.vcpus), GuestAddress(layout::MPTABLE_ADDR))?;
+    mem.write_slice(
+        &mptable::build(layout::MPTABLE_ADDR, spec.vcpus),
+        GuestAddress(layout::MPTABLE_ADDR),
+    )?;
 
-    Ok(BootOutcome { cpu, protocol, kernel, initrd })
+    Ok(BootOutcome {
+        cpu,
+        protocol,
+        kernel,
+        initrd,
+    })
 }

@@ -38,12 +38,19 @@ pub struct ExitContext {
 
 impl ExitContext {
     pub fn new(pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitState>) -> Self {
-        Self { pio, mmio, exit, unhandled: LogOnce::new(256) }
+        Self {
+            pio,
+            mmio,
+            exit,
+            unhandled: LogOnce::new(256),
+        }
     }
 
     fn unhandled(&self, vcpu: u32, access: Access, addr: u64, len: usize) {
         if self.unhandled.first((access, addr)) {
-            log::warn!("vCPU {vcpu}: unhandled {access:?} of {len} bytes at {addr:#x} (reported once per address)");
+            log::warn!(
+                "vCPU {vcpu}: unhandled {access:?} of {len} bytes at {addr:#x} (reported once per address)"
+            );
         }
     }
 
@@ -57,11 +64,13 @@ impl ExitContext {
         match exit {
             Exit::IoOut { port, size, data } => {
                 // `rep outs` delivers several units in one exit.
-                for unit in data.chunks(size.max(1)) {
-                    if !self.pio.write(u64::from(port), unit) {
-                        self.unhandled(id, Access::PioWrite, u64::from(port), unit.len());
-                        break;
-                    }
+                let handled = if data.len() == size {
+                    self.pio.write(u64::from(port), data)
+                } else {
+                    self.pio.write_units(u64::from(port), size, data)
+                };
+                if !handled {
+                    self.unhandled(id, Access::PioWrite, u64::from(port), size);
                 }
             }
             Exit::IoIn { port, size, data } => {
@@ -87,7 +96,9 @@ impl ExitContext {
             Exit::Halted => {}
             Exit::Shutdown => return self.crash(vcpu, CrashKind::TripleFault),
             Exit::FailEntry { reason } => return self.crash(vcpu, CrashKind::FailEntry(reason)),
-            Exit::InternalError { suberror } => return self.crash(vcpu, CrashKind::InternalError(suberror)),
+            Exit::InternalError { suberror } => {
+                return self.crash(vcpu, CrashKind::InternalError(suberror));
+            }
             Exit::SystemEvent(SystemEvent::Shutdown) => {
                 self.exit.report(VmExit::PowerOff);
                 return Next::Stop;
@@ -96,19 +107,32 @@ impl ExitContext {
                 self.exit.report(VmExit::Reset);
                 return Next::Stop;
             }
-            Exit::SystemEvent(SystemEvent::Crash) => return self.crash(vcpu, CrashKind::GuestPanic),
+            Exit::SystemEvent(SystemEvent::Crash) => {
+                return self.crash(vcpu, CrashKind::GuestPanic);
+            }
             Exit::SystemEvent(SystemEvent::Other(kind)) => {
-                return self.crash(vcpu, CrashKind::UnexpectedExit(format!("system event {kind}")));
+                return self.crash(
+                    vcpu,
+                    CrashKind::UnexpectedExit(format!("system event {kind}")),
+                );
             }
             Exit::Unexpected(what) => return self.crash(vcpu, CrashKind::UnexpectedExit(what)),
         }
         // A device may have asked the VM to end (debug-exit, reset): stop running the guest.
-        if self.exit.is_set() { Next::Stop } else { Next::Continue }
+        if self.exit.is_set() {
+            Next::Stop
+        } else {
+            Next::Continue
+        }
     }
 
     fn crash(&self, vcpu: &KvmVcpu, kind: CrashKind) -> Next {
         let rip = vcpu.regs().ok().map(|r| r.rip);
-        let crash = Crash { vcpu: vcpu.id(), kind, rip };
+        let crash = Crash {
+            vcpu: vcpu.id(),
+            kind,
+            rip,
+        };
         log::debug!("{crash}");
         self.exit.report(VmExit::Crashed(crash));
         Next::Stop

@@ -77,7 +77,14 @@ impl Vm {
         kvm: KvmVm,
         ram: GuestRam,
     ) -> Self {
-        Self { vcpus: Mutex::new(vcpus), exit, serial, info, _kvm: kvm, ram }
+        Self {
+            vcpus: Mutex::new(vcpus),
+            exit,
+            serial,
+            info,
+            _kvm: kvm,
+            ram,
+        }
     }
 
     fn vcpus(&self) -> MutexGuard<'_, Vcpus> {
@@ -147,7 +154,9 @@ impl Vm {
 
     /// A handle for feeding the guest's serial input.
     pub fn serial_input(&self) -> SerialInput {
-        SerialInput { serial: self.serial.clone() }
+        SerialInput {
+            serial: self.serial.clone(),
+        }
     }
 }
 

@@ -33,7 +33,12 @@ pub struct Program {
     pub run: fn(&Context) -> Outcome,
 }
 
-pub static PROGRAMS: &[Program] = &[hello::PROGRAM, idle::PROGRAM, memtouch::PROGRAM, smp::PROGRAM];
+pub static PROGRAMS: &[Program] = &[
+    hello::PROGRAM,
+    idle::PROGRAM,
+    memtouch::PROGRAM,
+    smp::PROGRAM,
+];
 
 const DEFAULT_PROGRAM: &str = "hello";
 

@@ -15,7 +15,11 @@ pub const STATUS_BAD_INPUT: u8 = 2;
 pub const STATUS_FAILURE: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "vmm", version, about = "A KVM virtual machine monitor for live component replacement")]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM virtual machine monitor for live component replacement"
+)]
 pub struct Cli {
     /// Log level for the VMM's own messages (on stderr).
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = parse_level)]
@@ -74,7 +78,9 @@ pub struct DemoArgs {
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
-    s.parse().map_err(|_| format!("invalid log level {s:?} (expected off, error, warn, info, debug or trace)"))
+    s.parse().map_err(|_| {
+        format!("invalid log level {s:?} (expected off, error, warn, info, debug or trace)")
+    })
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {
@@ -93,34 +99,57 @@ pub struct Failure {
 
 impl Failure {
     pub fn bad_input(error: anyhow::Error) -> Self {
-        Self { status: STATUS_BAD_INPUT, error }
+        Self {
+            status: STATUS_BAD_INPUT,
+            error,
+        }
     }
 
     pub fn runtime(error: anyhow::Error) -> Self {
-        Self { status: STATUS_FAILURE, error }
+        Self {
+            status: STATUS_FAILURE,
+            error,
+        }
     }
 }
 
 impl From<BuildError> for Failure {
     fn from(e: BuildError) -> Self {
         let status = match e {
-            BuildError::Config(_) | BuildError::Boot(_) | BuildError::SerialFile { .. } => STATUS_BAD_INPUT,
+            BuildError::Config(_) | BuildError::Boot(_) | BuildError::SerialFile { .. } => {
+                STATUS_BAD_INPUT
+            }
             _ => STATUS_FAILURE,
         };
-        Failure { status, error: anyhow!(e) }
+        Failure {
+            status,
+            error: anyhow!(e),
+        }
     }
 }
 
 /// Prints a clap error as one line (help and version keep clap's own output).
 pub fn report_clap_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind::*;
-    if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+    if matches!(
+        e.kind(),
+        DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
         let _ = e.print();
-        return ExitCode::from(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand { STATUS_BAD_INPUT } else { 0 });
+        return ExitCode::from(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
+            STATUS_BAD_INPUT
+        } else {
+            0
+        });
     }
     let rendered = e.render().to_string();
     let message = rendered.split("\n\nUsage:").next().unwrap_or(&rendered);
-    let message = message.trim().trim_start_matches("error:").split_whitespace().collect::<Vec<_>>().join(" ");
+    let message = message
+        .trim()
+        .trim_start_matches("error:")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     eprintln!("error: {message} (see 'vmm --help')");
     ExitCode::from(STATUS_BAD_INPUT)
 }
@@ -136,13 +165,29 @@ pub fn resolve_config(args: &RunArgs) -> Result<VmConfig, Failure> {
             fields.insert(key.to_string(), v);
         }
     };
-    set("kernel", args.kernel.as_ref().map(|p| Value::from(p.to_string_lossy().into_owned())));
-    set("initrd", args.initrd.as_ref().map(|p| Value::from(p.to_string_lossy().into_owned())));
+    set(
+        "kernel",
+        args.kernel
+            .as_ref()
+            .map(|p| Value::from(p.to_string_lossy().into_owned())),
+    );
+    set(
+        "initrd",
+        args.initrd
+            .as_ref()
+            .map(|p| Value::from(p.to_string_lossy().into_owned())),
+    );
     set("cmdline", args.cmdline.clone().map(Value::from));
     set("mem_mib", args.mem_mib.map(Value::from));
     set("vcpus", args.vcpus.map(Value::from));
-    set("serial", args.serial.as_ref().map(|s| Value::from(s.to_string())));
-    set("boot_protocol", args.boot_protocol.map(|p| Value::from(p.to_string())));
+    set(
+        "serial",
+        args.serial.as_ref().map(|s| Value::from(s.to_string())),
+    );
+    set(
+        "boot_protocol",
+        args.boot_protocol.map(|p| Value::from(p.to_string())),
+    );
     if !fields.contains_key("kernel") {
         return Err(Failure::bad_input(anyhow!(
             "no kernel given: pass --kernel PATH or set \"kernel\" in the --config file"
@@ -153,27 +198,37 @@ pub fn resolve_config(args: &RunArgs) -> Result<VmConfig, Failure> {
 }
 
 fn read_config_file(path: &Path) -> anyhow::Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(anyhow!("config file {}: expected a JSON object", path.display())),
-        Err(e) => Err(anyhow!("config file {} is not valid JSON: {e}", path.display())),
+        Ok(_) => Err(anyhow!(
+            "config file {}: expected a JSON object",
+            path.display()
+        )),
+        Err(e) => Err(anyhow!(
+            "config file {} is not valid JSON: {e}",
+            path.display()
+        )),
     }
 }
 
 /// `vmm run`.
 pub fn run(args: &RunArgs) -> Result<u8, Failure> {
+    let started = std::time::Instant::now();
     let config = resolve_config(args)?;
     let forward_stdin = config.serial == SerialConfig::Stdout;
     let vm = VmBuilder::from_config(config).start()?;
     let info = vm.info();
     log::info!(
-        "booted {} kernel via {} at {:#x}: {} vCPUs, {} MiB",
+        "started {} kernel via {} at {:#x}: {} vCPUs, {} MiB; setup took {:.2} ms wall, {:.2} ms CPU",
         info.kernel_format,
         info.boot_protocol,
         info.entry_point,
         info.vcpus,
-        info.mem_bytes >> 20
+        info.mem_bytes >> 20,
+        started.elapsed().as_secs_f64() * 1e3,
+        process_cpu_ms()
     );
     if forward_stdin {
         forward_stdin_to(vm.serial_input());
@@ -186,23 +241,37 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
     Ok(exit.process_status() as u8)
 }
 
+/// CPU time (user + system) this process has used so far, in milliseconds.
+fn process_cpu_ms() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
 /// Copies stdin into the guest's serial port on a background thread.
 fn forward_stdin_to(input: SerialInput) {
-    let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 256];
-        while let Ok(n @ 1..) = stdin.read(&mut buf) {
-            let mut sent = 0;
-            while sent < n {
-                let accepted = input.send(&buf[sent..n]);
-                sent += accepted;
-                if accepted == 0 {
-                    // The guest has not drained its receive FIFO yet.
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+    let spawned = std::thread::Builder::new()
+        .name("serial-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                let mut sent = 0;
+                while sent < n {
+                    let accepted = input.send(&buf[sent..n]);
+                    sent += accepted;
+                    if accepted == 0 {
+                        // The guest has not drained its receive FIFO yet.
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
                 }
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         log::warn!("serial input disabled: {e}");
     }
@@ -213,6 +282,10 @@ pub fn export_microguest(path: &Path) -> Result<u8, Failure> {
     std::fs::write(path, guest_agent::microguest())
         .with_context(|| format!("cannot write {}", path.display()))
         .map_err(Failure::runtime)?;
-    eprintln!("wrote the microguest ({} bytes) to {}", guest_agent::microguest().len(), path.display());
+    eprintln!(
+        "wrote the microguest ({} bytes) to {}",
+        guest_agent::microguest().len(),
+        path.display()
+    );
     Ok(0)
 }

@@ -1,0 +1,317 @@
+//! Shared benchmark plumbing: finding (or installing) the peer VMM, running a guest as a child
+//! process with timestamps on its output, reading a process's memory, statistics and tables.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `vmm` binary built alongside this benchmark, built on demand.
+pub fn vmm_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let vmm = dir.join("vmm");
+    if !vmm.exists() {
+        let profile = if dir.ends_with("release") {
+            "--release"
+        } else {
+            "--profile=dev"
+        };
+        eprintln!("building the vmm binary ({profile})...");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", profile, "-p", "vmm", "--bin", "vmm"])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "building vmm failed");
+    }
+    vmm
+}
+
+/// The microguest image, written to a file for the VMMs to load.
+pub fn microguest_file() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("bench-microguest-{}", std::process::id()));
+    std::fs::write(&path, guest_agent::microguest()).expect("write microguest");
+    path
+}
+
+/// Debian's QEMU, installed with apt-get if missing. `None` if it cannot be had.
+pub fn qemu_binary() -> Option<PathBuf> {
+    let find = || {
+        [
+            "/usr/bin/qemu-system-x86_64",
+            "/usr/local/bin/qemu-system-x86_64",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return Some(p);
+    }
+    eprintln!("qemu-system-x86_64 not found; installing Debian's qemu-system-x86...");
+    let ok = Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "qemu-system-x86",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(Stdio::null())
+            .status();
+        let _ = Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "qemu-system-x86",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status();
+    }
+    find()
+}
+
+/// QEMU's arguments for the microguest on `-M microvm`, equivalent to `vmm run`.
+pub fn qemu_args(kernel: &Path, cmdline: &str, mem_mib: u64, vcpus: u32) -> Vec<String> {
+    [
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-no-user-config",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "-m".into(),
+        mem_mib.to_string(),
+        "-smp".into(),
+        vcpus.to_string(),
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-append".into(),
+        cmdline.into(),
+    ])
+    .collect()
+}
+
+/// A guest VMM process; killed and reaped on drop.
+pub struct GuestProcess {
+    pub child: Child,
+    pub started: Instant,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<(Instant, String)>,
+    first_byte: mpsc::Receiver<Instant>,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl GuestProcess {
+    pub fn spawn(program: &Path, args: &[String]) -> Self {
+        let started = Instant::now();
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        let (line_tx, lines) = mpsc::channel();
+        let (byte_tx, first_byte) = mpsc::channel();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut first = [0u8; 1];
+            if stdout.read(&mut first).unwrap_or(0) == 0 {
+                return;
+            }
+            let _ = byte_tx.send(Instant::now());
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::from_utf8_lossy(&first).into_owned();
+            loop {
+                let mut rest = String::new();
+                if reader.read_line(&mut rest).unwrap_or(0) == 0 {
+                    break;
+                }
+                line.push_str(&rest);
+                let _ = line_tx.send((Instant::now(), std::mem::take(&mut line)));
+            }
+        });
+        let (err_tx, stderr) = mpsc::channel();
+        let mut err_pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err_pipe.read_to_string(&mut text);
+            let _ = err_tx.send(text);
+        });
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            started,
+            stdin,
+            lines,
+            first_byte,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Time from spawn to the first byte on stdout.
+    pub fn wait_first_byte(&self, timeout: Duration) -> Duration {
+        let at = self
+            .first_byte
+            .recv_timeout(timeout)
+            .expect("no output from the guest");
+        at - self.started
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> Duration {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (at, line) = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
+            if line.contains(needle) {
+                return at - self.started;
+            }
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        if let Some(stdin) = &mut self.stdin {
+            let _ = stdin.write_all(bytes);
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Waits for exit; returns (time since spawn, exit code, user+system CPU time).
+    pub fn wait_exit(&mut self) -> (Duration, Option<i32>, Duration) {
+        let mut status = 0;
+        // SAFETY: plain wait4 on our own child; rusage is filled in by the kernel.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::wait4(self.child.id() as i32, &mut status, 0, &mut usage);
+            usage
+        };
+        let elapsed = self.started.elapsed();
+        let tv = |t: libc::timeval| {
+            Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64)
+        };
+        let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        (elapsed, code, tv(usage.ru_utime) + tv(usage.ru_stime))
+    }
+}
+
+impl Drop for GuestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of `pid` in KiB: (total, excluding mappings that look like `ram_mib` of
+/// guest RAM, i.e. anonymous mappings between ram_mib and ram_mib + 8 MiB).
+pub fn rss_kib(pid: u32, ram_mib: u64) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut size_kib = 0u64;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            Some("Size:") => size_kib = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            Some("Rss:") => {
+                let rss: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                total += rss;
+                if (ram_mib * 1024..=(ram_mib + 8) * 1024).contains(&size_kib) {
+                    guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    (total, total - guest)
+}
+
+/// Sorted samples with percentile lookup.
+pub struct Samples(Vec<f64>);
+
+impl Samples {
+    pub fn new(mut v: Vec<f64>) -> Self {
+        v.sort_by(|a, b| a.total_cmp(b));
+        Self(v)
+    }
+
+    pub fn pct(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let idx = ((self.0.len() - 1) as f64 * p / 100.0).round() as usize;
+        self.0[idx]
+    }
+
+    pub fn median(&self) -> f64 {
+        self.pct(50.0)
+    }
+}
+
+/// A plain-text table with a header row.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|s| s.to_string()).collect()],
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn print(&self) {
+        let cols = self.rows[0].len();
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .map(|r| r.get(c).map_or(0, |s| s.len()))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for (i, row) in self.rows.iter().enumerate() {
+            let line: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(c, s)| format!("{s:<w$}", w = widths[c]))
+                .collect();
+            println!("| {} |", line.join(" | "));
+            if i == 0 {
+                let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+                println!("|-{}-|", sep.join("-|-"));
+            }
+        }
+    }
+}
