@@ -19,6 +19,14 @@ pub fn image_end() -> u64 {
 }
 
 #[inline]
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory effects visible to Rust.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+#[inline]
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: port I/O has no memory effects visible to Rust.

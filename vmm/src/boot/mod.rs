@@ -212,3 +212,128 @@ pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootO
         initrd,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use linux_loader::bootparam::boot_params;
+    use vm_memory::{ByteValued, GuestMemoryBackend};
+
+    use super::*;
+
+    /// A file that looks like a bzImage to the loader: setup sectors with a 2.15 header, then
+    /// a "protected-mode kernel" of `payload` bytes.
+    fn fake_bzimage(dir: &Path, payload: usize, xloadflags: u16) -> PathBuf {
+        let setup_sects = 4usize;
+        let mut image = vec![0u8; (setup_sects + 1) * 512 + payload];
+        image[0x1f1] = setup_sects as u8;
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 0x01; // LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        image[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        image[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        image[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
+        image[0x260..0x264].copy_from_slice(&(4u32 << 20).to_le_bytes()); // init_size
+        for (i, b) in image[(setup_sects + 1) * 512..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let path = dir.join("bzImage");
+        std::fs::File::create(&path).unwrap().write_all(&image).unwrap();
+        path
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-boot-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bzimage_with_initrd_lands_where_the_zero_page_says() {
+        let dir = temp_dir("bz");
+        let kernel = fake_bzimage(&dir, 64 * 1024, 0x1);
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, vec![0x5a; 10_000]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let spec = BootSpec {
+            kernel: &kernel,
+            initrd: Some(&initrd),
+            cmdline: "console=ttyS0 root=/dev/vda",
+            protocol: BootProtocol::Auto,
+            vcpus: 2,
+            rsdp: None,
+        };
+        let out = load(&mem, &[(0, 64 << 20)], &spec).unwrap();
+        assert_eq!(out.protocol, BootProtocol::Linux, "a bzImage has no PVH entry");
+        assert_eq!(out.kernel.format, KernelFormat::BzImage);
+        assert_eq!(out.cpu.regs.rip, 0x10_0200, "64-bit entry at load address + 0x200");
+        assert_eq!(out.cpu.regs.rsi, layout::ZERO_PAGE_ADDR);
+
+        // The protected-mode payload is at code32_start.
+        let mut payload = [0u8; 4];
+        mem.read_slice(&mut payload, GuestAddress(0x10_0000 + 255)).unwrap();
+        assert_eq!(payload, [255, 0, 1, 2]);
+
+        let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        let b = params.as_slice();
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        // The initrd sits page aligned at the top of RAM, below initrd_addr_max.
+        let (initrd_addr, initrd_size) = out.initrd.unwrap();
+        assert_eq!((initrd_addr, initrd_size), ((64 << 20) - 0x3000, 10_000));
+        assert_eq!(u32_at(0x218) as u64, initrd_addr, "ramdisk_image");
+        assert_eq!(u32_at(0x21c), 10_000, "ramdisk_size");
+        let mut initrd_bytes = vec![0u8; 10_000];
+        mem.read_slice(&mut initrd_bytes, GuestAddress(initrd_addr)).unwrap();
+        assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
+        // Command line, NUL terminated, where cmd_line_ptr points.
+        assert_eq!(u32_at(0x228) as u64, layout::CMDLINE_ADDR);
+        let mut cmdline = vec![0u8; spec.cmdline.len() + 1];
+        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_ADDR)).unwrap();
+        assert_eq!(&cmdline[..cmdline.len() - 1], spec.cmdline.as_bytes());
+        assert_eq!(cmdline[cmdline.len() - 1], 0);
+        assert_eq!(b[0x210], 0xff, "type_of_loader");
+        assert_eq!(b[0x1e8], 4, "e820 entries");
+        // MP table and page tables are in place too.
+        let mut sig = [0u8; 4];
+        mem.read_slice(&mut sig, GuestAddress(layout::MPTABLE_ADDR)).unwrap();
+        assert_eq!(&sig, b"_MP_");
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(layout::PML4_ADDR)).unwrap(), layout::PDPT_ADDR | 3);
+        assert!(mem.iter().count() == 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bzimage_without_64_bit_entry_is_refused() {
+        let dir = temp_dir("bz32");
+        let kernel = fake_bzimage(&dir, 4096, 0);
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let spec = BootSpec { kernel: &kernel, initrd: None, cmdline: "", protocol: BootProtocol::Auto, vcpus: 1, rsdp: None };
+        let err = load(&mem, &[(0, 32 << 20)], &spec).unwrap_err();
+        assert!(err.to_string().contains("without a 64-bit entry point"), "{err}");
+        let spec = BootSpec { protocol: BootProtocol::Pvh, ..spec };
+        assert!(load(&mem, &[(0, 32 << 20)], &spec).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn initrd_that_does_not_fit_and_bad_cmdlines() {
+        let dir = temp_dir("fit");
+        let kernel = fake_bzimage(&dir, 4096, 0x1);
+        let initrd = dir.join("big");
+        std::fs::write(&initrd, vec![0u8; 30 << 20]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let ram = [(0, 32 << 20)];
+        let spec =
+            BootSpec { kernel: &kernel, initrd: Some(&initrd), cmdline: "", protocol: BootProtocol::Auto, vcpus: 1, rsdp: None };
+        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::InitrdTooLarge { .. })));
+        let long = "x".repeat(3000);
+        let spec = BootSpec { initrd: None, cmdline: &long, ..spec };
+        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::CmdlineTooLong { max: 2047, .. })));
+        let spec = BootSpec { cmdline: "a\0b", ..spec };
+        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::CmdlineNul)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -9,6 +9,7 @@ use crate::println;
 mod hello;
 mod idle;
 mod memtouch;
+mod platform;
 mod smp;
 
 /// What a program gets to work with.
@@ -38,6 +39,8 @@ pub static PROGRAMS: &[Program] = &[
     idle::PROGRAM,
     memtouch::PROGRAM,
     smp::PROGRAM,
+    platform::RESET,
+    platform::UNHANDLED,
 ];
 
 const DEFAULT_PROGRAM: &str = "hello";
