@@ -160,19 +160,27 @@ fn demo_runs_every_step() {
 
 #[test]
 fn i8042_reset_is_a_clean_shutdown() {
-    run_microguest("prog=reset", &[]).expect_status(0).expect_stdout("reset: asking the i8042");
+    run_microguest("prog=reset", &[])
+        .expect_status(0)
+        .expect_stdout("reset: asking the i8042");
 }
 
 #[test]
 fn unhandled_accesses_are_logged_once_and_read_as_all_ones() {
     let out = run_microguest("prog=unhandled", &[]);
-    out.expect_status(0).expect_stdout("unhandled: port and MMIO reads returned");
+    out.expect_status(0)
+        .expect_stdout("unhandled: port and MMIO reads returned");
     for needle in [
         "unhandled PioWrite of 1 bytes at 0x510",
         "unhandled PioRead of 1 bytes at 0x510",
         "unhandled MmioWrite of 4 bytes at 0xc0000000",
         "unhandled MmioRead of 4 bytes at 0xc0000000",
     ] {
-        assert_eq!(out.stderr.matches(needle).count(), 1, "{needle:?} once in:\n{}", out.stderr);
+        assert_eq!(
+            out.stderr.matches(needle).count(),
+            1,
+            "{needle:?} once in:\n{}",
+            out.stderr
+        );
     }
 }

@@ -6,8 +6,17 @@
 //! keyboard-controller reset). The VMM wires those handles to KVM objects, so every device can
 //! be unit-tested with plain fakes.
 
+pub mod blk;
 pub mod bus;
 pub mod exit;
 pub mod interrupt;
 pub mod legacy;
+pub mod lifecycle;
+pub mod metrics;
 pub mod ratelimit;
+pub mod virtio;
+
+/// The guest memory type used throughout the VMM.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+/// A live view of guest memory that follows region replacements.
+pub type SharedGuestMem = vm_memory::GuestMemoryAtomic<GuestMem>;

@@ -241,7 +241,10 @@ mod tests {
             *b = i as u8;
         }
         let path = dir.join("bzImage");
-        std::fs::File::create(&path).unwrap().write_all(&image).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&image)
+            .unwrap();
         path
     }
 
@@ -267,14 +270,22 @@ mod tests {
             rsdp: None,
         };
         let out = load(&mem, &[(0, 64 << 20)], &spec).unwrap();
-        assert_eq!(out.protocol, BootProtocol::Linux, "a bzImage has no PVH entry");
+        assert_eq!(
+            out.protocol,
+            BootProtocol::Linux,
+            "a bzImage has no PVH entry"
+        );
         assert_eq!(out.kernel.format, KernelFormat::BzImage);
-        assert_eq!(out.cpu.regs.rip, 0x10_0200, "64-bit entry at load address + 0x200");
+        assert_eq!(
+            out.cpu.regs.rip, 0x10_0200,
+            "64-bit entry at load address + 0x200"
+        );
         assert_eq!(out.cpu.regs.rsi, layout::ZERO_PAGE_ADDR);
 
         // The protected-mode payload is at code32_start.
         let mut payload = [0u8; 4];
-        mem.read_slice(&mut payload, GuestAddress(0x10_0000 + 255)).unwrap();
+        mem.read_slice(&mut payload, GuestAddress(0x10_0000 + 255))
+            .unwrap();
         assert_eq!(payload, [255, 0, 1, 2]);
 
         let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
@@ -286,21 +297,28 @@ mod tests {
         assert_eq!(u32_at(0x218) as u64, initrd_addr, "ramdisk_image");
         assert_eq!(u32_at(0x21c), 10_000, "ramdisk_size");
         let mut initrd_bytes = vec![0u8; 10_000];
-        mem.read_slice(&mut initrd_bytes, GuestAddress(initrd_addr)).unwrap();
+        mem.read_slice(&mut initrd_bytes, GuestAddress(initrd_addr))
+            .unwrap();
         assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
         // Command line, NUL terminated, where cmd_line_ptr points.
         assert_eq!(u32_at(0x228) as u64, layout::CMDLINE_ADDR);
         let mut cmdline = vec![0u8; spec.cmdline.len() + 1];
-        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_ADDR)).unwrap();
+        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_ADDR))
+            .unwrap();
         assert_eq!(&cmdline[..cmdline.len() - 1], spec.cmdline.as_bytes());
         assert_eq!(cmdline[cmdline.len() - 1], 0);
         assert_eq!(b[0x210], 0xff, "type_of_loader");
         assert_eq!(b[0x1e8], 4, "e820 entries");
         // MP table and page tables are in place too.
         let mut sig = [0u8; 4];
-        mem.read_slice(&mut sig, GuestAddress(layout::MPTABLE_ADDR)).unwrap();
+        mem.read_slice(&mut sig, GuestAddress(layout::MPTABLE_ADDR))
+            .unwrap();
         assert_eq!(&sig, b"_MP_");
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(layout::PML4_ADDR)).unwrap(), layout::PDPT_ADDR | 3);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(layout::PML4_ADDR))
+                .unwrap(),
+            layout::PDPT_ADDR | 3
+        );
         assert!(mem.iter().count() == 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -310,10 +328,23 @@ mod tests {
         let dir = temp_dir("bz32");
         let kernel = fake_bzimage(&dir, 4096, 0);
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-        let spec = BootSpec { kernel: &kernel, initrd: None, cmdline: "", protocol: BootProtocol::Auto, vcpus: 1, rsdp: None };
+        let spec = BootSpec {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "",
+            protocol: BootProtocol::Auto,
+            vcpus: 1,
+            rsdp: None,
+        };
         let err = load(&mem, &[(0, 32 << 20)], &spec).unwrap_err();
-        assert!(err.to_string().contains("without a 64-bit entry point"), "{err}");
-        let spec = BootSpec { protocol: BootProtocol::Pvh, ..spec };
+        assert!(
+            err.to_string().contains("without a 64-bit entry point"),
+            "{err}"
+        );
+        let spec = BootSpec {
+            protocol: BootProtocol::Pvh,
+            ..spec
+        };
         assert!(load(&mem, &[(0, 32 << 20)], &spec).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -326,14 +357,36 @@ mod tests {
         std::fs::write(&initrd, vec![0u8; 30 << 20]).unwrap();
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         let ram = [(0, 32 << 20)];
-        let spec =
-            BootSpec { kernel: &kernel, initrd: Some(&initrd), cmdline: "", protocol: BootProtocol::Auto, vcpus: 1, rsdp: None };
-        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::InitrdTooLarge { .. })));
+        let spec = BootSpec {
+            kernel: &kernel,
+            initrd: Some(&initrd),
+            cmdline: "",
+            protocol: BootProtocol::Auto,
+            vcpus: 1,
+            rsdp: None,
+        };
+        assert!(matches!(
+            load(&mem, &ram, &spec),
+            Err(BootError::InitrdTooLarge { .. })
+        ));
         let long = "x".repeat(3000);
-        let spec = BootSpec { initrd: None, cmdline: &long, ..spec };
-        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::CmdlineTooLong { max: 2047, .. })));
-        let spec = BootSpec { cmdline: "a\0b", ..spec };
-        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::CmdlineNul)));
+        let spec = BootSpec {
+            initrd: None,
+            cmdline: &long,
+            ..spec
+        };
+        assert!(matches!(
+            load(&mem, &ram, &spec),
+            Err(BootError::CmdlineTooLong { max: 2047, .. })
+        ));
+        let spec = BootSpec {
+            cmdline: "a\0b",
+            ..spec
+        };
+        assert!(matches!(
+            load(&mem, &ram, &spec),
+            Err(BootError::CmdlineNul)
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -16,10 +16,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryRegion, GuestRegionMmap};
 
-/// The guest memory type used throughout the VMM.
-pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
-/// A live view of guest memory that follows region replacements.
-pub type SharedGuestMem = GuestMemoryAtomic<GuestMem>;
+pub use devices::{GuestMem, SharedGuestMem};
 
 /// What a RAM region's pages live in.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

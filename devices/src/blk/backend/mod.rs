@@ -1,0 +1,137 @@
+//! Block backends: where a virtio-blk device's sectors live and which I/O engine moves them.
+//!
+//! Every backend has the same asynchronous shape, so the device never cares which one it has:
+//! [`BlockBackend::submit`] hands over a request with a token, completions come back from
+//! [`BlockBackend::poll_completions`] (in any order), and [`BlockBackend::completion_fd`]
+//! says when to look. A synchronous engine completes inside `submit` and just reports it on the
+//! next poll.
+
+mod file;
+mod uring;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+pub use file::FileBackend;
+pub use uring::UringBackend;
+
+/// A piece of guest memory a request reads from or writes into, as a host address.
+///
+/// Valid while the request is in flight: the device keeps the guest memory mapping it came
+/// from alive until the completion is reaped.
+#[derive(Clone, Copy, Debug)]
+pub struct IoBuf {
+    pub addr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: an IoBuf is a plain address range into guest memory, which is shared with the guest
+// and designed for concurrent access; whoever dereferences it upholds the validity contract.
+unsafe impl Send for IoBuf {}
+
+impl IoBuf {
+    pub fn to_iovec(self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.addr.cast(),
+            iov_len: self.len,
+        }
+    }
+
+    /// Zeroes the buffer.
+    ///
+    /// # Safety
+    /// The buffer must be valid for writes (see the type's documentation).
+    pub unsafe fn zero(self) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::ptr::write_bytes(self.addr, 0, self.len) }
+    }
+}
+
+/// Total bytes in a list of buffers.
+pub fn total_len(bufs: &[IoBuf]) -> u64 {
+    bufs.iter().map(|b| b.len as u64).sum()
+}
+
+/// One operation, with byte offsets.
+#[derive(Debug)]
+pub enum BlockOp {
+    Read {
+        offset: u64,
+        bufs: Vec<IoBuf>,
+    },
+    Write {
+        offset: u64,
+        bufs: Vec<IoBuf>,
+    },
+    Flush,
+    /// The range may be deallocated; reads of it return zeros or old data.
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    /// The range must read as zeros afterwards.
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl BlockOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BlockOp::Read { .. } => "read",
+            BlockOp::Write { .. } => "write",
+            BlockOp::Flush => "flush",
+            BlockOp::Discard { .. } => "discard",
+            BlockOp::WriteZeroes { .. } => "write-zeroes",
+        }
+    }
+}
+
+/// A finished operation: its token and the bytes it transferred, or the error.
+pub type Completion = (u64, io::Result<u64>);
+
+/// What a backend offers; the device derives its config space and features from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Size in bytes (a multiple of 512).
+    pub capacity: u64,
+    pub read_only: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+    /// Human-readable: engine and target, e.g. "io_uring file /var/disk.img".
+    pub description: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
+    Size { path: PathBuf, size: u64 },
+    #[error("cannot set up io_uring: {0}")]
+    Uring(#[source] io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Where a block device's data lives and how it is moved.
+pub trait BlockBackend: Send {
+    fn info(&self) -> &BlockInfo;
+    /// Starts `op`; its completion carries `token`. Errors here mean the request failed
+    /// without starting.
+    fn submit(&mut self, token: u64, op: BlockOp) -> io::Result<()>;
+    /// Whether another request can be submitted now (engines have bounded queues).
+    fn can_submit(&self) -> bool;
+    /// Moves finished operations into `out`.
+    fn poll_completions(&mut self, out: &mut Vec<Completion>);
+    /// Readable when completions are waiting; `None` for engines that complete in `submit`.
+    fn completion_fd(&self) -> Option<RawFd>;
+    /// Submitted and not yet returned by `poll_completions`.
+    fn in_flight(&self) -> usize;
+}

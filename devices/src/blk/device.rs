@@ -1,0 +1,425 @@
+//! The virtio-blk device: takes requests from its queue, hands them to its backend, and returns
+//! completions to the guest in whatever order the backend finishes them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::EventSet;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard};
+
+use super::backend::{BlockBackend, BlockOp, Completion, IoBuf};
+use super::request::{self, Limits, Rejected, Request, RequestKind, SECTOR_SIZE, Segment};
+use crate::interrupt::InterruptLine;
+use crate::metrics::RequestMetrics;
+use crate::virtio::{
+    ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore,
+    VirtioDevice, features,
+};
+use crate::{GuestMem, SharedGuestMem};
+
+/// Descriptors per queue; also bounds a chain's length.
+pub const BLOCK_QUEUE_SIZE: u16 = 256;
+const REQUEST_QUEUE: usize = 0;
+const COMPLETION_TOKEN: u32 = DEVICE_TOKEN_BASE;
+
+mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+/// A request the backend is working on.
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    /// Bytes the device writes into the chain on success (data for reads, plus the status).
+    used_len: u32,
+    started: Instant,
+    bytes_read: u64,
+    bytes_written: u64,
+    /// The driver reset the device since: complete silently.
+    orphaned: bool,
+    /// Keeps the guest mapping the backend writes into alive until completion.
+    _mem: GuestMemoryLoadGuard<GuestMem>,
+}
+
+pub struct VirtioBlock {
+    core: VirtioCore,
+    backend: Box<dyn BlockBackend>,
+    id: [u8; request::ID_BYTES],
+    inflight: HashMap<u64, InFlight>,
+    next_token: u64,
+    /// The backend was full: retry the queue when completions free room.
+    blocked: bool,
+    completions: Vec<Completion>,
+    metrics: Arc<RequestMetrics>,
+}
+
+impl VirtioBlock {
+    /// A block device serving `backend`; `id` is what GET_ID returns (truncated to 20 bytes).
+    pub fn new(
+        backend: Box<dyn BlockBackend>,
+        id: &str,
+        interrupt: Box<dyn InterruptLine>,
+        memory: SharedGuestMem,
+    ) -> std::io::Result<Self> {
+        let info = backend.info();
+        let mut avail = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | feature::SEG_MAX
+            | feature::BLK_SIZE
+            | feature::FLUSH;
+        if info.read_only {
+            avail |= feature::RO;
+        }
+        if info.discard {
+            avail |= feature::DISCARD;
+        }
+        if info.write_zeroes {
+            avail |= feature::WRITE_ZEROES;
+        }
+        let core = VirtioCore::new(
+            DeviceType::Block,
+            avail,
+            &[BLOCK_QUEUE_SIZE],
+            interrupt,
+            memory,
+        )?;
+        let mut id_bytes = [0u8; request::ID_BYTES];
+        let n = id.len().min(request::ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Self {
+            core,
+            backend,
+            id: id_bytes,
+            inflight: HashMap::new(),
+            next_token: 0,
+            blocked: false,
+            completions: Vec::new(),
+            metrics: Arc::new(RequestMetrics::default()),
+        })
+    }
+
+    pub fn backend(&self) -> &dyn BlockBackend {
+        &*self.backend
+    }
+
+    pub fn metrics(&self) -> Arc<RequestMetrics> {
+        self.metrics.clone()
+    }
+
+    fn limits(&self) -> Limits {
+        let info = self.backend.info();
+        Limits {
+            capacity_sectors: info.capacity / SECTOR_SIZE,
+            read_only: info.read_only,
+            discard: info.discard,
+            write_zeroes: info.write_zeroes,
+        }
+    }
+
+    fn process_queue(&mut self) {
+        let limits = self.limits();
+        let Self {
+            core,
+            backend,
+            inflight,
+            next_token,
+            blocked,
+            metrics,
+            id,
+            ..
+        } = self;
+        QueueProcessor::drain(core, REQUEST_QUEUE, |core, chain| {
+            if !backend.can_submit() {
+                QueueProcessor::unpop(core, REQUEST_QUEUE);
+                *blocked = true;
+                return false;
+            }
+            let mem = core.mem();
+            match request::parse(chain, &mem, &limits) {
+                Ok(req) => start(core, &mut **backend, inflight, next_token, metrics, id, req),
+                Err(rejected) => reject(core, metrics, rejected),
+            }
+            true
+        });
+        self.reap();
+    }
+
+    /// Returns finished requests to the guest.
+    fn reap(&mut self) {
+        self.backend.poll_completions(&mut self.completions);
+        if self.completions.is_empty() {
+            return;
+        }
+        let mut returned = false;
+        for (token, result) in self.completions.drain(..) {
+            let Some(done) = self.inflight.remove(&token) else {
+                continue;
+            };
+            if done.orphaned {
+                continue;
+            }
+            let ok = result.is_ok();
+            if let Err(e) = &result {
+                self.core
+                    .guest_error("backend I/O error", format_args!("{e}"));
+            }
+            let code = if ok {
+                request::status::OK
+            } else {
+                request::status::IOERR
+            };
+            let used_len = if ok { done.used_len } else { 1 };
+            let _ = done._mem.write_obj(code, done.status);
+            let mem = self.core.mem();
+            if self.core.queues[REQUEST_QUEUE]
+                .add_used(&*mem, done.head, used_len)
+                .is_err()
+            {
+                self.core
+                    .guest_error("bad used ring", format_args!("head {}", done.head));
+            }
+            self.metrics.record(
+                done.started.elapsed(),
+                ok,
+                done.bytes_read,
+                done.bytes_written,
+            );
+            returned = true;
+        }
+        if returned {
+            self.core.notify_if_needed(REQUEST_QUEUE);
+        }
+        if self.blocked && self.backend.can_submit() && !self.core.quiesced {
+            self.blocked = false;
+            self.process_queue();
+        }
+    }
+}
+
+/// Converts guest segments into host buffers; `None` if any lies outside guest memory.
+fn host_buffers(mem: &GuestMem, segs: &[Segment]) -> Option<Vec<IoBuf>> {
+    segs.iter()
+        .map(|s| {
+            let slice = mem.get_slice(s.addr, s.len as usize).ok()?;
+            Some(IoBuf {
+                addr: slice.ptr_guard_mut().as_ptr(),
+                len: s.len as usize,
+            })
+        })
+        .collect()
+}
+
+/// Completes a request that never reached the backend.
+fn finish_now(
+    core: &mut VirtioCore,
+    head: u16,
+    status: Option<GuestAddress>,
+    code: u8,
+    written: u32,
+) {
+    let mem = core.mem();
+    let used_len = match status {
+        Some(addr) if mem.write_obj(code, addr).is_ok() => written + 1,
+        _ => 0,
+    };
+    drop(mem);
+    core.complete(REQUEST_QUEUE, head, used_len);
+}
+
+fn reject(core: &mut VirtioCore, metrics: &RequestMetrics, rejected: Rejected) {
+    core.guest_error(
+        rejected.reason,
+        format_args!("descriptor head {}", rejected.head),
+    );
+    metrics.record_rejected();
+    finish_now(core, rejected.head, rejected.status, rejected.code, 0);
+}
+
+fn start(
+    core: &mut VirtioCore,
+    backend: &mut dyn BlockBackend,
+    inflight: &mut HashMap<u64, InFlight>,
+    next_token: &mut u64,
+    metrics: &RequestMetrics,
+    id: &[u8; request::ID_BYTES],
+    req: Request,
+) {
+    let mem = core.mem();
+    let fail = |core: &mut VirtioCore, reason| {
+        reject(
+            core,
+            metrics,
+            Rejected {
+                head: req.head,
+                status: Some(req.status),
+                code: request::status::IOERR,
+                reason,
+            },
+        )
+    };
+    let offset = req.sector * SECTOR_SIZE;
+    let (op, bytes_read, bytes_written) = match req.kind {
+        RequestKind::GetId => {
+            let mut copied = 0usize;
+            for seg in &req.data {
+                let n = seg.len as usize;
+                if mem.write_slice(&id[copied..copied + n], seg.addr).is_err() {
+                    drop(mem);
+                    return fail(core, "GET_ID buffer outside guest memory");
+                }
+                copied += n;
+            }
+            drop(mem);
+            metrics.record(std::time::Duration::ZERO, true, 0, 0);
+            return finish_now(
+                core,
+                req.head,
+                Some(req.status),
+                request::status::OK,
+                req.data_len as u32,
+            );
+        }
+        RequestKind::Read | RequestKind::Write => {
+            let Some(bufs) = host_buffers(&mem, &req.data) else {
+                drop(mem);
+                return fail(core, "data buffer outside guest memory");
+            };
+            if req.kind == RequestKind::Read {
+                (BlockOp::Read { offset, bufs }, req.data_len, 0)
+            } else {
+                (BlockOp::Write { offset, bufs }, 0, req.data_len)
+            }
+        }
+        RequestKind::Flush => (BlockOp::Flush, 0, 0),
+        RequestKind::Discard => (
+            BlockOp::Discard {
+                offset,
+                len: u64::from(req.range_sectors) * SECTOR_SIZE,
+            },
+            0,
+            0,
+        ),
+        RequestKind::WriteZeroes => (
+            BlockOp::WriteZeroes {
+                offset,
+                len: u64::from(req.range_sectors) * SECTOR_SIZE,
+            },
+            0,
+            0,
+        ),
+    };
+    let token = *next_token;
+    *next_token = next_token.wrapping_add(1);
+    let used_len = if req.kind == RequestKind::Read {
+        req.data_len as u32 + 1
+    } else {
+        1
+    };
+    match backend.submit(token, op) {
+        Ok(()) => {
+            inflight.insert(
+                token,
+                InFlight {
+                    head: req.head,
+                    status: req.status,
+                    used_len,
+                    started: Instant::now(),
+                    bytes_read,
+                    bytes_written,
+                    orphaned: false,
+                    _mem: mem,
+                },
+            );
+        }
+        Err(e) => {
+            drop(mem);
+            core.guest_error("backend refused a request", format_args!("{e}"));
+            fail(core, "backend refused the request");
+        }
+    }
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn core(&self) -> &VirtioCore {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut VirtioCore {
+        &mut self.core
+    }
+
+    /// `struct virtio_blk_config` (virtio 1.x 5.2.4), 60 bytes.
+    fn config_space(&self) -> Vec<u8> {
+        let info = self.backend.info();
+        let mut c = vec![0u8; 60];
+        c[0..8].copy_from_slice(&(info.capacity / SECTOR_SIZE).to_le_bytes());
+        c[12..16].copy_from_slice(&(u32::from(BLOCK_QUEUE_SIZE) - 2).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        c[36..40].copy_from_slice(&request::MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&request::MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        self.core.guest_error(
+            "write to read-only config space",
+            format_args!("offset {offset:#x}"),
+        );
+    }
+
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for request in self.inflight.values_mut() {
+            request.orphaned = true;
+        }
+        self.blocked = false;
+    }
+
+    fn queue_notified(&mut self, index: usize) {
+        if index == REQUEST_QUEUE && self.core.accept_notification(index) {
+            self.process_queue();
+        }
+    }
+
+    fn event_sources(&self) -> Vec<EventSource> {
+        // Watched even while quiesced: draining needs completions.
+        self.backend
+            .completion_fd()
+            .map(|fd| EventSource {
+                fd,
+                token: COMPLETION_TOKEN,
+                events: EventSet::IN,
+            })
+            .into_iter()
+            .collect()
+    }
+
+    fn handle_event(&mut self, token: u32, _events: EventSet) {
+        if token == COMPLETION_TOKEN {
+            self.reap();
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn poll_backend(&mut self) {
+        self.reap();
+    }
+}

@@ -1,0 +1,10 @@
+//! virtio-blk: the device model and its swappable backends.
+
+pub mod backend;
+mod device;
+pub mod request;
+
+pub use backend::{
+    BackendError, BlockBackend, BlockInfo, BlockOp, FileBackend, IoBuf, UringBackend,
+};
+pub use device::{BLOCK_QUEUE_SIZE, VirtioBlock};

@@ -1,0 +1,190 @@
+//! The backend lifecycle every device shares, written once.
+//!
+//! Replacing a component of a running VM (a backend swap, a snapshot, a switchover to a shadow)
+//! needs three things from every device: stop at a request boundary, hand over state, start
+//! again. [`Lifecycle`] provides them for any [`VirtioDevice`]: `quiesce` stops taking new
+//! requests from the avail rings (guest notifications are remembered, never lost), `in_flight`
+//! and `poll_backend` drain what the backend still holds, `export_state`/`import_state` move
+//! queue state (features, ring addresses, avail/used indices, config space) to another device
+//! instance, and `resume` processes everything that arrived in the meantime.
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
+
+use crate::virtio::VirtioDevice;
+
+/// One virtqueue's transferable state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub event_idx: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        Self {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            event_idx: s.event_idx_enabled,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+/// A device's transferable state: what a new instance needs to continue where this one stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub device_type: u32,
+    pub avail_features: u64,
+    pub acked_features: u64,
+    pub status: u32,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+    /// The configuration space as the driver sees it.
+    pub config: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("state is for device type {found}, this device is type {expected}")]
+    DeviceType { expected: u32, found: u32 },
+    #[error("state has {found} queues, this device has {expected}")]
+    QueueCount { expected: usize, found: usize },
+    #[error("the negotiated features {acked:#x} are not all offered by this device ({avail:#x})")]
+    Features { acked: u64, avail: u64 },
+    #[error("queue {0} state is invalid")]
+    Queue(usize),
+    #[error("state can only be imported while the device is quiesced with nothing in flight")]
+    Busy,
+}
+
+/// Quiesce, drain, hand over, resume: the same for every device.
+pub trait Lifecycle {
+    /// Stops taking new requests at a request boundary; in-flight requests still complete.
+    fn quiesce(&mut self);
+    fn is_quiesced(&self) -> bool;
+    /// Requests still held by the backend.
+    fn pending_requests(&self) -> usize;
+    /// Makes progress on in-flight requests (call while waiting for them to drain).
+    fn drive(&mut self);
+    /// Takes requests again, starting with any that arrived while quiesced.
+    fn resume(&mut self);
+    fn export_state(&self) -> DeviceState;
+    /// Adopts another instance's state; only while quiesced and drained.
+    fn import_state(&mut self, state: &DeviceState) -> Result<(), StateError>;
+}
+
+impl<D: VirtioDevice + ?Sized> Lifecycle for D {
+    fn quiesce(&mut self) {
+        self.core_mut().quiesced = true;
+    }
+
+    fn is_quiesced(&self) -> bool {
+        self.core().quiesced
+    }
+
+    fn pending_requests(&self) -> usize {
+        self.in_flight()
+    }
+
+    fn drive(&mut self) {
+        self.poll_backend();
+    }
+
+    fn resume(&mut self) {
+        let core = self.core_mut();
+        core.quiesced = false;
+        core.pending_notifications = 0;
+        // With notifications suppressed the driver may not have kicked at all while we were
+        // quiesced, so look at every queue rather than only the kicked ones.
+        if core.activated {
+            for index in 0..self.core().queues.len() {
+                self.queue_notified(index);
+            }
+        }
+    }
+
+    fn export_state(&self) -> DeviceState {
+        let core = self.core();
+        DeviceState {
+            device_type: core.device_type as u32,
+            avail_features: core.avail_features,
+            acked_features: core.acked_features,
+            status: core.status,
+            activated: core.activated,
+            interrupt_status: core.interrupt.status(),
+            queues: core.queues.iter().map(|q| q.state().into()).collect(),
+            config: self.config_space(),
+        }
+    }
+
+    fn import_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        if !self.core().quiesced || self.in_flight() != 0 {
+            return Err(StateError::Busy);
+        }
+        let core = self.core();
+        if state.device_type != core.device_type as u32 {
+            return Err(StateError::DeviceType {
+                expected: core.device_type as u32,
+                found: state.device_type,
+            });
+        }
+        if state.queues.len() != core.queues.len() {
+            return Err(StateError::QueueCount {
+                expected: core.queues.len(),
+                found: state.queues.len(),
+            });
+        }
+        if state.acked_features & !core.avail_features != 0 {
+            return Err(StateError::Features {
+                acked: state.acked_features,
+                avail: core.avail_features,
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| Queue::try_from(QueueState::from(*q)).map_err(|_| StateError::Queue(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let core = self.core_mut();
+        core.queues = queues;
+        core.acked_features = state.acked_features;
+        core.status = state.status;
+        core.activated = state.activated;
+        core.interrupt.acknowledge(u32::MAX);
+        if state.interrupt_status != 0 {
+            core.interrupt.signal(state.interrupt_status);
+        }
+        Ok(())
+    }
+}

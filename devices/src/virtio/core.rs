@@ -1,0 +1,294 @@
+//! What every virtio device has in common, and the trait each device implements.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use event_manager::EventSet;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryLoadGuard};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::DeviceType;
+use crate::interrupt::InterruptLine;
+use crate::ratelimit::LogOnce;
+use crate::{GuestMem, SharedGuestMem};
+
+/// The virtio-mmio interrupt: a status register the driver reads and acknowledges, and the
+/// line that tells it to look.
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    line: Box<dyn InterruptLine>,
+}
+
+impl VirtioInterrupt {
+    /// Bit 0 of InterruptStatus: a used buffer was added.
+    pub const USED_BUFFER: u32 = 1;
+    /// Bit 1: the configuration space changed.
+    pub const CONFIG_CHANGE: u32 = 2;
+
+    pub fn new(line: Box<dyn InterruptLine>) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            log::warn!("virtio: cannot raise interrupt: {e}");
+        }
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not valid (size or ring addresses outside guest memory)")]
+    InvalidQueue(usize),
+    #[error("the driver did not enable queue {0}")]
+    QueueNotReady(usize),
+    #[error("{0}")]
+    Device(String),
+}
+
+/// A file descriptor a device wants the event loop to watch (its backend's), and the token
+/// its events come back with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventSource {
+    pub fd: RawFd,
+    pub token: u32,
+    pub events: EventSet,
+}
+
+/// State shared by every virtio device: negotiated features, queues and their notification
+/// eventfds, the interrupt, and whether the device is taking requests.
+pub struct VirtioCore {
+    pub device_type: DeviceType,
+    pub avail_features: u64,
+    pub acked_features: u64,
+    pub status: u32,
+    pub queues: Vec<Queue>,
+    /// One per queue; KVM signals them (ioeventfd) when the guest writes QueueNotify.
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: Arc<VirtioInterrupt>,
+    /// Bumped whenever the device changes its configuration space.
+    pub config_generation: u32,
+    pub memory: SharedGuestMem,
+    /// Set once the driver wrote DRIVER_OK and the queues checked out.
+    pub activated: bool,
+    /// Quiesced: no new requests are taken from the avail rings.
+    pub quiesced: bool,
+    /// Queues notified while quiesced (bit per queue), replayed on resume.
+    pub pending_notifications: u64,
+    /// Guest-caused errors, reported once per kind.
+    pub guest_errors: LogOnce<&'static str>,
+}
+
+impl VirtioCore {
+    pub fn new(
+        device_type: DeviceType,
+        avail_features: u64,
+        queue_sizes: &[u16],
+        interrupt: Box<dyn InterruptLine>,
+        memory: SharedGuestMem,
+    ) -> std::io::Result<Self> {
+        let queues = queue_sizes
+            .iter()
+            .map(|&size| Queue::new(size).map_err(|e| std::io::Error::other(format!("{e:?}"))))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let queue_events = queue_sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            device_type,
+            avail_features,
+            acked_features: 0,
+            status: 0,
+            queues,
+            queue_events,
+            interrupt: Arc::new(VirtioInterrupt::new(interrupt)),
+            config_generation: 0,
+            memory,
+            activated: false,
+            quiesced: false,
+            pending_notifications: 0,
+            guest_errors: LogOnce::new(64),
+        })
+    }
+
+    pub fn has_feature(&self, bit: u64) -> bool {
+        self.acked_features & bit != 0
+    }
+
+    /// The current guest memory mappings (kept alive while the guard lives).
+    pub fn mem(&self) -> GuestMemoryLoadGuard<GuestMem> {
+        self.memory.memory()
+    }
+
+    /// Reports a guest mistake once per kind.
+    pub fn guest_error(&self, kind: &'static str, detail: std::fmt::Arguments) {
+        if self.guest_errors.first(kind) {
+            log::warn!(
+                "{} device: {kind}: {detail} (reported once)",
+                self.device_type.name()
+            );
+        }
+    }
+
+    /// Tells the driver the configuration space changed (e.g. a new disk size).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal(VirtioInterrupt::CONFIG_CHANGE);
+    }
+
+    /// Records a notification that arrived while quiesced; returns true if it may be processed now.
+    pub fn accept_notification(&mut self, queue: usize) -> bool {
+        if self.quiesced {
+            self.pending_notifications |= 1 << queue;
+            return false;
+        }
+        self.activated
+    }
+
+    /// Checks that every queue the driver enabled is usable, for DRIVER_OK.
+    pub fn check_queues(&self) -> Result<(), ActivateError> {
+        let mem = self.mem();
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.ready() {
+                return Err(ActivateError::QueueNotReady(i));
+            }
+            if !q.is_valid(&*mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the device to its reset state (queues unconfigured, features cleared).
+    pub fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.acked_features = 0;
+        self.status = 0;
+        self.activated = false;
+        self.pending_notifications = 0;
+        self.interrupt.acknowledge(u32::MAX);
+    }
+
+    /// Adds a used element and raises the interrupt if the driver wants one.
+    pub fn complete(&mut self, queue: usize, head: u16, len: u32) {
+        let mem = self.mem();
+        let q = &mut self.queues[queue];
+        if let Err(e) = q.add_used(&*mem, head, len) {
+            drop(mem);
+            self.guest_error("bad used ring", format_args!("queue {queue}: {e:?}"));
+            return;
+        }
+        self.notify_if_needed(queue);
+    }
+
+    /// Raises the used-buffer interrupt if the queue's suppression rules allow it.
+    pub fn notify_if_needed(&mut self, queue: usize) {
+        let mem = self.mem();
+        let needed = self.queues[queue].needs_notification(&*mem).unwrap_or(true);
+        if needed {
+            self.interrupt.signal(VirtioInterrupt::USED_BUFFER);
+        }
+    }
+}
+
+/// Pops available descriptor chains with notification suppression handled the way the spec
+/// requires: notifications are disabled while draining and re-enabled (and re-checked, so a
+/// buffer added in between is not missed) when the ring looks empty.
+pub struct QueueProcessor;
+
+impl QueueProcessor {
+    /// Calls `handle` for each available chain of `core.queues[index]` until the ring is empty
+    /// or `handle` returns false (e.g. no room in the backend); returns how many it took.
+    pub fn drain(
+        core: &mut VirtioCore,
+        index: usize,
+        mut handle: impl FnMut(&mut VirtioCore, DescriptorChain<GuestMemoryLoadGuard<GuestMem>>) -> bool,
+    ) -> usize {
+        let mut taken = 0;
+        loop {
+            let mem = core.mem();
+            if core.queues[index].disable_notification(&*mem).is_err() {
+                core.guest_error("bad avail ring", format_args!("queue {index}"));
+                return taken;
+            }
+            loop {
+                if core.quiesced {
+                    return taken;
+                }
+                let guard = core.mem();
+                let chain = match core.queues[index].iter(guard) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        core.guest_error("bad avail ring", format_args!("queue {index}: {e:?}"));
+                        return taken;
+                    }
+                };
+                let Some(chain) = chain else { break };
+                taken += 1;
+                if !handle(core, chain) {
+                    return taken;
+                }
+            }
+            match core.queues[index].enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => return taken,
+                Err(e) => {
+                    core.guest_error("bad avail ring", format_args!("queue {index}: {e:?}"));
+                    return taken;
+                }
+            }
+        }
+    }
+
+    /// Puts the last popped chain back (the backend could not take it yet).
+    pub fn unpop(core: &mut VirtioCore, index: usize) {
+        core.queues[index].go_to_previous_position();
+    }
+}
+
+/// A virtio device model. The transport calls the configuration side from vCPU threads; the
+/// [`DeviceWorker`](super::DeviceWorker) calls the processing side from the event loop.
+pub trait VirtioDevice: Send {
+    fn core(&self) -> &VirtioCore;
+    fn core_mut(&mut self) -> &mut VirtioCore;
+
+    /// The device-specific configuration space, as the driver reads it.
+    fn config_space(&self) -> Vec<u8>;
+    /// A driver write into the configuration space (most devices have nothing writable).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// The driver set DRIVER_OK and the queues are valid: start taking requests.
+    fn activate(&mut self) -> Result<(), ActivateError>;
+    /// The driver reset the device: forget everything tied to the old queues.
+    fn reset(&mut self);
+
+    /// The guest notified queue `index`.
+    fn queue_notified(&mut self, index: usize);
+    /// File descriptors to watch besides the queue notifications (backend readiness).
+    fn event_sources(&self) -> Vec<EventSource>;
+    /// One of [`event_sources`](Self::event_sources) became ready.
+    fn handle_event(&mut self, token: u32, events: EventSet);
+
+    /// Requests handed to the backend and not yet completed.
+    fn in_flight(&self) -> usize;
+    /// Makes progress on in-flight requests without taking new ones (used while draining).
+    fn poll_backend(&mut self);
+}

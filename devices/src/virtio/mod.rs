@@ -1,0 +1,58 @@
+//! Virtio 1.x over MMIO: the transport, the state every device shares, and the event-loop
+//! adapter that runs device work off the vCPU threads.
+//!
+//! A device (block, net, vsock) implements [`VirtioDevice`]: it owns a [`VirtioCore`]
+//! (features, queues, interrupt, quiesce state) plus its own config space and backend. The
+//! [`MmioTransport`] turns guest register accesses into calls on it (vCPU threads); the
+//! [`DeviceWorker`] turns queue notifications and backend readiness into calls on it (the
+//! device event loop). Both reach the device through one `Arc<Mutex<_>>`.
+
+mod core;
+mod mmio;
+mod worker;
+
+pub use self::core::{
+    ActivateError, EventSource, QueueProcessor, VirtioCore, VirtioDevice, VirtioInterrupt,
+};
+pub use mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
+pub use worker::{DeviceWorker, ResyncHandle};
+
+/// First event token a device may use for its own sources (tokens below are queue indices).
+pub const DEVICE_TOKEN_BASE: u32 = 0x100;
+
+/// Feature bits common to all device types.
+pub mod features {
+    /// The device conforms to virtio 1.x ("modern").
+    pub const VERSION_1: u64 = 1 << 32;
+    /// Driver and device suppress notifications with the used/avail event fields.
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+}
+
+/// Device status bits (virtio 1.x section 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Virtio device IDs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DeviceType {
+    Net = 1,
+    Block = 2,
+    Vsock = 19,
+}
+
+impl DeviceType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceType::Net => "net",
+            DeviceType::Block => "block",
+            DeviceType::Vsock => "vsock",
+        }
+    }
+}
