@@ -18,6 +18,7 @@
 //! their pause/resume rendezvous; [`vm`] the running-VM handle; [`builder`] composes them from
 //! a [`VmConfig`]. Device models live in the `devices` crate.
 
+pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod config;
