@@ -11,50 +11,26 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let target_dir = out_dir.join("microguest-target");
 
-    for path in [
-        "Cargo.toml",
-        "Cargo.lock",
-        "build.rs",
-        "linker.ld",
-        ".cargo/config.toml",
-        "src",
-    ] {
+    for path in ["Cargo.toml", "Cargo.lock", "build.rs", "linker.ld", ".cargo/config.toml", "src"] {
         rerun_if_changed_recursive(&guest_dir.join(path));
     }
     rerun_if_changed_recursive(&manifest_dir.join("protocol/src"));
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&guest_dir)
-        .args(["build", "--release", "--offline", "--target-dir"])
-        .arg(&target_dir);
+    cmd.current_dir(&guest_dir).args(["build", "--release", "--offline", "--target-dir"]).arg(&target_dir);
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy();
-        let leaks =
-            key.starts_with("CARGO_") && !matches!(key.as_ref(), "CARGO_HOME" | "CARGO_MAKEFLAGS");
-        if leaks
-            || matches!(
-                key.as_ref(),
-                "RUSTFLAGS" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "RUSTDOCFLAGS"
-            )
-        {
+        let leaks = key.starts_with("CARGO_") && !matches!(key.as_ref(), "CARGO_HOME" | "CARGO_MAKEFLAGS");
+        if leaks || matches!(key.as_ref(), "RUSTFLAGS" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "RUSTDOCFLAGS") {
             cmd.env_remove(key.as_ref());
         }
     }
-    let status = cmd
-        .status()
-        .expect("failed to run cargo for the microguest");
-    assert!(
-        status.success(),
-        "building the microguest failed (see the output above)"
-    );
+    let status = cmd.status().expect("failed to run cargo for the microguest");
+    assert!(status.success(), "building the microguest failed (see the output above)");
 
     let image = target_dir.join("release/microguest");
-    assert!(
-        image.is_file(),
-        "microguest image missing at {}",
-        image.display()
-    );
+    assert!(image.is_file(), "microguest image missing at {}", image.display());
     println!("cargo:rustc-env=MICROGUEST_IMAGE={}", image.display());
 }
 

@@ -30,10 +30,7 @@ fn pause_resume_a_running_four_vcpu_guest() {
     // While paused, input is queued but not consumed; after resume the guest sees it.
     vm.pause().unwrap();
     assert_eq!(vm.serial_input().send(b"q"), 1);
-    assert!(
-        vm.wait_timeout(Duration::from_millis(200)).is_none(),
-        "a paused guest cannot finish"
-    );
+    assert!(vm.wait_timeout(Duration::from_millis(200)).is_none(), "a paused guest cannot finish");
     vm.resume().unwrap();
     assert_eq!(vm.wait_timeout(WAIT), Some(VmExit::Guest(0)));
     assert!(serial.text().contains("idle: input received"));
@@ -83,19 +80,8 @@ fn paused_guest_resumes_where_it_stopped() {
         vm.resume().unwrap();
     }
     vm.serial_input().send(b"s");
-    assert_eq!(
-        vm.wait_timeout(WAIT),
-        Some(VmExit::Guest(0)),
-        "{}",
-        serial.text()
-    );
-    assert!(
-        serial
-            .text()
-            .contains("smp: 4/4 cpus online, shared counter"),
-        "{}",
-        serial.text()
-    );
+    assert_eq!(vm.wait_timeout(WAIT), Some(VmExit::Guest(0)), "{}", serial.text());
+    assert!(serial.text().contains("smp: 4/4 cpus online, shared counter"), "{}", serial.text());
     assert!(serial.text().contains("as expected"), "{}", serial.text());
 }
 

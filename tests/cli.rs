@@ -13,9 +13,7 @@ fn no_subcommand_prints_usage() {
 
 #[test]
 fn missing_kernel_flag() {
-    vmm(&["run"])
-        .expect_status(2)
-        .expect_one_line_error("no kernel given");
+    vmm(&["run"]).expect_status(2).expect_one_line_error("no kernel given");
 }
 
 #[test]
@@ -37,19 +35,14 @@ fn kernel_is_a_directory() {
 fn kernel_is_not_a_kernel() {
     let dir = TempDir::new("not-kernel");
     let junk = dir.join("junk");
-    std::fs::write(
-        &junk,
-        "this is not a kernel image, just some text that is long enough to be read\n".repeat(20),
-    )
-    .unwrap();
+    std::fs::write(&junk, "this is not a kernel image, just some text that is long enough to be read\n".repeat(20))
+        .unwrap();
     vmm(&["run", "--kernel", junk.to_str().unwrap()])
         .expect_status(2)
         .expect_one_line_error("neither an ELF (vmlinux) nor a bzImage");
     let empty = dir.join("empty");
     std::fs::write(&empty, "").unwrap();
-    vmm(&["run", "--kernel", empty.to_str().unwrap()])
-        .expect_status(2)
-        .expect_one_line_error("neither an ELF");
+    vmm(&["run", "--kernel", empty.to_str().unwrap()]).expect_status(2).expect_one_line_error("neither an ELF");
 }
 
 #[test]
@@ -60,9 +53,7 @@ fn kernel_for_another_architecture() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[18] = 183; // EM_AARCH64
     std::fs::write(&path, bytes).unwrap();
-    vmm(&["run", "--kernel", path.to_str().unwrap()])
-        .expect_status(2)
-        .expect_one_line_error("another architecture");
+    vmm(&["run", "--kernel", path.to_str().unwrap()]).expect_status(2).expect_one_line_error("another architecture");
 }
 
 #[test]
@@ -94,18 +85,14 @@ fn too_many_or_zero_vcpus() {
 
 #[test]
 fn malformed_numbers_and_values() {
-    vmm(&["run", "--kernel", microguest(), "--mem-mib", "lots"])
-        .expect_status(2)
-        .expect_one_line_error("--mem-mib");
+    vmm(&["run", "--kernel", microguest(), "--mem-mib", "lots"]).expect_status(2).expect_one_line_error("--mem-mib");
     vmm(&["run", "--kernel", microguest(), "--serial", "tty"])
         .expect_status(2)
         .expect_one_line_error("expected stdout, none or file:PATH");
     vmm(&["run", "--kernel", microguest(), "--boot-protocol", "uefi"])
         .expect_status(2)
         .expect_one_line_error("unknown boot protocol");
-    vmm(&["run", "--kernel", microguest(), "--frobnicate"])
-        .expect_status(2)
-        .expect_one_line_error("--frobnicate");
+    vmm(&["run", "--kernel", microguest(), "--frobnicate"]).expect_status(2).expect_one_line_error("--frobnicate");
 }
 
 #[test]
@@ -113,15 +100,9 @@ fn pvh_requested_for_a_kernel_without_the_note() {
     let dir = TempDir::new("no-pvh");
     let path = dir.join("k");
     write_raw_elf(&path, &[0xf4]);
-    vmm(&[
-        "run",
-        "--kernel",
-        path.to_str().unwrap(),
-        "--boot-protocol",
-        "pvh",
-    ])
-    .expect_status(2)
-    .expect_one_line_error("no PVH entry note");
+    vmm(&["run", "--kernel", path.to_str().unwrap(), "--boot-protocol", "pvh"])
+        .expect_status(2)
+        .expect_one_line_error("no PVH entry note");
 }
 
 #[test]
@@ -136,30 +117,18 @@ fn command_line_too_long() {
 fn config_file_problems() {
     let dir = TempDir::new("config");
     let unknown = dir.join("unknown.json");
-    std::fs::write(
-        &unknown,
-        format!(r#"{{"kernel": "{}", "memory_mib": 64}}"#, microguest()),
-    )
-    .unwrap();
+    std::fs::write(&unknown, format!(r#"{{"kernel": "{}", "memory_mib": 64}}"#, microguest())).unwrap();
     vmm(&["run", "--config", unknown.to_str().unwrap()])
         .expect_status(2)
         .expect_one_line_error("unknown field `memory_mib`");
 
     let broken = dir.join("broken.json");
     std::fs::write(&broken, "{ \"kernel\": ").unwrap();
-    vmm(&["run", "--config", broken.to_str().unwrap()])
-        .expect_status(2)
-        .expect_one_line_error("is not valid JSON");
+    vmm(&["run", "--config", broken.to_str().unwrap()]).expect_status(2).expect_one_line_error("is not valid JSON");
 
     let wrong_type = dir.join("type.json");
-    std::fs::write(
-        &wrong_type,
-        format!(r#"{{"kernel": "{}", "vcpus": "four"}}"#, microguest()),
-    )
-    .unwrap();
-    vmm(&["run", "--config", wrong_type.to_str().unwrap()])
-        .expect_status(2)
-        .expect_one_line_error("invalid type");
+    std::fs::write(&wrong_type, format!(r#"{{"kernel": "{}", "vcpus": "four"}}"#, microguest())).unwrap();
+    vmm(&["run", "--config", wrong_type.to_str().unwrap()]).expect_status(2).expect_one_line_error("invalid type");
 
     let not_object = dir.join("list.json");
     std::fs::write(&not_object, "[1, 2]").unwrap();
@@ -167,22 +136,14 @@ fn config_file_problems() {
         .expect_status(2)
         .expect_one_line_error("expected a JSON object");
 
-    vmm(&["run", "--config", "/nonexistent.json"])
-        .expect_status(2)
-        .expect_one_line_error("cannot read config file");
+    vmm(&["run", "--config", "/nonexistent.json"]).expect_status(2).expect_one_line_error("cannot read config file");
 }
 
 #[test]
 fn serial_file_in_missing_directory() {
-    vmm(&[
-        "run",
-        "--kernel",
-        microguest(),
-        "--serial",
-        "file:/nonexistent/dir/log",
-    ])
-    .expect_status(2)
-    .expect_one_line_error("cannot open serial output file");
+    vmm(&["run", "--kernel", microguest(), "--serial", "file:/nonexistent/dir/log"])
+        .expect_status(2)
+        .expect_one_line_error("cannot open serial output file");
 }
 
 #[test]
@@ -190,11 +151,7 @@ fn no_dev_kvm() {
     // Hide /dev behind an empty tmpfs in a private mount namespace.
     let out = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
-            "mount -t tmpfs none /dev && exec {} run --kernel {}",
-            common::vmm_bin(),
-            microguest()
-        ))
+        .arg(format!("mount -t tmpfs none /dev && exec {} run --kernel {}", common::vmm_bin(), microguest()))
         .output()
         .expect("unshare (util-linux) is needed for this test");
     let stderr = String::from_utf8_lossy(&out.stderr);

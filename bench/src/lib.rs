@@ -13,16 +13,10 @@ pub fn vmm_binary() -> PathBuf {
     let dir = exe.parent().expect("exe dir");
     let vmm = dir.join("vmm");
     if !vmm.exists() {
-        let profile = if dir.ends_with("release") {
-            "--release"
-        } else {
-            "--profile=dev"
-        };
+        let profile = if dir.ends_with("release") { "--release" } else { "--profile=dev" };
         eprintln!("building the vmm binary ({profile})...");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", profile, "-p", "vmm", "--bin", "vmm"])
-            .status();
+        let status = Command::new(cargo).args(["build", profile, "-p", "vmm", "--bin", "vmm"]).status();
         assert!(status.is_ok_and(|s| s.success()), "building vmm failed");
     }
     vmm
@@ -38,43 +32,25 @@ pub fn microguest_file() -> PathBuf {
 /// Debian's QEMU, installed with apt-get if missing. `None` if it cannot be had.
 pub fn qemu_binary() -> Option<PathBuf> {
     let find = || {
-        [
-            "/usr/bin/qemu-system-x86_64",
-            "/usr/local/bin/qemu-system-x86_64",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+        ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
     };
     if let Some(p) = find() {
         return Some(p);
     }
     eprintln!("qemu-system-x86_64 not found; installing Debian's qemu-system-x86...");
     let ok = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "qemu-system-x86",
-        ])
+        .args(["install", "-y", "-q", "--no-install-recommends", "qemu-system-x86"])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
+        let _ = Command::new("apt-get").args(["update", "-q"]).stdout(Stdio::null()).status();
         let _ = Command::new("apt-get")
-            .args(["update", "-q"])
-            .stdout(Stdio::null())
-            .status();
-        let _ = Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "qemu-system-x86",
-            ])
+            .args(["install", "-y", "-q", "--no-install-recommends", "qemu-system-x86"])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(Stdio::null())
             .status();
@@ -159,14 +135,7 @@ impl GuestProcess {
             let _ = err_tx.send(text);
         });
         let stdin = child.stdin.take();
-        Self {
-            child,
-            started,
-            stdin,
-            lines,
-            first_byte,
-            stderr,
-        }
+        Self { child, started, stdin, lines, first_byte, stderr }
     }
 
     pub fn pid(&self) -> u32 {
@@ -175,10 +144,7 @@ impl GuestProcess {
 
     /// Time from spawn to the first byte on stdout.
     pub fn wait_first_byte(&self, timeout: Duration) -> Duration {
-        let at = self
-            .first_byte
-            .recv_timeout(timeout)
-            .expect("no output from the guest");
+        let at = self.first_byte.recv_timeout(timeout).expect("no output from the guest");
         at - self.started
     }
 
@@ -187,10 +153,7 @@ impl GuestProcess {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (at, line) = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
+            let (at, line) = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line with {needle:?}"));
             if line.contains(needle) {
                 return at - self.started;
             }
@@ -214,9 +177,7 @@ impl GuestProcess {
             usage
         };
         let elapsed = self.started.elapsed();
-        let tv = |t: libc::timeval| {
-            Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64)
-        };
+        let tv = |t: libc::timeval| Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64);
         let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
         (elapsed, code, tv(usage.ru_utime) + tv(usage.ru_stime))
     }
@@ -281,9 +242,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Self {
-        Self {
-            rows: vec![header.iter().map(|s| s.to_string()).collect()],
-        }
+        Self { rows: vec![header.iter().map(|s| s.to_string()).collect()] }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -292,21 +251,10 @@ impl Table {
 
     pub fn print(&self) {
         let cols = self.rows[0].len();
-        let widths: Vec<usize> = (0..cols)
-            .map(|c| {
-                self.rows
-                    .iter()
-                    .map(|r| r.get(c).map_or(0, |s| s.len()))
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
+        let widths: Vec<usize> =
+            (0..cols).map(|c| self.rows.iter().map(|r| r.get(c).map_or(0, |s| s.len())).max().unwrap_or(0)).collect();
         for (i, row) in self.rows.iter().enumerate() {
-            let line: Vec<String> = row
-                .iter()
-                .enumerate()
-                .map(|(c, s)| format!("{s:<w$}", w = widths[c]))
-                .collect();
+            let line: Vec<String> = row.iter().enumerate().map(|(c, s)| format!("{s:<w$}", w = widths[c])).collect();
             println!("| {} |", line.join(" | "));
             if i == 0 {
                 let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();

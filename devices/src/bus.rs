@@ -25,9 +25,7 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 /// Locks a device, recovering from poisoning: a device that panicked mid-access is still better
 /// served than a VMM that cascades the panic into every vCPU thread.
 pub fn lock_device<T: ?Sized>(device: &Mutex<T>) -> MutexGuard<'_, T> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A half-open address range `[base, base + len)`.
@@ -83,29 +81,14 @@ impl Bus {
     }
 
     /// Places `device` at `range`; `name` is used in diagnostics.
-    pub fn insert(
-        &mut self,
-        range: BusRange,
-        name: &'static str,
-        device: SharedDevice,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, range: BusRange, name: &'static str, device: SharedDevice) -> Result<(), BusError> {
         if range.len == 0 {
             return Err(BusError::Empty(range.base));
         }
         if let Some(existing) = self.entries.values().find(|e| e.range.overlaps(&range)) {
-            return Err(BusError::Overlap {
-                new: range,
-                existing: existing.range,
-            });
+            return Err(BusError::Overlap { new: range, existing: existing.range });
         }
-        self.entries.insert(
-            range.base,
-            Entry {
-                range,
-                name,
-                device,
-            },
-        );
+        self.entries.insert(range.base, Entry { range, name, device });
         Ok(())
     }
 
@@ -193,8 +176,7 @@ mod tests {
     fn string_writes_arrive_as_units() {
         let mut bus = Bus::new();
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        bus.insert(BusRange::new(0x3f8, 8), "d", dev.clone())
-            .unwrap();
+        bus.insert(BusRange::new(0x3f8, 8), "d", dev.clone()).unwrap();
         assert!(bus.write_units(0x3f8, 1, b"abc"));
         assert!(bus.write_units(0x3fa, 2, &[1, 2, 3, 4]));
         assert!(!bus.write_units(0x400, 1, b"x"));
@@ -207,12 +189,7 @@ mod tests {
     #[test]
     fn misses_outside_and_across_ranges() {
         let mut bus = Bus::new();
-        bus.insert(
-            BusRange::new(0x10, 4),
-            "d",
-            Arc::new(Mutex::new(Recorder::default())),
-        )
-        .unwrap();
+        bus.insert(BusRange::new(0x10, 4), "d", Arc::new(Mutex::new(Recorder::default()))).unwrap();
         let mut data = [0xaa; 4];
         assert!(!bus.read(0xf, &mut data[..1]));
         assert!(!bus.read(0x14, &mut data[..1]));
@@ -227,18 +204,9 @@ mod tests {
         let mut bus = Bus::new();
         let dev = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(BusRange::new(0x100, 0x10), "a", dev()).unwrap();
-        assert!(matches!(
-            bus.insert(BusRange::new(0x10f, 1), "b", dev()),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(BusRange::new(0xf0, 0x11), "c", dev()),
-            Err(BusError::Overlap { .. })
-        ));
-        assert_eq!(
-            bus.insert(BusRange::new(0x200, 0), "d", dev()),
-            Err(BusError::Empty(0x200))
-        );
+        assert!(matches!(bus.insert(BusRange::new(0x10f, 1), "b", dev()), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(BusRange::new(0xf0, 0x11), "c", dev()), Err(BusError::Overlap { .. })));
+        assert_eq!(bus.insert(BusRange::new(0x200, 0), "d", dev()), Err(BusError::Empty(0x200)));
         bus.insert(BusRange::new(0x110, 1), "e", dev()).unwrap();
         assert_eq!(bus.devices().count(), 2);
     }

@@ -30,9 +30,7 @@ pub struct EventFdInterrupt {
 
 impl EventFdInterrupt {
     pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            evt: EventFd::new(EFD_NONBLOCK)?,
-        })
+        Ok(Self { evt: EventFd::new(EFD_NONBLOCK)? })
     }
 
     /// The eventfd to register with the hypervisor.

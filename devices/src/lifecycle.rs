@@ -153,22 +153,13 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
         }
         let core = self.core();
         if state.device_type != core.device_type as u32 {
-            return Err(StateError::DeviceType {
-                expected: core.device_type as u32,
-                found: state.device_type,
-            });
+            return Err(StateError::DeviceType { expected: core.device_type as u32, found: state.device_type });
         }
         if state.queues.len() != core.queues.len() {
-            return Err(StateError::QueueCount {
-                expected: core.queues.len(),
-                found: state.queues.len(),
-            });
+            return Err(StateError::QueueCount { expected: core.queues.len(), found: state.queues.len() });
         }
         if state.acked_features & !core.avail_features != 0 {
-            return Err(StateError::Features {
-                acked: state.acked_features,
-                avail: core.avail_features,
-            });
+            return Err(StateError::Features { acked: state.acked_features, avail: core.avail_features });
         }
         let queues = state
             .queues

@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the latency histogram buckets, in microseconds (the last bucket is +Inf).
-pub const LATENCY_BUCKETS_US: [u64; 12] = [
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
-];
+pub const LATENCY_BUCKETS_US: [u64; 12] = [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000];
 
 /// Counters for one device.
 #[derive(Default)]
@@ -42,10 +40,7 @@ impl RequestMetrics {
         self.bytes_read.fetch_add(read, Ordering::Relaxed);
         self.bytes_written.fetch_add(written, Ordering::Relaxed);
         let us = latency.as_micros() as u64;
-        let bucket = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
+        let bucket = LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(LATENCY_BUCKETS_US.len());
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
@@ -62,11 +57,7 @@ impl RequestMetrics {
             errors: self.errors.load(Ordering::Relaxed),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
-            latency_buckets: self
-                .latency
-                .iter()
-                .map(|b| b.load(Ordering::Relaxed))
-                .collect(),
+            latency_buckets: self.latency.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
             latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
         }
     }
@@ -84,10 +75,7 @@ mod tests {
         m.record(Duration::from_secs(2), true, 0, 0);
         m.record_rejected();
         let s = m.snapshot();
-        assert_eq!(
-            (s.requests, s.errors, s.bytes_read, s.bytes_written),
-            (4, 2, 4096, 512)
-        );
+        assert_eq!((s.requests, s.errors, s.bytes_read, s.bytes_written), (4, 2, 4096, 512));
         assert_eq!(s.latency_buckets[0], 1);
         assert_eq!(s.latency_buckets[2], 1);
         assert_eq!(*s.latency_buckets.last().unwrap(), 1);

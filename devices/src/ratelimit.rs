@@ -12,10 +12,7 @@ pub struct LogOnce<K> {
 
 impl<K: Eq + Hash> LogOnce<K> {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            seen: Mutex::new(HashSet::new()),
-            capacity,
-        }
+        Self { seen: Mutex::new(HashSet::new()), capacity }
     }
 
     /// True the first time `key` is seen (and while fewer than `capacity` keys were seen).

@@ -91,23 +91,10 @@ impl Output {
     /// Asserts stderr is exactly one line containing `needle`, and no panic or backtrace.
     pub fn expect_one_line_error(&self, needle: &str) -> &Self {
         let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "expected one stderr line, got:\n{}",
-            self.stderr
-        );
+        assert_eq!(lines.len(), 1, "expected one stderr line, got:\n{}", self.stderr);
         assert!(lines[0].starts_with("error: "), "{}", self.stderr);
-        assert!(
-            lines[0].contains(needle),
-            "stderr lacks {needle:?}: {}",
-            self.stderr
-        );
-        assert!(
-            !self.stderr.contains("panicked") && !self.stderr.contains("backtrace"),
-            "{}",
-            self.stderr
-        );
+        assert!(lines[0].contains(needle), "stderr lacks {needle:?}: {}", self.stderr);
+        assert!(!self.stderr.contains("panicked") && !self.stderr.contains("backtrace"), "{}", self.stderr);
         self
     }
 }
@@ -116,21 +103,14 @@ impl Output {
 pub fn vmm_with(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
     let mut cmd = Command::new(vmm_bin());
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     let mut child = Reaped(cmd.spawn().expect("spawn vmm"));
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.0.stdin.take()) {
         pipe.write_all(bytes).expect("write stdin");
     }
     let (tx, rx) = mpsc::channel();
     for (is_stdout, mut pipe) in [
-        (
-            true,
-            Box::new(child.0.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        ),
+        (true, Box::new(child.0.stdout.take().unwrap()) as Box<dyn Read + Send>),
         (false, Box::new(child.0.stderr.take().unwrap())),
     ] {
         let tx = tx.clone();
@@ -151,11 +131,7 @@ pub fn vmm_with(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outpu
         }
     }
     let status = child.0.wait().expect("wait vmm").code();
-    Output {
-        status,
-        stdout: stdout.unwrap(),
-        stderr: stderr.unwrap(),
-    }
+    Output { status, stdout: stdout.unwrap(), stderr: stderr.unwrap() }
 }
 
 pub fn vmm(args: &[&str]) -> Output {
@@ -182,16 +158,10 @@ impl Capture {
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
         let (lock, cond) = &*self.0;
         let guard = lock.lock().unwrap();
-        let (guard, result) = cond
-            .wait_timeout_while(guard, timeout, |buf| {
-                !String::from_utf8_lossy(buf).contains(needle)
-            })
-            .unwrap();
+        let (guard, result) =
+            cond.wait_timeout_while(guard, timeout, |buf| !String::from_utf8_lossy(buf).contains(needle)).unwrap();
         let text = String::from_utf8_lossy(&guard).into_owned();
-        assert!(
-            !result.timed_out(),
-            "serial output lacks {needle:?} after {timeout:?}:\n{text}"
-        );
+        assert!(!result.timed_out(), "serial output lacks {needle:?} after {timeout:?}:\n{text}");
         text
     }
 }
@@ -229,14 +199,7 @@ pub fn write_raw_elf(path: &Path, code: &[u8]) {
     }
     elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     elf.extend_from_slice(&7u32.to_le_bytes()); // RWX
-    for v in [
-        code_off,
-        LOAD,
-        LOAD,
-        code.len() as u64,
-        code.len() as u64,
-        0x1000,
-    ] {
+    for v in [code_off, LOAD, LOAD, code.len() as u64, code.len() as u64, 0x1000] {
         elf.extend_from_slice(&v.to_le_bytes());
     }
     elf.extend_from_slice(code);

@@ -44,17 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Any byte on the serial port tells the guest to stop and check its counter.
     vm.serial_input().send(b"\n");
-    let exit = vm
-        .wait_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|| vm.stop());
-    println!(
-        "--- guest console ---\n{}",
-        String::from_utf8_lossy(&console.0.lock().unwrap())
-    );
+    let exit = vm.wait_timeout(Duration::from_secs(60)).unwrap_or_else(|| vm.stop());
+    println!("--- guest console ---\n{}", String::from_utf8_lossy(&console.0.lock().unwrap()));
     println!("exit: {exit}");
-    if exit == VmExit::Guest(0) {
-        Ok(())
-    } else {
-        Err(format!("guest failed: {exit}").into())
-    }
+    if exit == VmExit::Guest(0) { Ok(()) } else { Err(format!("guest failed: {exit}").into()) }
 }

@@ -5,13 +5,16 @@ use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::blk::{BlockBackend, FileBackend, UringBackend, VirtioBlock};
 use devices::bus::{Bus, BusError, BusRange};
 use devices::interrupt::EventFdInterrupt;
 use devices::legacy::{DebugExit, I8042, SerialConsole, SerialOutput, ports};
 use vm_memory::GuestAddressSpace;
 
+use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
-use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::config::{BlockEngine, ConfigError, DiskConfig, SerialConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder};
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
 use crate::vcpu::{ExitContext, Vcpus};
@@ -37,6 +40,10 @@ pub enum BuildError {
     },
     #[error("device wiring: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("cannot build ACPI tables: {0}")]
+    Acpi(#[from] AcpiError),
     #[error("cannot set up {what}: {source}")]
     Io {
         what: &'static str,
@@ -70,10 +77,7 @@ impl VmBuilder {
     }
 
     pub fn from_config(config: VmConfig) -> Self {
-        Self {
-            config,
-            serial_output: None,
-        }
+        Self { config, serial_output: None }
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -144,20 +148,43 @@ impl VmBuilder {
             unsafe { kvm.set_memslot(&slot)? };
         }
 
-        let ranges: Vec<(u64, u64)> = ram
-            .regions()
-            .iter()
-            .map(|r| (r.guest_addr(), r.size()))
-            .collect();
+        let mut devices = DeviceManagerBuilder::new(ram.memory())
+            .map_err(|source| BuildError::Io { what: "device event loop", source })?;
+        let ids = config.device_ids();
+        for (disk, id) in config.disks.iter().zip(&ids) {
+            let backend = open_disk(disk, id)?;
+            devices.add(&kvm, id, |irq, mem| VirtioBlock::new(backend, id, irq, mem), DeviceHandle::Block)?;
+        }
+
+        // Devices are announced on the command line (the microguest, kernels with
+        // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI DSDT (distribution kernels).
+        let mut cmdline = config.cmdline.clone();
+        for entry in devices.cmdline_entries() {
+            cmdline.push(' ');
+            cmdline.push_str(&entry);
+        }
+        let guest_mem = ram.memory().memory();
+        let acpi_config = AcpiConfig {
+            vcpus: config.vcpus,
+            virtio_mmio: devices
+                .slots()
+                .iter()
+                .map(|s| MmioDevice { base: s.base, size: s.size, irq: s.irq })
+                .collect(),
+        };
+        let rsdp = acpi::write(&guest_mem, &acpi_config)?;
+
+        let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.guest_addr(), r.size())).collect();
         let spec = BootSpec {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
+            cmdline: &cmdline,
             protocol: config.boot_protocol,
             vcpus: config.vcpus,
-            rsdp: None,
+            rsdp: Some(rsdp),
         };
-        let booted = boot::load(&ram.memory().memory(), &ranges, &spec)?;
+        let booted = boot::load(&guest_mem, &ranges, &spec)?;
+        drop(guest_mem);
 
         let exit = Arc::new(ExitState::new());
         let serial_output = match self.serial_output {
@@ -167,15 +194,9 @@ impl VmBuilder {
         let (pio, serial) = legacy_devices(&kvm, &exit, serial_output)?;
 
         let vcpus = create_vcpus(&hv, &kvm, config.vcpus, &booted.cpu)?;
-        let ctx = Arc::new(ExitContext::new(
-            Arc::new(pio),
-            Arc::new(Bus::new()),
-            exit.clone(),
-        ));
-        let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io {
-            what: "vCPU threads",
-            source,
-        })?;
+        let (mmio, devices) = devices.start().map_err(|source| BuildError::Io { what: "device event loop", source })?;
+        let ctx = Arc::new(ExitContext::new(Arc::new(pio), Arc::new(mmio), exit.clone()));
+        let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io { what: "vCPU threads", source })?;
 
         let info = VmInfo {
             vcpus: config.vcpus,
@@ -184,8 +205,26 @@ impl VmBuilder {
             kernel_format: booted.kernel.format,
             entry_point: booted.cpu.regs.rip,
         };
-        Ok(Vm::new(vcpus, exit, serial, info, kvm, ram))
+        Ok(Vm::new(vcpus, exit, serial, devices, info, kvm, ram))
     }
+}
+
+/// Opens a disk's backend with the configured engine.
+fn open_disk(disk: &DiskConfig, id: &str) -> Result<Box<dyn BlockBackend>, BuildError> {
+    let backend_err =
+        |e: devices::blk::BackendError| DeviceError::Backend { id: id.to_string(), reason: e.to_string() };
+    let backend: Box<dyn BlockBackend> = match (&disk.path, &disk.nbd) {
+        (Some(path), _) => match disk.engine {
+            BlockEngine::Sync => Box::new(FileBackend::open(path, disk.readonly).map_err(backend_err)?),
+            BlockEngine::IoUring => Box::new(UringBackend::open(path, disk.readonly).map_err(backend_err)?),
+        },
+        (None, Some(address)) => {
+            let reason = format!("NBD ({address}) is not available yet");
+            return Err(DeviceError::Backend { id: id.to_string(), reason }.into());
+        }
+        (None, None) => return Err(ConfigError::Device(format!("disk {id}: needs path= or nbd=")).into()),
+    };
+    Ok(backend)
 }
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
@@ -197,10 +236,7 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| BuildError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
+                .map_err(|source| BuildError::SerialFile { path: path.clone(), source })?,
         ),
     })
 }
@@ -211,24 +247,13 @@ fn legacy_devices(
     exit: &Arc<ExitState>,
     serial_output: SerialOutput,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), BuildError> {
-    let irq = EventFdInterrupt::new().map_err(|source| BuildError::Io {
-        what: "serial interrupt",
-        source,
-    })?;
+    let irq = EventFdInterrupt::new().map_err(|source| BuildError::Io { what: "serial interrupt", source })?;
     kvm.register_irqfd(irq.eventfd(), ports::COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(Box::new(irq), serial_output)));
 
     let mut pio = Bus::new();
-    pio.insert(
-        BusRange::new(ports::COM1, ports::COM1_LEN),
-        "serial",
-        serial.clone(),
-    )?;
-    pio.insert(
-        BusRange::new(ports::I8042, ports::I8042_LEN),
-        "i8042",
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-    )?;
+    pio.insert(BusRange::new(ports::COM1, ports::COM1_LEN), "serial", serial.clone())?;
+    pio.insert(BusRange::new(ports::I8042, ports::I8042_LEN), "i8042", Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
     pio.insert(
         BusRange::new(ports::DEBUG_EXIT, ports::DEBUG_EXIT_LEN),
         "debug-exit",
@@ -249,14 +274,7 @@ fn create_vcpus(
     for id in 0..count {
         let vcpu = kvm.create_vcpu(id)?;
         let tsc_khz = vcpu.tsc_khz().unwrap_or(0);
-        vcpu.set_cpuid(&shape_cpuid(
-            hv.supported_cpuid(),
-            CpuidShape {
-                apic_id: id,
-                vcpu_count: count,
-                tsc_khz,
-            },
-        ))?;
+        vcpu.set_cpuid(&shape_cpuid(hv.supported_cpuid(), CpuidShape { apic_id: id, vcpu_count: count, tsc_khz }))?;
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu_defaults()?;
         vcpu.set_lapic_lint()?;

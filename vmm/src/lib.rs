@@ -22,6 +22,7 @@ pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod device_manager;
 pub mod hv;
 pub mod memory;
 pub mod vcpu;

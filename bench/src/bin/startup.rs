@@ -10,9 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bench::{
-    GuestProcess, Samples, Table, microguest_file, qemu_args, qemu_binary, rss_kib, vmm_binary,
-};
+use bench::{GuestProcess, Samples, Table, microguest_file, qemu_args, qemu_binary, rss_kib, vmm_binary};
 use vmm::{SerialOutput, VmBuilder};
 
 const MEM_MIB: u64 = 128;
@@ -49,26 +47,13 @@ fn measure_startup(program: &Path, args: &[String], runs: usize, ours: bool) -> 
         let mut p = GuestProcess::spawn(program, args);
         first.push(p.wait_first_byte(TIMEOUT).as_secs_f64() * 1e3);
         let (elapsed, code, cpu_time) = p.wait_exit();
-        let expected = if ours {
-            0
-        } else {
-            microguest_protocol_qemu_success()
-        };
-        assert_eq!(
-            code,
-            Some(expected),
-            "guest failed under {}",
-            program.display()
-        );
+        let expected = if ours { 0 } else { microguest_protocol_qemu_success() };
+        assert_eq!(code, Some(expected), "guest failed under {}", program.display());
         exit.push(elapsed.as_secs_f64() * 1e3);
         cpu.push(cpu_time.as_secs_f64() * 1e3);
         if ours {
             let stderr = p.stderr.recv_timeout(TIMEOUT).unwrap_or_default();
-            if let Some(ms) = stderr
-                .split(" ms wall, ")
-                .nth(1)
-                .and_then(|s| s.split(" ms CPU").next())
-            {
+            if let Some(ms) = stderr.split(" ms wall, ").nth(1).and_then(|s| s.split(" ms CPU").next()) {
                 setup.push(ms.parse().unwrap_or(f64::NAN));
             }
         }
@@ -122,10 +107,7 @@ fn qemu_pause_resume(qemu: &Path, kernel: &Path, vcpus: u32) -> (Samples, Sample
     let sock = std::env::temp_dir().join(format!("bench-qmp-{}-{vcpus}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let mut args = qemu_args(kernel, "prog=idle", MEM_MIB, vcpus);
-    args.extend([
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", sock.display()),
-    ]);
+    args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", sock.display())]);
     let mut p = GuestProcess::spawn(qemu, &args);
     p.wait_line("idle: ready", TIMEOUT);
     let stream = UnixStream::connect(&sock).expect("connect QMP");
@@ -171,10 +153,7 @@ fn cell(v: Option<f64>, unit: &str) -> String {
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(20);
+    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);
     let vmm = vmm_binary();
     let guest = microguest_file();
     let qemu = qemu_binary();
@@ -184,15 +163,11 @@ fn main() {
 
     eprintln!("startup: {runs} runs each of prog=hello ({MEM_MIB} MiB, 1 vCPU)...");
     let ours = measure_startup(&vmm, &vmm_args(&guest, "prog=hello", 1), runs, true);
-    let peer = qemu
-        .as_ref()
-        .map(|q| measure_startup(q, &qemu_args(&guest, "prog=hello", MEM_MIB, 1), runs, false));
+    let peer = qemu.as_ref().map(|q| measure_startup(q, &qemu_args(&guest, "prog=hello", MEM_MIB, 1), runs, false));
 
     eprintln!("memory: idle guest...");
     let ours_rss = measure_rss(&vmm, &vmm_args(&guest, "prog=idle", 1));
-    let peer_rss = qemu
-        .as_ref()
-        .map(|q| measure_rss(q, &qemu_args(&guest, "prog=idle", MEM_MIB, 1)));
+    let peer_rss = qemu.as_ref().map(|q| measure_rss(q, &qemu_args(&guest, "prog=idle", MEM_MIB, 1)));
 
     eprintln!("pause/resume: {PAUSE_ITERATIONS} cycles each with 1 and 4 vCPUs...");
     let pr: Vec<_> = [1u32, 4]
@@ -214,15 +189,11 @@ fn main() {
         vec![
             name.to_string(),
             format!("{:.2} ms [{:.2}]", o.median(), o.pct(90.0)),
-            p.map_or("n/a".into(), |p| {
-                format!("{:.2} ms [{:.2}]", p.median(), p.pct(90.0))
-            }),
+            p.map_or("n/a".into(), |p| format!("{:.2} ms [{:.2}]", p.median(), p.pct(90.0))),
             ratio(o.median(), p.map(Samples::median)),
         ]
     };
-    t.row(startup_row("process start -> first serial byte", |s| {
-        &s.first_byte_ms
-    }));
+    t.row(startup_row("process start -> first serial byte", |s| &s.first_byte_ms));
     t.row(startup_row("process start -> guest exit", |s| &s.exit_ms));
     t.row(startup_row("CPU time, whole run (user+sys)", |s| &s.cpu_ms));
     if let Some(setup) = &ours.setup_cpu_ms {
@@ -247,16 +218,11 @@ fn main() {
         ratio(mib(ours_rss.0), peer_rss.map(|r| mib(r.0))),
     ]);
     for (n, (op, oq), peer) in &pr {
-        for (what, o, p) in [
-            ("pause", op, peer.as_ref().map(|x| &x.0)),
-            ("resume", oq, peer.as_ref().map(|x| &x.1)),
-        ] {
+        for (what, o, p) in [("pause", op, peer.as_ref().map(|x| &x.0)), ("resume", oq, peer.as_ref().map(|x| &x.1))] {
             t.row(vec![
                 format!("{what} latency, {n} vCPU{}", if *n == 1 { "" } else { "s" }),
                 format!("{:.1} us [p99 {:.1}]", o.median(), o.pct(99.0)),
-                p.map_or("n/a".into(), |p| {
-                    format!("{:.1} us [p99 {:.1}]", p.median(), p.pct(99.0))
-                }),
+                p.map_or("n/a".into(), |p| format!("{:.1} us [p99 {:.1}]", p.median(), p.pct(99.0))),
                 ratio(o.median(), p.map(Samples::median)),
             ]);
         }

@@ -14,8 +14,7 @@ use super::request::{self, Limits, Rejected, Request, RequestKind, SECTOR_SIZE, 
 use crate::interrupt::InterruptLine;
 use crate::metrics::RequestMetrics;
 use crate::virtio::{
-    ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore,
-    VirtioDevice, features,
+    ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
 };
 use crate::{GuestMem, SharedGuestMem};
 
@@ -69,11 +68,8 @@ impl VirtioBlock {
         memory: SharedGuestMem,
     ) -> std::io::Result<Self> {
         let info = backend.info();
-        let mut avail = features::VERSION_1
-            | features::RING_EVENT_IDX
-            | feature::SEG_MAX
-            | feature::BLK_SIZE
-            | feature::FLUSH;
+        let mut avail =
+            features::VERSION_1 | features::RING_EVENT_IDX | feature::SEG_MAX | feature::BLK_SIZE | feature::FLUSH;
         if info.read_only {
             avail |= feature::RO;
         }
@@ -83,13 +79,7 @@ impl VirtioBlock {
         if info.write_zeroes {
             avail |= feature::WRITE_ZEROES;
         }
-        let core = VirtioCore::new(
-            DeviceType::Block,
-            avail,
-            &[BLOCK_QUEUE_SIZE],
-            interrupt,
-            memory,
-        )?;
+        let core = VirtioCore::new(DeviceType::Block, avail, &[BLOCK_QUEUE_SIZE], interrupt, memory)?;
         let mut id_bytes = [0u8; request::ID_BYTES];
         let n = id.len().min(request::ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -125,16 +115,7 @@ impl VirtioBlock {
 
     fn process_queue(&mut self) {
         let limits = self.limits();
-        let Self {
-            core,
-            backend,
-            inflight,
-            next_token,
-            blocked,
-            metrics,
-            id,
-            ..
-        } = self;
+        let Self { core, backend, inflight, next_token, blocked, metrics, id, .. } = self;
         QueueProcessor::drain(core, REQUEST_QUEUE, |core, chain| {
             if !backend.can_submit() {
                 QueueProcessor::unpop(core, REQUEST_QUEUE);
@@ -167,30 +148,16 @@ impl VirtioBlock {
             }
             let ok = result.is_ok();
             if let Err(e) = &result {
-                self.core
-                    .guest_error("backend I/O error", format_args!("{e}"));
+                self.core.guest_error("backend I/O error", format_args!("{e}"));
             }
-            let code = if ok {
-                request::status::OK
-            } else {
-                request::status::IOERR
-            };
+            let code = if ok { request::status::OK } else { request::status::IOERR };
             let used_len = if ok { done.used_len } else { 1 };
             let _ = done._mem.write_obj(code, done.status);
             let mem = self.core.mem();
-            if self.core.queues[REQUEST_QUEUE]
-                .add_used(&*mem, done.head, used_len)
-                .is_err()
-            {
-                self.core
-                    .guest_error("bad used ring", format_args!("head {}", done.head));
+            if self.core.queues[REQUEST_QUEUE].add_used(&*mem, done.head, used_len).is_err() {
+                self.core.guest_error("bad used ring", format_args!("head {}", done.head));
             }
-            self.metrics.record(
-                done.started.elapsed(),
-                ok,
-                done.bytes_read,
-                done.bytes_written,
-            );
+            self.metrics.record(done.started.elapsed(), ok, done.bytes_read, done.bytes_written);
             returned = true;
         }
         if returned {
@@ -208,22 +175,13 @@ fn host_buffers(mem: &GuestMem, segs: &[Segment]) -> Option<Vec<IoBuf>> {
     segs.iter()
         .map(|s| {
             let slice = mem.get_slice(s.addr, s.len as usize).ok()?;
-            Some(IoBuf {
-                addr: slice.ptr_guard_mut().as_ptr(),
-                len: s.len as usize,
-            })
+            Some(IoBuf { addr: slice.ptr_guard_mut().as_ptr(), len: s.len as usize })
         })
         .collect()
 }
 
 /// Completes a request that never reached the backend.
-fn finish_now(
-    core: &mut VirtioCore,
-    head: u16,
-    status: Option<GuestAddress>,
-    code: u8,
-    written: u32,
-) {
+fn finish_now(core: &mut VirtioCore, head: u16, status: Option<GuestAddress>, code: u8, written: u32) {
     let mem = core.mem();
     let used_len = match status {
         Some(addr) if mem.write_obj(code, addr).is_ok() => written + 1,
@@ -234,10 +192,7 @@ fn finish_now(
 }
 
 fn reject(core: &mut VirtioCore, metrics: &RequestMetrics, rejected: Rejected) {
-    core.guest_error(
-        rejected.reason,
-        format_args!("descriptor head {}", rejected.head),
-    );
+    core.guest_error(rejected.reason, format_args!("descriptor head {}", rejected.head));
     metrics.record_rejected();
     finish_now(core, rejected.head, rejected.status, rejected.code, 0);
 }
@@ -256,12 +211,7 @@ fn start(
         reject(
             core,
             metrics,
-            Rejected {
-                head: req.head,
-                status: Some(req.status),
-                code: request::status::IOERR,
-                reason,
-            },
+            Rejected { head: req.head, status: Some(req.status), code: request::status::IOERR, reason },
         )
     };
     let offset = req.sector * SECTOR_SIZE;
@@ -278,13 +228,7 @@ fn start(
             }
             drop(mem);
             metrics.record(std::time::Duration::ZERO, true, 0, 0);
-            return finish_now(
-                core,
-                req.head,
-                Some(req.status),
-                request::status::OK,
-                req.data_len as u32,
-            );
+            return finish_now(core, req.head, Some(req.status), request::status::OK, req.data_len as u32);
         }
         RequestKind::Read | RequestKind::Write => {
             let Some(bufs) = host_buffers(&mem, &req.data) else {
@@ -298,30 +242,14 @@ fn start(
             }
         }
         RequestKind::Flush => (BlockOp::Flush, 0, 0),
-        RequestKind::Discard => (
-            BlockOp::Discard {
-                offset,
-                len: u64::from(req.range_sectors) * SECTOR_SIZE,
-            },
-            0,
-            0,
-        ),
-        RequestKind::WriteZeroes => (
-            BlockOp::WriteZeroes {
-                offset,
-                len: u64::from(req.range_sectors) * SECTOR_SIZE,
-            },
-            0,
-            0,
-        ),
+        RequestKind::Discard => (BlockOp::Discard { offset, len: u64::from(req.range_sectors) * SECTOR_SIZE }, 0, 0),
+        RequestKind::WriteZeroes => {
+            (BlockOp::WriteZeroes { offset, len: u64::from(req.range_sectors) * SECTOR_SIZE }, 0, 0)
+        }
     };
     let token = *next_token;
     *next_token = next_token.wrapping_add(1);
-    let used_len = if req.kind == RequestKind::Read {
-        req.data_len as u32 + 1
-    } else {
-        1
-    };
+    let used_len = if req.kind == RequestKind::Read { req.data_len as u32 + 1 } else { 1 };
     match backend.submit(token, op) {
         Ok(()) => {
             inflight.insert(
@@ -373,10 +301,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        self.core.guest_error(
-            "write to read-only config space",
-            format_args!("offset {offset:#x}"),
-        );
+        self.core.guest_error("write to read-only config space", format_args!("offset {offset:#x}"));
     }
 
     fn activate(&mut self) -> Result<(), ActivateError> {
@@ -400,11 +325,7 @@ impl VirtioDevice for VirtioBlock {
         // Watched even while quiesced: draining needs completions.
         self.backend
             .completion_fd()
-            .map(|fd| EventSource {
-                fd,
-                token: COMPLETION_TOKEN,
-                events: EventSet::IN,
-            })
+            .map(|fd| EventSource { fd, token: COMPLETION_TOKEN, events: EventSet::IN })
             .into_iter()
             .collect()
     }

@@ -59,10 +59,7 @@ pub fn slice_segments(segs: &[Segment], mut start: u64, mut len: u64) -> Vec<Seg
             continue;
         }
         let take = (s.len - start).min(len);
-        out.push(Segment {
-            addr: GuestAddress(s.addr.0.wrapping_add(start)),
-            len: take,
-        });
+        out.push(Segment { addr: GuestAddress(s.addr.0.wrapping_add(start)), len: take });
         len -= take;
         start = 0;
     }
@@ -134,31 +131,19 @@ pub struct Limits {
 }
 
 /// Parses and validates one chain.
-pub fn parse<M>(
-    chain: DescriptorChain<M>,
-    mem: &GuestMem,
-    limits: &Limits,
-) -> Result<Request, Rejected>
+pub fn parse<M>(chain: DescriptorChain<M>, mem: &GuestMem, limits: &Limits) -> Result<Request, Rejected>
 where
     M: Deref,
     M::Target: GuestMemory,
 {
     let head = chain.head_index();
-    let reject = |status, code, reason| Rejected {
-        head,
-        status,
-        code,
-        reason,
-    };
+    let reject = |status, code, reason| Rejected { head, status, code, reason };
 
     let (mut readable, mut writable) = (Vec::new(), Vec::new());
     let mut out_of_order = false;
     // The iterator stops after as many descriptors as the queue has, so loops end.
     for desc in chain {
-        let seg = Segment {
-            addr: desc.addr(),
-            len: u64::from(desc.len()),
-        };
+        let seg = Segment { addr: desc.addr(), len: u64::from(desc.len()) };
         if desc.is_write_only() {
             writable.push(seg);
         } else if writable.is_empty() {
@@ -175,28 +160,16 @@ where
         .and_then(|s| s.first().map(|s| s.addr))
         .filter(|a| GuestMemoryBackend::check_range(mem, *a, 1));
     let Some(status_addr) = status else {
-        return Err(reject(
-            None,
-            status::IOERR,
-            "no writable status byte in guest memory",
-        ));
+        return Err(reject(None, status::IOERR, "no writable status byte in guest memory"));
     };
     let status = Some(status_addr);
     if out_of_order {
-        return Err(reject(
-            status,
-            status::IOERR,
-            "readable descriptor after a writable one",
-        ));
+        return Err(reject(status, status::IOERR, "readable descriptor after a writable one"));
     }
 
     let mut header = [0u8; HEADER_LEN as usize];
     if total(&readable) < HEADER_LEN || !gather(mem, &readable, 0, &mut header) {
-        return Err(reject(
-            status,
-            status::IOERR,
-            "request header missing or outside guest memory",
-        ));
+        return Err(reject(status, status::IOERR, "request header missing or outside guest memory"));
     }
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
@@ -213,42 +186,23 @@ where
         data_len: 0,
         status: status_addr,
     };
-    let in_capacity = |first: u64, sectors: u64| {
-        first
-            .checked_add(sectors)
-            .is_some_and(|end| end <= limits.capacity_sectors)
-    };
+    let in_capacity =
+        |first: u64, sectors: u64| first.checked_add(sectors).is_some_and(|end| end <= limits.capacity_sectors);
     match req_type {
         request_type::IN | request_type::OUT => {
             let (kind, len, data) = if req_type == request_type::IN {
-                (
-                    RequestKind::Read,
-                    in_len,
-                    slice_segments(&writable, 0, in_len),
-                )
+                (RequestKind::Read, in_len, slice_segments(&writable, 0, in_len))
             } else {
-                (
-                    RequestKind::Write,
-                    payload_len,
-                    slice_segments(&readable, HEADER_LEN, payload_len),
-                )
+                (RequestKind::Write, payload_len, slice_segments(&readable, HEADER_LEN, payload_len))
             };
             if kind == RequestKind::Write && limits.read_only {
                 return Err(reject(status, status::IOERR, "write to a read-only disk"));
             }
             if len % SECTOR_SIZE != 0 || len > MAX_REQUEST_BYTES {
-                return Err(reject(
-                    status,
-                    status::IOERR,
-                    "data length not a multiple of 512 or too large",
-                ));
+                return Err(reject(status, status::IOERR, "data length not a multiple of 512 or too large"));
             }
             if !in_capacity(sector, len / SECTOR_SIZE) {
-                return Err(reject(
-                    status,
-                    status::IOERR,
-                    "request beyond the disk's capacity",
-                ));
+                return Err(reject(status, status::IOERR, "request beyond the disk's capacity"));
             }
             req.kind = kind;
             req.data = data;
@@ -263,26 +217,14 @@ where
         request_type::DISCARD | request_type::WRITE_ZEROES => {
             let discard = req_type == request_type::DISCARD;
             if (discard && !limits.discard) || (!discard && !limits.write_zeroes) {
-                return Err(reject(
-                    status,
-                    status::UNSUPP,
-                    "discard / write-zeroes not offered",
-                ));
+                return Err(reject(status, status::UNSUPP, "discard / write-zeroes not offered"));
             }
             if limits.read_only {
-                return Err(reject(
-                    status,
-                    status::IOERR,
-                    "discard / write-zeroes on a read-only disk",
-                ));
+                return Err(reject(status, status::IOERR, "discard / write-zeroes on a read-only disk"));
             }
             if payload_len != RANGE_LEN {
                 // We offer max_discard_seg = max_write_zeroes_seg = 1.
-                return Err(reject(
-                    status,
-                    status::UNSUPP,
-                    "discard / write-zeroes needs exactly one range",
-                ));
+                return Err(reject(status, status::UNSUPP, "discard / write-zeroes needs exactly one range"));
             }
             let mut range = [0u8; RANGE_LEN as usize];
             if !gather(mem, &readable, HEADER_LEN, &mut range) {
@@ -293,24 +235,12 @@ where
             let flags = u32::from_le_bytes(range[12..16].try_into().unwrap_or_default());
             let allowed_flags = if discard { 0 } else { FLAG_UNMAP };
             if flags & !allowed_flags != 0 {
-                return Err(reject(
-                    status,
-                    status::UNSUPP,
-                    "unknown discard / write-zeroes flags",
-                ));
+                return Err(reject(status, status::UNSUPP, "unknown discard / write-zeroes flags"));
             }
             if sectors > MAX_RANGE_SECTORS || !in_capacity(first, u64::from(sectors)) {
-                return Err(reject(
-                    status,
-                    status::IOERR,
-                    "discard / write-zeroes range out of bounds",
-                ));
+                return Err(reject(status, status::IOERR, "discard / write-zeroes range out of bounds"));
             }
-            req.kind = if discard {
-                RequestKind::Discard
-            } else {
-                RequestKind::WriteZeroes
-            };
+            req.kind = if discard { RequestKind::Discard } else { RequestKind::WriteZeroes };
             req.sector = first;
             req.range_sectors = sectors;
             req.unmap = flags & FLAG_UNMAP != 0;
@@ -332,12 +262,7 @@ mod tests {
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
 
-    pub const LIMITS: Limits = Limits {
-        capacity_sectors: 2048,
-        read_only: false,
-        discard: true,
-        write_zeroes: true,
-    };
+    pub const LIMITS: Limits = Limits { capacity_sectors: 2048, read_only: false, discard: true, write_zeroes: true };
 
     fn mem() -> GuestMem {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
@@ -350,21 +275,13 @@ mod tests {
     }
 
     /// Builds a chain of (addr, len, flags) descriptors and parses it.
-    fn parse_descs(
-        mem: &GuestMem,
-        descs: &[(u64, u32, u16)],
-        limits: &Limits,
-    ) -> Result<Request, Rejected> {
+    fn parse_descs(mem: &GuestMem, descs: &[(u64, u32, u16)], limits: &Limits) -> Result<Request, Rejected> {
         let q = MockSplitQueue::new(mem, 16);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, flags))| {
-                let next = if i + 1 < descs.len() {
-                    flags | F_NEXT
-                } else {
-                    flags
-                };
+                let next = if i + 1 < descs.len() { flags | F_NEXT } else { flags };
                 RawDescriptor::from(Descriptor::new(addr, len, next, i as u16 + 1))
             })
             .collect();
@@ -378,41 +295,16 @@ mod tests {
     fn well_formed_read_write_flush_getid() {
         let m = mem();
         header(&m, 0x8000, request_type::IN, 8);
-        let r = parse_descs(
-            &m,
-            &[
-                (0x8000, 16, 0),
-                (0x9000, 4096, F_WRITE),
-                (0xa000, 1, F_WRITE),
-            ],
-            &LIMITS,
-        )
-        .unwrap();
-        assert_eq!(
-            (r.kind, r.sector, r.data_len, r.status),
-            (RequestKind::Read, 8, 4096, GuestAddress(0xa000))
-        );
+        let r = parse_descs(&m, &[(0x8000, 16, 0), (0x9000, 4096, F_WRITE), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
+        assert_eq!((r.kind, r.sector, r.data_len, r.status), (RequestKind::Read, 8, 4096, GuestAddress(0xa000)));
         header(&m, 0x8000, request_type::OUT, 0);
-        let r = parse_descs(
-            &m,
-            &[(0x8000, 16, 0), (0x9000, 1024, 0), (0xa000, 1, F_WRITE)],
-            &LIMITS,
-        )
-        .unwrap();
-        assert_eq!(
-            (r.kind, r.data_len, r.data.len()),
-            (RequestKind::Write, 1024, 1)
-        );
+        let r = parse_descs(&m, &[(0x8000, 16, 0), (0x9000, 1024, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
+        assert_eq!((r.kind, r.data_len, r.data.len()), (RequestKind::Write, 1024, 1));
         header(&m, 0x8000, request_type::FLUSH, 0);
         let r = parse_descs(&m, &[(0x8000, 16, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
         assert_eq!(r.kind, RequestKind::Flush);
         header(&m, 0x8000, request_type::GET_ID, 0);
-        let r = parse_descs(
-            &m,
-            &[(0x8000, 16, 0), (0x9000, 64, F_WRITE), (0xa000, 1, F_WRITE)],
-            &LIMITS,
-        )
-        .unwrap();
+        let r = parse_descs(&m, &[(0x8000, 16, 0), (0x9000, 64, F_WRITE), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
         assert_eq!((r.kind, r.data_len), (RequestKind::GetId, 20));
     }
 
@@ -423,21 +315,10 @@ mod tests {
         // status share one writable descriptor.
         header(&m, 0x8000, request_type::OUT, 4);
         let r = parse_descs(&m, &[(0x8000, 16 + 512, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
-        assert_eq!(
-            (r.kind, r.data_len, r.data[0].addr),
-            (RequestKind::Write, 512, GuestAddress(0x8010))
-        );
+        assert_eq!((r.kind, r.data_len, r.data[0].addr), (RequestKind::Write, 512, GuestAddress(0x8010)));
         header(&m, 0x8000, request_type::IN, 4);
-        let r = parse_descs(
-            &m,
-            &[(0x8000, 8, 0), (0x8008, 8, 0), (0x9000, 513, F_WRITE)],
-            &LIMITS,
-        )
-        .unwrap();
-        assert_eq!(
-            (r.kind, r.data_len, r.status),
-            (RequestKind::Read, 512, GuestAddress(0x9200))
-        );
+        let r = parse_descs(&m, &[(0x8000, 8, 0), (0x8008, 8, 0), (0x9000, 513, F_WRITE)], &LIMITS).unwrap();
+        assert_eq!((r.kind, r.data_len, r.status), (RequestKind::Read, 512, GuestAddress(0x9200)));
     }
 
     #[test]
@@ -446,118 +327,55 @@ mod tests {
         let cases: &[(&[(u64, u32, u16)], u32, u64, u8, bool)] = &[
             // (descs, type, sector, expected code, status reportable)
             (
-                &[
-                    (0x8000, 16, 0),
-                    (0x9000, 4096, F_WRITE),
-                    (0xa000, 1, F_WRITE),
-                ],
+                &[(0x8000, 16, 0), (0x9000, 4096, F_WRITE), (0xa000, 1, F_WRITE)],
                 request_type::IN,
                 2047,
                 status::IOERR,
                 true,
             ),
             (
-                &[
-                    (0x8000, 16, 0),
-                    (0x9000, 4096, F_WRITE),
-                    (0xa000, 1, F_WRITE),
-                ],
+                &[(0x8000, 16, 0), (0x9000, 4096, F_WRITE), (0xa000, 1, F_WRITE)],
                 request_type::IN,
                 u64::MAX,
                 status::IOERR,
                 true,
             ),
             (
-                &[
-                    (0x8000, 16, 0),
-                    (0x9000, 100, F_WRITE),
-                    (0xa000, 1, F_WRITE),
-                ],
+                &[(0x8000, 16, 0), (0x9000, 100, F_WRITE), (0xa000, 1, F_WRITE)],
                 request_type::IN,
                 0,
                 status::IOERR,
                 true,
             ),
+            (&[(0x8000, 16, 0), (0x9000, 512, 0)], request_type::OUT, 0, status::IOERR, false),
+            (&[(0x8000, 16, 0), (0x9000, 512, 0), (0xa000, 0, F_WRITE)], request_type::OUT, 0, status::IOERR, false),
             (
-                &[(0x8000, 16, 0), (0x9000, 512, 0)],
-                request_type::OUT,
-                0,
-                status::IOERR,
-                false,
-            ),
-            (
-                &[(0x8000, 16, 0), (0x9000, 512, 0), (0xa000, 0, F_WRITE)],
-                request_type::OUT,
-                0,
-                status::IOERR,
-                false,
-            ),
-            (
-                &[
-                    (0x8000, 16, 0),
-                    (0x9000, 512, F_WRITE),
-                    (0xb000, 16, 0),
-                    (0xa000, 1, F_WRITE),
-                ],
+                &[(0x8000, 16, 0), (0x9000, 512, F_WRITE), (0xb000, 16, 0), (0xa000, 1, F_WRITE)],
                 request_type::OUT,
                 0,
                 status::IOERR,
                 true,
             ),
-            (
-                &[(0x8000, 8, 0), (0xa000, 1, F_WRITE)],
-                request_type::IN,
-                0,
-                status::IOERR,
-                true,
-            ),
-            (
-                &[(0x8000, 16, 0), (0xa000, 1, F_WRITE)],
-                99,
-                0,
-                status::UNSUPP,
-                true,
-            ),
+            (&[(0x8000, 8, 0), (0xa000, 1, F_WRITE)], request_type::IN, 0, status::IOERR, true),
+            (&[(0x8000, 16, 0), (0xa000, 1, F_WRITE)], 99, 0, status::UNSUPP, true),
             // Status byte outside guest memory.
             (
-                &[
-                    (0x8000, 16, 0),
-                    (0x9000, 512, F_WRITE),
-                    (0x4000_0000, 1, F_WRITE),
-                ],
+                &[(0x8000, 16, 0), (0x9000, 512, F_WRITE), (0x4000_0000, 1, F_WRITE)],
                 request_type::IN,
                 0,
                 status::IOERR,
                 false,
             ),
             // Header outside guest memory.
-            (
-                &[(0xffff_fff0, 16, 0), (0xa000, 1, F_WRITE)],
-                request_type::IN,
-                0,
-                status::IOERR,
-                true,
-            ),
+            (&[(0xffff_fff0, 16, 0), (0xa000, 1, F_WRITE)], request_type::IN, 0, status::IOERR, true),
             // Discard with two ranges, with reserved flags, beyond capacity.
-            (
-                &[(0x8000, 48, 0), (0xa000, 1, F_WRITE)],
-                request_type::DISCARD,
-                0,
-                status::UNSUPP,
-                true,
-            ),
+            (&[(0x8000, 48, 0), (0xa000, 1, F_WRITE)], request_type::DISCARD, 0, status::UNSUPP, true),
         ];
         for (i, (descs, kind, sector, code, reportable)) in cases.iter().enumerate() {
             header(&m, 0x8000, *kind, *sector);
-            let err =
-                parse_descs(&m, descs, &LIMITS).expect_err(&format!("case {i} must be rejected"));
+            let err = parse_descs(&m, descs, &LIMITS).expect_err(&format!("case {i} must be rejected"));
             assert_eq!(err.code, *code, "case {i}: {}", err.reason);
-            assert_eq!(
-                err.status.is_some(),
-                *reportable,
-                "case {i}: {}",
-                err.reason
-            );
+            assert_eq!(err.status.is_some(), *reportable, "case {i}: {}", err.reason);
         }
     }
 
@@ -569,10 +387,7 @@ mod tests {
         m.write_obj(8u32, GuestAddress(0x8018)).unwrap();
         m.write_obj(1u32, GuestAddress(0x801c)).unwrap();
         let r = parse_descs(&m, &[(0x8000, 32, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
-        assert_eq!(
-            (r.kind, r.sector, r.range_sectors, r.unmap),
-            (RequestKind::WriteZeroes, 100, 8, true)
-        );
+        assert_eq!((r.kind, r.sector, r.range_sectors, r.unmap), (RequestKind::WriteZeroes, 100, 8, true));
         header(&m, 0x8000, request_type::DISCARD, 0);
         let err = parse_descs(&m, &[(0x8000, 32, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap_err();
         assert_eq!(err.code, status::UNSUPP, "discard takes no unmap flag");
@@ -580,21 +395,10 @@ mod tests {
         m.write_obj(2045u64, GuestAddress(0x8010)).unwrap();
         let err = parse_descs(&m, &[(0x8000, 32, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap_err();
         assert_eq!(err.code, status::IOERR, "range beyond capacity");
-        let ro = Limits {
-            read_only: true,
-            ..LIMITS
-        };
+        let ro = Limits { read_only: true, ..LIMITS };
         header(&m, 0x8000, request_type::OUT, 0);
-        let err = parse_descs(
-            &m,
-            &[(0x8000, 16, 0), (0x9000, 512, 0), (0xa000, 1, F_WRITE)],
-            &ro,
-        )
-        .unwrap_err();
-        assert_eq!(
-            (err.code, err.reason),
-            (status::IOERR, "write to a read-only disk")
-        );
+        let err = parse_descs(&m, &[(0x8000, 16, 0), (0x9000, 512, 0), (0xa000, 1, F_WRITE)], &ro).unwrap_err();
+        assert_eq!((err.code, err.reason), (status::IOERR, "write to a read-only disk"));
     }
 
     #[test]
@@ -616,36 +420,12 @@ mod tests {
 
     #[test]
     fn slicing_segments() {
-        let segs = [
-            Segment {
-                addr: GuestAddress(0x1000),
-                len: 10,
-            },
-            Segment {
-                addr: GuestAddress(0x2000),
-                len: 10,
-            },
-        ];
+        let segs = [Segment { addr: GuestAddress(0x1000), len: 10 }, Segment { addr: GuestAddress(0x2000), len: 10 }];
         assert_eq!(
             slice_segments(&segs, 5, 10),
-            vec![
-                Segment {
-                    addr: GuestAddress(0x1005),
-                    len: 5
-                },
-                Segment {
-                    addr: GuestAddress(0x2000),
-                    len: 5
-                }
-            ]
+            vec![Segment { addr: GuestAddress(0x1005), len: 5 }, Segment { addr: GuestAddress(0x2000), len: 5 }]
         );
         assert_eq!(slice_segments(&segs, 20, 5), vec![]);
-        assert_eq!(
-            slice_segments(&segs, 19, 5),
-            vec![Segment {
-                addr: GuestAddress(0x2009),
-                len: 1
-            }]
-        );
+        assert_eq!(slice_segments(&segs, 19, 5), vec![Segment { addr: GuestAddress(0x2009), len: 1 }]);
     }
 }

@@ -27,8 +27,7 @@ impl BusDevice for DebugExit {
         }
         let mut value = [0u8; 4];
         value[..data.len()].copy_from_slice(data);
-        self.sink
-            .request(GuestRequest::Exit(u32::from_le_bytes(value)));
+        self.sink.request(GuestRequest::Exit(u32::from_le_bytes(value)));
     }
 }
 
@@ -58,11 +57,7 @@ mod tests {
         dev.write(0, &[0; 8]);
         assert_eq!(
             *sink.0.lock().unwrap(),
-            vec![
-                GuestRequest::Exit(7),
-                GuestRequest::Exit(0x1234),
-                GuestRequest::Exit(1)
-            ]
+            vec![GuestRequest::Exit(7), GuestRequest::Exit(0x1234), GuestRequest::Exit(1)]
         );
     }
 }

@@ -25,9 +25,7 @@ pub struct I8042 {
 
 impl I8042 {
     pub fn new(sink: Arc<dyn ExitSink>) -> Self {
-        Self {
-            device: I8042Device::new(ResetTrigger(sink)),
-        }
+        Self { device: I8042Device::new(ResetTrigger(sink)) }
     }
 }
 

@@ -55,10 +55,7 @@ impl Batched {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let result = self
-            .out
-            .write_all(&self.pending)
-            .and_then(|()| self.out.flush());
+        let result = self.out.write_all(&self.pending).and_then(|()| self.out.flush());
         self.pending.clear();
         result
     }
@@ -73,14 +70,8 @@ pub struct SerialConsole {
 
 impl SerialConsole {
     pub fn new(irq: Box<dyn InterruptLine>, output: SerialOutput) -> Self {
-        let out = Batched {
-            pending: Vec::with_capacity(256),
-            out: output.into_writer(),
-        };
-        Self {
-            uart: Serial::new(SuperioTrigger(irq), out),
-            errors: LogOnce::new(4),
-        }
+        let out = Batched { pending: Vec::with_capacity(256), out: output.into_writer() };
+        Self { uart: Serial::new(SuperioTrigger(irq), out), errors: LogOnce::new(4) }
     }
 
     fn transmit(&mut self, offset: u64, byte: u8) {
@@ -177,10 +168,7 @@ mod tests {
     fn transmits_bytes_and_receives_input() {
         let out = Capture::default();
         let irq = Arc::new(CountingIrq::default());
-        let mut uart = SerialConsole::new(
-            Box::new(irq.clone()),
-            SerialOutput::Writer(Box::new(out.clone())),
-        );
+        let mut uart = SerialConsole::new(Box::new(irq.clone()), SerialOutput::Writer(Box::new(out.clone())));
         for b in b"hi\n" {
             uart.write(0, &[*b]);
         }
@@ -214,10 +202,8 @@ mod tests {
     #[test]
     fn a_string_write_is_one_output_write() {
         let out = CountingWriter::default();
-        let mut uart = SerialConsole::new(
-            Box::new(Arc::new(CountingIrq::default())),
-            SerialOutput::Writer(Box::new(out.clone())),
-        );
+        let mut uart =
+            SerialConsole::new(Box::new(Arc::new(CountingIrq::default())), SerialOutput::Writer(Box::new(out.clone())));
         uart.write_units(0, 1, b"hello world\n");
         uart.write(0, b"!");
         assert_eq!(*out.0.lock().unwrap(), vec![12, 1]);
@@ -225,10 +211,7 @@ mod tests {
 
     #[test]
     fn ignores_wide_accesses() {
-        let mut uart = SerialConsole::new(
-            Box::new(Arc::new(CountingIrq::default())),
-            SerialOutput::Sink,
-        );
+        let mut uart = SerialConsole::new(Box::new(Arc::new(CountingIrq::default())), SerialOutput::Sink);
         let mut data = [0u8; 4];
         uart.read(0, &mut data);
         assert_eq!(data, [0xff; 4]);

@@ -28,10 +28,7 @@ impl VirtioInterrupt {
     pub const CONFIG_CHANGE: u32 = 2;
 
     pub fn new(line: Box<dyn InterruptLine>) -> Self {
-        Self {
-            status: AtomicU32::new(0),
-            line,
-        }
+        Self { status: AtomicU32::new(0), line }
     }
 
     pub fn status(&self) -> u32 {
@@ -106,10 +103,8 @@ impl VirtioCore {
             .iter()
             .map(|&size| Queue::new(size).map_err(|e| std::io::Error::other(format!("{e:?}"))))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let queue_events = queue_sizes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let queue_events =
+            queue_sizes.iter().map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
             device_type,
             avail_features,
@@ -139,10 +134,7 @@ impl VirtioCore {
     /// Reports a guest mistake once per kind.
     pub fn guest_error(&self, kind: &'static str, detail: std::fmt::Arguments) {
         if self.guest_errors.first(kind) {
-            log::warn!(
-                "{} device: {kind}: {detail} (reported once)",
-                self.device_type.name()
-            );
+            log::warn!("{} device: {kind}: {detail} (reported once)", self.device_type.name());
         }
     }
 

@@ -64,12 +64,7 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        Self {
-            device,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            queue_sel: 0,
-        }
+        Self { device, device_features_sel: 0, driver_features_sel: 0, queue_sel: 0 }
     }
 
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
@@ -94,15 +89,10 @@ impl MmioTransport {
             reg::INTERRUPT_STATUS => core.interrupt.status(),
             reg::STATUS => core.status,
             // No shared memory regions: length reads as all ones ("does not exist").
-            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
-                u32::MAX
-            }
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
             reg::CONFIG_GENERATION => core.config_generation,
             _ => {
-                core.guest_error(
-                    "read of a write-only or unknown register",
-                    format_args!("offset {offset:#x}"),
-                );
+                core.guest_error("read of a write-only or unknown register", format_args!("offset {offset:#x}"));
                 0
             }
         }
@@ -117,10 +107,8 @@ impl MmioTransport {
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             reg::DRIVER_FEATURES => {
                 if core_status & status::DRIVER == 0 || core_status & status::FEATURES_OK != 0 {
-                    dev.core().guest_error(
-                        "feature write outside negotiation",
-                        format_args!("status {core_status:#x}"),
-                    );
+                    dev.core()
+                        .guest_error("feature write outside negotiation", format_args!("status {core_status:#x}"));
                     return;
                 }
                 let core = dev.core_mut();
@@ -129,18 +117,14 @@ impl MmioTransport {
                     1 => (32, 0xffff_ffff_0000_0000u64),
                     _ => return,
                 };
-                core.acked_features =
-                    (core.acked_features & !mask) | ((u64::from(value) << shift) & mask);
+                core.acked_features = (core.acked_features & !mask) | ((u64::from(value) << shift) & mask);
             }
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NOTIFY => {
                 if let Some(evt) = dev.core().queue_events.get(value as usize) {
                     let _ = evt.write(1);
                 } else {
-                    dev.core().guest_error(
-                        "notify of a nonexistent queue",
-                        format_args!("queue {value}"),
-                    );
+                    dev.core().guest_error("notify of a nonexistent queue", format_args!("queue {value}"));
                 }
             }
             reg::INTERRUPT_ACK => dev.core().interrupt.acknowledge(value),
@@ -174,10 +158,7 @@ impl MmioTransport {
                 }
             }
             reg::SHM_SEL => {}
-            _ => dev.core().guest_error(
-                "write to a read-only or unknown register",
-                format_args!("offset {offset:#x}"),
-            ),
+            _ => dev.core().guest_error("write to a read-only or unknown register", format_args!("offset {offset:#x}")),
         }
     }
 
@@ -193,10 +174,7 @@ impl MmioTransport {
             return;
         }
         if value & old != old {
-            dev.core().guest_error(
-                "status bits cleared without a reset",
-                format_args!("{old:#x} -> {value:#x}"),
-            );
+            dev.core().guest_error("status bits cleared without a reset", format_args!("{old:#x} -> {value:#x}"));
             return;
         }
         let newly = value & !old;
@@ -206,17 +184,13 @@ impl MmioTransport {
             let unsupported = core.acked_features & !core.avail_features;
             if unsupported != 0 || core.acked_features & features::VERSION_1 == 0 {
                 // Leaving FEATURES_OK clear tells the driver the features were refused.
-                core.guest_error(
-                    "features refused",
-                    format_args!("acked {:#x}", core.acked_features),
-                );
+                core.guest_error("features refused", format_args!("acked {:#x}", core.acked_features));
                 accepted &= !status::FEATURES_OK;
             }
         }
         if newly & status::DRIVER_OK != 0 {
             if old & status::FEATURES_OK == 0 && value & status::FEATURES_OK == 0 {
-                dev.core()
-                    .guest_error("DRIVER_OK without FEATURES_OK", format_args!("{value:#x}"));
+                dev.core().guest_error("DRIVER_OK without FEATURES_OK", format_args!("{value:#x}"));
                 accepted &= !status::DRIVER_OK;
             } else {
                 let event_idx = dev.core().has_feature(features::RING_EVENT_IDX);
@@ -226,8 +200,7 @@ impl MmioTransport {
                 match dev.core().check_queues().and_then(|()| dev.activate()) {
                     Ok(()) => dev.core_mut().activated = true,
                     Err(e) => {
-                        dev.core()
-                            .guest_error("activation failed", format_args!("{e}"));
+                        dev.core().guest_error("activation failed", format_args!("{e}"));
                         accepted |= status::DEVICE_NEEDS_RESET;
                         dev.core_mut().status = accepted;
                         dev.core().interrupt.signal(VirtioInterrupt::CONFIG_CHANGE);
@@ -253,10 +226,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            dev.core().guest_error(
-                "unaligned or non-32-bit register read",
-                format_args!("offset {offset:#x}"),
-            );
+            dev.core().guest_error("unaligned or non-32-bit register read", format_args!("offset {offset:#x}"));
             data.fill(0);
             return;
         }
@@ -271,10 +241,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            dev.core().guest_error(
-                "unaligned or non-32-bit register write",
-                format_args!("offset {offset:#x}"),
-            );
+            dev.core().guest_error("unaligned or non-32-bit register write", format_args!("offset {offset:#x}"));
             return;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);

@@ -11,9 +11,7 @@ mod core;
 mod mmio;
 mod worker;
 
-pub use self::core::{
-    ActivateError, EventSource, QueueProcessor, VirtioCore, VirtioDevice, VirtioInterrupt,
-};
+pub use self::core::{ActivateError, EventSource, QueueProcessor, VirtioCore, VirtioDevice, VirtioInterrupt};
 pub use mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
 pub use worker::{DeviceWorker, ResyncHandle};
 

@@ -52,8 +52,7 @@ impl<D: VirtioDevice + ?Sized> DeviceWorker<D> {
     /// Makes the epoll interest match the device's current event sources.
     fn sync(&mut self, ops: &mut EventOps) {
         let wanted: Vec<EventSource> = lock_device(&self.device).event_sources();
-        let wanted_map: HashMap<RawFd, (u32, EventSet)> =
-            wanted.iter().map(|s| (s.fd, (s.token, s.events))).collect();
+        let wanted_map: HashMap<RawFd, (u32, EventSet)> = wanted.iter().map(|s| (s.fd, (s.token, s.events))).collect();
         self.registered.retain(|fd, (token, events)| {
             if wanted_map.get(fd) == Some(&(*token, *events)) {
                 return true;
@@ -65,14 +64,9 @@ impl<D: VirtioDevice + ?Sized> DeviceWorker<D> {
             if self.registered.contains_key(&source.fd) {
                 continue;
             }
-            match ops.add(Events::with_data_raw(
-                source.fd,
-                source.token,
-                source.events,
-            )) {
+            match ops.add(Events::with_data_raw(source.fd, source.token, source.events)) {
                 Ok(()) => {
-                    self.registered
-                        .insert(source.fd, (source.token, source.events));
+                    self.registered.insert(source.fd, (source.token, source.events));
                 }
                 Err(e) => log::error!("virtio worker: cannot watch fd {}: {e:?}", source.fd),
             }
@@ -82,12 +76,8 @@ impl<D: VirtioDevice + ?Sized> DeviceWorker<D> {
 
 impl<D: VirtioDevice + ?Sized> MutEventSubscriber for DeviceWorker<D> {
     fn init(&mut self, ops: &mut EventOps) {
-        let queue_fds: Vec<RawFd> = lock_device(&self.device)
-            .core()
-            .queue_events
-            .iter()
-            .map(|e| e.as_raw_fd())
-            .collect();
+        let queue_fds: Vec<RawFd> =
+            lock_device(&self.device).core().queue_events.iter().map(|e| e.as_raw_fd()).collect();
         for (index, fd) in queue_fds.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data_raw(*fd, index as u32, EventSet::IN)) {
                 log::error!("virtio worker: cannot watch queue {index}: {e:?}");
@@ -104,9 +94,7 @@ impl<D: VirtioDevice + ?Sized> MutEventSubscriber for DeviceWorker<D> {
         let token = events.data();
         if token == RESYNC_TOKEN {
             let _ = self.resync.read();
-        } else if (token as usize) < self.queue_fds.len()
-            && events.fd() == self.queue_fds[token as usize]
-        {
+        } else if (token as usize) < self.queue_fds.len() && events.fd() == self.queue_fds[token as usize] {
             let mut device = lock_device(&self.device);
             // Reading clears the eventfd; several kicks coalesce into one pass over the queue.
             let _ = device.core().queue_events[token as usize].read();

@@ -21,27 +21,21 @@ pub fn image_end() -> u64 {
 #[inline]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
 #[inline]
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
     value
 }
 
 #[inline]
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as above.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Writes `bytes` to one port with a single `rep outsb` (one VM exit for the whole buffer where

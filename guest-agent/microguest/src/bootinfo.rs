@@ -77,11 +77,7 @@ impl BootInfo {
     /// `addr` must point at a valid `boot_params` (protocol 1) or `hvm_start_info` (protocol 2).
     pub unsafe fn capture(addr: u64, protocol: u64) -> Self {
         let mut info = BootInfo {
-            protocol: if protocol == 2 {
-                Protocol::Pvh
-            } else {
-                Protocol::Linux64
-            },
+            protocol: if protocol == 2 { Protocol::Pvh } else { Protocol::Linux64 },
             cmdline: [0; CMDLINE_CAPACITY],
             cmdline_len: 0,
             ranges: [MemRange::default(); MAX_RANGES],
@@ -139,11 +135,7 @@ impl BootInfo {
 
     fn push_range(&mut self, start: u64, len: u64, kind: u32) {
         if self.range_count < MAX_RANGES {
-            self.ranges[self.range_count] = MemRange {
-                start,
-                len,
-                usable: kind == E820_RAM,
-            };
+            self.ranges[self.range_count] = MemRange { start, len, usable: kind == E820_RAM };
             self.range_count += 1;
         }
     }
@@ -158,11 +150,7 @@ impl BootInfo {
 
     /// Total usable RAM in bytes.
     pub fn ram_bytes(&self) -> u64 {
-        self.ranges()
-            .iter()
-            .filter(|r| r.usable)
-            .map(|r| r.len)
-            .sum()
+        self.ranges().iter().filter(|r| r.usable).map(|r| r.len).sum()
     }
 
     /// The largest usable range at or above `floor`, clipped to start at `floor`.
@@ -172,11 +160,7 @@ impl BootInfo {
             .filter(|r| r.usable && r.end() > floor)
             .map(|r| {
                 let start = r.start.max(floor);
-                MemRange {
-                    start,
-                    len: r.end() - start,
-                    usable: true,
-                }
+                MemRange { start, len: r.end() - start, usable: true }
             })
             .max_by_key(|r| r.len)
     }

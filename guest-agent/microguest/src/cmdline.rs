@@ -18,20 +18,13 @@ pub struct BadArg<'a> {
 
 impl fmt::Display for BadArg<'_> {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "invalid {}={:?}: expected {}",
-            self.key, self.value, self.expected
-        )
+        write!(f, "invalid {}={:?}: expected {}", self.key, self.value, self.expected)
     }
 }
 
 impl<'a> Args<'a> {
     pub fn parse(line: &'a str) -> Self {
-        let mut args = Args {
-            pairs: [("", ""); MAX_ARGS],
-            count: 0,
-        };
+        let mut args = Args { pairs: [("", ""); MAX_ARGS], count: 0 };
         for word in line.split_ascii_whitespace() {
             if let Some((key, value)) = word.split_once('=')
                 && args.count < MAX_ARGS
@@ -45,30 +38,17 @@ impl<'a> Args<'a> {
 
     /// The last value given for `key`.
     pub fn get(&self, key: &str) -> Option<&'a str> {
-        self.pairs[..self.count]
-            .iter()
-            .rev()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
+        self.pairs[..self.count].iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 
     /// All values given for `key`, in order.
     #[allow(dead_code)]
     pub fn all(&self, key: &'a str) -> impl Iterator<Item = &'a str> + '_ {
-        self.pairs[..self.count]
-            .iter()
-            .filter(move |(k, _)| *k == key)
-            .map(|(_, v)| *v)
+        self.pairs[..self.count].iter().filter(move |(k, _)| *k == key).map(|(_, v)| *v)
     }
 
     /// `key` as a decimal (or 0x-prefixed hex) integer within `min..=max`, or `default`.
-    pub fn u64_in(
-        &self,
-        key: &'a str,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<u64, BadArg<'a>> {
+    pub fn u64_in(&self, key: &'a str, default: u64, min: u64, max: u64) -> Result<u64, BadArg<'a>> {
         let Some(value) = self.get(key) else {
             return Ok(default);
         };
@@ -78,11 +58,7 @@ impl<'a> Args<'a> {
         };
         match parsed {
             Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(BadArg {
-                key,
-                value,
-                expected: "an integer in range",
-            }),
+            _ => Err(BadArg { key, value, expected: "an integer in range" }),
         }
     }
 }

@@ -19,10 +19,7 @@ struct LineBuffer {
 
 impl LineBuffer {
     const fn new() -> Self {
-        Self {
-            bytes: [0; LINE_CAPACITY],
-            len: 0,
-        }
+        Self { bytes: [0; LINE_CAPACITY], len: 0 }
     }
 
     fn flush(&mut self) {
@@ -45,10 +42,7 @@ impl Write for LineBuffer {
 }
 
 fn lock() {
-    while LOCK
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         arch::pause();
     }
 }

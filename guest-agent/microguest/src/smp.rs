@@ -69,10 +69,7 @@ pub fn discover_cpus() -> Option<CpuList> {
         }
         // Walk entries by the table length, as Linux does: some producers leave the entry
         // count at zero.
-        let mut list = CpuList {
-            apic_ids: [0; MAX_CPUS],
-            count: 0,
-        };
+        let mut list = CpuList { apic_ids: [0; MAX_CPUS], count: 0 };
         let mut entry = table + 44;
         while entry < table + length {
             let kind = *(entry as *const u8);

@@ -14,16 +14,9 @@ pub fn tsc_khz() -> Option<u64> {
     let mut khz = TSC_KHZ.load(Ordering::Relaxed);
     if khz == 0 {
         let (max_hv_leaf, ..) = arch::cpuid(0x4000_0000, 0);
-        let (leaf_khz, ..) = if max_hv_leaf >= CPUID_TIMING_LEAF {
-            arch::cpuid(CPUID_TIMING_LEAF, 0)
-        } else {
-            (0, 0, 0, 0)
-        };
-        khz = if leaf_khz == 0 {
-            1
-        } else {
-            u64::from(leaf_khz)
-        };
+        let (leaf_khz, ..) =
+            if max_hv_leaf >= CPUID_TIMING_LEAF { arch::cpuid(CPUID_TIMING_LEAF, 0) } else { (0, 0, 0, 0) };
+        khz = if leaf_khz == 0 { 1 } else { u64::from(leaf_khz) };
         TSC_KHZ.store(khz, Ordering::Relaxed);
     }
     (khz > 1).then_some(khz)

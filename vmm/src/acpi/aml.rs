@@ -79,9 +79,7 @@ pub fn name_seg(seg: &str) -> [u8; 4] {
     let b = seg.as_bytes();
     let valid = (1..=4).contains(&b.len())
         && (b[0].is_ascii_uppercase() || b[0] == b'_')
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_');
+        && b[1..].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_');
     assert!(valid, "invalid AML name segment {seg:?}");
     let mut out = [b'_'; 4];
     out[..b.len()].copy_from_slice(b);
@@ -102,11 +100,7 @@ pub fn name_string(path: &str) -> Vec<u8> {
             rest = r;
         }
     }
-    let segs: Vec<[u8; 4]> = if rest.is_empty() {
-        Vec::new()
-    } else {
-        rest.split('.').map(name_seg).collect()
-    };
+    let segs: Vec<[u8; 4]> = if rest.is_empty() { Vec::new() } else { rest.split('.').map(name_seg).collect() };
     match segs.len() {
         0 => out.push(NULL_NAME),
         1 => {}
@@ -156,10 +150,7 @@ pub fn integer(value: u64) -> Vec<u8> {
 
 /// A string constant (ASCII, NUL-terminated).
 pub fn string(s: &str) -> Vec<u8> {
-    assert!(
-        s.is_ascii() && !s.contains('\0'),
-        "AML strings are ASCII without NUL: {s:?}"
-    );
+    assert!(s.is_ascii() && !s.contains('\0'), "AML strings are ASCII without NUL: {s:?}");
     let mut out = vec![STRING_PREFIX];
     out.extend_from_slice(s.as_bytes());
     out.push(0);
@@ -172,14 +163,10 @@ pub fn string(s: &str) -> Vec<u8> {
 pub fn eisa_id_value(id: &str) -> u32 {
     let b = id.as_bytes();
     assert!(
-        b.len() == 7
-            && b[..3].iter().all(u8::is_ascii_uppercase)
-            && b[3..].iter().all(u8::is_ascii_hexdigit),
+        b.len() == 7 && b[..3].iter().all(u8::is_ascii_uppercase) && b[3..].iter().all(u8::is_ascii_hexdigit),
         "invalid EISA ID {id:?}"
     );
-    let letters = b[..3]
-        .iter()
-        .fold(0u32, |acc, c| (acc << 5) | u32::from(c - b'@'));
+    let letters = b[..3].iter().fold(0u32, |acc, c| (acc << 5) | u32::from(c - b'@'));
     let product = u32::from_str_radix(&id[3..], 16).expect("checked hex digits");
     ((letters << 16) | product).swap_bytes()
 }
@@ -326,11 +313,7 @@ mod tests {
         assert_eq!(integer(0xffff), [0x0b, 0xff, 0xff]);
         assert_eq!(integer(0x1_0000), [0x0c, 0x00, 0x00, 0x01, 0x00]);
         assert_eq!(integer(0xd000_0000), [0x0c, 0x00, 0x00, 0x00, 0xd0]);
-        assert_eq!(
-            integer(0x1_0000_0000),
-            [0x0e, 0, 0, 0, 0, 1, 0, 0, 0],
-            "QWord"
-        );
+        assert_eq!(integer(0x1_0000_0000), [0x0e, 0, 0, 0, 0, 1, 0, 0, 0], "QWord");
     }
 
     #[test]
@@ -380,22 +363,10 @@ mod tests {
 
     #[test]
     fn resource_descriptors() {
-        assert_eq!(
-            io(0x3f8, 8),
-            [0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]
-        );
-        assert_eq!(
-            memory32_fixed(0xd000_0000, 0x1000),
-            [0x86, 0x09, 0x00, 0x01, 0, 0, 0, 0xd0, 0, 0x10, 0, 0]
-        );
-        assert_eq!(
-            interrupt(INT_CONSUMER | INT_EDGE, 5),
-            [0x89, 0x06, 0x00, 0x03, 0x01, 5, 0, 0, 0]
-        );
-        assert_eq!(
-            interrupt(INT_ACTIVE_LOW | INT_SHARED, 0x1234),
-            [0x89, 0x06, 0x00, 0x0c, 0x01, 0x34, 0x12, 0, 0]
-        );
+        assert_eq!(io(0x3f8, 8), [0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]);
+        assert_eq!(memory32_fixed(0xd000_0000, 0x1000), [0x86, 0x09, 0x00, 0x01, 0, 0, 0, 0xd0, 0, 0x10, 0, 0]);
+        assert_eq!(interrupt(INT_CONSUMER | INT_EDGE, 5), [0x89, 0x06, 0x00, 0x03, 0x01, 5, 0, 0, 0]);
+        assert_eq!(interrupt(INT_ACTIVE_LOW | INT_SHARED, 0x1234), [0x89, 0x06, 0x00, 0x0c, 0x01, 0x34, 0x12, 0, 0]);
     }
 
     #[test]

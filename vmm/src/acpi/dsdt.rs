@@ -33,10 +33,7 @@ pub const MAX_MMIO_DEVICES: usize = NAME_DIGITS.len() * NAME_DIGITS.len();
 
 /// The AML name of virtio-mmio device `index`.
 pub fn device_name(index: usize) -> String {
-    assert!(
-        index < MAX_MMIO_DEVICES,
-        "callers validate the device count"
-    );
+    assert!(index < MAX_MMIO_DEVICES, "callers validate the device count");
     let n = NAME_DIGITS.len();
     let hi = NAME_DIGITS[index / n] as char;
     let lo = NAME_DIGITS[index % n] as char;
@@ -109,38 +106,27 @@ mod tests {
             0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01, // EisaId ("PNP0501")
             0x08, b'_', b'U', b'I', b'D', 0x00, // _UID Zero
             0x08, b'_', b'C', b'R', b'S', 0x11, 0x16, 0x0a, 0x13, // Buffer (19)
-            0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01,
-            0x08, // IO (Decode16, 0x3f8, 0x3f8, 1, 8)
+            0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, // IO (Decode16, 0x3f8, 0x3f8, 1, 8)
             0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00, // Interrupt {4}
             0x79, 0x00, // end tag, checksum below
         ];
         let mut expected = expected.to_vec();
         let n = expected.len();
-        let sum = expected[32..n - 1]
-            .iter()
-            .fold(0u8, |s, b| s.wrapping_add(*b));
+        let sum = expected[32..n - 1].iter().fold(0u8, |s, b| s.wrapping_add(*b));
         expected[n - 1] = 0u8.wrapping_sub(sum);
         assert_eq!(com1(), expected);
     }
 
     #[test]
     fn virtio_device_bytes() {
-        let d = virtio_mmio(
-            1,
-            &MmioDevice {
-                base: 0xd000_1000,
-                size: 0x1000,
-                irq: 6,
-            },
-        );
+        let d = virtio_mmio(1, &MmioDevice { base: 0xd000_1000, size: 0x1000, irq: 6 });
         let expected_head: &[u8] = &[
             0x5b, 0x82, 0x3a, b'V', b'R', b'0', b'1', // Device (VR01), PkgLength 58
             0x08, b'_', b'H', b'I', b'D', 0x0d, b'L', b'N', b'R', b'O', b'0', b'0', b'0', b'5',
             0x00, // _HID "LNRO0005"
             0x08, b'_', b'U', b'I', b'D', 0x01, // _UID One
             0x08, b'_', b'C', b'R', b'S', 0x11, 0x1a, 0x0a, 0x17, // Buffer (23)
-            0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0x00,
-            0x00, // Memory32Fixed
+            0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00, // Memory32Fixed
             0x89, 0x06, 0x00, 0x03, 0x01, 0x06, 0x00, 0x00, 0x00, // Interrupt {6}
             0x79, // end tag
         ];
@@ -153,23 +139,12 @@ mod tests {
     #[test]
     fn dsdt_wraps_everything_in_sb() {
         let devs = [
-            MmioDevice {
-                base: 0xd000_0000,
-                size: 0x1000,
-                irq: 5,
-            },
-            MmioDevice {
-                base: 0xd000_1000,
-                size: 0x1000,
-                irq: 6,
-            },
+            MmioDevice { base: 0xd000_0000, size: 0x1000, irq: 5 },
+            MmioDevice { base: 0xd000_1000, size: 0x1000, irq: 6 },
         ];
         let t = dsdt(&devs);
         assert_eq!(&t[0..4], b"DSDT");
-        assert_eq!(
-            u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
-            t.len()
-        );
+        assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
         assert_eq!(t[8], 2);
         assert_eq!(t.iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0);
         let body = &t[36..];

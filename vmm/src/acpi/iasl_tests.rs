@@ -36,12 +36,7 @@ impl Drop for TempDir {
 fn disassemble(dir: &Path, name: &str, table: &[u8]) -> String {
     let aml = format!("{name}.aml");
     std::fs::write(dir.join(&aml), table).unwrap();
-    let out = match Command::new("iasl")
-        .arg("-d")
-        .arg(&aml)
-        .current_dir(dir)
-        .output()
-    {
+    let out = match Command::new("iasl").arg("-d").arg(&aml).current_dir(dir).output() {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
             "iasl not found: install acpica-tools (apt-get install acpica-tools); \
@@ -49,19 +44,12 @@ fn disassemble(dir: &Path, name: &str, table: &[u8]) -> String {
         ),
         Err(e) => panic!("cannot run iasl: {e}"),
     };
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "iasl -d {aml} failed:\n{log}");
     let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl")))
         .unwrap_or_else(|e| panic!("iasl -d {aml} wrote no {name}.dsl ({e}):\n{log}"));
     for bad in ["Error", "Warning", "Invalid", "Incorrect", "Unknown"] {
-        assert!(
-            !log.contains(bad),
-            "iasl -d {aml} reported problems:\n{log}"
-        );
+        assert!(!log.contains(bad), "iasl -d {aml} reported problems:\n{log}");
         assert!(!dsl.contains(bad), "{name}.dsl has problems:\n{dsl}");
     }
     dsl
@@ -87,10 +75,7 @@ fn iasl_reads_the_dsdt() {
         assert!(device.contains(&format!("Name (_UID, {uid})")), "{device}");
         assert!(device.contains(&format!("0x{:08X},", d.base)), "{device}");
         assert!(device.contains(&format!("0x{:08X},", d.size)), "{device}");
-        assert!(
-            device.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive"),
-            "{device}"
-        );
+        assert!(device.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive"), "{device}");
         assert!(device.contains(&format!("0x{:08X},", d.irq)), "{device}");
     }
 }
@@ -106,39 +91,21 @@ fn iasl_reads_the_fadt_madt_and_xsdt() {
     let xsdt_addr = u64::from_le_bytes(t.bytes[24..32].try_into().unwrap());
 
     let fadt = disassemble(&dir.0, "facp", table_at(&t, base, entries[0]));
-    assert!(
-        fadt.contains("Fixed ACPI Description Table (FADT)"),
-        "{fadt}"
-    );
+    assert!(fadt.contains("Fixed ACPI Description Table (FADT)"), "{fadt}");
     assert!(has_field(&fadt, "Hardware Reduced (V5) : 1"), "{fadt}");
-    assert!(
-        has_field(&fadt, "8042 Present on ports 60/64 (V2) : 1"),
-        "{fadt}"
-    );
+    assert!(has_field(&fadt, "8042 Present on ports 60/64 (V2) : 1"), "{fadt}");
     assert!(has_field(&fadt, "FADT Minor Revision : 03"), "{fadt}");
-    let dsdt_addr = format!(
-        "DSDT Address : {:016X}",
-        base + (t.bytes.len() - t.dsdt.len()) as u64
-    );
+    let dsdt_addr = format!("DSDT Address : {:016X}", base + (t.bytes.len() - t.dsdt.len()) as u64);
     assert!(has_field(&fadt, &dsdt_addr), "{fadt}");
 
     let madt = disassemble(&dir.0, "apic", table_at(&t, base, entries[1]));
-    assert!(
-        madt.contains("Multiple APIC Description Table (MADT)"),
-        "{madt}"
-    );
+    assert!(madt.contains("Multiple APIC Description Table (MADT)"), "{madt}");
     assert_eq!(madt.matches("[Processor Local APIC]").count(), 4, "{madt}");
     assert!(has_field(&madt, "I/O Apic ID : 04"), "{madt}");
     assert!(has_field(&madt, "Address : FEC00000"), "{madt}");
 
     let xsdt = disassemble(&dir.0, "xsdt", table_at(&t, base, xsdt_addr));
-    assert!(
-        has_field(
-            &xsdt,
-            &format!("ACPI Table Address   1 : {:016X}", entries[1])
-        ),
-        "{xsdt}"
-    );
+    assert!(has_field(&xsdt, &format!("ACPI Table Address   1 : {:016X}", entries[1])), "{xsdt}");
 }
 
 /// Whether the iasl data-table listing has the line `name : value` (iasl aligns the colons,

@@ -77,9 +77,7 @@ pub enum AcpiError {
     TooManyCpus(u32),
     #[error("{0} virtio-mmio devices cannot be named in the DSDT (at most {MAX_MMIO_DEVICES})")]
     TooManyDevices(usize),
-    #[error(
-        "virtio-mmio window {index} at {base:#x} of {size:#x} bytes must be non-empty and lie below 4 GiB"
-    )]
+    #[error("virtio-mmio window {index} at {base:#x} of {size:#x} bytes must be non-empty and lie below 4 GiB")]
     BadWindow { index: usize, base: u64, size: u64 },
     #[error(
         "virtio-mmio window {index} uses IRQ {irq}; the IOAPIC has pins 0 to {}",
@@ -111,11 +109,7 @@ fn validate(config: &AcpiConfig) -> Result<(), AcpiError> {
         // Memory32Fixed holds 32-bit base and length.
         let end = d.base.checked_add(d.size);
         if d.size == 0 || end.is_none_or(|end| end > 1 << 32) {
-            return Err(AcpiError::BadWindow {
-                index,
-                base: d.base,
-                size: d.size,
-            });
+            return Err(AcpiError::BadWindow { index, base: d.base, size: d.size });
         }
         if d.irq >= IOAPIC_PINS {
             return Err(AcpiError::BadIrq { index, irq: d.irq });
@@ -139,10 +133,7 @@ pub fn build(config: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError> {
     let dsdt_addr = (madt_addr + madt.len() as u64).next_multiple_of(8);
     let size = (dsdt_addr - base) as usize + dsdt.len();
     if size > ACPI_TABLES_MAX {
-        return Err(AcpiError::TooLarge {
-            size,
-            max: ACPI_TABLES_MAX,
-        });
+        return Err(AcpiError::TooLarge { size, max: ACPI_TABLES_MAX });
     }
 
     let mut bytes = vec![0u8; size];
@@ -155,11 +146,7 @@ pub fn build(config: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError> {
     place(fadt_addr, &tables::fadt(dsdt_addr));
     place(madt_addr, &madt);
     place(dsdt_addr, &dsdt);
-    Ok(AcpiTables {
-        bytes,
-        rsdp_addr,
-        dsdt,
-    })
+    Ok(AcpiTables { bytes, rsdp_addr, dsdt })
 }
 
 /// Builds the tables at [`ACPI_TABLES_ADDR`] and writes them into guest memory; returns the
@@ -179,11 +166,7 @@ pub(crate) mod tests {
         AcpiConfig {
             vcpus: 4,
             virtio_mmio: (0..3)
-                .map(|i| MmioDevice {
-                    base: 0xd000_0000 + i * 0x1000,
-                    size: 0x1000,
-                    irq: 5 + i as u32,
-                })
+                .map(|i| MmioDevice { base: 0xd000_0000 + i * 0x1000, size: 0x1000, irq: 5 + i as u32 })
                 .collect(),
         }
     }
@@ -237,11 +220,7 @@ pub(crate) mod tests {
         let xsdt = table_at(&t, base, u64_at(rsdp, 24));
         for table in [xsdt, fadt, madt, dsdt] {
             assert_eq!(u32_at(table, 4) as usize, table.len());
-            assert!(
-                sums_to_zero(table),
-                "{:?}",
-                std::str::from_utf8(&table[..4])
-            );
+            assert!(sums_to_zero(table), "{:?}", std::str::from_utf8(&table[..4]));
             assert_eq!(&table[10..16], b"RUSTVM");
             assert_eq!(&table[16..24], b"MICROVM ");
         }
@@ -249,10 +228,7 @@ pub(crate) mod tests {
             assert_eq!(addr % 8, 0, "tables are 8-byte aligned");
             assert!(addr < base + ACPI_TABLES_MAX as u64);
         }
-        assert_eq!(
-            t.bytes.len(),
-            (u64_at(fadt, 140) - base) as usize + dsdt.len()
-        );
+        assert_eq!(t.bytes.len(), (u64_at(fadt, 140) - base) as usize + dsdt.len());
     }
 
     #[test]
@@ -268,14 +244,7 @@ pub(crate) mod tests {
 
     #[test]
     fn no_virtio_devices_leaves_just_com1() {
-        let t = build(
-            &AcpiConfig {
-                vcpus: 1,
-                virtio_mmio: Vec::new(),
-            },
-            ACPI_TABLES_ADDR,
-        )
-        .unwrap();
+        let t = build(&AcpiConfig { vcpus: 1, virtio_mmio: Vec::new() }, ACPI_TABLES_ADDR).unwrap();
         assert_eq!(t.dsdt, dsdt::dsdt(&[]));
         assert!(!t.dsdt.windows(8).any(|w| w == b"LNRO0005"));
     }
@@ -284,48 +253,29 @@ pub(crate) mod tests {
     fn bad_vcpu_counts_are_errors() {
         let mut c = realistic();
         c.vcpus = 0;
-        assert!(matches!(
-            build(&c, ACPI_TABLES_ADDR),
-            Err(AcpiError::NoCpus)
-        ));
+        assert!(matches!(build(&c, ACPI_TABLES_ADDR), Err(AcpiError::NoCpus)));
         c.vcpus = MAX_CPUS + 1;
-        assert!(matches!(
-            build(&c, ACPI_TABLES_ADDR),
-            Err(AcpiError::TooManyCpus(255))
-        ));
+        assert!(matches!(build(&c, ACPI_TABLES_ADDR), Err(AcpiError::TooManyCpus(255))));
         c.vcpus = MAX_CPUS;
         assert!(build(&c, ACPI_TABLES_ADDR).is_ok());
     }
 
     fn windows(n: usize) -> Vec<MmioDevice> {
         (0..n)
-            .map(|i| MmioDevice {
-                base: 0xd000_0000 + i as u64 * 0x1000,
-                size: 0x1000,
-                irq: 5 + (i as u32 % 19),
-            })
+            .map(|i| MmioDevice { base: 0xd000_0000 + i as u64 * 0x1000, size: 0x1000, irq: 5 + (i as u32 % 19) })
             .collect()
     }
 
     #[test]
     fn tables_that_do_not_fit_the_area_are_an_error() {
-        let mut c = AcpiConfig {
-            vcpus: MAX_CPUS,
-            virtio_mmio: windows(1000),
-        };
+        let mut c = AcpiConfig { vcpus: MAX_CPUS, virtio_mmio: windows(1000) };
         let fits = build(&c, ACPI_TABLES_ADDR).unwrap();
         assert!(fits.bytes.len() <= ACPI_TABLES_MAX);
         c.virtio_mmio = windows(1100);
         let err = build(&c, ACPI_TABLES_ADDR).unwrap_err();
-        assert!(
-            matches!(err, AcpiError::TooLarge { size, max: ACPI_TABLES_MAX } if size > ACPI_TABLES_MAX),
-            "{err}"
-        );
+        assert!(matches!(err, AcpiError::TooLarge { size, max: ACPI_TABLES_MAX } if size > ACPI_TABLES_MAX), "{err}");
         c.virtio_mmio = windows(MAX_MMIO_DEVICES + 1);
-        assert!(matches!(
-            build(&c, ACPI_TABLES_ADDR),
-            Err(AcpiError::TooManyDevices(1297))
-        ));
+        assert!(matches!(build(&c, ACPI_TABLES_ADDR), Err(AcpiError::TooManyDevices(1297))));
     }
 
     #[test]
@@ -335,53 +285,17 @@ pub(crate) mod tests {
             c.virtio_mmio.push(d);
             build(&c, ACPI_TABLES_ADDR).unwrap_err()
         };
-        let above_4g = bad(MmioDevice {
-            base: 1 << 32,
-            size: 0x1000,
-            irq: 8,
-        });
+        let above_4g = bad(MmioDevice { base: 1 << 32, size: 0x1000, irq: 8 });
         assert!(matches!(above_4g, AcpiError::BadWindow { index: 3, .. }));
-        assert!(matches!(
-            bad(MmioDevice {
-                base: 0xffff_f000,
-                size: 0x2000,
-                irq: 8
-            }),
-            AcpiError::BadWindow { .. }
-        ));
-        assert!(matches!(
-            bad(MmioDevice {
-                base: u64::MAX,
-                size: 2,
-                irq: 8
-            }),
-            AcpiError::BadWindow { .. }
-        ));
-        assert!(matches!(
-            bad(MmioDevice {
-                base: 0xd000_3000,
-                size: 0,
-                irq: 8
-            }),
-            AcpiError::BadWindow { .. }
-        ));
-        let irq = bad(MmioDevice {
-            base: 0xd000_3000,
-            size: 0x1000,
-            irq: 24,
-        });
+        assert!(matches!(bad(MmioDevice { base: 0xffff_f000, size: 0x2000, irq: 8 }), AcpiError::BadWindow { .. }));
+        assert!(matches!(bad(MmioDevice { base: u64::MAX, size: 2, irq: 8 }), AcpiError::BadWindow { .. }));
+        assert!(matches!(bad(MmioDevice { base: 0xd000_3000, size: 0, irq: 8 }), AcpiError::BadWindow { .. }));
+        let irq = bad(MmioDevice { base: 0xd000_3000, size: 0x1000, irq: 24 });
         assert!(matches!(irq, AcpiError::BadIrq { index: 3, irq: 24 }));
-        assert_eq!(
-            irq.to_string(),
-            "virtio-mmio window 3 uses IRQ 24; the IOAPIC has pins 0 to 23"
-        );
+        assert_eq!(irq.to_string(), "virtio-mmio window 3 uses IRQ 24; the IOAPIC has pins 0 to 23");
         // The last page below 4 GiB is fine.
         let mut c = realistic();
-        c.virtio_mmio.push(MmioDevice {
-            base: 0xffff_f000,
-            size: 0x1000,
-            irq: 23,
-        });
+        c.virtio_mmio.push(MmioDevice { base: 0xffff_f000, size: 0x1000, irq: 23 });
         assert!(build(&c, ACPI_TABLES_ADDR).is_ok());
     }
 
@@ -392,17 +306,13 @@ pub(crate) mod tests {
         assert_eq!(rsdp, ACPI_TABLES_ADDR);
         let expected = build(&realistic(), ACPI_TABLES_ADDR).unwrap().bytes;
         let mut got = vec![0u8; expected.len()];
-        mem.read_slice(&mut got, GuestAddress(ACPI_TABLES_ADDR))
-            .unwrap();
+        mem.read_slice(&mut got, GuestAddress(ACPI_TABLES_ADDR)).unwrap();
         assert_eq!(got, expected);
     }
 
     #[test]
     fn write_without_memory_there_is_an_error() {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
-        assert!(matches!(
-            write(&mem, &realistic()),
-            Err(AcpiError::Memory(_))
-        ));
+        assert!(matches!(write(&mem, &realistic()), Err(AcpiError::Memory(_))));
     }
 }

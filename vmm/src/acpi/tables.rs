@@ -140,9 +140,7 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     // 36 FIRMWARE_CTRL, 40 DSDT: zero. A 64-bit X_DSDT is given, and ACPI says the 32-bit
     // field must then be zero.
     // 45 Preferred_PM_Profile: 0, unspecified. 46 SCI_INT: 0, unused when hardware-reduced.
-    f[109..111].copy_from_slice(
-        &(IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes(),
-    );
+    f[109..111].copy_from_slice(&(IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes());
     f[112..116].copy_from_slice(&(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP).to_le_bytes());
     f[116..128].copy_from_slice(&gas(GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE, RESET_PORT));
     f[128] = RESET_VALUE;
@@ -167,10 +165,7 @@ pub fn madt_len(vcpus: u32) -> usize {
 /// PIT included), edge-triggered and active-high, which is exactly what ACPI assumes for ISA
 /// IRQs that no override mentions. The MP table describes the same wiring.
 pub fn madt(vcpus: u32) -> Vec<u8> {
-    assert!(
-        (1..=MAX_CPUS).contains(&vcpus),
-        "callers validate the vCPU count"
-    );
+    assert!((1..=MAX_CPUS).contains(&vcpus), "callers validate the vCPU count");
     let mut body = Vec::with_capacity(madt_len(vcpus) - HEADER_LEN);
     body.extend_from_slice(&(LAPIC_BASE as u32).to_le_bytes());
     body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
@@ -182,11 +177,7 @@ pub fn madt(vcpus: u32) -> Vec<u8> {
     body.extend_from_slice(&(IOAPIC_BASE as u32).to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     // Flags 0: the bus's default polarity and trigger mode.
-    body.extend_from_slice(&[
-        MADT_TYPE_LAPIC_NMI,
-        MADT_LAPIC_NMI_LEN as u8,
-        ALL_PROCESSORS,
-    ]);
+    body.extend_from_slice(&[MADT_TYPE_LAPIC_NMI, MADT_LAPIC_NMI_LEN as u8, ALL_PROCESSORS]);
     body.extend_from_slice(&0u16.to_le_bytes());
     body.push(NMI_LINT);
     let t = table(b"APIC", MADT_REVISION, &body);
@@ -269,21 +260,9 @@ mod tests {
         assert_eq!(u64_at(&f, 132), 0, "X_FIRMWARE_CTRL: no FACS");
         assert_eq!(u64_at(&f, 140), 0xe_0400, "X_DSDT");
         let flags = u32_at(&f, 112);
-        assert_eq!(
-            flags,
-            (1 << 20) | (1 << 10),
-            "HW_REDUCED_ACPI, RESET_REG_SUP"
-        );
-        assert_eq!(
-            u16_at(&f, 109),
-            0b10_0110,
-            "8042 present, no VGA, no CMOS RTC"
-        );
-        assert_eq!(
-            &f[116..129],
-            &[1, 8, 0, 1, 0x64, 0, 0, 0, 0, 0, 0, 0, 0xfe],
-            "reset: write 0xfe to I/O port 0x64"
-        );
+        assert_eq!(flags, (1 << 20) | (1 << 10), "HW_REDUCED_ACPI, RESET_REG_SUP");
+        assert_eq!(u16_at(&f, 109), 0b10_0110, "8042 present, no VGA, no CMOS RTC");
+        assert_eq!(&f[116..129], &[1, 8, 0, 1, 0x64, 0, 0, 0, 0, 0, 0, 0, 0xfe], "reset: write 0xfe to I/O port 0x64");
         assert_eq!(u16_at(&f, 46), 0, "no SCI");
         assert!(f[148..].iter().all(|&b| b == 0), "no X_ PM blocks");
     }
@@ -299,11 +278,7 @@ mod tests {
         assert_eq!(u32_at(&m, 36), 0xfee0_0000, "local APIC address");
         assert_eq!(u32_at(&m, 40), 1, "PCAT_COMPAT");
         assert_eq!(&m[44..52], &[0, 8, 0, 0, 1, 0, 0, 0], "CPU 0 enabled");
-        assert_eq!(
-            &m[52..64],
-            &[1, 12, 1, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0],
-            "IOAPIC id 1 at 0xfec00000, GSI base 0"
-        );
+        assert_eq!(&m[52..64], &[1, 12, 1, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0], "IOAPIC id 1 at 0xfec00000, GSI base 0");
         assert_eq!(&m[64..70], &[4, 6, 0xff, 0, 0, 1], "NMI on LINT1");
     }
 

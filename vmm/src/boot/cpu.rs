@@ -44,12 +44,7 @@ pub fn boot_gdt(mode: CodeMode) -> [u64; 4] {
         CodeMode::Long64 => gdt_entry(0xa09b, 0, 0xfffff),
         CodeMode::Protected32 => gdt_entry(0xc09b, 0, 0xfffff),
     };
-    [
-        0,
-        code,
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x808b, 0, 0xfffff),
-    ]
+    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
 }
 
 /// Decodes a descriptor into the form KVM wants in `kvm_sregs`.
@@ -93,26 +88,13 @@ impl CpuBootState {
             rsi: zero_page,
             ..Default::default()
         };
-        Self {
-            regs,
-            mode: CodeMode::Long64,
-            cr3: PML4_ADDR,
-        }
+        Self { regs, mode: CodeMode::Long64, cr3: PML4_ADDR }
     }
 
     /// PVH: 32-bit protected mode, paging off, EBX = hvm_start_info.
     pub fn pvh(entry: u64, start_info: u64) -> Self {
-        let regs = kvm_regs {
-            rflags: RFLAGS_RESERVED,
-            rip: entry,
-            rbx: start_info,
-            ..Default::default()
-        };
-        Self {
-            regs,
-            mode: CodeMode::Protected32,
-            cr3: 0,
-        }
+        let regs = kvm_regs { rflags: RFLAGS_RESERVED, rip: entry, rbx: start_info, ..Default::default() };
+        Self { regs, mode: CodeMode::Protected32, cr3: 0 }
     }
 
     /// Applies the segment and control-register state on top of KVM's reset `sregs`.
@@ -149,10 +131,7 @@ impl CpuBootState {
 }
 
 /// Writes the boot GDT and an empty IDT.
-pub fn write_descriptor_tables(
-    mem: &GuestMem,
-    mode: CodeMode,
-) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_descriptor_tables(mem: &GuestMem, mode: CodeMode) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, entry) in boot_gdt(mode).iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(GDT_ADDR + i as u64 * 8))?;
     }
@@ -170,10 +149,7 @@ pub fn write_identity_page_tables(mem: &GuestMem) -> Result<(), vm_memory::Guest
         mem.write_obj(pd_addr | PRESENT_WRITABLE, GuestAddress(PDPT_ADDR + pd * 8))?;
         for i in 0..512u64 {
             let frame = ((pd << 9) + i) << 21;
-            mem.write_obj(
-                frame | PRESENT_WRITABLE | HUGE,
-                GuestAddress(pd_addr + i * 8),
-            )?;
+            mem.write_obj(frame | PRESENT_WRITABLE | HUGE, GuestAddress(pd_addr + i * 8))?;
         }
     }
     Ok(())
@@ -197,26 +173,10 @@ mod tests {
     #[test]
     fn segments_decode_from_descriptors() {
         let code = segment_from_gdt(0x00af_9b00_0000_ffff, 1);
-        assert_eq!(
-            (
-                code.selector,
-                code.type_,
-                code.l,
-                code.db,
-                code.g,
-                code.present
-            ),
-            (0x08, 0xb, 1, 0, 1, 1)
-        );
-        assert_eq!(
-            (code.base, code.limit, code.s, code.dpl, code.unusable),
-            (0, 0xffff_ffff, 1, 0, 0)
-        );
+        assert_eq!((code.selector, code.type_, code.l, code.db, code.g, code.present), (0x08, 0xb, 1, 0, 1, 1));
+        assert_eq!((code.base, code.limit, code.s, code.dpl, code.unusable), (0, 0xffff_ffff, 1, 0, 0));
         let data = segment_from_gdt(0x00cf_9300_0000_ffff, 2);
-        assert_eq!(
-            (data.selector, data.type_, data.l, data.db),
-            (0x10, 0x3, 0, 1)
-        );
+        assert_eq!((data.selector, data.type_, data.l, data.db), (0x10, 0x3, 0, 1));
         let tss = segment_from_gdt(0x008f_8b00_0000_ffff, 3);
         assert_eq!((tss.selector, tss.type_, tss.s), (0x18, 0xb, 0));
     }
@@ -232,67 +192,31 @@ mod tests {
         assert_eq!(read(0xa018), 0xe003);
         assert_eq!(read(0xb000), 0x83);
         assert_eq!(read(0xb008), 0x20_0083);
-        assert_eq!(
-            read(0xeff8),
-            0xffe0_0083,
-            "last entry maps the top 2 MiB below 4 GiB"
-        );
+        assert_eq!(read(0xeff8), 0xffe0_0083, "last entry maps the top 2 MiB below 4 GiB");
     }
 
     #[test]
     fn long_mode_sregs() {
         let state = CpuBootState::linux64(0x100_0000, 0x7000);
         assert_eq!(
-            (
-                state.regs.rip,
-                state.regs.rsi,
-                state.regs.rsp,
-                state.regs.rflags
-            ),
+            (state.regs.rip, state.regs.rsi, state.regs.rsp, state.regs.rflags),
             (0x100_0000, 0x7000, 0x8ff0, 2)
         );
-        let mut sregs = kvm_sregs {
-            cr0: 0x6000_0010,
-            ..Default::default()
-        };
+        let mut sregs = kvm_sregs { cr0: 0x6000_0010, ..Default::default() };
         state.apply_sregs(&mut sregs);
         assert_eq!(sregs.cr0, 0x8000_0011, "PE, ET, PG; caches enabled");
         assert_eq!((sregs.cr3, sregs.cr4, sregs.efer), (0x9000, 0x20, 0x500));
-        assert_eq!(
-            (
-                sregs.gdt.base,
-                sregs.gdt.limit,
-                sregs.idt.base,
-                sregs.idt.limit
-            ),
-            (0x500, 31, 0x520, 7)
-        );
-        assert_eq!(
-            (
-                sregs.cs.selector,
-                sregs.cs.l,
-                sregs.ss.selector,
-                sregs.tr.selector
-            ),
-            (0x08, 1, 0x10, 0x18)
-        );
+        assert_eq!((sregs.gdt.base, sregs.gdt.limit, sregs.idt.base, sregs.idt.limit), (0x500, 31, 0x520, 7));
+        assert_eq!((sregs.cs.selector, sregs.cs.l, sregs.ss.selector, sregs.tr.selector), (0x08, 1, 0x10, 0x18));
     }
 
     #[test]
     fn pvh_sregs() {
         let state = CpuBootState::pvh(0x10_0000, 0x6000);
         assert_eq!((state.regs.rip, state.regs.rbx), (0x10_0000, 0x6000));
-        let mut sregs = kvm_sregs {
-            cr0: 0x6000_0010,
-            cr4: 0x20,
-            efer: 0x500,
-            ..Default::default()
-        };
+        let mut sregs = kvm_sregs { cr0: 0x6000_0010, cr4: 0x20, efer: 0x500, ..Default::default() };
         state.apply_sregs(&mut sregs);
-        assert_eq!(
-            (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer),
-            (0x11, 0, 0, 0)
-        );
+        assert_eq!((sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer), (0x11, 0, 0, 0));
         assert_eq!((sregs.cs.l, sregs.cs.db, sregs.cs.type_), (0, 1, 0xb));
     }
 }

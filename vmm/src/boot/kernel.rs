@@ -55,20 +55,12 @@ pub struct LoadedKernel {
 }
 
 fn open(path: &Path, what: &'static str) -> Result<File, BootError> {
-    File::open(path).map_err(|source| BootError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    File::open(path).map_err(|source| BootError::Open { what, path: path.to_path_buf(), source })
 }
 
 /// Identifies the image format from its first bytes.
 pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
-    let read_err = |source| BootError::Open {
-        what: "kernel",
-        path: path.to_path_buf(),
-        source,
-    };
+    let read_err = |source| BootError::Open { what: "kernel", path: path.to_path_buf(), source };
     let mut ident = [0u8; 20];
     let n = file.read(&mut ident).map_err(read_err)?;
     if n >= 20 && &ident[..4] == ELF_MAGIC {
@@ -87,32 +79,22 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
         return Ok(KernelFormat::Elf);
     }
     let mut magic = [0u8; 4];
-    file.seek(SeekFrom::Start(BZ_HEADER_OFFSET))
-        .map_err(read_err)?;
-    if file.read(&mut magic).map_err(read_err)? == 4
-        && u32::from_le_bytes(magic) == super::linux::HEADER_MAGIC
-    {
+    file.seek(SeekFrom::Start(BZ_HEADER_OFFSET)).map_err(read_err)?;
+    if file.read(&mut magic).map_err(read_err)? == 4 && u32::from_le_bytes(magic) == super::linux::HEADER_MAGIC {
         return Ok(KernelFormat::BzImage);
     }
-    Err(BootError::UnsupportedKernel {
-        path: path.to_path_buf(),
-        reason: "neither an ELF (vmlinux) nor a bzImage",
-    })
+    Err(BootError::UnsupportedKernel { path: path.to_path_buf(), reason: "neither an ELF (vmlinux) nor a bzImage" })
 }
 
 /// Loads the kernel at `path`.
 pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, BootError> {
     let mut file = open(path, "kernel")?;
     let format = detect_format(&mut file, path)?;
-    let load_err = |source: loader::Error| BootError::Load {
-        path: path.to_path_buf(),
-        mem_bytes: mem_size(mem),
-        source,
-    };
+    let load_err =
+        |source: loader::Error| BootError::Load { path: path.to_path_buf(), mem_bytes: mem_size(mem), source };
     match format {
         KernelFormat::Elf => {
-            let result = Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_MIN_ADDR)))
-                .map_err(load_err)?;
+            let result = Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_MIN_ADDR))).map_err(load_err)?;
             let pvh_entry = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
                 _ => None,
@@ -127,14 +109,11 @@ pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, BootErro
             })
         }
         KernelFormat::BzImage => {
-            let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(KERNEL_MIN_ADDR)))
-                .map_err(load_err)?;
-            let hdr = result
-                .setup_header
-                .ok_or_else(|| BootError::UnsupportedKernel {
-                    path: path.to_path_buf(),
-                    reason: "a bzImage without a setup header",
-                })?;
+            let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(KERNEL_MIN_ADDR))).map_err(load_err)?;
+            let hdr = result.setup_header.ok_or_else(|| BootError::UnsupportedKernel {
+                path: path.to_path_buf(),
+                reason: "a bzImage without a setup header",
+            })?;
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::UnsupportedKernel {
                     path: path.to_path_buf(),
@@ -145,16 +124,10 @@ pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, BootErro
             // The decompressor needs init_size bytes from the load address.
             let end = result.kernel_end.max(load + u64::from(hdr.init_size));
             if end > mem_size(mem) {
-                return Err(BootError::TooLittleMemory {
-                    needed: end,
-                    mem_bytes: mem_size(mem),
-                });
+                return Err(BootError::TooLittleMemory { needed: end, mem_bytes: mem_size(mem) });
             }
-            let initrd_addr_max = if hdr.version >= 0x0203 {
-                u64::from(hdr.initrd_addr_max)
-            } else {
-                DEFAULT_INITRD_ADDR_MAX
-            };
+            let initrd_addr_max =
+                if hdr.version >= 0x0203 { u64::from(hdr.initrd_addr_max) } else { DEFAULT_INITRD_ADDR_MAX };
             Ok(LoadedKernel {
                 format,
                 entry64: load + BZ_ENTRY64_OFFSET,
@@ -180,37 +153,19 @@ pub fn place_initrd(size: u64, kernel_end: u64, ram_end: u64, addr_max: u64) -> 
 }
 
 /// Loads the initrd at `path` as high as possible; returns `(address, size)`.
-pub fn load_initrd(
-    mem: &GuestMem,
-    path: &Path,
-    kernel: &LoadedKernel,
-    ram_end: u64,
-) -> Result<(u64, u64), BootError> {
+pub fn load_initrd(mem: &GuestMem, path: &Path, kernel: &LoadedKernel, ram_end: u64) -> Result<(u64, u64), BootError> {
     let mut file = open(path, "initrd")?;
-    let size = file
-        .metadata()
-        .map_err(|source| BootError::Open {
-            what: "initrd",
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let size =
+        file.metadata().map_err(|source| BootError::Open { what: "initrd", path: path.to_path_buf(), source })?.len();
     if size == 0 {
         return Err(BootError::EmptyInitrd(path.to_path_buf()));
     }
-    let addr = place_initrd(size, kernel.end, ram_end, kernel.initrd_addr_max).ok_or(
-        BootError::InitrdTooLarge {
-            size,
-            room: ram_end
-                .min(kernel.initrd_addr_max)
-                .saturating_sub(kernel.end),
-        },
-    )?;
+    let addr = place_initrd(size, kernel.end, ram_end, kernel.initrd_addr_max).ok_or(BootError::InitrdTooLarge {
+        size,
+        room: ram_end.min(kernel.initrd_addr_max).saturating_sub(kernel.end),
+    })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| BootError::InitrdRead {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        .map_err(|e| BootError::InitrdRead { path: path.to_path_buf(), source: e })?;
     Ok((addr, size))
 }
 
@@ -221,24 +176,12 @@ mod tests {
     #[test]
     fn initrd_goes_as_high_as_allowed() {
         let mib = 1 << 20;
-        assert_eq!(
-            place_initrd(0x1800, 2 * mib, 64 * mib, u64::from(u32::MAX)),
-            Some(64 * mib - 0x2000)
-        );
+        assert_eq!(place_initrd(0x1800, 2 * mib, 64 * mib, u64::from(u32::MAX)), Some(64 * mib - 0x2000));
         // The bzImage limit wins over RAM.
-        assert_eq!(
-            place_initrd(0x1000, 2 * mib, 1 << 30, 0x37ff_ffff),
-            Some(0x3800_0000 - 0x1000)
-        );
+        assert_eq!(place_initrd(0x1000, 2 * mib, 1 << 30, 0x37ff_ffff), Some(0x3800_0000 - 0x1000));
         // Exactly fits above the kernel.
-        assert_eq!(
-            place_initrd(62 * mib, 2 * mib, 64 * mib, u64::MAX),
-            Some(2 * mib)
-        );
-        assert_eq!(
-            place_initrd(62 * mib + 1, 2 * mib, 64 * mib, u64::MAX),
-            None
-        );
+        assert_eq!(place_initrd(62 * mib, 2 * mib, 64 * mib, u64::MAX), Some(2 * mib));
+        assert_eq!(place_initrd(62 * mib + 1, 2 * mib, 64 * mib, u64::MAX), None);
         assert_eq!(place_initrd(0, 2 * mib, 64 * mib, u64::MAX), None);
         assert_eq!(place_initrd(u64::MAX, 0, 64 * mib, u64::MAX), None);
     }

@@ -40,10 +40,7 @@ pub enum ZeroPageError {
 }
 
 /// Builds `boot_params` for the 64-bit boot protocol.
-pub fn zero_page(
-    inputs: &ZeroPageInputs,
-    memory_map: &[MemoryMapEntry],
-) -> Result<boot_params, ZeroPageError> {
+pub fn zero_page(inputs: &ZeroPageInputs, memory_map: &[MemoryMapEntry]) -> Result<boot_params, ZeroPageError> {
     if memory_map.len() > E820_MAX_ENTRIES {
         return Err(ZeroPageError::TooManyMemoryMapEntries(memory_map.len()));
     }
@@ -75,11 +72,7 @@ pub fn zero_page(
     }
     params.acpi_rsdp_addr = inputs.rsdp_addr.unwrap_or(0);
     for (slot, entry) in params.e820_table.iter_mut().zip(memory_map) {
-        *slot = boot_e820_entry {
-            addr: entry.addr,
-            size: entry.size,
-            r#type: entry.kind as u32,
-        };
+        *slot = boot_e820_entry { addr: entry.addr, size: entry.size, r#type: entry.kind as u32 };
     }
     params.e820_entries = memory_map.len() as u8;
     Ok(params)
@@ -128,13 +121,7 @@ mod tests {
         assert_eq!(u32_at(b, 0x230), 0x0100_0000, "kernel_alignment");
         assert_eq!(u32_at(b, 0x238), 42, "cmdline_size");
         // e820 table at 0x2d0, 20-byte entries.
-        let e = |i: usize| {
-            (
-                u64_at(b, 0x2d0 + i * 20),
-                u64_at(b, 0x2d8 + i * 20),
-                u32_at(b, 0x2e0 + i * 20),
-            )
-        };
+        let e = |i: usize| (u64_at(b, 0x2d0 + i * 20), u64_at(b, 0x2d8 + i * 20), u32_at(b, 0x2e0 + i * 20));
         assert_eq!(e(0), (0, 0x9_fc00, 1));
         assert_eq!(e(1), (0x9_fc00, 0x400, 2));
         assert_eq!(e(2), (0xe_0000, 0x2_0000, 2));
@@ -156,42 +143,23 @@ mod tests {
             xloadflags: 0x7f,
             ..Default::default()
         };
-        let inputs = ZeroPageInputs {
-            setup_header: Some(image),
-            cmdline_addr: 0x2_0000,
-            cmdline_len: 10,
-            ..Default::default()
-        };
-        let map = [MemoryMapEntry {
-            addr: 0,
-            size: 1 << 20,
-            kind: MemoryKind::Ram,
-        }];
+        let inputs =
+            ZeroPageInputs { setup_header: Some(image), cmdline_addr: 0x2_0000, cmdline_len: 10, ..Default::default() };
+        let map = [MemoryMapEntry { addr: 0, size: 1 << 20, kind: MemoryKind::Ram }];
         let params = zero_page(&inputs, &map).unwrap();
         let b = params.as_slice();
         assert_eq!(b[0x1f1], 27, "setup_sects from the image");
         assert_eq!(u16_at(b, 0x206), 0x020f, "protocol version from the image");
         assert_eq!(b[0x211], 0x81, "LOADED_HIGH kept, CAN_USE_HEAP added");
         assert_eq!(u16_at(b, 0x224), 0xfe00, "heap_end_ptr");
-        assert_eq!(
-            u32_at(b, 0x238),
-            2047,
-            "cmdline_size is the kernel's, not ours"
-        );
+        assert_eq!(u32_at(b, 0x238), 2047, "cmdline_size is the kernel's, not ours");
         assert_eq!(u32_at(b, 0x218), 0, "no initrd");
         assert_eq!(b[0x1e8], 1);
     }
 
     #[test]
     fn too_many_memory_map_entries() {
-        let map = vec![
-            MemoryMapEntry {
-                addr: 0,
-                size: 4096,
-                kind: MemoryKind::Ram
-            };
-            129
-        ];
+        let map = vec![MemoryMapEntry { addr: 0, size: 4096, kind: MemoryKind::Ram }; 129];
         assert_eq!(
             zero_page(&ZeroPageInputs::default(), &map).unwrap_err(),
             ZeroPageError::TooManyMemoryMapEntries(129)

@@ -23,35 +23,19 @@ pub fn memory_map(ram: &[(u64, u64)]) -> Vec<MemoryMapEntry> {
         let end = addr + size;
         if addr < KERNEL_MIN_ADDR && end > EBDA_START {
             if addr < EBDA_START {
-                map.push(MemoryMapEntry {
-                    addr,
-                    size: EBDA_START - addr,
-                    kind: MemoryKind::Ram,
-                });
+                map.push(MemoryMapEntry { addr, size: EBDA_START - addr, kind: MemoryKind::Ram });
             }
-            map.push(MemoryMapEntry {
-                addr: EBDA_START,
-                size: 0xa_0000 - EBDA_START,
-                kind: MemoryKind::Reserved,
-            });
+            map.push(MemoryMapEntry { addr: EBDA_START, size: 0xa_0000 - EBDA_START, kind: MemoryKind::Reserved });
             map.push(MemoryMapEntry {
                 addr: BIOS_AREA_START,
                 size: KERNEL_MIN_ADDR - BIOS_AREA_START,
                 kind: MemoryKind::Reserved,
             });
             if end > KERNEL_MIN_ADDR {
-                map.push(MemoryMapEntry {
-                    addr: KERNEL_MIN_ADDR,
-                    size: end - KERNEL_MIN_ADDR,
-                    kind: MemoryKind::Ram,
-                });
+                map.push(MemoryMapEntry { addr: KERNEL_MIN_ADDR, size: end - KERNEL_MIN_ADDR, kind: MemoryKind::Ram });
             }
         } else {
-            map.push(MemoryMapEntry {
-                addr,
-                size,
-                kind: MemoryKind::Ram,
-            });
+            map.push(MemoryMapEntry { addr, size, kind: MemoryKind::Ram });
         }
     }
     map
@@ -67,26 +51,10 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                MemoryMapEntry {
-                    addr: 0,
-                    size: 0x9_fc00,
-                    kind: MemoryKind::Ram
-                },
-                MemoryMapEntry {
-                    addr: 0x9_fc00,
-                    size: 0x400,
-                    kind: MemoryKind::Reserved
-                },
-                MemoryMapEntry {
-                    addr: 0xe_0000,
-                    size: 0x2_0000,
-                    kind: MemoryKind::Reserved
-                },
-                MemoryMapEntry {
-                    addr: 0x10_0000,
-                    size: (64 << 20) - 0x10_0000,
-                    kind: MemoryKind::Ram
-                },
+                MemoryMapEntry { addr: 0, size: 0x9_fc00, kind: MemoryKind::Ram },
+                MemoryMapEntry { addr: 0x9_fc00, size: 0x400, kind: MemoryKind::Reserved },
+                MemoryMapEntry { addr: 0xe_0000, size: 0x2_0000, kind: MemoryKind::Reserved },
+                MemoryMapEntry { addr: 0x10_0000, size: (64 << 20) - 0x10_0000, kind: MemoryKind::Ram },
             ]
         );
     }
@@ -95,13 +63,6 @@ mod tests {
     fn high_ram_is_plain_ram() {
         let map = memory_map(&[(0, 0xc000_0000), (1 << 32, 1 << 30)]);
         assert_eq!(map.len(), 5);
-        assert_eq!(
-            map[4],
-            MemoryMapEntry {
-                addr: 1 << 32,
-                size: 1 << 30,
-                kind: MemoryKind::Ram
-            }
-        );
+        assert_eq!(map[4], MemoryMapEntry { addr: 1 << 32, size: 1 << 30, kind: MemoryKind::Ram });
     }
 }

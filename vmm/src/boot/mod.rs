@@ -55,9 +55,7 @@ impl std::str::FromStr for BootProtocol {
             "auto" => Ok(BootProtocol::Auto),
             "linux" => Ok(BootProtocol::Linux),
             "pvh" => Ok(BootProtocol::Pvh),
-            other => Err(format!(
-                "unknown boot protocol {other:?} (expected auto, linux or pvh)"
-            )),
+            other => Err(format!("unknown boot protocol {other:?} (expected auto, linux or pvh)")),
         }
     }
 }
@@ -86,9 +84,7 @@ pub enum BootError {
     NoPvhEntry,
     #[error("initrd {0} is empty")]
     EmptyInitrd(PathBuf),
-    #[error(
-        "initrd of {size} bytes does not fit: {room} bytes free between the kernel and the top of low memory"
-    )]
+    #[error("initrd of {size} bytes does not fit: {room} bytes free between the kernel and the top of low memory")]
     InitrdTooLarge { size: u64, room: u64 },
     #[error("cannot read initrd {path} into guest memory: {source}")]
     InitrdRead {
@@ -136,10 +132,7 @@ pub struct BootOutcome {
 /// (the guest's RAM ranges).
 pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootOutcome, BootError> {
     if spec.cmdline.len() >= layout::CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong {
-            len: spec.cmdline.len(),
-            max: layout::CMDLINE_MAX - 1,
-        });
+        return Err(BootError::CmdlineTooLong { len: spec.cmdline.len(), max: layout::CMDLINE_MAX - 1 });
     }
     if spec.cmdline.contains('\0') {
         return Err(BootError::CmdlineNul);
@@ -158,18 +151,12 @@ pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootO
         // A bzImage states how long a command line it accepts.
         let max = hdr.cmdline_size as usize;
         if hdr.version >= 0x0206 && spec.cmdline.len() > max {
-            return Err(BootError::CmdlineTooLong {
-                len: spec.cmdline.len(),
-                max,
-            });
+            return Err(BootError::CmdlineTooLong { len: spec.cmdline.len(), max });
         }
     }
 
     let low_ram_end = ram.first().map_or(0, |&(addr, len)| addr + len);
-    let initrd = spec
-        .initrd
-        .map(|path| kernel::load_initrd(mem, path, &kernel, low_ram_end))
-        .transpose()?;
+    let initrd = spec.initrd.map(|path| kernel::load_initrd(mem, path, &kernel, low_ram_end)).transpose()?;
 
     let mut cmdline = spec.cmdline.as_bytes().to_vec();
     cmdline.push(0);
@@ -191,26 +178,15 @@ pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootO
                 initrd,
                 rsdp_addr: spec.rsdp,
             };
-            mem.write_obj(
-                linux::zero_page(&inputs, &memory_map)?,
-                GuestAddress(layout::ZERO_PAGE_ADDR),
-            )?;
+            mem.write_obj(linux::zero_page(&inputs, &memory_map)?, GuestAddress(layout::ZERO_PAGE_ADDR))?;
             cpu::write_descriptor_tables(mem, cpu::CodeMode::Long64)?;
             cpu::write_identity_page_tables(mem)?;
             CpuBootState::linux64(kernel.entry64, layout::ZERO_PAGE_ADDR)
         }
     };
-    mem.write_slice(
-        &mptable::build(layout::MPTABLE_ADDR, spec.vcpus),
-        GuestAddress(layout::MPTABLE_ADDR),
-    )?;
+    mem.write_slice(&mptable::build(layout::MPTABLE_ADDR, spec.vcpus), GuestAddress(layout::MPTABLE_ADDR))?;
 
-    Ok(BootOutcome {
-        cpu,
-        protocol,
-        kernel,
-        initrd,
-    })
+    Ok(BootOutcome { cpu, protocol, kernel, initrd })
 }
 
 #[cfg(test)]
@@ -241,10 +217,7 @@ mod tests {
             *b = i as u8;
         }
         let path = dir.join("bzImage");
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&image)
-            .unwrap();
+        std::fs::File::create(&path).unwrap().write_all(&image).unwrap();
         path
     }
 
@@ -270,22 +243,14 @@ mod tests {
             rsdp: None,
         };
         let out = load(&mem, &[(0, 64 << 20)], &spec).unwrap();
-        assert_eq!(
-            out.protocol,
-            BootProtocol::Linux,
-            "a bzImage has no PVH entry"
-        );
+        assert_eq!(out.protocol, BootProtocol::Linux, "a bzImage has no PVH entry");
         assert_eq!(out.kernel.format, KernelFormat::BzImage);
-        assert_eq!(
-            out.cpu.regs.rip, 0x10_0200,
-            "64-bit entry at load address + 0x200"
-        );
+        assert_eq!(out.cpu.regs.rip, 0x10_0200, "64-bit entry at load address + 0x200");
         assert_eq!(out.cpu.regs.rsi, layout::ZERO_PAGE_ADDR);
 
         // The protected-mode payload is at code32_start.
         let mut payload = [0u8; 4];
-        mem.read_slice(&mut payload, GuestAddress(0x10_0000 + 255))
-            .unwrap();
+        mem.read_slice(&mut payload, GuestAddress(0x10_0000 + 255)).unwrap();
         assert_eq!(payload, [255, 0, 1, 2]);
 
         let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
@@ -297,28 +262,21 @@ mod tests {
         assert_eq!(u32_at(0x218) as u64, initrd_addr, "ramdisk_image");
         assert_eq!(u32_at(0x21c), 10_000, "ramdisk_size");
         let mut initrd_bytes = vec![0u8; 10_000];
-        mem.read_slice(&mut initrd_bytes, GuestAddress(initrd_addr))
-            .unwrap();
+        mem.read_slice(&mut initrd_bytes, GuestAddress(initrd_addr)).unwrap();
         assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
         // Command line, NUL terminated, where cmd_line_ptr points.
         assert_eq!(u32_at(0x228) as u64, layout::CMDLINE_ADDR);
         let mut cmdline = vec![0u8; spec.cmdline.len() + 1];
-        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_ADDR))
-            .unwrap();
+        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE_ADDR)).unwrap();
         assert_eq!(&cmdline[..cmdline.len() - 1], spec.cmdline.as_bytes());
         assert_eq!(cmdline[cmdline.len() - 1], 0);
         assert_eq!(b[0x210], 0xff, "type_of_loader");
         assert_eq!(b[0x1e8], 4, "e820 entries");
         // MP table and page tables are in place too.
         let mut sig = [0u8; 4];
-        mem.read_slice(&mut sig, GuestAddress(layout::MPTABLE_ADDR))
-            .unwrap();
+        mem.read_slice(&mut sig, GuestAddress(layout::MPTABLE_ADDR)).unwrap();
         assert_eq!(&sig, b"_MP_");
-        assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(layout::PML4_ADDR))
-                .unwrap(),
-            layout::PDPT_ADDR | 3
-        );
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(layout::PML4_ADDR)).unwrap(), layout::PDPT_ADDR | 3);
         assert!(mem.iter().count() == 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -328,23 +286,11 @@ mod tests {
         let dir = temp_dir("bz32");
         let kernel = fake_bzimage(&dir, 4096, 0);
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-        let spec = BootSpec {
-            kernel: &kernel,
-            initrd: None,
-            cmdline: "",
-            protocol: BootProtocol::Auto,
-            vcpus: 1,
-            rsdp: None,
-        };
+        let spec =
+            BootSpec { kernel: &kernel, initrd: None, cmdline: "", protocol: BootProtocol::Auto, vcpus: 1, rsdp: None };
         let err = load(&mem, &[(0, 32 << 20)], &spec).unwrap_err();
-        assert!(
-            err.to_string().contains("without a 64-bit entry point"),
-            "{err}"
-        );
-        let spec = BootSpec {
-            protocol: BootProtocol::Pvh,
-            ..spec
-        };
+        assert!(err.to_string().contains("without a 64-bit entry point"), "{err}");
+        let spec = BootSpec { protocol: BootProtocol::Pvh, ..spec };
         assert!(load(&mem, &[(0, 32 << 20)], &spec).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -365,28 +311,12 @@ mod tests {
             vcpus: 1,
             rsdp: None,
         };
-        assert!(matches!(
-            load(&mem, &ram, &spec),
-            Err(BootError::InitrdTooLarge { .. })
-        ));
+        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::InitrdTooLarge { .. })));
         let long = "x".repeat(3000);
-        let spec = BootSpec {
-            initrd: None,
-            cmdline: &long,
-            ..spec
-        };
-        assert!(matches!(
-            load(&mem, &ram, &spec),
-            Err(BootError::CmdlineTooLong { max: 2047, .. })
-        ));
-        let spec = BootSpec {
-            cmdline: "a\0b",
-            ..spec
-        };
-        assert!(matches!(
-            load(&mem, &ram, &spec),
-            Err(BootError::CmdlineNul)
-        ));
+        let spec = BootSpec { initrd: None, cmdline: &long, ..spec };
+        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::CmdlineTooLong { max: 2047, .. })));
+        let spec = BootSpec { cmdline: "a\0b", ..spec };
+        assert!(matches!(load(&mem, &ram, &spec), Err(BootError::CmdlineNul)));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

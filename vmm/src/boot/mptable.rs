@@ -32,10 +32,7 @@ pub const MAX_CPUS: u32 = 254;
 
 /// Size of the table for `cpus` processors.
 pub fn size(cpus: u32) -> usize {
-    FLOATING_LEN
-        + HEADER_LEN
-        + PROCESSOR_LEN * cpus as usize
-        + SMALL_ENTRY_LEN * (2 + ISA_IRQS as usize + 2)
+    FLOATING_LEN + HEADER_LEN + PROCESSOR_LEN * cpus as usize + SMALL_ENTRY_LEN * (2 + ISA_IRQS as usize + 2)
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -45,10 +42,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 /// Builds the floating pointer and configuration table for `cpus` CPUs (APIC ids 0..cpus),
 /// to be placed at guest address `base`.
 pub fn build(base: u64, cpus: u32) -> Vec<u8> {
-    assert!(
-        (1..=MAX_CPUS).contains(&cpus),
-        "callers validate the vCPU count"
-    );
+    assert!((1..=MAX_CPUS).contains(&cpus), "callers validate the vCPU count");
     let ioapic_id = cpus as u8;
     let mut entries = Vec::new();
     for cpu in 0..cpus {
@@ -66,16 +60,7 @@ pub fn build(base: u64, cpus: u32) -> Vec<u8> {
     entries.extend_from_slice(&(IOAPIC_BASE as u32).to_le_bytes());
     for irq in 0..ISA_IRQS {
         // type, interrupt type, flags (conforming polarity and trigger), bus, bus irq, ioapic, pin
-        entries.extend_from_slice(&[
-            ENTRY_IO_INTERRUPT,
-            INT_TYPE_INT,
-            0,
-            0,
-            0,
-            irq,
-            ioapic_id,
-            irq,
-        ]);
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
     }
     // LINT0 is ExtINT (the PIC), LINT1 is NMI, on every local APIC (0xff).
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);
@@ -123,25 +108,15 @@ mod tests {
         assert_eq!(t.len(), size(4));
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()), 0xf_0010);
-        assert_eq!(
-            (t[8], t[9], t[11]),
-            (1, 4, 0),
-            "length in paragraphs, revision, table present"
-        );
+        assert_eq!((t[8], t[9], t[11]), (1, 4, 0), "length in paragraphs, revision, table present");
         assert!(sums_to_zero(&t[..16]));
         let table = &t[16..];
         assert_eq!(&table[0..4], b"PCMP");
         let len = u16::from_le_bytes(table[4..6].try_into().unwrap()) as usize;
         assert_eq!(len, table.len());
         assert!(sums_to_zero(table));
-        assert_eq!(
-            u16::from_le_bytes(table[34..36].try_into().unwrap()),
-            4 + 2 + 16 + 2
-        );
-        assert_eq!(
-            u32::from_le_bytes(table[36..40].try_into().unwrap()),
-            0xfee0_0000
-        );
+        assert_eq!(u16::from_le_bytes(table[34..36].try_into().unwrap()), 4 + 2 + 16 + 2);
+        assert_eq!(u32::from_le_bytes(table[36..40].try_into().unwrap()), 0xfee0_0000);
     }
 
     #[test]
@@ -151,18 +126,10 @@ mod tests {
         assert_eq!(&e[0..4], &[0, 0, 0x14, 3], "cpu 0: enabled bootstrap");
         assert_eq!(&e[20..24], &[0, 1, 0x14, 1], "cpu 1: enabled");
         assert_eq!(&e[40..48], b"\x01\x00ISA   ");
-        assert_eq!(
-            &e[48..56],
-            &[2, 2, 0x11, 1, 0, 0, 0xc0, 0xfe],
-            "IOAPIC id 2 at 0xfec00000"
-        );
+        assert_eq!(&e[48..56], &[2, 2, 0x11, 1, 0, 0, 0xc0, 0xfe], "IOAPIC id 2 at 0xfec00000");
         assert_eq!(&e[56..64], &[3, 0, 0, 0, 0, 0, 2, 0], "IRQ0 -> pin 0");
         assert_eq!(&e[56 + 15 * 8..64 + 15 * 8], &[3, 0, 0, 0, 0, 15, 2, 15]);
-        assert_eq!(
-            &e[e.len() - 16..e.len() - 8],
-            &[4, 3, 0, 0, 0, 0, 0xff, 0],
-            "LINT0 ExtINT"
-        );
+        assert_eq!(&e[e.len() - 16..e.len() - 8], &[4, 3, 0, 0, 0, 0, 0xff, 0], "LINT0 ExtINT");
         assert_eq!(&e[e.len() - 8..], &[4, 1, 0, 0, 0, 0, 0xff, 1], "LINT1 NMI");
     }
 

@@ -1,13 +1,9 @@
 //! The PVH boot protocol's `hvm_start_info`, module list and memory map.
 
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{
-    PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, PVH_START_INFO_ADDR,
-};
+use super::layout::{PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, PVH_START_INFO_ADDR};
 use super::memmap::MemoryMapEntry;
 use crate::memory::GuestMem;
 
@@ -35,11 +31,7 @@ pub fn start_info(
         version: START_INFO_VERSION,
         flags: 0,
         nr_modules: u32::from(initrd.is_some()),
-        modlist_paddr: if initrd.is_some() {
-            PVH_MODLIST_ADDR
-        } else {
-            0
-        },
+        modlist_paddr: if initrd.is_some() { PVH_MODLIST_ADDR } else { 0 },
         cmdline_paddr: cmdline_addr,
         rsdp_paddr: rsdp_addr.unwrap_or(0),
         memmap_paddr: PVH_MEMMAP_ADDR,
@@ -62,21 +54,11 @@ pub fn write(
     let info = start_info(cmdline_addr, initrd, rsdp_addr, memory_map.len());
     mem.write_obj(info, GuestAddress(PVH_START_INFO_ADDR))?;
     if let Some((paddr, size)) = initrd {
-        let module = hvm_modlist_entry {
-            paddr,
-            size,
-            cmdline_paddr: 0,
-            reserved: 0,
-        };
+        let module = hvm_modlist_entry { paddr, size, cmdline_paddr: 0, reserved: 0 };
         mem.write_obj(module, GuestAddress(PVH_MODLIST_ADDR))?;
     }
     for (i, entry) in memory_map.iter().enumerate() {
-        let e = hvm_memmap_table_entry {
-            addr: entry.addr,
-            size: entry.size,
-            type_: entry.kind as u32,
-            reserved: 0,
-        };
+        let e = hvm_memmap_table_entry { addr: entry.addr, size: entry.size, type_: entry.kind as u32, reserved: 0 };
         mem.write_obj(e, GuestAddress(PVH_MEMMAP_ADDR + i as u64 * 24))?;
     }
     Ok(PVH_START_INFO_ADDR)
@@ -110,24 +92,12 @@ mod tests {
     fn writes_modules_and_memory_map() {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let map = memory_map(&[(0, 64 << 20)]);
-        let addr = write(
-            &mem,
-            0x2_0000,
-            Some((0x300_0000, 0x1000)),
-            Some(0xe_0000),
-            &map,
-        )
-        .unwrap();
+        let addr = write(&mem, 0x2_0000, Some((0x300_0000, 0x1000)), Some(0xe_0000), &map).unwrap();
         assert_eq!(addr, PVH_START_INFO_ADDR);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 0x1000));
-        let last: hvm_memmap_table_entry = mem
-            .read_obj(GuestAddress(PVH_MEMMAP_ADDR + 3 * 24))
-            .unwrap();
-        assert_eq!(
-            (last.addr, last.size, last.type_),
-            (0x10_0000, (64 << 20) - 0x10_0000, 1)
-        );
+        let last: hvm_memmap_table_entry = mem.read_obj(GuestAddress(PVH_MEMMAP_ADDR + 3 * 24)).unwrap();
+        assert_eq!((last.addr, last.size, last.type_), (0x10_0000, (64 << 20) - 0x10_0000, 1));
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO_ADDR)).unwrap();
         assert_eq!(info.rsdp_paddr, 0xe_0000);
     }

@@ -34,9 +34,7 @@ pub fn shape_cpuid(base: &CpuId, shape: CpuidShape) -> CpuId {
     for entry in entries.iter_mut() {
         match entry.function {
             LEAF_FEATURES => {
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (shape.apic_id << 24)
-                    | (shape.vcpu_count.min(255) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (shape.apic_id << 24) | (shape.vcpu_count.min(255) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
                 if shape.vcpu_count > 1 {
                     entry.edx |= EDX_HTT;
@@ -88,48 +86,21 @@ mod tests {
 
     fn base() -> CpuId {
         let entries = [
-            kvm_cpuid_entry2 {
-                function: 1,
-                ebx: 0xff00_0801,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                index: 0,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                index: 1,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0x4000_0000,
-                eax: 0x4000_0001,
-                ..Default::default()
-            },
+            kvm_cpuid_entry2 { function: 1, ebx: 0xff00_0801, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0x4000_0000, eax: 0x4000_0001, ..Default::default() },
         ];
         CpuId::from_entries(&entries).unwrap()
     }
 
     fn find(cpuid: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *cpuid
-            .as_slice()
-            .iter()
-            .find(|e| e.function == function && e.index == index)
-            .unwrap()
+        *cpuid.as_slice().iter().find(|e| e.function == function && e.index == index).unwrap()
     }
 
     #[test]
     fn apic_id_and_topology_follow_the_vcpu() {
-        let c = shape_cpuid(
-            &base(),
-            CpuidShape {
-                apic_id: 3,
-                vcpu_count: 4,
-                tsc_khz: 2_000_000,
-            },
-        );
+        let c = shape_cpuid(&base(), CpuidShape { apic_id: 3, vcpu_count: 4, tsc_khz: 2_000_000 });
         let leaf1 = find(&c, 1, 0);
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
@@ -144,14 +115,7 @@ mod tests {
 
     #[test]
     fn timing_leaf_is_added_and_announced() {
-        let c = shape_cpuid(
-            &base(),
-            CpuidShape {
-                apic_id: 0,
-                vcpu_count: 1,
-                tsc_khz: 2_500_000,
-            },
-        );
+        let c = shape_cpuid(&base(), CpuidShape { apic_id: 0, vcpu_count: 1, tsc_khz: 2_500_000 });
         assert_eq!(find(&c, 0x4000_0000, 0).eax, 0x4000_0010);
         let timing = find(&c, 0x4000_0010, 0);
         assert_eq!((timing.eax, timing.ebx), (2_500_000, 1_000_000));

@@ -1,9 +1,6 @@
 //! `/dev/kvm` and VM-level objects.
 
-use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
-    kvm_userspace_memory_region,
-};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -45,13 +42,8 @@ impl Hypervisor {
                 return Err(HvError::MissingCapability(name));
             }
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .op("KVM_GET_SUPPORTED_CPUID")?;
-        Ok(Self {
-            kvm,
-            supported_cpuid,
-        })
+        let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).op("KVM_GET_SUPPORTED_CPUID")?;
+        Ok(Self { kvm, supported_cpuid })
     }
 
     /// Most vCPUs one VM may have.
@@ -78,14 +70,10 @@ impl Hypervisor {
     pub fn create_vm(&self) -> Result<KvmVm> {
         let fd = self.kvm.create_vm().op("KVM_CREATE_VM")?;
         fd.set_tss_address(KVM_TSS_ADDRESS).op("KVM_SET_TSS_ADDR")?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .op("KVM_SET_IDENTITY_MAP_ADDR")?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).op("KVM_SET_IDENTITY_MAP_ADDR")?;
         fd.create_irq_chip().op("KVM_CREATE_IRQCHIP")?;
         // The PC speaker port (0x61) is served by a dummy in the kernel: no exits for it.
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).op("KVM_CREATE_PIT2")?;
         let run_size = self.kvm.get_vcpu_mmap_size().op("KVM_GET_VCPU_MMAP_SIZE")?;
         Ok(KvmVm { fd, run_size })
@@ -131,35 +119,21 @@ impl KvmVm {
     }
 
     /// Makes guest writes to `addr` signal `evt` in the kernel instead of exiting to the VMM.
-    pub fn register_mmio_ioevent(
-        &self,
-        evt: &EventFd,
-        addr: u64,
-        datamatch: Option<u32>,
-    ) -> Result<()> {
+    pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: Option<u32>) -> Result<()> {
         let addr = IoEventAddress::Mmio(addr);
         match datamatch {
             Some(value) => self.fd.register_ioevent(evt, &addr, value),
-            None => self
-                .fd
-                .register_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
+            None => self.fd.register_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
         }
         .op("KVM_IOEVENTFD")
     }
 
     /// Undoes [`register_mmio_ioevent`](Self::register_mmio_ioevent).
-    pub fn unregister_mmio_ioevent(
-        &self,
-        evt: &EventFd,
-        addr: u64,
-        datamatch: Option<u32>,
-    ) -> Result<()> {
+    pub fn unregister_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: Option<u32>) -> Result<()> {
         let addr = IoEventAddress::Mmio(addr);
         match datamatch {
             Some(value) => self.fd.unregister_ioevent(evt, &addr, value),
-            None => self
-                .fd
-                .unregister_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
+            None => self.fd.unregister_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
         }
         .op("KVM_IOEVENTFD (deassign)")
     }

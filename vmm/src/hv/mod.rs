@@ -28,11 +28,7 @@ pub enum HvError {
         source: kvm_ioctls::Error,
     },
     #[error("{op}: KVM accepted {done} of {wanted} MSRs")]
-    PartialMsrs {
-        op: &'static str,
-        done: usize,
-        wanted: usize,
-    },
+    PartialMsrs { op: &'static str, done: usize, wanted: usize },
 }
 
 pub type Result<T> = std::result::Result<T, HvError>;

@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use kvm_bindings::{
-    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs,
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
+    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_fpu, kvm_msr_entry,
+    kvm_regs, kvm_run, kvm_sregs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -109,12 +109,7 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 impl KvmVcpu {
     pub(super) fn new(mut fd: VcpuFd, id: u32, run_size: usize) -> Self {
         let run = fd.get_kvm_run() as *mut kvm_run;
-        Self {
-            fd,
-            id,
-            run,
-            run_size,
-        }
+        Self { fd, id, run, run_size }
     }
 
     pub fn id(&self) -> u32 {
@@ -131,14 +126,8 @@ impl KvmVcpu {
     }
 
     pub fn set_boot_msrs(&self) -> Result<()> {
-        let entries: Vec<kvm_msr_entry> = BOOT_MSRS
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
+        let entries: Vec<kvm_msr_entry> =
+            BOOT_MSRS.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
         let msrs = Msrs::from_entries(&entries).map_err(|_| HvError::PartialMsrs {
             op: "KVM_SET_MSRS",
             done: 0,
@@ -146,32 +135,21 @@ impl KvmVcpu {
         })?;
         let done = self.fd.set_msrs(&msrs).op("KVM_SET_MSRS")?;
         if done != entries.len() {
-            return Err(HvError::PartialMsrs {
-                op: "KVM_SET_MSRS",
-                done,
-                wanted: entries.len(),
-            });
+            return Err(HvError::PartialMsrs { op: "KVM_SET_MSRS", done, wanted: entries.len() });
         }
         Ok(())
     }
 
     /// x87 and SSE control words as after FNINIT / reset.
     pub fn set_fpu_defaults(&self) -> Result<()> {
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         self.fd.set_fpu(&fpu).op("KVM_SET_FPU")
     }
 
     /// Wires LINT0 to the PIC (ExtINT) and LINT1 to NMI, as a PC BIOS does.
     pub fn set_lapic_lint(&self) -> Result<()> {
         let mut lapic = self.fd.get_lapic().op("KVM_GET_LAPIC")?;
-        for (reg, mode) in [
-            (APIC_LVT_LINT0, APIC_MODE_EXTINT),
-            (APIC_LVT_LINT1, APIC_MODE_NMI),
-        ] {
+        for (reg, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
             let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
             let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
             for (i, b) in value.to_le_bytes().iter().enumerate() {
@@ -199,9 +177,7 @@ impl KvmVcpu {
     pub fn kicker(&self) -> VcpuKicker {
         // SAFETY: `run` is the live kvm_run mapping; we only take a field's address.
         let field = unsafe { &raw mut (*self.run).immediate_exit };
-        VcpuKicker {
-            immediate_exit: field.cast::<AtomicU8>(),
-        }
+        VcpuKicker { immediate_exit: field.cast::<AtomicU8>() }
     }
 
     /// Clears `immediate_exit` after a kick has been seen.
@@ -219,26 +195,15 @@ impl KvmVcpu {
                 return Ok(Exit::Interrupted);
             }
             Err(e) => {
-                return Err(HvError::Ioctl {
-                    op: "KVM_RUN",
-                    source: e,
-                });
+                return Err(HvError::Ioctl { op: "KVM_RUN", source: e });
             }
         };
         // SAFETY (both reads): `run` is the kvm_run page of this vCPU and exit_reason tells
         // which union member KVM filled in.
         let io_size = || usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
         Ok(match exit {
-            VcpuExit::IoIn(port, data) => Exit::IoIn {
-                port,
-                size: io_size(),
-                data,
-            },
-            VcpuExit::IoOut(port, data) => Exit::IoOut {
-                port,
-                size: io_size(),
-                data,
-            },
+            VcpuExit::IoIn(port, data) => Exit::IoIn { port, size: io_size(), data },
+            VcpuExit::IoOut(port, data) => Exit::IoOut { port, size: io_size(), data },
             VcpuExit::MmioRead(addr, data) => Exit::MmioRead { addr, data },
             VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite { addr, data },
             VcpuExit::Hlt => Exit::Halted,
@@ -253,9 +218,7 @@ impl KvmVcpu {
             VcpuExit::FailEntry(reason, _) => Exit::FailEntry { reason },
             VcpuExit::InternalError => {
                 // SAFETY: as above.
-                Exit::InternalError {
-                    suberror: unsafe { (*run).__bindgen_anon_1.internal.suberror },
-                }
+                Exit::InternalError { suberror: unsafe { (*run).__bindgen_anon_1.internal.suberror } }
             }
             other => Exit::Unexpected(format!("{other:?}")),
         })

@@ -36,9 +36,6 @@ mod tests {
     fn ram_splits_around_the_mmio_gap() {
         assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(ram_ranges(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
-        assert_eq!(
-            ram_ranges(4 << 30),
-            vec![(0, MMIO_GAP_START), (1 << 32, 1 << 30)]
-        );
+        assert_eq!(ram_ranges(4 << 30), vec![(0, MMIO_GAP_START), (1 << 32, 1 << 30)]);
     }
 }

@@ -104,23 +104,13 @@ impl GuestRam {
         for (slot, (guest_addr, len)) in layout::ram_ranges(size).into_iter().enumerate() {
             let mmap = map_backing(backing, len, file_offset)?;
             file_offset += len;
-            let mapping =
-                GuestRegionMmap::new(mmap, GuestAddress(guest_addr)).ok_or_else(|| {
-                    MemoryError::Layout(format!("region at {guest_addr:#x} overflows"))
-                })?;
-            regions.push(RamRegion {
-                slot: slot as u32,
-                backing: backing.clone(),
-                mapping: Arc::new(mapping),
-            });
+            let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
+                .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
+            regions.push(RamRegion { slot: slot as u32, backing: backing.clone(), mapping: Arc::new(mapping) });
         }
-        let memory =
-            GuestMem::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
-                .map_err(|e| MemoryError::Layout(e.to_string()))?;
-        Ok(Self {
-            regions,
-            memory: GuestMemoryAtomic::new(memory),
-        })
+        let memory = GuestMem::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        Ok(Self { regions, memory: GuestMemoryAtomic::new(memory) })
     }
 
     pub fn regions(&self) -> &[RamRegion] {
@@ -138,36 +128,18 @@ impl GuestRam {
     }
 }
 
-fn map_backing(
-    backing: &RamBacking,
-    size: u64,
-    file_offset: u64,
-) -> Result<MmapRegion, MemoryError> {
+fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<MmapRegion, MemoryError> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let (file, flags) = match backing {
-        RamBacking::Anonymous => (
-            None,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        ),
+        RamBacking::Anonymous => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
         RamBacking::Memfd => {
             let file = memfd(size).map_err(MemoryError::Memfd)?;
-            (
-                Some(FileOffset::new(file, 0)),
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            )
+            (Some(FileOffset::new(file, 0)), libc::MAP_SHARED | libc::MAP_NORESERVE)
         }
         RamBacking::File { path } => {
-            let file_err = |source| MemoryError::File {
-                path: path.clone(),
-                source,
-            };
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(file_err)?;
+            let file_err = |source| MemoryError::File { path: path.clone(), source };
+            let file =
+                OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(file_err)?;
             let needed = file_offset + size;
             if file.metadata().map_err(file_err)?.len() < needed {
                 file.set_len(needed).map_err(file_err)?;
@@ -203,38 +175,21 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(
-            GuestRam::new(4096, &RamBacking::Anonymous),
-            Err(MemoryError::BadSize(_))
-        ));
-        assert!(matches!(
-            GuestRam::new((2 << 20) + 1, &RamBacking::Anonymous),
-            Err(MemoryError::BadSize(_))
-        ));
+        assert!(matches!(GuestRam::new(4096, &RamBacking::Anonymous), Err(MemoryError::BadSize(_))));
+        assert!(matches!(GuestRam::new((2 << 20) + 1, &RamBacking::Anonymous), Err(MemoryError::BadSize(_))));
     }
 
     #[test]
     fn every_backing_holds_data() {
         let dir = std::env::temp_dir().join(format!("vmm-ram-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for backing in [
-            RamBacking::Anonymous,
-            RamBacking::Memfd,
-            RamBacking::File {
-                path: dir.join("ram"),
-            },
-        ] {
+        for backing in [RamBacking::Anonymous, RamBacking::Memfd, RamBacking::File { path: dir.join("ram") }] {
             let ram = GuestRam::new(4 << 20, &backing).unwrap();
             assert_eq!(ram.size(), 4 << 20);
             assert_eq!(ram.regions().len(), 1);
             let mem = ram.memory();
-            mem.memory()
-                .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
-                .unwrap();
-            assert_eq!(
-                mem.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
-                0xdead_beef
-            );
+            mem.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+            assert_eq!(mem.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

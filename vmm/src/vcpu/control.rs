@@ -35,21 +35,12 @@ pub enum ControlError {
     #[error("the VM has stopped")]
     Stopped,
     #[error("only {arrived} of {total} vCPUs reached the requested state within {timeout:?}")]
-    Timeout {
-        arrived: usize,
-        total: usize,
-        timeout: Duration,
-    },
+    Timeout { arrived: usize, total: usize, timeout: Duration },
 }
 
 impl RunControl {
     pub fn new(vcpus: usize) -> Self {
-        Self {
-            target: AtomicU8::new(Target::Run as u8),
-            counts: Mutex::default(),
-            changed: Condvar::new(),
-            vcpus,
-        }
+        Self { target: AtomicU8::new(Target::Run as u8), counts: Mutex::default(), changed: Condvar::new(), vcpus }
     }
 
     pub fn target(&self) -> Target {
@@ -85,11 +76,7 @@ impl RunControl {
         self.wait_until(timeout, |c, _| c.parked == 0)
     }
 
-    fn wait_until(
-        &self,
-        timeout: Duration,
-        done: impl Fn(&Counts, usize) -> bool,
-    ) -> Result<(), ControlError> {
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Counts, usize) -> bool) -> Result<(), ControlError> {
         let deadline = Instant::now() + timeout;
         let mut counts = self.lock();
         while !done(&counts, self.vcpus) {
@@ -101,11 +88,7 @@ impl RunControl {
                     timeout,
                 });
             }
-            counts = self
-                .changed
-                .wait_timeout(counts, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            counts = self.changed.wait_timeout(counts, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
         Ok(())
     }
@@ -180,16 +163,7 @@ mod tests {
     fn times_out_when_a_vcpu_never_arrives() {
         let control = RunControl::new(1);
         control.set_target(Target::Pause).unwrap();
-        let err = control
-            .wait_all_parked(Duration::from_millis(10))
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            ControlError::Timeout {
-                arrived: 0,
-                total: 1,
-                ..
-            }
-        ));
+        let err = control.wait_all_parked(Duration::from_millis(10)).unwrap_err();
+        assert!(matches!(err, ControlError::Timeout { arrived: 0, total: 1, .. }));
     }
 }

@@ -38,19 +38,12 @@ pub struct ExitContext {
 
 impl ExitContext {
     pub fn new(pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitState>) -> Self {
-        Self {
-            pio,
-            mmio,
-            exit,
-            unhandled: LogOnce::new(256),
-        }
+        Self { pio, mmio, exit, unhandled: LogOnce::new(256) }
     }
 
     fn unhandled(&self, vcpu: u32, access: Access, addr: u64, len: usize) {
         if self.unhandled.first((access, addr)) {
-            log::warn!(
-                "vCPU {vcpu}: unhandled {access:?} of {len} bytes at {addr:#x} (reported once per address)"
-            );
+            log::warn!("vCPU {vcpu}: unhandled {access:?} of {len} bytes at {addr:#x} (reported once per address)");
         }
     }
 
@@ -111,28 +104,17 @@ impl ExitContext {
                 return self.crash(vcpu, CrashKind::GuestPanic);
             }
             Exit::SystemEvent(SystemEvent::Other(kind)) => {
-                return self.crash(
-                    vcpu,
-                    CrashKind::UnexpectedExit(format!("system event {kind}")),
-                );
+                return self.crash(vcpu, CrashKind::UnexpectedExit(format!("system event {kind}")));
             }
             Exit::Unexpected(what) => return self.crash(vcpu, CrashKind::UnexpectedExit(what)),
         }
         // A device may have asked the VM to end (debug-exit, reset): stop running the guest.
-        if self.exit.is_set() {
-            Next::Stop
-        } else {
-            Next::Continue
-        }
+        if self.exit.is_set() { Next::Stop } else { Next::Continue }
     }
 
     fn crash(&self, vcpu: &KvmVcpu, kind: CrashKind) -> Next {
         let rip = vcpu.regs().ok().map(|r| r.rip);
-        let crash = Crash {
-            vcpu: vcpu.id(),
-            kind,
-            rip,
-        };
+        let crash = Crash { vcpu: vcpu.id(), kind, rip };
         log::debug!("{crash}");
         self.exit.report(VmExit::Crashed(crash));
         Next::Stop

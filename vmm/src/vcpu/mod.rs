@@ -36,8 +36,8 @@ fn install_kick_handler() -> std::io::Result<()> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
     INSTALL.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+        result =
+            register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
     });
     result
 }
@@ -70,10 +70,7 @@ impl Vcpus {
                 .name(format!("vcpu{}", vcpu.id()))
                 .spawn(move || run_loop(vcpu, &ctx, &control_for_thread));
             match spawned {
-                Ok(handle) => threads.push(VcpuThread {
-                    handle: Some(handle),
-                    kicker,
-                }),
+                Ok(handle) => threads.push(VcpuThread { handle: Some(handle), kicker }),
                 Err(e) => {
                     // Do not leave the threads already started running.
                     let mut partial = Vcpus { threads, control };

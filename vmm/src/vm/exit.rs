@@ -74,16 +74,10 @@ impl fmt::Display for Crash {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "guest crashed on vCPU {}: ", self.vcpu)?;
         match &self.kind {
-            CrashKind::TripleFault => {
-                write!(f, "triple fault (the guest hit an unhandled exception)")?
-            }
-            CrashKind::InternalError(1) => {
-                write!(f, "KVM could not emulate an instruction (internal error 1)")?
-            }
+            CrashKind::TripleFault => write!(f, "triple fault (the guest hit an unhandled exception)")?,
+            CrashKind::InternalError(1) => write!(f, "KVM could not emulate an instruction (internal error 1)")?,
             CrashKind::InternalError(code) => write!(f, "KVM internal error {code}")?,
-            CrashKind::FailEntry(reason) => {
-                write!(f, "VM entry failed (hardware reason {reason:#x})")?
-            }
+            CrashKind::FailEntry(reason) => write!(f, "VM entry failed (hardware reason {reason:#x})")?,
             CrashKind::GuestPanic => write!(f, "the guest reported a crash")?,
             CrashKind::Hypervisor(e) => write!(f, "KVM_RUN failed: {e}")?,
             CrashKind::UnexpectedExit(e) => write!(f, "unexpected VM exit {e}")?,
@@ -117,10 +111,7 @@ impl ExitState {
     }
 
     pub fn get(&self) -> Option<VmExit> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn is_set(&self) -> bool {
@@ -131,16 +122,8 @@ impl ExitState {
     pub fn wait(&self, timeout: Option<Duration>) -> Option<VmExit> {
         let guard = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         let guard = match timeout {
-            None => self
-                .reported
-                .wait_while(guard, |r| r.is_none())
-                .unwrap_or_else(|p| p.into_inner()),
-            Some(t) => {
-                self.reported
-                    .wait_timeout_while(guard, t, |r| r.is_none())
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
+            None => self.reported.wait_while(guard, |r| r.is_none()).unwrap_or_else(|p| p.into_inner()),
+            Some(t) => self.reported.wait_timeout_while(guard, t, |r| r.is_none()).unwrap_or_else(|p| p.into_inner()).0,
         };
         guard.clone()
     }
@@ -172,11 +155,7 @@ mod tests {
     fn process_status_mapping() {
         assert_eq!(VmExit::Guest(0x105).process_status(), 5);
         assert_eq!(VmExit::Reset.process_status(), 0);
-        let crash = Crash {
-            vcpu: 1,
-            kind: CrashKind::TripleFault,
-            rip: Some(0x1000),
-        };
+        let crash = Crash { vcpu: 1, kind: CrashKind::TripleFault, rip: Some(0x1000) };
         assert_eq!(VmExit::Crashed(crash.clone()).process_status(), 1);
         assert_eq!(
             crash.to_string(),

@@ -11,6 +11,7 @@ use devices::legacy::SerialConsole;
 pub use exit::{Crash, CrashKind, VmExit};
 
 use crate::boot::{BootProtocol, KernelFormat};
+use crate::device_manager::DeviceManager;
 use crate::hv::KvmVm;
 use crate::memory::GuestRam;
 use crate::vcpu::{ControlError, Target, Vcpus};
@@ -63,6 +64,7 @@ pub struct Vm {
     vcpus: Mutex<Vcpus>,
     exit: Arc<ExitState>,
     serial: Arc<Mutex<SerialConsole>>,
+    devices: Mutex<DeviceManager>,
     info: VmInfo,
     _kvm: KvmVm,
     ram: GuestRam,
@@ -73,18 +75,17 @@ impl Vm {
         vcpus: Vcpus,
         exit: Arc<ExitState>,
         serial: Arc<Mutex<SerialConsole>>,
+        devices: DeviceManager,
         info: VmInfo,
         kvm: KvmVm,
         ram: GuestRam,
     ) -> Self {
-        Self {
-            vcpus: Mutex::new(vcpus),
-            exit,
-            serial,
-            info,
-            _kvm: kvm,
-            ram,
-        }
+        Self { vcpus: Mutex::new(vcpus), exit, serial, devices: Mutex::new(devices), info, _kvm: kvm, ram }
+    }
+
+    /// The VM's virtio devices.
+    pub fn devices(&self) -> MutexGuard<'_, DeviceManager> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn vcpus(&self) -> MutexGuard<'_, Vcpus> {
@@ -149,14 +150,13 @@ impl Vm {
 
     fn finish(&self) -> VmExit {
         self.vcpus().stop();
+        self.devices().stop();
         self.exit.get().unwrap_or(VmExit::Stopped)
     }
 
     /// A handle for feeding the guest's serial input.
     pub fn serial_input(&self) -> SerialInput {
-        SerialInput {
-            serial: self.serial.clone(),
-        }
+        SerialInput { serial: self.serial.clone() }
     }
 }
 

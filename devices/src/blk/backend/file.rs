@@ -15,22 +15,12 @@ pub struct FileBackend {
 
 /// Opens a disk image file (or block device) and measures it.
 pub(super) fn open_image(path: &Path, read_only: bool) -> Result<(File, u64), BackendError> {
-    let open_err = |source| BackendError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(open_err)?;
+    let open_err = |source| BackendError::Open { path: path.to_path_buf(), source };
+    let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
     // Works for regular files and block devices alike.
     let size = io::Seek::seek(&mut &file, io::SeekFrom::End(0)).map_err(open_err)?;
     if size % 512 != 0 {
-        return Err(BackendError::Size {
-            path: path.to_path_buf(),
-            size,
-        });
+        return Err(BackendError::Size { path: path.to_path_buf(), size });
     }
     Ok((file, size))
 }
@@ -45,11 +35,7 @@ impl FileBackend {
             write_zeroes: true,
             description: format!("sync file {}", path.display()),
         };
-        Ok(Self {
-            file,
-            info,
-            done: Vec::new(),
-        })
+        Ok(Self { file, info, done: Vec::new() })
     }
 
     fn execute(&mut self, op: BlockOp) -> io::Result<u64> {
@@ -58,13 +44,9 @@ impl FileBackend {
             BlockOp::Read { offset, bufs } => read_fully(fd, offset, &bufs),
             BlockOp::Write { offset, bufs } => write_fully(fd, offset, &bufs),
             BlockOp::Flush => self.file.sync_data().map(|()| 0),
-            BlockOp::Discard { offset, len } => fallocate(
-                fd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-            .map(|()| 0),
+            BlockOp::Discard { offset, len } => {
+                fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).map(|()| 0)
+            }
             BlockOp::WriteZeroes { offset, len } => zero_range(fd, offset, len).map(|()| 0),
         }
     }
@@ -73,31 +55,19 @@ impl FileBackend {
 pub(super) fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own.
     let r = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Makes a range read as zeros: FALLOC_FL_ZERO_RANGE where supported, else writes zeros.
 pub(super) fn zero_range(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-    match fallocate(
-        fd,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    ) {
+    match fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             let zeros = vec![0u8; 64 * 1024];
             let mut done = 0;
             while done < len {
                 let n = (len - done).min(zeros.len() as u64) as usize;
-                let buf = IoBuf {
-                    addr: zeros.as_ptr() as *mut u8,
-                    len: n,
-                };
+                let buf = IoBuf { addr: zeros.as_ptr() as *mut u8, len: n };
                 write_fully(fd, offset + done, &[buf])?;
                 done += n as u64;
             }
@@ -129,14 +99,7 @@ pub(super) fn read_fully(fd: RawFd, offset: u64, bufs: &[IoBuf]) -> io::Result<u
     let mut done = 0u64;
     while !iovecs.is_empty() {
         // SAFETY: the iovecs describe guest memory kept mapped while the request is in flight.
-        let n = unsafe {
-            libc::preadv(
-                fd,
-                iovecs.as_ptr(),
-                iovecs.len().min(1024) as i32,
-                (offset + done) as i64,
-            )
-        };
+        let n = unsafe { libc::preadv(fd, iovecs.as_ptr(), iovecs.len().min(1024) as i32, (offset + done) as i64) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -164,14 +127,7 @@ pub(super) fn write_fully(fd: RawFd, offset: u64, bufs: &[IoBuf]) -> io::Result<
     let mut done = 0u64;
     while !iovecs.is_empty() {
         // SAFETY: as in read_fully.
-        let n = unsafe {
-            libc::pwritev(
-                fd,
-                iovecs.as_ptr(),
-                iovecs.len().min(1024) as i32,
-                (offset + done) as i64,
-            )
-        };
+        let n = unsafe { libc::pwritev(fd, iovecs.as_ptr(), iovecs.len().min(1024) as i32, (offset + done) as i64) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -221,11 +177,8 @@ mod tests {
     use super::*;
 
     pub(crate) fn temp_image(tag: &str, size: u64) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!(
-            "blk-{tag}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("blk-{tag}-{}-{:?}", std::process::id(), std::thread::current().id()));
         let f = File::create(&path).unwrap();
         f.set_len(size).unwrap();
         path
@@ -237,68 +190,24 @@ mod tests {
         let mut b = FileBackend::open(&path, false).unwrap();
         assert_eq!(b.info().capacity, 1 << 20);
         let mut data = vec![0xabu8; 8192];
-        let bufs = vec![
-            IoBuf {
-                addr: data.as_mut_ptr(),
-                len: 4096,
-            },
-            IoBuf {
-                addr: data[4096..].as_mut_ptr(),
-                len: 4096,
-            },
-        ];
+        let bufs =
+            vec![IoBuf { addr: data.as_mut_ptr(), len: 4096 }, IoBuf { addr: data[4096..].as_mut_ptr(), len: 4096 }];
         b.submit(1, BlockOp::Write { offset: 4096, bufs }).unwrap();
         let mut back = vec![0u8; 8192];
-        b.submit(
-            2,
-            BlockOp::Read {
-                offset: 4096,
-                bufs: vec![IoBuf {
-                    addr: back.as_mut_ptr(),
-                    len: 8192,
-                }],
-            },
-        )
-        .unwrap();
+        b.submit(2, BlockOp::Read { offset: 4096, bufs: vec![IoBuf { addr: back.as_mut_ptr(), len: 8192 }] }).unwrap();
         b.submit(3, BlockOp::Flush).unwrap();
-        b.submit(
-            4,
-            BlockOp::WriteZeroes {
-                offset: 4096,
-                len: 4096,
-            },
-        )
-        .unwrap();
-        b.submit(
-            5,
-            BlockOp::Discard {
-                offset: 8192,
-                len: 4096,
-            },
-        )
-        .unwrap();
+        b.submit(4, BlockOp::WriteZeroes { offset: 4096, len: 4096 }).unwrap();
+        b.submit(5, BlockOp::Discard { offset: 8192, len: 4096 }).unwrap();
         let mut zeroed = vec![0xffu8; 8192];
-        b.submit(
-            6,
-            BlockOp::Read {
-                offset: 4096,
-                bufs: vec![IoBuf {
-                    addr: zeroed.as_mut_ptr(),
-                    len: 8192,
-                }],
-            },
-        )
-        .unwrap();
+        b.submit(6, BlockOp::Read { offset: 4096, bufs: vec![IoBuf { addr: zeroed.as_mut_ptr(), len: 8192 }] })
+            .unwrap();
         let mut done = Vec::new();
         b.poll_completions(&mut done);
         let tokens: Vec<u64> = done.iter().map(|(t, _)| *t).collect();
         assert_eq!(tokens, vec![1, 2, 3, 4, 5, 6]);
         assert!(done.iter().all(|(_, r)| r.is_ok()));
         assert_eq!(back, data);
-        assert!(
-            zeroed.iter().all(|&b| b == 0),
-            "write-zeroes and discard read back as zeros"
-        );
+        assert!(zeroed.iter().all(|&b| b == 0), "write-zeroes and discard read back as zeros");
         std::fs::remove_file(path).unwrap();
     }
 
@@ -308,29 +217,14 @@ mod tests {
         let mut b = FileBackend::open(&path, true).unwrap();
         assert!(b.info().read_only);
         let data = vec![1u8; 512];
-        b.submit(
-            1,
-            BlockOp::Write {
-                offset: 0,
-                bufs: vec![IoBuf {
-                    addr: data.as_ptr() as *mut u8,
-                    len: 512,
-                }],
-            },
-        )
-        .unwrap();
+        b.submit(1, BlockOp::Write { offset: 0, bufs: vec![IoBuf { addr: data.as_ptr() as *mut u8, len: 512 }] })
+            .unwrap();
         let mut done = Vec::new();
         b.poll_completions(&mut done);
         assert!(done[0].1.is_err(), "writes to a read-only image fail");
         std::fs::write(&path, vec![0u8; 1000]).unwrap();
-        assert!(matches!(
-            FileBackend::open(&path, false),
-            Err(BackendError::Size { size: 1000, .. })
-        ));
+        assert!(matches!(FileBackend::open(&path, false), Err(BackendError::Size { size: 1000, .. })));
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(
-            FileBackend::open(&path, false),
-            Err(BackendError::Open { .. })
-        ));
+        assert!(matches!(FileBackend::open(&path, false), Err(BackendError::Open { .. })));
     }
 }

@@ -32,10 +32,7 @@ unsafe impl Send for IoBuf {}
 
 impl IoBuf {
     pub fn to_iovec(self) -> libc::iovec {
-        libc::iovec {
-            iov_base: self.addr.cast(),
-            iov_len: self.len,
-        }
+        libc::iovec { iov_base: self.addr.cast(), iov_len: self.len }
     }
 
     /// Zeroes the buffer.

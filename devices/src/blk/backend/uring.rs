@@ -39,9 +39,7 @@ impl UringBackend {
         let (file, capacity) = open_image(path, read_only)?;
         let ring = IoUring::new(RING_DEPTH).map_err(BackendError::Uring)?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(BackendError::Uring)?;
-        ring.submitter()
-            .register_eventfd(eventfd.as_raw_fd())
-            .map_err(BackendError::Uring)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(BackendError::Uring)?;
         let info = BlockInfo {
             capacity,
             read_only,
@@ -49,30 +47,16 @@ impl UringBackend {
             write_zeroes: true,
             description: format!("io_uring file {}", path.display()),
         };
-        Ok(Self {
-            file,
-            ring,
-            eventfd,
-            info,
-            pending: HashMap::new(),
-        })
+        Ok(Self { file, ring, eventfd, info, pending: HashMap::new() })
     }
 
-    fn push(
-        &mut self,
-        token: u64,
-        entry: io_uring::squeue::Entry,
-        pending: Pending,
-    ) -> io::Result<()> {
+    fn push(&mut self, token: u64, entry: io_uring::squeue::Entry, pending: Pending) -> io::Result<()> {
         // SAFETY: every buffer the entry references (the boxed iovec array, and the guest
         // memory it points at) stays valid until its completion is reaped: the iovecs live in
         // `self.pending` and the device keeps the guest mapping alive for in-flight requests.
         let pushed = unsafe { self.ring.submission().push(&entry.user_data(token)) };
         if pushed.is_err() {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "io_uring submission queue full",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, "io_uring submission queue full"));
         }
         self.pending.insert(token, pending);
         self.ring.submit()?;
@@ -88,14 +72,9 @@ fn zero_tail(iovecs: &[libc::iovec], mut filled: u64) {
             filled -= len;
             continue;
         }
-        let buf = IoBuf {
-            addr: iov.iov_base.cast(),
-            len: iov.iov_len,
-        };
+        let buf = IoBuf { addr: iov.iov_base.cast(), len: iov.iov_len };
         // SAFETY: the buffer belongs to a request that just completed and is not reaped yet.
-        unsafe {
-            std::ptr::write_bytes(buf.addr.add(filled as usize), 0, buf.len - filled as usize)
-        };
+        unsafe { std::ptr::write_bytes(buf.addr.add(filled as usize), 0, buf.len - filled as usize) };
         filled = 0;
     }
 }
@@ -107,65 +86,33 @@ impl BlockBackend for UringBackend {
 
     fn submit(&mut self, token: u64, op: BlockOp) -> io::Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
-        let none = || Pending {
-            iovecs: Box::new([]),
-            expected: 0,
-            is_read: false,
-        };
+        let none = || Pending { iovecs: Box::new([]), expected: 0, is_read: false };
         match op {
             BlockOp::Read { offset, bufs } => {
                 let iovecs: Box<[libc::iovec]> = bufs.iter().map(|b| b.to_iovec()).collect();
-                let entry = opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(offset)
-                    .build();
-                self.push(
-                    token,
-                    entry,
-                    Pending {
-                        expected: total_len(&bufs),
-                        iovecs,
-                        is_read: true,
-                    },
-                )
+                let entry = opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32).offset(offset).build();
+                self.push(token, entry, Pending { expected: total_len(&bufs), iovecs, is_read: true })
             }
             BlockOp::Write { offset, bufs } => {
                 if self.info.read_only {
                     return Err(io::Error::from_raw_os_error(libc::EBADF));
                 }
                 let iovecs: Box<[libc::iovec]> = bufs.iter().map(|b| b.to_iovec()).collect();
-                let entry = opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(offset)
-                    .build();
-                self.push(
-                    token,
-                    entry,
-                    Pending {
-                        expected: total_len(&bufs),
-                        iovecs,
-                        is_read: false,
-                    },
-                )
+                let entry = opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32).offset(offset).build();
+                self.push(token, entry, Pending { expected: total_len(&bufs), iovecs, is_read: false })
             }
             BlockOp::Flush => {
-                let entry = opcode::Fsync::new(fd)
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
+                let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
                 self.push(token, entry, none())
             }
             BlockOp::Discard { offset, len } => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                let entry = opcode::Fallocate::new(fd, len)
-                    .offset(offset)
-                    .mode(mode)
-                    .build();
+                let entry = opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build();
                 self.push(token, entry, none())
             }
             BlockOp::WriteZeroes { offset, len } => {
                 let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-                let entry = opcode::Fallocate::new(fd, len)
-                    .offset(offset)
-                    .mode(mode)
-                    .build();
+                let entry = opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build();
                 self.push(token, entry, none())
             }
         }
@@ -177,11 +124,7 @@ impl BlockBackend for UringBackend {
 
     fn poll_completions(&mut self, out: &mut Vec<Completion>) {
         let _ = self.eventfd.read();
-        let finished: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let finished: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (token, res) in finished {
             let Some(p) = self.pending.remove(&token) else {
                 continue;
@@ -221,15 +164,8 @@ mod tests {
         let mut done = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while done.len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "io_uring completions did not arrive"
-            );
-            let mut pfd = libc::pollfd {
-                fd: b.completion_fd().unwrap(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            assert!(Instant::now() < deadline, "io_uring completions did not arrive");
+            let mut pfd = libc::pollfd { fd: b.completion_fd().unwrap(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, 100) };
             b.poll_completions(&mut done);
@@ -244,35 +180,16 @@ mod tests {
         let mut b = UringBackend::open(&path, false).unwrap();
         let mut data: Vec<Vec<u8>> = (0..8).map(|i| vec![i as u8 + 1; 4096]).collect();
         for (i, d) in data.iter_mut().enumerate() {
-            let bufs = vec![IoBuf {
-                addr: d.as_mut_ptr(),
-                len: 4096,
-            }];
-            b.submit(
-                i as u64,
-                BlockOp::Write {
-                    offset: i as u64 * 4096,
-                    bufs,
-                },
-            )
-            .unwrap();
+            let bufs = vec![IoBuf { addr: d.as_mut_ptr(), len: 4096 }];
+            b.submit(i as u64, BlockOp::Write { offset: i as u64 * 4096, bufs }).unwrap();
         }
         assert_eq!(b.in_flight(), 8);
         let done = wait_all(&mut b, 8);
         assert!(done.iter().all(|(_, r)| matches!(r, Ok(4096))));
         b.submit(100, BlockOp::Flush).unwrap();
         let mut back = vec![0u8; 8 * 4096];
-        b.submit(
-            101,
-            BlockOp::Read {
-                offset: 0,
-                bufs: vec![IoBuf {
-                    addr: back.as_mut_ptr(),
-                    len: back.len(),
-                }],
-            },
-        )
-        .unwrap();
+        b.submit(101, BlockOp::Read { offset: 0, bufs: vec![IoBuf { addr: back.as_mut_ptr(), len: back.len() }] })
+            .unwrap();
         let done = wait_all(&mut b, 2);
         let mut tokens: Vec<u64> = done.iter().map(|(t, _)| *t).collect();
         tokens.sort();
@@ -284,13 +201,7 @@ mod tests {
         let mut tail = vec![0xeeu8; 8192];
         b.submit(
             7,
-            BlockOp::Read {
-                offset: (1 << 20) - 4096,
-                bufs: vec![IoBuf {
-                    addr: tail.as_mut_ptr(),
-                    len: 8192,
-                }],
-            },
+            BlockOp::Read { offset: (1 << 20) - 4096, bufs: vec![IoBuf { addr: tail.as_mut_ptr(), len: 8192 }] },
         )
         .unwrap();
         let done = wait_all(&mut b, 1);

@@ -2,11 +2,7 @@
 use super::{Context, Outcome, Program};
 use crate::println;
 
-pub const PROGRAM: Program = Program {
-    name: "hello",
-    about: "print a greeting and boot facts",
-    run,
-};
+pub const PROGRAM: Program = Program { name: "hello", about: "print a greeting and boot facts", run };
 
 fn run(ctx: &Context) -> Outcome {
     let cpus = crate::smp::discover_cpus().map_or(1, |c| c.count);

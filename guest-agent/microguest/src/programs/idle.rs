@@ -3,11 +3,7 @@
 use super::{Context, Outcome, Program};
 use crate::{console, println, time};
 
-pub const PROGRAM: Program = Program {
-    name: "idle",
-    about: "wait for a byte on the serial port, then exit",
-    run,
-};
+pub const PROGRAM: Program = Program { name: "idle", about: "wait for a byte on the serial port, then exit", run };
 
 fn run(_ctx: &Context) -> Outcome {
     println!("idle: ready; send any byte on the serial port to finish");

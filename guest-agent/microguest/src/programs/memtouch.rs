@@ -3,11 +3,7 @@
 use super::{Context, Failure, Outcome, Program, usage};
 use crate::{arch, println, time};
 
-pub const PROGRAM: Program = Program {
-    name: "memtouch",
-    about: "write and verify a pattern over mib=N MiB",
-    run,
-};
+pub const PROGRAM: Program = Program { name: "memtouch", about: "write and verify a pattern over mib=N MiB", run };
 
 const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 const MIB: u64 = 1 << 20;
@@ -17,10 +13,7 @@ pub fn pattern(addr: u64) -> u64 {
 }
 
 fn run(ctx: &Context) -> Outcome {
-    let mib = ctx
-        .args
-        .u64_in("mib", 16, 1, 1 << 20)
-        .map_err(|e| usage("memtouch", e))?;
+    let mib = ctx.args.u64_in("mib", 16, 1, 1 << 20).map_err(|e| usage("memtouch", e))?;
     let bytes = mib * MIB;
     // Leave the first 2 MiB after the image alone and stay inside the 16 GiB identity map.
     let floor = (arch::image_end() + 2 * MIB).next_multiple_of(2 * MIB);
@@ -60,10 +53,9 @@ fn run(ctx: &Context) -> Outcome {
         return Err(Failure::Check);
     }
     match (time::elapsed_us(t0, t1), time::elapsed_us(t1, t2)) {
-        (Some(w), Some(r)) => println!(
-            "memtouch: {mib} MiB at {start:#x} written and verified (write {} us, verify {} us)",
-            w, r
-        ),
+        (Some(w), Some(r)) => {
+            println!("memtouch: {mib} MiB at {start:#x} written and verified (write {} us, verify {} us)", w, r)
+        }
         _ => println!("memtouch: {mib} MiB at {start:#x} written and verified"),
     }
     Ok(())

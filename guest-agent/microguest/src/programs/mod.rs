@@ -34,14 +34,8 @@ pub struct Program {
     pub run: fn(&Context) -> Outcome,
 }
 
-pub static PROGRAMS: &[Program] = &[
-    hello::PROGRAM,
-    idle::PROGRAM,
-    memtouch::PROGRAM,
-    smp::PROGRAM,
-    platform::RESET,
-    platform::UNHANDLED,
-];
+pub static PROGRAMS: &[Program] =
+    &[hello::PROGRAM, idle::PROGRAM, memtouch::PROGRAM, smp::PROGRAM, platform::RESET, platform::UNHANDLED];
 
 const DEFAULT_PROGRAM: &str = "hello";
 

@@ -6,17 +6,10 @@
 use super::{Context, Failure, Outcome, Program};
 use crate::{arch, println};
 
-pub const RESET: Program = Program {
-    name: "reset",
-    about: "reset the machine through the i8042",
-    run: reset,
-};
+pub const RESET: Program = Program { name: "reset", about: "reset the machine through the i8042", run: reset };
 
-pub const UNHANDLED: Program = Program {
-    name: "unhandled",
-    about: "access a port and MMIO address nobody claims",
-    run: unhandled,
-};
+pub const UNHANDLED: Program =
+    Program { name: "unhandled", about: "access a port and MMIO address nobody claims", run: unhandled };
 
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET_CPU: u8 = 0xfe;

@@ -12,11 +12,8 @@ use microguest_protocol::MAX_CPUS;
 use super::{Context, Failure, Outcome, Program, usage};
 use crate::{console, println, smp};
 
-pub const PROGRAM: Program = Program {
-    name: "smp",
-    about: "start all CPUs; each reports in and increments a shared counter",
-    run,
-};
+pub const PROGRAM: Program =
+    Program { name: "smp", about: "start all CPUs; each reports in and increments a shared counter", run };
 
 static SHARED: AtomicU64 = AtomicU64::new(0);
 static INCREMENTS: AtomicU64 = AtomicU64::new(0);
@@ -56,19 +53,9 @@ fn ap_task(cpu_index: usize) {
 }
 
 fn run(ctx: &Context) -> Outcome {
-    let increments = ctx
-        .args
-        .u64_in("increments", 100_000, 0, 1 << 32)
-        .map_err(|e| usage("smp", e))?;
-    let timeout_ms = ctx
-        .args
-        .u64_in("timeout_ms", 10_000, 1, 600_000)
-        .map_err(|e| usage("smp", e))?;
-    let until_input = ctx
-        .args
-        .u64_in("until_input", 0, 0, 1)
-        .map_err(|e| usage("smp", e))?
-        == 1;
+    let increments = ctx.args.u64_in("increments", 100_000, 0, 1 << 32).map_err(|e| usage("smp", e))?;
+    let timeout_ms = ctx.args.u64_in("timeout_ms", 10_000, 1, 600_000).map_err(|e| usage("smp", e))?;
+    let until_input = ctx.args.u64_in("until_input", 0, 0, 1).map_err(|e| usage("smp", e))? == 1;
     INCREMENTS.store(increments, Ordering::Relaxed);
     UNTIL_STOP.store(until_input, Ordering::Relaxed);
     let Some(cpus) = smp::discover_cpus() else {
@@ -76,10 +63,7 @@ fn run(ctx: &Context) -> Outcome {
         return Err(Failure::Check);
     };
     let n = cpus.count;
-    println!(
-        "smp: cpu 0 (apic id {}) online; firmware describes {n} cpus",
-        smp::apic_id()
-    );
+    println!("smp: cpu 0 (apic id {}) online; firmware describes {n} cpus", smp::apic_id());
     let others = n.saturating_sub(1);
     if others > 0 {
         let arrived = smp::start_aps(others, ap_task, timeout_ms * 1000);

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
+use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{BootProtocol, BuildError, SerialConfig, SerialInput, VmBuilder, VmConfig};
 
 /// Exit status for bad input (flags, config file, kernel image).
@@ -15,11 +16,7 @@ pub const STATUS_BAD_INPUT: u8 = 2;
 pub const STATUS_FAILURE: u8 = 1;
 
 #[derive(Parser)]
-#[command(
-    name = "vmm",
-    version,
-    about = "A KVM virtual machine monitor for live component replacement"
-)]
+#[command(name = "vmm", version, about = "A KVM virtual machine monitor for live component replacement")]
 pub struct Cli {
     /// Log level for the VMM's own messages (on stderr).
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = parse_level)]
@@ -64,8 +61,19 @@ pub struct RunArgs {
     /// Boot protocol: auto (PVH if the kernel supports it), linux or pvh.
     #[arg(long, value_name = "PROTO", value_parser = parse_protocol)]
     pub boot_protocol: Option<BootProtocol>,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,engine=sync|io_uring][,id=NAME] or
+    /// nbd=HOST:PORT|nbd=unix:PATH[,export=NAME][,readonly=on][,id=NAME]. Repeatable.
+    #[arg(long = "disk", value_name = "OPTIONS", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-net interface: tap=NAME[,mac=MAC][,mtu=N][,id=NAME] or unix=PATH[,mac=MAC].
+    /// Repeatable.
+    #[arg(long = "net", value_name = "OPTIONS", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
+    /// The virtio-vsock device: cid=N,socket=PATH[,id=NAME].
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
     /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib, vcpus, serial,
-    /// boot_protocol, ram_backing); flags override it.
+    /// boot_protocol, ram_backing, disks, nets, vsock); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -78,9 +86,19 @@ pub struct DemoArgs {
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
-    s.parse().map_err(|_| {
-        format!("invalid log level {s:?} (expected off, error, warn, info, debug or trace)")
-    })
+    s.parse().map_err(|_| format!("invalid log level {s:?} (expected off, error, warn, info, debug or trace)"))
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse()
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    s.parse()
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {
@@ -99,57 +117,34 @@ pub struct Failure {
 
 impl Failure {
     pub fn bad_input(error: anyhow::Error) -> Self {
-        Self {
-            status: STATUS_BAD_INPUT,
-            error,
-        }
+        Self { status: STATUS_BAD_INPUT, error }
     }
 
     pub fn runtime(error: anyhow::Error) -> Self {
-        Self {
-            status: STATUS_FAILURE,
-            error,
-        }
+        Self { status: STATUS_FAILURE, error }
     }
 }
 
 impl From<BuildError> for Failure {
     fn from(e: BuildError) -> Self {
         let status = match e {
-            BuildError::Config(_) | BuildError::Boot(_) | BuildError::SerialFile { .. } => {
-                STATUS_BAD_INPUT
-            }
+            BuildError::Config(_) | BuildError::Boot(_) | BuildError::SerialFile { .. } => STATUS_BAD_INPUT,
             _ => STATUS_FAILURE,
         };
-        Failure {
-            status,
-            error: anyhow!(e),
-        }
+        Failure { status, error: anyhow!(e) }
     }
 }
 
 /// Prints a clap error as one line (help and version keep clap's own output).
 pub fn report_clap_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind::*;
-    if matches!(
-        e.kind(),
-        DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
+    if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
         let _ = e.print();
-        return ExitCode::from(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
-            STATUS_BAD_INPUT
-        } else {
-            0
-        });
+        return ExitCode::from(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand { STATUS_BAD_INPUT } else { 0 });
     }
     let rendered = e.render().to_string();
     let message = rendered.split("\n\nUsage:").next().unwrap_or(&rendered);
-    let message = message
-        .trim()
-        .trim_start_matches("error:")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let message = message.trim().trim_start_matches("error:").split_whitespace().collect::<Vec<_>>().join(" ");
     eprintln!("error: {message} (see 'vmm --help')");
     ExitCode::from(STATUS_BAD_INPUT)
 }
@@ -165,51 +160,32 @@ pub fn resolve_config(args: &RunArgs) -> Result<VmConfig, Failure> {
             fields.insert(key.to_string(), v);
         }
     };
-    set(
-        "kernel",
-        args.kernel
-            .as_ref()
-            .map(|p| Value::from(p.to_string_lossy().into_owned())),
-    );
-    set(
-        "initrd",
-        args.initrd
-            .as_ref()
-            .map(|p| Value::from(p.to_string_lossy().into_owned())),
-    );
+    set("kernel", args.kernel.as_ref().map(|p| Value::from(p.to_string_lossy().into_owned())));
+    set("initrd", args.initrd.as_ref().map(|p| Value::from(p.to_string_lossy().into_owned())));
     set("cmdline", args.cmdline.clone().map(Value::from));
     set("mem_mib", args.mem_mib.map(Value::from));
     set("vcpus", args.vcpus.map(Value::from));
-    set(
-        "serial",
-        args.serial.as_ref().map(|s| Value::from(s.to_string())),
-    );
-    set(
-        "boot_protocol",
-        args.boot_protocol.map(|p| Value::from(p.to_string())),
-    );
+    set("serial", args.serial.as_ref().map(|s| Value::from(s.to_string())));
+    set("boot_protocol", args.boot_protocol.map(|p| Value::from(p.to_string())));
+    // Device flags replace the config file's lists; serializing them cannot fail.
+    let json = |v: serde_json::Result<Value>| v.unwrap_or_default();
+    set("disks", (!args.disks.is_empty()).then(|| json(serde_json::to_value(&args.disks))));
+    set("nets", (!args.nets.is_empty()).then(|| json(serde_json::to_value(&args.nets))));
+    set("vsock", args.vsock.as_ref().map(|v| json(serde_json::to_value(v))));
     if !fields.contains_key("kernel") {
         return Err(Failure::bad_input(anyhow!(
             "no kernel given: pass --kernel PATH or set \"kernel\" in the --config file"
         )));
     }
-    serde_json::from_value(Value::Object(fields))
-        .map_err(|e| Failure::bad_input(anyhow!("invalid configuration: {e}")))
+    serde_json::from_value(Value::Object(fields)).map_err(|e| Failure::bad_input(anyhow!("invalid configuration: {e}")))
 }
 
 fn read_config_file(path: &Path) -> anyhow::Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(anyhow!(
-            "config file {}: expected a JSON object",
-            path.display()
-        )),
-        Err(e) => Err(anyhow!(
-            "config file {} is not valid JSON: {e}",
-            path.display()
-        )),
+        Ok(_) => Err(anyhow!("config file {}: expected a JSON object", path.display())),
+        Err(e) => Err(anyhow!("config file {} is not valid JSON: {e}", path.display())),
     }
 }
 
@@ -255,23 +231,21 @@ fn process_cpu_ms() -> f64 {
 
 /// Copies stdin into the guest's serial port on a background thread.
 fn forward_stdin_to(input: SerialInput) {
-    let spawned = std::thread::Builder::new()
-        .name("serial-stdin".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin();
-            let mut buf = [0u8; 256];
-            while let Ok(n @ 1..) = stdin.read(&mut buf) {
-                let mut sent = 0;
-                while sent < n {
-                    let accepted = input.send(&buf[sent..n]);
-                    sent += accepted;
-                    if accepted == 0 {
-                        // The guest has not drained its receive FIFO yet.
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
+    let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        while let Ok(n @ 1..) = stdin.read(&mut buf) {
+            let mut sent = 0;
+            while sent < n {
+                let accepted = input.send(&buf[sent..n]);
+                sent += accepted;
+                if accepted == 0 {
+                    // The guest has not drained its receive FIFO yet.
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         log::warn!("serial input disabled: {e}");
     }
@@ -282,10 +256,6 @@ pub fn export_microguest(path: &Path) -> Result<u8, Failure> {
     std::fs::write(path, guest_agent::microguest())
         .with_context(|| format!("cannot write {}", path.display()))
         .map_err(Failure::runtime)?;
-    eprintln!(
-        "wrote the microguest ({} bytes) to {}",
-        guest_agent::microguest().len(),
-        path.display()
-    );
+    eprintln!("wrote the microguest ({} bytes) to {}", guest_agent::microguest().len(), path.display());
     Ok(0)
 }

@@ -17,13 +17,7 @@ struct Step {
 }
 
 const STEPS: &[Step] = &[
-    Step {
-        title: "boot through PVH",
-        cmdline: "prog=hello",
-        vcpus: 1,
-        mem_mib: 64,
-        protocol: BootProtocol::Auto,
-    },
+    Step { title: "boot through PVH", cmdline: "prog=hello", vcpus: 1, mem_mib: 64, protocol: BootProtocol::Auto },
     Step {
         title: "boot through the 64-bit Linux entry",
         cmdline: "prog=hello",
@@ -87,11 +81,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, Failure> {
             .serial_output(SerialOutput::Stdout)
             .start()?;
         let exit = vm.wait();
-        say(format!(
-            "   -> {exit} after {:.1} ms ({} entry)",
-            ms(started.elapsed()),
-            vm.info().boot_protocol
-        ));
+        say(format!("   -> {exit} after {:.1} ms ({} entry)", ms(started.elapsed()), vm.info().boot_protocol));
         if exit != VmExit::Guest(0) {
             failures += 1;
         }
@@ -114,9 +104,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, Failure> {
         resumes.push(t.elapsed());
     }
     vm.serial_input().send(b"\n");
-    let exit = vm
-        .wait_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|| vm.stop());
+    let exit = vm.wait_timeout(Duration::from_secs(30)).unwrap_or_else(|| vm.stop());
     pauses.sort();
     resumes.sort();
     say(format!(

@@ -17,10 +17,7 @@ use cli::{Cli, Command, Failure};
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         // One line, no backtrace: a panic is a VMM bug, reported as such.
-        let location = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         let message = info
             .payload()
             .downcast_ref::<&str>()

@@ -2,11 +2,16 @@
 //! [`VmBuilder`](crate::VmBuilder) assembles. Validation happens here, before any resource is
 //! taken, so bad input costs nothing.
 
+mod devices;
+
+use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+pub use devices::{BlockEngine, DiskConfig, NbdAddress, NetConfig, VsockConfig, parse_mac};
 
 use crate::boot::BootProtocol;
 use crate::memory::RamBacking;
@@ -43,13 +48,9 @@ impl FromStr for SerialConfig {
             "stdout" => Ok(SerialConfig::Stdout),
             "none" => Ok(SerialConfig::None),
             _ => match s.strip_prefix("file:") {
-                Some("") => {
-                    Err("serial \"file:\" needs a path, as in file:/tmp/console.log".into())
-                }
+                Some("") => Err("serial \"file:\" needs a path, as in file:/tmp/console.log".into()),
                 Some(path) => Ok(SerialConfig::File(path.into())),
-                None => Err(format!(
-                    "invalid serial {s:?}: expected stdout, none or file:PATH"
-                )),
+                None => Err(format!("invalid serial {s:?}: expected stdout, none or file:PATH")),
             },
         }
     }
@@ -108,6 +109,12 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocol,
     #[serde(default)]
     pub ram_backing: RamBacking,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A configuration that cannot work; the message names the field.
@@ -123,7 +130,16 @@ pub enum ConfigError {
     Missing { what: &'static str, path: PathBuf },
     #[error("{what} {path} is not a regular file")]
     NotAFile { what: &'static str, path: PathBuf },
+    #[error("{0}")]
+    Device(String),
+    #[error("device id {0:?} is used twice")]
+    DuplicateId(String),
+    #[error("{0} virtio devices requested; at most {max} fit", max = MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
 }
+
+/// virtio-mmio windows available (one interrupt line each, GSI 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
@@ -137,7 +153,18 @@ impl VmConfig {
             serial: SerialConfig::default(),
             boot_protocol: BootProtocol::default(),
             ram_backing: RamBacking::default(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         }
+    }
+
+    /// Device ids, with defaults (`disk0`, `net0`, `vsock`) filled in, in device order.
+    pub fn device_ids(&self) -> Vec<String> {
+        let disks = self.disks.iter().enumerate().map(|(i, d)| d.id.clone().unwrap_or(format!("disk{i}")));
+        let nets = self.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or(format!("net{i}")));
+        let vsock = self.vsock.iter().map(|v| v.id.clone().unwrap_or("vsock".into()));
+        disks.chain(nets).chain(vsock).collect()
     }
 
     /// Checks everything that can be checked without the hypervisor; `max_vcpus` is the
@@ -151,14 +178,33 @@ impl VmConfig {
         }
         let max = max_vcpus.map_or(MAX_VCPUS, |m| m.min(MAX_VCPUS));
         if self.vcpus == 0 || self.vcpus > max {
-            return Err(ConfigError::VcpuCount {
-                got: self.vcpus,
-                max,
-            });
+            return Err(ConfigError::VcpuCount { got: self.vcpus, max });
         }
         check_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd)?;
+        }
+        for disk in &self.disks {
+            disk.check().map_err(|e| ConfigError::Device(format!("disk: {e}")))?;
+            if let Some(path) = &disk.path
+                && std::fs::metadata(path).is_err()
+            {
+                return Err(ConfigError::Missing { what: "disk image", path: path.clone() });
+            }
+        }
+        for net in &self.nets {
+            net.check().map_err(|e| ConfigError::Device(format!("net: {e}")))?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.check().map_err(|e| ConfigError::Device(format!("vsock: {e}")))?;
+        }
+        let ids = self.device_ids();
+        if ids.len() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(ids.len()));
+        }
+        let mut seen = HashSet::new();
+        if let Some(dup) = ids.iter().find(|id| !seen.insert(id.as_str())) {
+            return Err(ConfigError::DuplicateId(dup.clone()));
         }
         Ok(())
     }
@@ -166,14 +212,8 @@ impl VmConfig {
 
 fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
     match std::fs::metadata(path) {
-        Err(_) => Err(ConfigError::Missing {
-            what,
-            path: path.clone(),
-        }),
-        Ok(m) if !m.is_file() => Err(ConfigError::NotAFile {
-            what,
-            path: path.clone(),
-        }),
+        Err(_) => Err(ConfigError::Missing { what, path: path.clone() }),
+        Ok(m) if !m.is_file() => Err(ConfigError::NotAFile { what, path: path.clone() }),
         Ok(_) => Ok(()),
     }
 }
@@ -186,23 +226,13 @@ mod tests {
     fn json_defaults_and_unknown_keys() {
         let c: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
         assert_eq!(c, VmConfig::new("/k"));
-        let c: VmConfig = serde_json::from_str(
-            r#"{"kernel": "/k", "mem_mib": 64, "vcpus": 4, "serial": "file:/tmp/x"}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            (c.mem_mib, c.vcpus, c.serial),
-            (64, 4, SerialConfig::File("/tmp/x".into()))
-        );
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "mem_mib": 64, "vcpus": 4, "serial": "file:/tmp/x"}"#).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus, c.serial), (64, 4, SerialConfig::File("/tmp/x".into())));
         let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "memory": 1}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `memory`"), "{err}");
-        let err =
-            serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "serial": "tty"}"#).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("expected stdout, none or file:PATH"),
-            "{err}"
-        );
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "serial": "tty"}"#).unwrap_err();
+        assert!(err.to_string().contains("expected stdout, none or file:PATH"), "{err}");
     }
 
     #[test]
@@ -222,22 +252,13 @@ mod tests {
         assert_eq!(c.validate(None), Err(ConfigError::TooLittleMemory(1)));
         c.mem_mib = 64;
         c.vcpus = 9;
-        assert_eq!(
-            c.validate(Some(8)),
-            Err(ConfigError::VcpuCount { got: 9, max: 8 })
-        );
+        assert_eq!(c.validate(Some(8)), Err(ConfigError::VcpuCount { got: 9, max: 8 }));
         c.vcpus = 0;
         assert!(c.validate(None).is_err());
         c.vcpus = 1;
         c.kernel = "/nonexistent/kernel".into();
-        assert_eq!(
-            c.validate(None).unwrap_err().to_string(),
-            "kernel /nonexistent/kernel does not exist"
-        );
+        assert_eq!(c.validate(None).unwrap_err().to_string(), "kernel /nonexistent/kernel does not exist");
         c.kernel = std::env::temp_dir();
-        assert!(matches!(
-            c.validate(None),
-            Err(ConfigError::NotAFile { .. })
-        ));
+        assert!(matches!(c.validate(None), Err(ConfigError::NotAFile { .. })));
     }
 }

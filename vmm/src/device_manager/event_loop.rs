@@ -1,0 +1,82 @@
+//! The device event loop: one thread that runs every device's request processing, so no
+//! device work ever happens on a vCPU thread.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberOps};
+
+/// Anything the loop can drive.
+pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
+
+/// Subscribers collected while the VM is being built, before the loop starts.
+pub struct EventLoopBuilder {
+    manager: EventManager<Subscriber>,
+}
+
+impl EventLoopBuilder {
+    pub fn new() -> std::io::Result<Self> {
+        let manager = EventManager::new().map_err(|e| std::io::Error::other(format!("event manager: {e:?}")))?;
+        Ok(Self { manager })
+    }
+
+    pub fn add(&mut self, subscriber: Subscriber) {
+        self.manager.add_subscriber(subscriber);
+    }
+
+    /// Starts the loop thread.
+    pub fn start(self) -> std::io::Result<EventLoop> {
+        let mut manager = self.manager;
+        let endpoint = manager.remote_endpoint();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::Builder::new().name("devices".into()).spawn(move || {
+            while !stop_flag.load(Ordering::Acquire) {
+                if let Err(e) = manager.run() {
+                    log::error!("device event loop: {e:?}");
+                    break;
+                }
+            }
+        })?;
+        Ok(EventLoop { endpoint, stop, thread: Some(thread) })
+    }
+}
+
+/// The running device event loop.
+pub struct EventLoop {
+    endpoint: RemoteEndpoint<Subscriber>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventLoop {
+    /// Runs `f` on the loop thread and returns its result (for work that must not race with
+    /// device processing, such as adding a device at run time).
+    /// Must not be called from the loop thread itself (it would wait for itself).
+    pub fn call<F, O>(&self, f: F) -> Result<O, String>
+    where
+        F: FnOnce(&mut dyn SubscriberOps<Subscriber = Subscriber>) -> O + Send + 'static,
+        O: Send + 'static,
+    {
+        self.endpoint
+            .call_blocking(move |ops| Ok::<O, event_manager::Error>(f(ops)))
+            .map_err(|e| format!("device event loop unavailable: {e:?}"))
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.endpoint.kick();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the device event loop panicked");
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
