@@ -324,7 +324,8 @@ mod tests {
     #[test]
     fn hostile_chains_are_rejected_with_a_status_when_possible() {
         let m = mem();
-        let cases: &[(&[(u64, u32, u16)], u32, u64, u8, bool)] = &[
+        type Case<'a> = (&'a [(u64, u32, u16)], u32, u64, u8, bool);
+        let cases: &[Case] = &[
             // (descs, type, sector, expected code, status reportable)
             (
                 &[(0x8000, 16, 0), (0x9000, 4096, F_WRITE), (0xa000, 1, F_WRITE)],

@@ -225,7 +225,7 @@ impl BusDevice for MmioTransport {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             dev.core().guest_error("unaligned or non-32-bit register read", format_args!("offset {offset:#x}"));
             data.fill(0);
             return;
@@ -240,7 +240,7 @@ impl BusDevice for MmioTransport {
             dev.write_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             dev.core().guest_error("unaligned or non-32-bit register write", format_args!("offset {offset:#x}"));
             return;
         }
