@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Boot a kernel and run it until the guest ends.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Boot the bundled microguest and show what the VMM can do.
     Demo(DemoArgs),
     /// Write the bundled microguest image to a file (to use with `vmm run --kernel`).
