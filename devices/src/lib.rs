@@ -13,8 +13,10 @@ pub mod interrupt;
 pub mod legacy;
 pub mod lifecycle;
 pub mod metrics;
+pub mod net;
 pub mod ratelimit;
 pub mod virtio;
+pub mod vsock;
 
 /// The guest memory type used throughout the VMM.
 pub type GuestMem = vm_memory::GuestMemoryMmap<()>;

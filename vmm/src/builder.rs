@@ -9,11 +9,13 @@ use devices::blk::{BlockBackend, FileBackend, UringBackend, VirtioBlock};
 use devices::bus::{Bus, BusError, BusRange};
 use devices::interrupt::EventFdInterrupt;
 use devices::legacy::{DebugExit, I8042, SerialConsole, SerialOutput, ports};
+use devices::net::{NetBackend, NetSettings, TapBackend, UnixBackend, VirtioNet};
+use devices::vsock::{UnixVsockBackend, VirtioVsock};
 use vm_memory::GuestAddressSpace;
 
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
-use crate::config::{BlockEngine, ConfigError, DiskConfig, SerialConfig, VmConfig};
+use crate::config::{BlockEngine, ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, parse_mac};
 use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder};
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
@@ -155,6 +157,18 @@ impl VmBuilder {
             let backend = open_disk(disk, id)?;
             devices.add(&kvm, id, |irq, mem| VirtioBlock::new(backend, id, irq, mem), DeviceHandle::Block)?;
         }
+        for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
+            let (backend, settings) = open_net(net, id)?;
+            devices.add(&kvm, id, |irq, mem| VirtioNet::new(backend, settings, irq, mem), DeviceHandle::Net)?;
+        }
+        if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
+            let backend = UnixVsockBackend::bind(&vsock.socket).map_err(|e| DeviceError::Backend {
+                id: id.clone(),
+                reason: format!("cannot listen on {}: {e}", vsock.socket.display()),
+            })?;
+            let cid = vsock.cid;
+            devices.add(&kvm, id, |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem), DeviceHandle::Vsock)?;
+        }
 
         // Devices are announced on the command line (the microguest, kernels with
         // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI DSDT (distribution kernels).
@@ -225,6 +239,31 @@ fn open_disk(disk: &DiskConfig, id: &str) -> Result<Box<dyn BlockBackend>, Build
         (None, None) => return Err(ConfigError::Device(format!("disk {id}: needs path= or nbd=")).into()),
     };
     Ok(backend)
+}
+
+/// Opens a NIC's backend and settles its identity.
+fn open_net(net: &NetConfig, id: &str) -> Result<(Box<dyn NetBackend>, NetSettings), BuildError> {
+    let backend_err = |what: String, e: std::io::Error| DeviceError::Backend { id: id.to_string(), reason: format!("{what}: {e}") };
+    let backend: Box<dyn NetBackend> = match (&net.tap, &net.unix) {
+        (Some(tap), _) => Box::new(TapBackend::open(tap).map_err(|e| backend_err(format!("cannot open tap {tap}"), e))?),
+        (None, Some(path)) => Box::new(
+            UnixBackend::connect(path).map_err(|e| backend_err(format!("cannot connect to {}", path.display()), e))?,
+        ),
+        (None, None) => return Err(ConfigError::Device(format!("net {id}: needs tap= or unix=")).into()),
+    };
+    let mac = match &net.mac {
+        Some(mac) => parse_mac(mac).map_err(ConfigError::Device)?,
+        None => generated_mac(),
+    };
+    Ok((backend, NetSettings { mac, mtu: net.mtu }))
+}
+
+/// A random locally administered unicast MAC in QEMU's customary 52:54:00 prefix.
+fn generated_mac() -> [u8; 6] {
+    let mut tail = [0u8; 3];
+    // SAFETY: getrandom fills the buffer we pass; on failure the tail stays zero.
+    unsafe { libc::getrandom(tail.as_mut_ptr().cast(), tail.len(), 0) };
+    [0x52, 0x54, 0x00, tail[0], tail[1], tail[2]]
 }
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {

@@ -7,6 +7,8 @@ mod event_loop;
 use std::sync::{Arc, Mutex};
 
 use devices::blk::VirtioBlock;
+use devices::net::VirtioNet;
+use devices::vsock::VirtioVsock;
 use devices::bus::{Bus, BusRange, lock_device};
 use devices::interrupt::{EventFdInterrupt, InterruptLine};
 use devices::metrics::RequestMetrics;
@@ -43,12 +45,16 @@ impl MmioSlot {
 #[derive(Clone)]
 pub enum DeviceHandle {
     Block(Arc<Mutex<VirtioBlock>>),
+    Net(Arc<Mutex<VirtioNet>>),
+    Vsock(Arc<Mutex<VirtioVsock>>),
 }
 
 impl DeviceHandle {
     pub fn kind(&self) -> &'static str {
         match self {
             DeviceHandle::Block(_) => "block",
+            DeviceHandle::Net(_) => "net",
+            DeviceHandle::Vsock(_) => "vsock",
         }
     }
 
@@ -56,12 +62,23 @@ impl DeviceHandle {
     pub fn backend_description(&self) -> String {
         match self {
             DeviceHandle::Block(d) => lock_device(d).backend().info().description.clone(),
+            DeviceHandle::Net(d) => lock_device(d).backend().description(),
+            DeviceHandle::Vsock(d) => lock_device(d).backend().description(),
         }
     }
 
-    pub fn metrics(&self) -> Arc<RequestMetrics> {
+    /// Request counters by direction ("io" for block, "rx"/"tx" for net).
+    pub fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
         match self {
-            DeviceHandle::Block(d) => lock_device(d).metrics(),
+            DeviceHandle::Block(d) => vec![("io", lock_device(d).metrics())],
+            DeviceHandle::Net(d) => {
+                let (rx, tx) = lock_device(d).metrics();
+                vec![("rx", rx), ("tx", tx)]
+            }
+            DeviceHandle::Vsock(d) => {
+                let (rx, tx) = lock_device(d).metrics();
+                vec![("rx", rx), ("tx", tx)]
+            }
         }
     }
 }

@@ -1,0 +1,348 @@
+//! The virtio-net device: guest frames from the TX queue go to the backend; frames from the
+//! backend fill the RX queue's buffers (merged across several when negotiated).
+//!
+//! Nothing is dropped for lack of room: when the backend cannot take a frame, TX waits for it
+//! to become writable; when the guest has no RX buffers, the frame waits and the backend is not
+//! read until the guest adds some.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::EventSet;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::backend::{MAX_FRAME, NetBackend};
+use crate::interrupt::InterruptLine;
+use crate::metrics::RequestMetrics;
+use crate::virtio::{
+    ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
+};
+use crate::SharedGuestMem;
+
+pub const NET_QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const BACKEND_TOKEN: u32 = DEVICE_TOKEN_BASE;
+/// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+const HDR_LEN: usize = 12;
+/// Frames handled per event before yielding to other devices.
+const BUDGET: usize = 256;
+
+mod feature {
+    pub const MTU: u64 = 1 << 3;
+    pub const MAC: u64 = 1 << 5;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+}
+const LINK_UP: u16 = 1;
+
+/// Identity of the NIC, kept across backend swaps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetSettings {
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+}
+
+pub struct VirtioNet {
+    core: VirtioCore,
+    backend: Box<dyn NetBackend>,
+    settings: NetSettings,
+    /// A guest frame the backend could not take yet, and its descriptor head.
+    pending_tx: Option<(u16, Vec<u8>)>,
+    /// A frame from the backend waiting for RX buffers.
+    pending_rx: Option<Vec<u8>>,
+    rx_buf: Vec<u8>,
+    rx_metrics: Arc<RequestMetrics>,
+    tx_metrics: Arc<RequestMetrics>,
+}
+
+impl VirtioNet {
+    pub fn new(
+        backend: Box<dyn NetBackend>,
+        settings: NetSettings,
+        interrupt: Box<dyn InterruptLine>,
+        memory: SharedGuestMem,
+    ) -> io::Result<Self> {
+        let mut avail = features::VERSION_1 | features::RING_EVENT_IDX | feature::MAC | feature::MRG_RXBUF | feature::STATUS;
+        if settings.mtu.is_some() {
+            avail |= feature::MTU;
+        }
+        let core = VirtioCore::new(DeviceType::Net, avail, &[NET_QUEUE_SIZE, NET_QUEUE_SIZE], interrupt, memory)?;
+        Ok(Self {
+            core,
+            backend,
+            settings,
+            pending_tx: None,
+            pending_rx: None,
+            rx_buf: vec![0; MAX_FRAME],
+            rx_metrics: Arc::default(),
+            tx_metrics: Arc::default(),
+        })
+    }
+
+    pub fn backend(&self) -> &dyn NetBackend {
+        &*self.backend
+    }
+
+    pub fn settings(&self) -> NetSettings {
+        self.settings
+    }
+
+    /// Counters for received (host to guest) and transmitted (guest to host) frames.
+    pub fn metrics(&self) -> (Arc<RequestMetrics>, Arc<RequestMetrics>) {
+        (self.rx_metrics.clone(), self.tx_metrics.clone())
+    }
+
+    /// Sends the waiting frame, if any; false if the backend still cannot take it.
+    fn flush_pending_tx(&mut self) -> bool {
+        let Some((head, frame)) = self.pending_tx.take() else { return true };
+        match self.backend.send(&frame) {
+            Ok(()) => {
+                self.tx_metrics.record(std::time::Duration::ZERO, true, 0, frame.len() as u64);
+                self.core.complete(TX, head, 0);
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.pending_tx = Some((head, frame));
+                false
+            }
+            Err(e) => {
+                self.core.guest_error("backend send failed, frame dropped", format_args!("{e}"));
+                self.tx_metrics.record_rejected();
+                self.core.complete(TX, head, 0);
+                true
+            }
+        }
+    }
+
+    fn process_tx(&mut self) {
+        if !self.flush_pending_tx() {
+            return;
+        }
+        let Self { core, backend, pending_tx, tx_metrics, .. } = self;
+        QueueProcessor::drain(core, TX, |core, chain| {
+            let head = chain.head_index();
+            let mem = core.mem();
+            let mut frame = Vec::with_capacity(1514 + HDR_LEN);
+            let mut bad = false;
+            for desc in chain {
+                if desc.is_write_only() || frame.len() + desc.len() as usize > MAX_FRAME + HDR_LEN {
+                    bad = true;
+                    break;
+                }
+                let start = frame.len();
+                frame.resize(start + desc.len() as usize, 0);
+                if mem.read_slice(&mut frame[start..], desc.addr()).is_err() {
+                    bad = true;
+                    break;
+                }
+            }
+            drop(mem);
+            if bad || frame.len() < HDR_LEN {
+                core.guest_error("malformed TX chain dropped", format_args!("head {head}"));
+                tx_metrics.record_rejected();
+                core.complete(TX, head, 0);
+                return true;
+            }
+            match backend.send(&frame[HDR_LEN..]) {
+                Ok(()) => {
+                    tx_metrics.record(std::time::Duration::ZERO, true, 0, (frame.len() - HDR_LEN) as u64);
+                    core.complete(TX, head, 0);
+                    true
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    frame.drain(..HDR_LEN);
+                    *pending_tx = Some((head, frame));
+                    false
+                }
+                Err(e) => {
+                    core.guest_error("backend send failed, frame dropped", format_args!("{e}"));
+                    tx_metrics.record_rejected();
+                    core.complete(TX, head, 0);
+                    true
+                }
+            }
+        });
+    }
+
+    /// Moves frames from the backend into RX buffers until either runs out.
+    fn process_rx(&mut self) {
+        for _ in 0..BUDGET {
+            if self.core.quiesced || !self.core.activated {
+                return;
+            }
+            let frame = match self.pending_rx.take() {
+                Some(frame) => frame,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(n) => self.rx_buf[..n].to_vec(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) => {
+                        self.core.guest_error("backend receive failed", format_args!("{e}"));
+                        return;
+                    }
+                },
+            };
+            let started = Instant::now();
+            match self.deliver(&frame) {
+                Some(true) => self.rx_metrics.record(started.elapsed(), true, frame.len() as u64, 0),
+                Some(false) => self.rx_metrics.record_rejected(),
+                None => {
+                    // No RX buffers: keep the frame and stop reading the backend. Ask the
+                    // driver to kick when it adds buffers (with EVENT_IDX it only does when
+                    // re-armed), and retry at once if some arrived in the meantime.
+                    self.pending_rx = Some(frame);
+                    let mem = self.core.mem();
+                    match self.core.queues[RX].enable_notification(&*mem) {
+                        Ok(true) => continue,
+                        _ => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one frame into as many RX chains as it needs. `None`: not enough buffers
+    /// available (nothing consumed); `Some(false)`: dropped because the guest's buffers cannot
+    /// hold it; `Some(true)`: delivered.
+    fn deliver(&mut self, frame: &[u8]) -> Option<bool> {
+        let mergeable = self.core.has_feature(feature::MRG_RXBUF);
+        let need = HDR_LEN + frame.len();
+        let mem = self.core.mem();
+        let start_avail = self.core.queues[RX].next_avail();
+
+        // First gather enough buffers, so num_buffers is known before anything is written.
+        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
+        let mut capacity = 0usize;
+        while capacity < need {
+            let Some(chain) = self.core.queues[RX].pop_descriptor_chain(mem.clone()) else {
+                self.core.queues[RX].set_next_avail(start_avail);
+                return None;
+            };
+            let head = chain.head_index();
+            let segs: Vec<(GuestAddress, usize)> =
+                chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
+            capacity += segs.iter().map(|s| s.1).sum::<usize>();
+            chains.push((head, segs));
+            if !mergeable {
+                break;
+            }
+        }
+
+        let mut packet = vec![0u8; HDR_LEN];
+        // num_buffers (the header's last field) is 1 unless buffers are merged.
+        packet[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+        packet.extend_from_slice(frame);
+        let fits = capacity >= need;
+        if !fits {
+            self.core.guest_error("RX buffers too small for the frame", format_args!("{} bytes", frame.len()));
+        }
+
+        let mut written = 0usize;
+        let mut ok = fits;
+        for (head, segs) in chains {
+            let mut chain_len = 0u32;
+            for (addr, len) in segs {
+                if !ok || written == packet.len() {
+                    break;
+                }
+                let n = len.min(packet.len() - written);
+                if mem.write_slice(&packet[written..written + n], addr).is_err() {
+                    self.core.guest_error("RX buffer outside guest memory", format_args!("head {head}"));
+                    ok = false;
+                    break;
+                }
+                written += n;
+                chain_len += n as u32;
+            }
+            let len = if ok { chain_len } else { 0 };
+            if self.core.queues[RX].add_used(&*mem, head, len).is_err() {
+                self.core.guest_error("bad used ring", format_args!("RX head {head}"));
+            }
+        }
+        drop(mem);
+        self.core.notify_if_needed(RX);
+        Some(ok && written == packet.len())
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn core(&self) -> &VirtioCore {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut VirtioCore {
+        &mut self.core
+    }
+
+    /// `struct virtio_net_config`: mac, status, max_virtqueue_pairs, mtu.
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 12];
+        c[0..6].copy_from_slice(&self.settings.mac);
+        c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&self.settings.mtu.unwrap_or(1500).to_le_bytes());
+        c
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        self.core.guest_error("write to read-only config space", format_args!("offset {offset:#x}"));
+    }
+
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.pending_tx = None;
+        self.pending_rx = None;
+    }
+
+    fn queue_notified(&mut self, index: usize) {
+        if !self.core.accept_notification(index) {
+            return;
+        }
+        match index {
+            RX => self.process_rx(),
+            TX => self.process_tx(),
+            _ => {}
+        }
+    }
+
+    fn event_sources(&self) -> Vec<EventSource> {
+        let mut events = EventSet::empty();
+        // Read the backend only when there is somewhere to put frames.
+        if self.core.activated && !self.core.quiesced && self.pending_rx.is_none() {
+            events |= EventSet::IN;
+        }
+        // Wait for room when a guest frame is stuck (also while draining).
+        if self.pending_tx.is_some() {
+            events |= EventSet::OUT;
+        }
+        if events.is_empty() {
+            return Vec::new();
+        }
+        vec![EventSource { fd: self.backend.fd(), token: BACKEND_TOKEN, events }]
+    }
+
+    fn handle_event(&mut self, token: u32, events: EventSet) {
+        if token != BACKEND_TOKEN {
+            return;
+        }
+        if events.contains(EventSet::OUT) {
+            self.process_tx();
+        }
+        if events.contains(EventSet::IN) {
+            self.process_rx();
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        usize::from(self.pending_tx.is_some())
+    }
+
+    fn poll_backend(&mut self) {
+        self.flush_pending_tx();
+    }
+}
