@@ -167,7 +167,12 @@ impl VmBuilder {
                 reason: format!("cannot listen on {}: {e}", vsock.socket.display()),
             })?;
             let cid = vsock.cid;
-            devices.add(&kvm, id, |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem), DeviceHandle::Vsock)?;
+            devices.add(
+                &kvm,
+                id,
+                |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem),
+                DeviceHandle::Vsock,
+            )?;
         }
 
         // Devices are announced on the command line (the microguest, kernels with
@@ -243,9 +248,12 @@ fn open_disk(disk: &DiskConfig, id: &str) -> Result<Box<dyn BlockBackend>, Build
 
 /// Opens a NIC's backend and settles its identity.
 fn open_net(net: &NetConfig, id: &str) -> Result<(Box<dyn NetBackend>, NetSettings), BuildError> {
-    let backend_err = |what: String, e: std::io::Error| DeviceError::Backend { id: id.to_string(), reason: format!("{what}: {e}") };
+    let backend_err =
+        |what: String, e: std::io::Error| DeviceError::Backend { id: id.to_string(), reason: format!("{what}: {e}") };
     let backend: Box<dyn NetBackend> = match (&net.tap, &net.unix) {
-        (Some(tap), _) => Box::new(TapBackend::open(tap).map_err(|e| backend_err(format!("cannot open tap {tap}"), e))?),
+        (Some(tap), _) => {
+            Box::new(TapBackend::open(tap).map_err(|e| backend_err(format!("cannot open tap {tap}"), e))?)
+        }
         (None, Some(path)) => Box::new(
             UnixBackend::connect(path).map_err(|e| backend_err(format!("cannot connect to {}", path.display()), e))?,
         ),

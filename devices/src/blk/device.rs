@@ -344,3 +344,161 @@ impl VirtioDevice for VirtioBlock {
         self.reap();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::blk::FileBackend;
+    use crate::blk::request::{request_type, status};
+    use crate::lifecycle::Lifecycle;
+    use crate::virtio::testing::{F_WRITE, add_chain, install, irq, memory, used};
+
+    const QS: u16 = BLOCK_QUEUE_SIZE;
+
+    fn image(tag: &str, fill: u8) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("blkdev-{tag}-{}", std::process::id()));
+        std::fs::File::create(&path).unwrap().write_all(&vec![fill; 1 << 20]).unwrap();
+        path
+    }
+
+    fn device(path: &std::path::Path, read_only: bool) -> (VirtioBlock, Arc<crate::virtio::testing::CountingIrq>) {
+        let (count, line) = irq();
+        let backend = Box::new(FileBackend::open(path, read_only).unwrap());
+        let mut dev = VirtioBlock::new(backend, "test-disk-serial", line, memory()).unwrap();
+        install(&mut dev.core, &[QS]);
+        (dev, count)
+    }
+
+    fn header(mem: &GuestMem, at: u64, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(at)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    #[test]
+    fn write_then_read_through_the_queue() {
+        let path = image("rw", 0);
+        let (mut dev, irqs) = device(&path, false);
+        let mem = dev.core.mem();
+        header(&mem, 0x8_0000, request_type::OUT, 2);
+        mem.write_slice(&[0xa5; 1024], GuestAddress(0x8_1000)).unwrap();
+        add_chain(&dev.core, 0, &[(0x8_0000, 16, 0), (0x8_1000, 1024, 0), (0x8_2000, 1, F_WRITE)], 0);
+        header(&mem, 0x9_0000, request_type::IN, 2);
+        add_chain(&dev.core, 0, &[(0x9_0000, 16, 0), (0x9_1000, 1024, F_WRITE), (0x9_2000, 1, F_WRITE)], 3);
+        dev.queue_notified(0);
+        let (n, elems) = used(&dev.core, 0);
+        assert_eq!(n, 2);
+        assert_eq!(elems, vec![(0, 1), (3, 1025)], "write returns the status byte, read the data too");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8_2000)).unwrap(), status::OK);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x9_2000)).unwrap(), status::OK);
+        let mut back = [0u8; 1024];
+        mem.read_slice(&mut back, GuestAddress(0x9_1000)).unwrap();
+        assert_eq!(back, [0xa5; 1024]);
+        assert!(irqs.0.load(std::sync::atomic::Ordering::SeqCst) > 0);
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk[1024..2048].iter().all(|&b| b == 0xa5), "data landed at sector 2");
+        let m = dev.metrics.snapshot();
+        assert_eq!((m.requests, m.errors, m.bytes_written, m.bytes_read), (2, 0, 1024, 1024));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn hostile_requests_get_error_statuses_and_never_stall_the_queue() {
+        let path = image("hostile", 0);
+        let (mut dev, _) = device(&path, true);
+        let mem = dev.core.mem();
+        let mut next = 0u16;
+        let mut add = |descs: &[(u64, u32, u16)]| {
+            add_chain(&dev.core, 0, descs, next);
+            next += descs.len() as u16;
+        };
+        header(&mem, 0x8_0000, request_type::IN, 2040); // 8 sectors from 2040: beyond 2048
+        add(&[(0x8_0000, 16, 0), (0x8_1000, 8192, F_WRITE), (0x8_3000, 1, F_WRITE)]);
+        header(&mem, 0x8_0100, request_type::OUT, 0); // read-only disk
+        add(&[(0x8_0100, 16, 0), (0x8_1000, 512, 0), (0x8_3001, 1, F_WRITE)]);
+        header(&mem, 0x8_0200, 77, 0); // unknown type
+        add(&[(0x8_0200, 16, 0), (0x8_3002, 1, F_WRITE)]);
+        header(&mem, 0x8_0300, request_type::IN, 0); // data buffer outside guest memory
+        add(&[(0x8_0300, 16, 0), (0x7000_0000, 512, F_WRITE), (0x8_3003, 1, F_WRITE)]);
+        header(&mem, 0x8_0400, request_type::IN, 0); // no status byte at all
+        add(&[(0x8_0400, 16, 0), (0x8_1000, 512, 0)]);
+        header(&mem, 0x8_0500, request_type::GET_ID, 0); // and a good one last
+        add(&[(0x8_0500, 16, 0), (0x8_4000, 20, F_WRITE), (0x8_3004, 1, F_WRITE)]);
+        dev.queue_notified(0);
+        let (n, elems) = used(&dev.core, 0);
+        assert_eq!(n, 6, "every chain is returned");
+        let statuses: Vec<u8> = (0..5).map(|i| mem.read_obj::<u8>(GuestAddress(0x8_3000 + i)).unwrap()).collect();
+        assert_eq!(statuses, vec![status::IOERR, status::IOERR, status::UNSUPP, status::IOERR, status::OK]);
+        assert_eq!(elems[4].1, 0, "no status byte: returned unused");
+        assert_eq!(elems[5].1, 21);
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(0x8_4000)).unwrap();
+        assert_eq!(&id[..16], b"test-disk-serial");
+        assert_eq!(dev.metrics.snapshot().errors, 5);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn quiesced_device_takes_nothing_until_resumed() {
+        let path = image("quiesce", 7);
+        let (mut dev, _) = device(&path, false);
+        let mem = dev.core.mem();
+        dev.quiesce();
+        header(&mem, 0x8_0000, request_type::IN, 0);
+        add_chain(&dev.core, 0, &[(0x8_0000, 16, 0), (0x8_1000, 512, F_WRITE), (0x8_2000, 1, F_WRITE)], 0);
+        dev.queue_notified(0);
+        assert_eq!(used(&dev.core, 0).0, 0, "nothing taken while quiesced");
+        assert_eq!(dev.pending_requests(), 0);
+        dev.resume();
+        assert_eq!(used(&dev.core, 0).0, 1, "taken on resume even without a new kick");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn queue_state_moves_to_a_new_backend_instance() {
+        let old_path = image("old", 1);
+        let new_path = image("new", 2);
+        let (mut old, _) = device(&old_path, false);
+        let mem = old.core.mem();
+        header(&mem, 0x8_0000, request_type::IN, 0);
+        add_chain(&old.core, 0, &[(0x8_0000, 16, 0), (0x8_1000, 512, F_WRITE), (0x8_2000, 1, F_WRITE)], 0);
+        old.queue_notified(0);
+        old.quiesce();
+        let state = old.export_state();
+        assert_eq!((state.queues[0].next_avail, state.queues[0].next_used), (1, 1));
+
+        // A second device instance on another backend continues where the first stopped.
+        let (count, line) = irq();
+        let backend = Box::new(FileBackend::open(&new_path, false).unwrap());
+        let mut new = VirtioBlock::new(backend, "x", line, old.core.memory.clone()).unwrap();
+        new.quiesce();
+        new.import_state(&state).unwrap();
+        new.resume();
+        header(&mem, 0x8_0000, request_type::IN, 0);
+        add_chain(&new.core, 0, &[(0x8_0000, 16, 0), (0x9_1000, 512, F_WRITE), (0x9_2000, 1, F_WRITE)], 3);
+        new.queue_notified(0);
+        let (n, elems) = used(&new.core, 0);
+        assert_eq!((n, elems[1]), (2, (3, 513)));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x9_1000)).unwrap(), 2, "served by the new backend");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8_1000)).unwrap(), 1, "the first read came from the old one");
+        assert!(count.0.load(std::sync::atomic::Ordering::SeqCst) > 0);
+        // Importing into a busy (unquiesced) device is refused.
+        assert!(new.import_state(&state).is_err());
+        std::fs::remove_file(old_path).unwrap();
+        std::fs::remove_file(new_path).unwrap();
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_limits() {
+        let path = image("config", 0);
+        let (dev, _) = device(&path, true);
+        let c = dev.config_space();
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+        assert_ne!(dev.core.avail_features & feature::RO, 0);
+        assert_ne!(dev.core.avail_features & features::VERSION_1, 0);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -14,12 +14,12 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::backend::{MAX_FRAME, NetBackend};
+use crate::SharedGuestMem;
 use crate::interrupt::InterruptLine;
 use crate::metrics::RequestMetrics;
 use crate::virtio::{
     ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
 };
-use crate::SharedGuestMem;
 
 pub const NET_QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -65,7 +65,8 @@ impl VirtioNet {
         interrupt: Box<dyn InterruptLine>,
         memory: SharedGuestMem,
     ) -> io::Result<Self> {
-        let mut avail = features::VERSION_1 | features::RING_EVENT_IDX | feature::MAC | feature::MRG_RXBUF | feature::STATUS;
+        let mut avail =
+            features::VERSION_1 | features::RING_EVENT_IDX | feature::MAC | feature::MRG_RXBUF | feature::STATUS;
         if settings.mtu.is_some() {
             avail |= feature::MTU;
         }
@@ -344,5 +345,159 @@ impl VirtioDevice for VirtioNet {
 
     fn poll_backend(&mut self) {
         self.flush_pending_tx();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::lifecycle::Lifecycle;
+    use crate::virtio::testing::{F_WRITE, add_chain, install, irq, memory, used};
+
+    /// Frames in memory; `blocked` makes `send` report WouldBlock.
+    #[derive(Clone, Default)]
+    struct Wire {
+        to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
+        blocked: Arc<AtomicBool>,
+    }
+
+    struct FakeBackend {
+        wire: Wire,
+        evt: EventFd,
+    }
+
+    impl NetBackend for FakeBackend {
+        fn description(&self) -> String {
+            "fake".into()
+        }
+        fn fd(&self) -> RawFd {
+            self.evt.as_raw_fd()
+        }
+        fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+            if self.wire.blocked.load(Ordering::SeqCst) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.wire.from_guest.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let frame = self.wire.to_guest.lock().unwrap().pop_front().ok_or(io::ErrorKind::WouldBlock)?;
+            buf[..frame.len()].copy_from_slice(&frame);
+            Ok(frame.len())
+        }
+    }
+
+    const QS: u16 = NET_QUEUE_SIZE;
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
+    fn device(mergeable: bool) -> (VirtioNet, Wire) {
+        let wire = Wire::default();
+        let backend = Box::new(FakeBackend { wire: wire.clone(), evt: EventFd::new(0).unwrap() });
+        let (_, line) = irq();
+        let mut dev = VirtioNet::new(backend, NetSettings { mac: MAC, mtu: Some(1400) }, line, memory()).unwrap();
+        install(&mut dev.core, &[QS, QS]);
+        dev.core.acked_features = features::VERSION_1 | if mergeable { feature::MRG_RXBUF } else { 0 };
+        (dev, wire)
+    }
+
+    #[test]
+    fn tx_strips_the_header_and_sends_the_frame() {
+        let (mut dev, wire) = device(true);
+        let mem = dev.core.mem();
+        mem.write_slice(&[0u8; HDR_LEN], GuestAddress(0x8_0000)).unwrap();
+        mem.write_slice(b"ethernet frame bytes", GuestAddress(0x8_1000)).unwrap();
+        add_chain(&dev.core, TX, &[(0x8_0000, HDR_LEN as u32, 0), (0x8_1000, 20, 0)], 0);
+        // A malformed chain (a device-writable buffer on TX) is returned, not sent.
+        add_chain(&dev.core, TX, &[(0x8_2000, 64, F_WRITE)], 2);
+        dev.queue_notified(TX);
+        assert_eq!(*wire.from_guest.lock().unwrap(), vec![b"ethernet frame bytes".to_vec()]);
+        assert_eq!(used(&dev.core, TX), (2, vec![(0, 0), (2, 0)]));
+        assert_eq!(dev.tx_metrics.snapshot().errors, 1);
+    }
+
+    #[test]
+    fn rx_merges_buffers_and_sets_num_buffers() {
+        let (mut dev, wire) = device(true);
+        let mem = dev.core.mem();
+        for i in 0..3u16 {
+            add_chain(&dev.core, RX, &[(0x9_0000 + u64::from(i) * 0x1000, 1000, F_WRITE)], i);
+        }
+        let frame: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+        wire.to_guest.lock().unwrap().push_back(frame.clone());
+        dev.handle_event(BACKEND_TOKEN, EventSet::IN);
+        assert_eq!(used(&dev.core, RX), (3, vec![(0, 1000), (1, 1000), (2, 512)]));
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x9_000a)).unwrap(), 3, "num_buffers");
+        let mut got = vec![0u8; 2512];
+        for i in 0..3u64 {
+            let n = if i == 2 { 512 } else { 1000 };
+            mem.read_slice(&mut got[i as usize * 1000..i as usize * 1000 + n], GuestAddress(0x9_0000 + i * 0x1000))
+                .unwrap();
+        }
+        assert_eq!(&got[HDR_LEN..], &frame[..]);
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_instead_of_dropping() {
+        let (mut dev, wire) = device(false);
+        wire.to_guest.lock().unwrap().push_back(vec![7u8; 100]);
+        dev.handle_event(BACKEND_TOKEN, EventSet::IN);
+        assert!(dev.pending_rx.is_some(), "held until the guest offers a buffer");
+        assert!(dev.event_sources().is_empty(), "the backend is not read meanwhile");
+        let mem = dev.core.mem();
+        add_chain(&dev.core, RX, &[(0x9_0000, 2048, F_WRITE)], 0);
+        dev.queue_notified(RX);
+        assert_eq!(used(&dev.core, RX), (1, vec![(0, 112)]));
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x9_000a)).unwrap(), 1, "num_buffers is 1 unmerged");
+        assert!(dev.pending_rx.is_none());
+        assert_eq!(dev.event_sources()[0].events, EventSet::IN);
+    }
+
+    #[test]
+    fn frame_too_big_for_unmerged_buffers_is_dropped_and_returned() {
+        let (mut dev, wire) = device(false);
+        add_chain(&dev.core, RX, &[(0x9_0000, 64, F_WRITE)], 0);
+        wire.to_guest.lock().unwrap().push_back(vec![1u8; 1500]);
+        dev.handle_event(BACKEND_TOKEN, EventSet::IN);
+        assert_eq!(used(&dev.core, RX), (1, vec![(0, 0)]));
+        assert_eq!(dev.rx_metrics.snapshot().errors, 1);
+    }
+
+    #[test]
+    fn tx_back_pressure_waits_for_the_backend_then_drains() {
+        let (mut dev, wire) = device(true);
+        wire.blocked.store(true, Ordering::SeqCst);
+        for i in 0..2u16 {
+            add_chain(&dev.core, TX, &[(0x8_0000 + u64::from(i) * 0x100, 40, 0)], i);
+        }
+        dev.queue_notified(TX);
+        assert_eq!(dev.pending_requests(), 1, "one frame held for the backend");
+        assert_eq!(used(&dev.core, TX).0, 0);
+        assert!(dev.event_sources()[0].events.contains(EventSet::OUT));
+        dev.quiesce();
+        wire.blocked.store(false, Ordering::SeqCst);
+        dev.drive();
+        assert_eq!(dev.pending_requests(), 0, "draining sends the held frame");
+        assert_eq!(used(&dev.core, TX).0, 1, "but takes nothing new while quiesced");
+        dev.resume();
+        assert_eq!(used(&dev.core, TX).0, 2);
+        assert_eq!(wire.from_guest.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn config_space_has_mac_status_and_mtu() {
+        let (dev, _) = device(true);
+        let c = dev.config_space();
+        assert_eq!(&c[0..6], &MAC);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), LINK_UP);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1400);
+        assert_ne!(dev.core.avail_features & feature::MTU, 0);
     }
 }

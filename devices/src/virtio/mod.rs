@@ -9,6 +9,8 @@
 
 mod core;
 mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
 mod worker;
 
 pub use self::core::{ActivateError, EventSource, QueueProcessor, VirtioCore, VirtioDevice, VirtioInterrupt};

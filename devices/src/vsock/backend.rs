@@ -106,7 +106,11 @@ impl VsockBackend for UnixVsockBackend {
                 match Self::parse_connect(&line) {
                     Some(port) => ready.push((stream, port)),
                     None if !line.is_empty() => {
-                        log::warn!("vsock: bad handshake {:?} on {}", String::from_utf8_lossy(&line), self.path.display());
+                        log::warn!(
+                            "vsock: bad handshake {:?} on {}",
+                            String::from_utf8_lossy(&line),
+                            self.path.display()
+                        );
                     }
                     None => {}
                 }
@@ -140,8 +144,11 @@ mod tests {
         client.write_all(b"CONNECT 52\nhello").unwrap();
         let mut got = Vec::new();
         for _ in 0..100 {
-            let mut fds: Vec<libc::pollfd> =
-                backend.event_fds().into_iter().map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+            let mut fds: Vec<libc::pollfd> = backend
+                .event_fds()
+                .into_iter()
+                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+                .collect();
             // SAFETY: a valid pollfd array.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
             got = backend.accept();

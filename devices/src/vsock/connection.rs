@@ -5,8 +5,8 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 
-use super::packet::{Header, TYPE_STREAM, op};
 use super::HOST_CID;
+use super::packet::{Header, TYPE_STREAM, op};
 
 /// Bytes we buffer per connection for the host (advertised to the guest as buf_alloc).
 pub const CONN_BUF: u32 = 256 * 1024;

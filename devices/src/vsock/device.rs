@@ -12,16 +12,16 @@ use event_manager::EventSet;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::HOST_CID;
 use super::backend::VsockBackend;
 use super::connection::{CONN_BUF, Connection, State};
 use super::packet::{HEADER_LEN, Header, TYPE_STREAM, op, shutdown};
-use super::HOST_CID;
+use crate::SharedGuestMem;
 use crate::interrupt::InterruptLine;
 use crate::metrics::RequestMetrics;
 use crate::virtio::{
     ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
 };
-use crate::SharedGuestMem;
 
 pub const VSOCK_QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -88,11 +88,19 @@ impl VirtioVsock {
         (self.rx_metrics.clone(), self.tx_metrics.clone())
     }
 
-    fn add_connection(&mut self, stream: std::os::unix::net::UnixStream, host_port: u32, guest_port: u32, state: State) -> &mut Connection {
+    fn add_connection(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+        host_port: u32,
+        guest_port: u32,
+        state: State,
+    ) -> &mut Connection {
         let token = self.next_token;
         self.next_token = self.next_token.checked_add(1).unwrap_or(FIRST_CONN_TOKEN);
         self.tokens.insert(token, (host_port, guest_port));
-        self.conns.entry((host_port, guest_port)).or_insert(Connection::new(stream, host_port, guest_port, state, token))
+        self.conns
+            .entry((host_port, guest_port))
+            .or_insert(Connection::new(stream, host_port, guest_port, state, token))
     }
 
     fn remove_connection(&mut self, key: ConnKey) {
@@ -162,7 +170,8 @@ impl VirtioVsock {
 
     fn handle_packet(&mut self, hdr: Header, payload: Vec<u8>) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
-            self.core.guest_error("packet with wrong addresses dropped", format_args!("{} -> {}", hdr.src_cid, hdr.dst_cid));
+            self.core
+                .guest_error("packet with wrong addresses dropped", format_args!("{} -> {}", hdr.src_cid, hdr.dst_cid));
             return;
         }
         if hdr.type_ != TYPE_STREAM {
@@ -397,9 +406,11 @@ impl VirtioDevice for VirtioVsock {
     fn event_sources(&self) -> Vec<EventSource> {
         let mut sources: Vec<EventSource> = Vec::new();
         if !self.core.quiesced && self.core.activated {
-            sources.extend(
-                self.backend.event_fds().into_iter().map(|fd| EventSource { fd, token: BACKEND_TOKEN, events: EventSet::IN }),
-            );
+            sources.extend(self.backend.event_fds().into_iter().map(|fd| EventSource {
+                fd,
+                token: BACKEND_TOKEN,
+                events: EventSet::IN,
+            }));
         }
         for conn in self.conns.values() {
             let mut events = EventSet::empty();
@@ -442,5 +453,210 @@ impl VirtioDevice for VirtioVsock {
         for key in keys {
             self.flush_connection(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::GuestMem;
+    use crate::virtio::testing::{F_WRITE, add_chain, install, irq, memory, used};
+    use crate::vsock::UnixVsockBackend;
+
+    const QS: u16 = VSOCK_QUEUE_SIZE;
+    const CID: u64 = 3;
+
+    struct Env {
+        dev: VirtioVsock,
+        dir: PathBuf,
+        /// Next free descriptor index per queue, and RX buffers handed out so far.
+        next_tx: u16,
+        next_rx: u16,
+    }
+
+    impl Drop for Env {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn env(tag: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("vsockdev-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let backend = Box::new(UnixVsockBackend::bind(&dir.join("v.sock")).unwrap());
+        let (_, line) = irq();
+        let mut dev = VirtioVsock::new(CID, backend, line, memory()).unwrap();
+        install(&mut dev.core, &[QS, QS, QS]);
+        Env { dev, dir, next_tx: 0, next_rx: 0 }
+    }
+
+    fn guest_header(src_port: u32, dst_port: u32, op: u16, len: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 64 * 1024,
+            ..Default::default()
+        }
+    }
+
+    impl Env {
+        fn mem(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMem> {
+            self.dev.core.mem()
+        }
+
+        /// The guest sends one packet.
+        fn send(&mut self, hdr: Header, payload: &[u8]) {
+            let mem = self.mem();
+            let at = 0x10_0000 + u64::from(self.next_tx) * 0x1_0000;
+            mem.write_slice(&hdr.to_bytes(), GuestAddress(at)).unwrap();
+            mem.write_slice(payload, GuestAddress(at + HEADER_LEN as u64)).unwrap();
+            let len = (HEADER_LEN + payload.len()) as u32;
+            drop(mem);
+            add_chain(&self.dev.core, TX, &[(at, len, 0)], self.next_tx);
+            self.next_tx += 1;
+            self.dev.queue_notified(TX);
+        }
+
+        /// The guest offers `n` RX buffers of 4 KiB.
+        fn offer_rx(&mut self, n: u16) {
+            for _ in 0..n {
+                let at = 0x30_0000 + u64::from(self.next_rx) * 0x1000;
+                add_chain(&self.dev.core, RX, &[(at, 4096, F_WRITE)], self.next_rx);
+                self.next_rx += 1;
+            }
+            self.dev.queue_notified(RX);
+        }
+
+        /// Every packet the device put in RX buffers so far.
+        fn received(&self) -> Vec<(Header, Vec<u8>)> {
+            let mem = self.mem();
+            let (_, elems) = used(&self.dev.core, RX);
+            elems
+                .iter()
+                .map(|&(id, len)| {
+                    let at = 0x30_0000 + u64::from(id) * 0x1000;
+                    let mut b = vec![0u8; len as usize];
+                    mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+                    let hdr = Header::from_bytes(b[..HEADER_LEN].try_into().unwrap());
+                    (hdr, b[HEADER_LEN..].to_vec())
+                })
+                .collect()
+        }
+
+        /// Runs the device's event handlers for every ready host-side descriptor.
+        fn pump(&mut self) {
+            for _ in 0..50 {
+                let sources = self.dev.event_sources();
+                let mut fds: Vec<libc::pollfd> = sources
+                    .iter()
+                    .map(|s| libc::pollfd { fd: s.fd, events: (libc::POLLIN | libc::POLLOUT) as i16, revents: 0 })
+                    .collect();
+                // SAFETY: a valid pollfd array.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
+                if n <= 0 {
+                    return;
+                }
+                for (s, p) in sources.iter().zip(&fds) {
+                    if p.revents != 0 {
+                        self.dev.handle_event(s.token, s.events);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn guest_connects_and_data_flows_both_ways() {
+        let mut e = env("guest");
+        let host = UnixListener::bind(e.dir.join("v.sock_5000")).unwrap();
+        e.offer_rx(8);
+        e.send(guest_header(49152, 5000, op::REQUEST, 0), &[]);
+        let (mut conn, _) = host.accept().unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let rx = e.received();
+        assert_eq!(rx[0].0.op, op::RESPONSE);
+        assert_eq!((rx[0].0.src_port, rx[0].0.dst_port, rx[0].0.dst_cid), (5000, 49152, CID));
+
+        e.send(guest_header(49152, 5000, op::RW, 5), b"hello");
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+
+        conn.write_all(b"world!").unwrap();
+        e.pump();
+        let rx = e.received();
+        let data = rx.iter().find(|(h, _)| h.op == op::RW).expect("data reaches the guest");
+        assert_eq!(data.1, b"world!");
+        assert_eq!(data.0.fwd_cnt, 5, "our fwd_cnt counts what reached the host");
+
+        drop(conn);
+        e.pump();
+        assert!(e.received().iter().any(|(h, _)| h.op == op::SHUTDOWN), "host close becomes SHUTDOWN");
+        e.send(guest_header(49152, 5000, op::RST, 0), &[]);
+        assert_eq!(e.dev.connections(), 0);
+    }
+
+    #[test]
+    fn host_connects_with_the_connect_handshake() {
+        let mut e = env("host");
+        e.offer_rx(4);
+        let mut client = UnixStream::connect(e.dir.join("v.sock")).unwrap();
+        client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        client.write_all(b"CONNECT 1234\n").unwrap();
+        e.pump();
+        let req = e.received().into_iter().find(|(h, _)| h.op == op::REQUEST).expect("REQUEST to the guest");
+        assert_eq!(req.0.dst_port, 1234);
+        let host_port = req.0.src_port;
+        assert!(host_port >= FIRST_EPHEMERAL_PORT);
+        e.send(guest_header(1234, host_port, op::RESPONSE, 0), &[]);
+        e.pump();
+        let mut line = [0u8; 64];
+        let n = client.read(&mut line).unwrap();
+        assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {host_port}\n"));
+    }
+
+    #[test]
+    fn unknown_connections_and_refused_ports_get_rst() {
+        let mut e = env("rst");
+        e.offer_rx(4);
+        e.send(guest_header(40000, 7777, op::REQUEST, 0), &[]); // nobody listens on 7777
+        e.send(guest_header(40001, 80, op::RW, 3), b"abc"); // no such connection
+        let ops: Vec<u16> = e.received().iter().map(|(h, _)| h.op).collect();
+        assert_eq!(ops, vec![op::RST, op::RST]);
+        // Packets with a forged source CID are dropped without an answer.
+        let mut forged = guest_header(1, 2, op::REQUEST, 0);
+        forged.src_cid = 99;
+        e.send(forged, &[]);
+        assert_eq!(e.received().len(), 2);
+    }
+
+    #[test]
+    fn guest_exceeding_its_credit_is_reset() {
+        let mut e = env("credit");
+        let host = UnixListener::bind(e.dir.join("v.sock_6000")).unwrap();
+        e.offer_rx(4);
+        e.send(guest_header(50000, 6000, op::REQUEST, 0), &[]);
+        let (_conn, _) = host.accept().unwrap();
+        // The host never reads, so the connection buffer fills; the socket takes some first.
+        let chunk = vec![0x5a; 60 * 1024];
+        for _ in 0..40 {
+            e.send(guest_header(50000, 6000, op::RW, chunk.len() as u32), &chunk);
+            if e.received().iter().any(|(h, _)| h.op == op::RST) {
+                break;
+            }
+            e.offer_rx(1);
+        }
+        assert!(e.received().iter().any(|(h, _)| h.op == op::RST), "overrunning buf_alloc resets the connection");
+        assert_eq!(e.dev.connections(), 0);
     }
 }

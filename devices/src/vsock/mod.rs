@@ -12,7 +12,7 @@ mod packet;
 
 pub use backend::{UnixVsockBackend, VsockBackend};
 pub use device::{VSOCK_QUEUE_SIZE, VirtioVsock};
-pub use packet::{Header, HEADER_LEN, op};
+pub use packet::{HEADER_LEN, Header, op};
 
 /// The host's context id.
 pub const HOST_CID: u64 = 2;

@@ -7,12 +7,12 @@ mod event_loop;
 use std::sync::{Arc, Mutex};
 
 use devices::blk::VirtioBlock;
-use devices::net::VirtioNet;
-use devices::vsock::VirtioVsock;
 use devices::bus::{Bus, BusRange, lock_device};
 use devices::interrupt::{EventFdInterrupt, InterruptLine};
 use devices::metrics::RequestMetrics;
+use devices::net::VirtioNet;
 use devices::virtio::{DeviceWorker, MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, ResyncHandle, VirtioDevice};
+use devices::vsock::VirtioVsock;
 
 pub use event_loop::{EventLoop, EventLoopBuilder};
 

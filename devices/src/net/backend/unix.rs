@@ -86,7 +86,8 @@ mod tests {
         // The peer can answer to the backend's automatic address.
         let from = from.as_abstract_name().map(|n| n.to_vec());
         assert!(from.is_some(), "backend is autobound");
-        peer.send_to_addr(b"reply", &std::os::unix::net::SocketAddr::from_abstract_name(from.unwrap()).unwrap()).unwrap();
+        peer.send_to_addr(b"reply", &std::os::unix::net::SocketAddr::from_abstract_name(from.unwrap()).unwrap())
+            .unwrap();
         let mut pfd = libc::pollfd { fd: backend.fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, 5000) };
