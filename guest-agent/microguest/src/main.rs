@@ -12,10 +12,12 @@ mod arch;
 mod bootinfo;
 mod cmdline;
 mod console;
+mod dma;
 mod programs;
 mod rt;
 mod smp;
 mod time;
+mod virtio;
 
 use microguest_protocol::DONE_MARKER;
 

@@ -45,3 +45,34 @@ pub fn spin_us(us: u64) {
         }
     }
 }
+
+/// Frequency assumed for deadlines when the hypervisor does not tell us the TSC's: at 4 GHz a
+/// deadline lasts at least as long as asked on any slower TSC.
+const ASSUMED_TSC_KHZ: u64 = 4_000_000;
+
+/// TSC ticks in `ms` milliseconds, for timeouts (an assumed 4 GHz when the frequency is
+/// unknown).
+pub fn ticks_for_ms(ms: u64) -> u64 {
+    ms.saturating_mul(tsc_khz().unwrap_or(ASSUMED_TSC_KHZ))
+}
+
+/// A point in time a wait must not pass, measured with the TSC.
+#[derive(Clone, Copy)]
+pub struct Deadline {
+    start: u64,
+    ticks: u64,
+}
+
+impl Deadline {
+    /// `ms` milliseconds from now (from the known TSC frequency, else an assumed 4 GHz).
+    pub fn after_ms(ms: u64) -> Self {
+        Deadline {
+            start: arch::rdtsc(),
+            ticks: ticks_for_ms(ms),
+        }
+    }
+
+    pub fn expired(&self) -> bool {
+        arch::rdtsc().wrapping_sub(self.start) >= self.ticks
+    }
+}

@@ -6,11 +6,16 @@ use crate::bootinfo::BootInfo;
 use crate::cmdline::Args;
 use crate::println;
 
+mod blk;
 mod hello;
 mod idle;
 mod memtouch;
+mod net;
 mod platform;
 mod smp;
+mod virtio_list;
+mod virtio_util;
+mod vsock;
 
 /// What a program gets to work with.
 pub struct Context<'a> {
@@ -34,8 +39,19 @@ pub struct Program {
     pub run: fn(&Context) -> Outcome,
 }
 
-pub static PROGRAMS: &[Program] =
-    &[hello::PROGRAM, idle::PROGRAM, memtouch::PROGRAM, smp::PROGRAM, platform::RESET, platform::UNHANDLED];
+pub static PROGRAMS: &[Program] = &[
+    hello::PROGRAM,
+    idle::PROGRAM,
+    memtouch::PROGRAM,
+    smp::PROGRAM,
+    platform::RESET,
+    platform::UNHANDLED,
+    virtio_list::PROGRAM,
+    blk::RW,
+    blk::BENCH,
+    net::ECHO,
+    vsock::ECHO,
+];
 
 const DEFAULT_PROGRAM: &str = "hello";
 
@@ -45,7 +61,7 @@ pub fn run(args: &Args, boot: &BootInfo) -> u32 {
     let Some(program) = PROGRAMS.iter().find(|p| p.name == name) else {
         println!("microguest: unknown program {name:?}; available programs:");
         for p in PROGRAMS {
-            println!("  {:<10} {}", p.name, p.about);
+            println!("  {:<12} {}", p.name, p.about);
         }
         return status::USAGE;
     };
