@@ -279,10 +279,13 @@ pub fn probe(desc: DeviceDesc) -> Result<Probed, Error> {
 /// Finds the `index`-th device (counting from 0, in command-line order) with `device_id` and
 /// returns its transport, still untouched. Legacy devices of that type count, and are refused.
 pub fn find(args: &Args, device_id: u32, index: u64) -> Result<Transport, FindError> {
-    let mut seen = 0u64;
+    let (mut seen, mut unusable) = (0u64, 0u64);
     for desc in descriptions(args) {
+        let Ok(probed) = desc.map_err(|_| ()).and_then(|d| probe(d).map_err(|_| ())) else {
+            unusable += 1;
+            continue;
+        };
         let Ok(desc) = desc else { continue };
-        let Ok(probed) = probe(desc) else { continue };
         if probed.device_id != device_id {
             continue;
         }
@@ -302,6 +305,7 @@ pub fn find(args: &Args, device_id: u32, index: u64) -> Result<Transport, FindEr
         device_id,
         index,
         found: seen,
+        unusable,
     })
 }
 
@@ -311,6 +315,8 @@ pub enum FindError {
         device_id: u32,
         index: u64,
         found: u64,
+        /// Entries that were malformed or had no device behind them.
+        unusable: u64,
     },
     Device(Error),
 }
@@ -322,10 +328,12 @@ impl fmt::Display for FindError {
                 device_id,
                 index,
                 found,
+                unusable,
             } => write!(
                 f,
-                "no virtio-{} device number {index} (found {found}; devices come from \
-                 {CMDLINE_KEY}=<size>@<base>:<irq> entries on the command line)",
+                "no virtio-{} device number {index} (found {found}, plus {unusable} malformed \
+                 or empty entries; devices come from {CMDLINE_KEY}=<size>@<base>:<irq> entries \
+                 on the command line)",
                 device_name(*device_id)
             ),
             FindError::Device(e) => write!(f, "{e}"),

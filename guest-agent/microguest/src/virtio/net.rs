@@ -27,6 +27,8 @@ const TX_QUEUE: u16 = 1;
 const HDR_NUM_BUFFERS: u64 = 10;
 /// How long the rest of a merged packet may lag behind its first buffer.
 const MERGE_TIMEOUT_MS: u64 = 100;
+/// How long `shutdown` waits for queued transmissions.
+const DRAIN_TIMEOUT_MS: u64 = 100;
 /// Receive buffers we keep posted (at most).
 const MAX_RX_BUFFERS: u16 = 128;
 
@@ -246,8 +248,13 @@ impl Net {
         Ok(Some(total))
     }
 
-    /// Stops the device (reset), so it no longer touches our memory.
-    pub fn shutdown(&self) {
+    /// Stops the device (reset), so it no longer touches our memory. Packets still queued
+    /// for transmission (a final RST, say) get a short while to go out first.
+    pub fn shutdown(&mut self) {
+        let deadline = Deadline::after_ms(DRAIN_TIMEOUT_MS);
+        while self.tx.in_flight() > 0 && !deadline.expired() && self.reclaim_tx().is_ok() {
+            crate::arch::pause();
+        }
         let _ = self.transport.reset();
     }
 }

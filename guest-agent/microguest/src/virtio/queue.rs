@@ -191,6 +191,11 @@ impl Virtqueue {
         }
     }
 
+    /// Chains made available and not yet collected.
+    pub fn in_flight(&self) -> u16 {
+        self.size - self.num_free
+    }
+
     /// Collects one completed request, if any.
     pub fn pop(&mut self) -> Result<Option<Used>, Error> {
         let used_idx = self.read16(self.used + 2);

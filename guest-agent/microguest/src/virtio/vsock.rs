@@ -46,6 +46,8 @@ pub const MAX_TX_PAYLOAD: usize = 64 * 1024;
 /// Headers are laid out at this stride.
 const HDR_STRIDE: u64 = 64;
 const MAX_RX_BUFFERS: u16 = 64;
+/// How long `shutdown` waits for queued transmissions.
+const DRAIN_TIMEOUT_MS: u64 = 100;
 const EVENT_BUFFERS: u16 = 4;
 const EVENT_LEN: u32 = 4;
 
@@ -293,8 +295,13 @@ impl Vsock {
         self.transport.status()
     }
 
-    /// Stops the device (reset), so it no longer touches our memory.
-    pub fn shutdown(&self) {
+    /// Stops the device (reset), so it no longer touches our memory. Packets still queued
+    /// for transmission (a final RST, say) get a short while to go out first.
+    pub fn shutdown(&mut self) {
+        let deadline = Deadline::after_ms(DRAIN_TIMEOUT_MS);
+        while self.tx.in_flight() > 0 && !deadline.expired() && self.reclaim_tx().is_ok() {
+            crate::arch::pause();
+        }
         let _ = self.transport.reset();
     }
 }
