@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::blk::{BlockBackend, FileBackend, UringBackend, VirtioBlock};
+use devices::blk::{BlockBackend, FileBackend, NbdBackend, NbdTarget, UringBackend, VirtioBlock};
 use devices::bus::{Bus, BusError, BusRange};
 use devices::interrupt::EventFdInterrupt;
 use devices::legacy::{DebugExit, I8042, SerialConsole, SerialOutput, ports};
@@ -15,7 +15,7 @@ use vm_memory::GuestAddressSpace;
 
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
-use crate::config::{BlockEngine, ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, parse_mac};
+use crate::config::{BlockEngine, ConfigError, DiskConfig, NbdAddress, NetConfig, SerialConfig, VmConfig, parse_mac};
 use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder};
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
@@ -238,8 +238,11 @@ fn open_disk(disk: &DiskConfig, id: &str) -> Result<Box<dyn BlockBackend>, Build
             BlockEngine::IoUring => Box::new(UringBackend::open(path, disk.readonly).map_err(backend_err)?),
         },
         (None, Some(address)) => {
-            let reason = format!("NBD ({address}) is not available yet");
-            return Err(DeviceError::Backend { id: id.to_string(), reason }.into());
+            let target = match address {
+                NbdAddress::Tcp { host, port } => NbdTarget::Tcp { host: host.clone(), port: *port },
+                NbdAddress::Unix { path } => NbdTarget::Unix { path: path.clone() },
+            };
+            Box::new(NbdBackend::connect(&target, disk.export.as_deref(), disk.readonly).map_err(backend_err)?)
         }
         (None, None) => return Err(ConfigError::Device(format!("disk {id}: needs path= or nbd=")).into()),
     };

@@ -4,5 +4,7 @@ pub mod backend;
 mod device;
 pub mod request;
 
-pub use backend::{BackendError, BlockBackend, BlockInfo, BlockOp, FileBackend, IoBuf, UringBackend};
+pub use backend::{
+    BackendError, BlockBackend, BlockInfo, BlockOp, FileBackend, IoBuf, NbdBackend, NbdTarget, UringBackend,
+};
 pub use device::{BLOCK_QUEUE_SIZE, VirtioBlock};

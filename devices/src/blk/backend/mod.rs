@@ -7,6 +7,7 @@
 //! next poll.
 
 mod file;
+mod nbd;
 mod uring;
 
 use std::io;
@@ -14,6 +15,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 pub use file::FileBackend;
+pub use nbd::{NbdBackend, NbdTarget};
 pub use uring::UringBackend;
 
 /// A piece of guest memory a request reads from or writes into, as a host address.
@@ -111,6 +113,10 @@ pub enum BackendError {
     },
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]
     Size { path: PathBuf, size: u64 },
+    #[error("NBD export at {target} is {size} bytes, not a multiple of 512")]
+    NbdSize { target: String, size: u64 },
+    #[error("NBD server {target}: {reason}")]
+    Nbd { target: String, reason: String },
     #[error("cannot set up io_uring: {0}")]
     Uring(#[source] io::Error),
     #[error("{0}")]
