@@ -16,7 +16,8 @@
 //! Layout: [`hv`] owns every KVM object; [`memory`] the guest RAM regions and their
 //! backings; [`boot`] the kernel loaders and boot structures; [`vcpu`] the vCPU threads and
 //! their pause/resume rendezvous; [`vm`] the running-VM handle; [`builder`] composes them from
-//! a [`VmConfig`]. Device models live in the `devices` crate.
+//! a [`VmConfig`]. Device models live in the `devices` crate. [`image`] builds a Linux guest
+//! image (kernel and initramfs) from Debian's packages, for the Linux boot test.
 
 pub mod acpi;
 pub mod boot;
@@ -24,6 +25,7 @@ pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod hv;
+pub mod image;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

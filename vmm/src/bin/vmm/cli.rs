@@ -36,6 +36,23 @@ pub enum Command {
         /// Where to write the ELF image.
         path: PathBuf,
     },
+    /// Build a Linux guest (bzImage and initramfs) from Debian's packages, for the Linux boot
+    /// test.
+    Image(ImageArgs),
+}
+
+#[derive(Args)]
+pub struct ImageArgs {
+    /// Directory for vmlinuz and initrd.cpio (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Kernel package: a metapackage such as linux-image-cloud-amd64, or a versioned one.
+    #[arg(
+        long,
+        value_name = "PACKAGE",
+        default_value = "linux-image-cloud-amd64"
+    )]
+    pub kernel_package: String,
 }
 
 #[derive(Args)]
@@ -259,3 +276,51 @@ pub fn export_microguest(path: &Path) -> Result<u8, Failure> {
     eprintln!("wrote the microguest ({} bytes) to {}", guest_agent::microguest().len(), path.display());
     Ok(0)
 }
+
+/// `vmm image --output DIR`.
+pub fn image(args: &ImageArgs) -> Result<u8, Failure> {
+    let mut opts = vmm::image::ImageOptions::new(&args.output);
+    opts.kernel_package = args.kernel_package.clone();
+    let image = vmm::image::build_linux_image(&opts, &mut |line| eprintln!("{line}"))
+        // The error's message already carries its cause; `{:#}` would print it twice.
+        .map_err(|e| Failure::runtime(anyhow!("cannot build the Linux image: {e}")))?;
+    // Absolute paths, so the printed commands work from any directory.
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (kernel, initrd) = (absolute(&image.kernel), absolute(&image.initrd));
+    eprintln!();
+    eprintln!(
+        "kernel: {} (Linux {})",
+        kernel.display(),
+        image.kernel_release
+    );
+    eprintln!(
+        "initrd: {} ({} modules)",
+        initrd.display(),
+        image.modules.len()
+    );
+    eprintln!();
+    let vmm = std::env::current_exe().unwrap_or_else(|_| "vmm".into());
+    eprintln!("Boot it (on a host whose KVM has VMX or SVM):");
+    eprintln!(
+        "  {} run --kernel {} --initrd {} --mem-mib 512 --vcpus 2 --cmdline \"{}\"",
+        vmm.display(),
+        kernel.display(),
+        initrd.display(),
+        LINUX_CMDLINE
+    );
+    eprintln!("Run the Linux boot test with it:");
+    eprintln!(
+        "  VMM_TEST_LINUX_KERNEL={} VMM_TEST_LINUX_INITRD={} VMM_TEST_LINUX_EXPECT=\"{}\" \
+         cargo test -p vmm --test linux",
+        kernel.display(),
+        initrd.display(),
+        vmm::image::READY_MARKER
+    );
+    Ok(0)
+}
+
+/// The command line the Linux boot test (tests/linux.rs) uses: `reboot=k` makes the guest's
+/// reboot reset through the i8042, which ends the VMM cleanly; the i8042 flags keep Linux
+/// from probing what the VMM's minimal controller does not have.
+const LINUX_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 rdinit=/init i8042.noaux i8042.nomux i8042.dumbkbd";

@@ -1,4 +1,5 @@
-//! The `vmm` command: run a VM from flags or a JSON config, or run the bundled demo.
+//! The `vmm` command: run a VM from flags or a JSON config, run the bundled demo, or build a
+//! Linux guest image.
 //!
 //! Guest serial output goes to stdout; everything the VMM itself says goes to stderr. Errors
 //! are one line, never a panic or a backtrace. Exit status: the guest's debug-exit status, 0
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::ExportMicroguest { path } => cli::export_microguest(&path),
+        Command::Image(args) => cli::image(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
