@@ -2,6 +2,8 @@
 //! always reaped, and captured serial output that can be waited on.
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -30,8 +30,7 @@ pub fn init(boot: &BootInfo) -> u64 {
             }
         }
     }
-    END.load(Ordering::Acquire)
-        .saturating_sub(NEXT.load(Ordering::Acquire))
+    END.load(Ordering::Acquire).saturating_sub(NEXT.load(Ordering::Acquire))
 }
 
 /// Allocates `bytes` (rounded up to whole pages), zeroed and page aligned. Returns its
@@ -40,9 +39,7 @@ pub fn alloc(bytes: u64) -> Option<u64> {
     let size = bytes.max(1).checked_next_multiple_of(PAGE)?;
     let end = END.load(Ordering::Acquire);
     let addr = NEXT
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
-            next.checked_add(size).filter(|&n| n <= end)
-        })
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| next.checked_add(size).filter(|&n| n <= end))
         .ok()?;
     // SAFETY: the range is usable RAM from the firmware map, identity mapped, above our image
     // and handed out only once.

@@ -66,10 +66,7 @@ pub struct Deadline {
 impl Deadline {
     /// `ms` milliseconds from now (from the known TSC frequency, else an assumed 4 GHz).
     pub fn after_ms(ms: u64) -> Self {
-        Deadline {
-            start: arch::rdtsc(),
-            ticks: ticks_for_ms(ms),
-        }
+        Deadline { start: arch::rdtsc(), ticks: ticks_for_ms(ms) }
     }
 
     pub fn expired(&self) -> bool {

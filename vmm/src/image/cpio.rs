@@ -40,61 +40,27 @@ struct Entry<'a> {
 
 impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            offset: 0,
-            next_ino: 1,
-        }
+        Self { out, offset: 0, next_ino: 1 }
     }
 
     /// A directory; `mode` holds the permission bits (e.g. `0o755`).
     pub fn add_dir(&mut self, path: &str, mode: u32) -> io::Result<()> {
-        self.entry(Entry {
-            name: path,
-            mode: S_IFDIR | (mode & 0o7777),
-            nlink: 2,
-            rdev: (0, 0),
-            data: &[],
-        })
+        self.entry(Entry { name: path, mode: S_IFDIR | (mode & 0o7777), nlink: 2, rdev: (0, 0), data: &[] })
     }
 
     /// A regular file with the given contents.
     pub fn add_file(&mut self, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
-        self.entry(Entry {
-            name: path,
-            mode: S_IFREG | (mode & 0o7777),
-            nlink: 1,
-            rdev: (0, 0),
-            data,
-        })
+        self.entry(Entry { name: path, mode: S_IFREG | (mode & 0o7777), nlink: 1, rdev: (0, 0), data })
     }
 
     /// A symbolic link; the target is stored as the entry's data, without a NUL.
     pub fn add_symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
-        self.entry(Entry {
-            name: path,
-            mode: S_IFLNK | 0o777,
-            nlink: 1,
-            rdev: (0, 0),
-            data: target.as_bytes(),
-        })
+        self.entry(Entry { name: path, mode: S_IFLNK | 0o777, nlink: 1, rdev: (0, 0), data: target.as_bytes() })
     }
 
     /// A character device node, such as `/dev/console` (5, 1).
-    pub fn add_char_device(
-        &mut self,
-        path: &str,
-        mode: u32,
-        major: u32,
-        minor: u32,
-    ) -> io::Result<()> {
-        self.entry(Entry {
-            name: path,
-            mode: S_IFCHR | (mode & 0o7777),
-            nlink: 1,
-            rdev: (major, minor),
-            data: &[],
-        })
+    pub fn add_char_device(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+        self.entry(Entry { name: path, mode: S_IFCHR | (mode & 0o7777), nlink: 1, rdev: (major, minor), data: &[] })
     }
 
     /// Writes the trailer and returns the underlying writer.
@@ -113,10 +79,7 @@ impl<W: Write> CpioWriter<W> {
             ));
         }
         let size = u32::try_from(entry.data.len()).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{name} is too large for a cpio entry (4 GiB at most)"),
-            )
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is too large for a cpio entry (4 GiB at most)"))
         })?;
         let ino = self.next_ino;
         self.next_ino += 1;
@@ -137,9 +100,7 @@ impl<W: Write> CpioWriter<W> {
         let name_size = name.len() as u32 + 1;
         // ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor, rdevmajor,
         // rdevminor, namesize, check (unused by newc).
-        let fields = [
-            ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name_size, 0,
-        ];
+        let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name_size, 0];
         let mut header = Vec::with_capacity(HEADER_LEN + name.len() + 4);
         header.extend_from_slice(MAGIC);
         for field in fields {
@@ -178,10 +139,7 @@ mod tests {
         let name_len = fields[11] as usize;
         let name = &archive[at + HEADER_LEN..at + HEADER_LEN + name_len];
         assert_eq!(name.last(), Some(&0), "name is NUL-terminated");
-        (
-            fields,
-            String::from_utf8(name[..name_len - 1].to_vec()).unwrap(),
-        )
+        (fields, String::from_utf8(name[..name_len - 1].to_vec()).unwrap())
     }
 
     fn round_up4(n: usize) -> usize {
@@ -222,10 +180,7 @@ mod tests {
         expected.extend_from_slice(b"00000000");
         expected.extend_from_slice(b"TRAILER!!!\0\0\0\0"); // 124 + 110 + 11 = 245: 3 bytes
         assert_eq!(archive.len(), 248);
-        assert_eq!(
-            String::from_utf8_lossy(&archive),
-            String::from_utf8_lossy(&expected)
-        );
+        assert_eq!(String::from_utf8_lossy(&archive), String::from_utf8_lossy(&expected));
         assert_eq!(archive, expected);
     }
 
@@ -244,11 +199,7 @@ mod tests {
             let (fields, name) = header(&archive, at);
             let data_at = round_up4(at + HEADER_LEN + fields[11] as usize);
             let size = fields[6] as usize;
-            entries.push((
-                fields,
-                name.clone(),
-                archive[data_at..data_at + size].to_vec(),
-            ));
+            entries.push((fields, name.clone(), archive[data_at..data_at + size].to_vec()));
             at = round_up4(data_at + size);
             if name == "TRAILER!!!" {
                 break;
@@ -258,16 +209,9 @@ mod tests {
         assert_eq!(archive.len() % 4, 0);
 
         let names: Vec<_> = entries.iter().map(|e| e.1.as_str()).collect();
-        assert_eq!(
-            names,
-            ["dev", "dev/console", "bin/sh", "bin/busybox", "TRAILER!!!"]
-        );
+        assert_eq!(names, ["dev", "dev/console", "bin/sh", "bin/busybox", "TRAILER!!!"]);
         let inodes: Vec<_> = entries.iter().map(|e| e.0[0]).collect();
-        assert_eq!(
-            inodes,
-            [1, 2, 3, 4, 0],
-            "inodes are unique, the trailer's is 0"
-        );
+        assert_eq!(inodes, [1, 2, 3, 4, 0], "inodes are unique, the trailer's is 0");
 
         let (dir, _, _) = &entries[0];
         assert_eq!(dir[1], 0o040_755);
@@ -302,17 +246,9 @@ mod tests {
                 let (fields, trailer) = header(&archive, trailer_at);
                 assert_eq!(trailer, "TRAILER!!!", "name {name_len}, data {data_len}");
                 assert_eq!(fields[0], 0);
-                assert!(
-                    archive[HEADER_LEN + name_len..data_at]
-                        .iter()
-                        .all(|&b| b == 0)
-                );
+                assert!(archive[HEADER_LEN + name_len..data_at].iter().all(|&b| b == 0));
                 assert!(archive[data_at..data_at + data_len].iter().all(|&b| b == 1));
-                assert!(
-                    archive[data_at + data_len..trailer_at]
-                        .iter()
-                        .all(|&b| b == 0)
-                );
+                assert!(archive[data_at + data_len..trailer_at].iter().all(|&b| b == 0));
                 assert_eq!(archive.len() % 4, 0);
             }
         }

@@ -14,21 +14,12 @@ use super::ImageError;
 /// Downloads `package` into `dir` and returns the `.deb`'s path. When the download fails
 /// (most often: package lists that are missing or stale), runs `apt-get update` once and
 /// tries again.
-pub fn download(
-    package: &str,
-    dir: &Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<PathBuf, ImageError> {
+pub fn download(package: &str, dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> {
     // A `.deb` left from an earlier run may be an older version; keep only the new one.
     for stale in debs_of(package, dir)? {
         std::fs::remove_file(&stale).map_err(|e| ImageError::io("remove", &stale, e))?;
     }
-    let fetch = || {
-        run(Command::new("apt-get")
-            .arg("download")
-            .arg(package)
-            .current_dir(dir))
-    };
+    let fetch = || run(Command::new("apt-get").arg("download").arg(package).current_dir(dir));
     if let Err(first) = fetch() {
         progress(&format!("{first}; running apt-get update"));
         if let Err(update) = run(Command::new("apt-get").arg("update")) {
@@ -83,9 +74,7 @@ pub fn extract(deb: &Path, dir: &Path) -> Result<(), ImageError> {
 /// True for a versioned kernel package (`linux-image-6.1.0-48-cloud-amd64`), as opposed to
 /// a metapackage that only depends on the current one (`linux-image-cloud-amd64`).
 pub fn is_versioned_kernel_package(name: &str) -> bool {
-    name.strip_prefix("linux-image-")
-        .and_then(|rest| rest.chars().next())
-        .is_some_and(|c| c.is_ascii_digit())
+    name.strip_prefix("linux-image-").and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_digit())
 }
 
 /// The versioned kernel package a metapackage's `Depends` field names, e.g.
@@ -124,19 +113,11 @@ pub fn read_decompressed(path: &Path) -> Result<Vec<u8>, ImageError> {
             .arg("-dc")
             .arg(path)
             .output()
-            .map_err(|source| ImageError::Spawn {
-                command: tool.to_string(),
-                source,
-            })
+            .map_err(|source| ImageError::Spawn { command: tool.to_string(), source })
     };
     let out = match decompress() {
         Err(ImageError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            run(Command::new("apt-get").args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                package,
-            ]))?;
+            run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", package]))?;
             decompress()?
         }
         other => other?,
@@ -158,15 +139,9 @@ fn run(command: &mut Command) -> Result<String, ImageError> {
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let out = command.output().map_err(|source| ImageError::Spawn {
-        command: shown.clone(),
-        source,
-    })?;
+    let out = command.output().map_err(|source| ImageError::Spawn { command: shown.clone(), source })?;
     if !out.status.success() {
-        return Err(ImageError::CommandFailed {
-            command: shown,
-            message: last_line(&out.stderr),
-        });
+        return Err(ImageError::CommandFailed { command: shown, message: last_line(&out.stderr) });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -206,14 +181,8 @@ mod tests {
 
     #[test]
     fn the_release_is_the_versioned_package_name_without_its_prefix() {
-        assert_eq!(
-            kernel_release("linux-image-6.1.0-48-cloud-amd64"),
-            Some("6.1.0-48-cloud-amd64")
-        );
-        assert_eq!(
-            kernel_release("linux-image-6.12.57+deb13-cloud-amd64-unsigned"),
-            Some("6.12.57+deb13-cloud-amd64")
-        );
+        assert_eq!(kernel_release("linux-image-6.1.0-48-cloud-amd64"), Some("6.1.0-48-cloud-amd64"));
+        assert_eq!(kernel_release("linux-image-6.12.57+deb13-cloud-amd64-unsigned"), Some("6.12.57+deb13-cloud-amd64"));
         assert_eq!(kernel_release("linux-image-cloud-amd64"), None);
         assert_eq!(kernel_release("busybox-static"), None);
         assert!(is_versioned_kernel_package("linux-image-6.1.0-48-amd64"));

@@ -16,8 +16,8 @@ pub const READY_MARKER: &str = "VMM-LINUX-GUEST: ready";
 
 /// The busybox applets `/init` uses, plus a few for poking around by hand.
 const APPLETS: &[&str] = &[
-    "sh", "mount", "umount", "insmod", "modprobe", "lsmod", "ls", "cat", "echo", "uname",
-    "basename", "readlink", "reboot", "poweroff", "sleep", "dmesg", "mkdir", "grep",
+    "sh", "mount", "umount", "insmod", "modprobe", "lsmod", "ls", "cat", "echo", "uname", "basename", "readlink",
+    "reboot", "poweroff", "sleep", "dmesg", "mkdir", "grep",
 ];
 
 /// A module as it goes into the initramfs.
@@ -46,10 +46,7 @@ pub fn module_path(kernel_release: &str, path: &str) -> String {
 
 /// A module's path without its compression suffix, if it has one.
 pub fn uncompressed(path: &str) -> &str {
-    [".xz", ".zst", ".gz"]
-        .iter()
-        .find_map(|suffix| path.strip_suffix(suffix))
-        .unwrap_or(path)
+    [".xz", ".zst", ".gz"].iter().find_map(|suffix| path.strip_suffix(suffix)).unwrap_or(path)
 }
 
 /// The `/init` script: mounts, loads `modules` (name, path) in order, lists the virtio
@@ -77,11 +74,7 @@ load() {{
 "
     ));
     for (name, path) in modules {
-        s.push_str(&format!(
-            "load {} {}\n",
-            shell_quote(name),
-            shell_quote(path)
-        ));
+        s.push_str(&format!("load {} {}\n", shell_quote(name), shell_quote(path)));
     }
     s.push_str(
         "echo \"VMM-LINUX-GUEST: virtio devices:\"
@@ -125,10 +118,7 @@ fn shell_quote(word: &str) -> String {
 
 /// Writes the initramfs as an uncompressed newc cpio archive.
 pub fn write_initramfs<W: Write>(out: W, contents: &Initramfs) -> io::Result<W> {
-    let mut tree = Tree {
-        cpio: CpioWriter::new(out),
-        dirs: BTreeSet::new(),
-    };
+    let mut tree = Tree { cpio: CpioWriter::new(out), dirs: BTreeSet::new() };
     for dir in ["/bin", "/dev", "/proc", "/sys", "/tmp", "/root"] {
         tree.dir(dir)?;
     }
@@ -137,19 +127,10 @@ pub fn write_initramfs<W: Write>(out: W, contents: &Initramfs) -> io::Result<W> 
     tree.cpio.add_char_device("/dev/console", 0o600, 5, 1)?;
     tree.file("/bin/busybox", 0o755, contents.busybox)?;
     for applet in APPLETS {
-        tree.cpio
-            .add_symlink(&format!("/bin/{applet}"), "busybox")?;
+        tree.cpio.add_symlink(&format!("/bin/{applet}"), "busybox")?;
     }
-    let order: Vec<(&str, &str)> = contents
-        .modules
-        .iter()
-        .map(|m| (m.name, m.path.as_str()))
-        .collect();
-    tree.file(
-        "/init",
-        0o755,
-        init_script(contents.kernel_release, &order).as_bytes(),
-    )?;
+    let order: Vec<(&str, &str)> = contents.modules.iter().map(|m| (m.name, m.path.as_str())).collect();
+    tree.file("/init", 0o755, init_script(contents.kernel_release, &order).as_bytes())?;
     for module in &contents.modules {
         tree.file(&module.path, 0o644, module.contents)?;
     }
@@ -196,25 +177,15 @@ mod tests {
     use crate::image::cpio::HEADER_LEN;
 
     const MODULES: &[(&str, &str)] = &[
-        (
-            "virtio",
-            "/lib/modules/6.1.0-48-cloud-amd64/kernel/drivers/virtio/virtio.ko",
-        ),
-        (
-            "virtio_mmio",
-            "/lib/modules/6.1.0-48-cloud-amd64/kernel/drivers/virtio/virtio_mmio.ko",
-        ),
+        ("virtio", "/lib/modules/6.1.0-48-cloud-amd64/kernel/drivers/virtio/virtio.ko"),
+        ("virtio_mmio", "/lib/modules/6.1.0-48-cloud-amd64/kernel/drivers/virtio/virtio_mmio.ko"),
     ];
 
     #[test]
     fn init_mounts_then_loads_modules_in_order_then_reports_and_reboots() {
         let script = init_script("6.1.0-48-cloud-amd64", MODULES);
         assert!(script.starts_with("#!/bin/sh\n"));
-        let at = |needle: &str| {
-            script
-                .find(needle)
-                .unwrap_or_else(|| panic!("{needle:?} missing from:\n{script}"))
-        };
+        let at = |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle:?} missing from:\n{script}"));
         let steps = [
             "mount -t proc proc /proc",
             "mount -t sysfs sysfs /sys",
@@ -227,12 +198,7 @@ mod tests {
             "reboot -f",
         ];
         for pair in steps.windows(2) {
-            assert!(
-                at(pair[0]) < at(pair[1]),
-                "{:?} before {:?}",
-                pair[0],
-                pair[1]
-            );
+            assert!(at(pair[0]) < at(pair[1]), "{:?} before {:?}", pair[0], pair[1]);
         }
         // The marker is printed only when nothing failed.
         assert!(at("if [ -n \"$failed\" ]") < at(READY_MARKER));
@@ -249,10 +215,7 @@ mod tests {
 
     #[test]
     fn words_that_need_it_are_quoted() {
-        assert_eq!(
-            shell_quote("/lib/modules/6.1.0+deb/x.ko"),
-            "/lib/modules/6.1.0+deb/x.ko"
-        );
+        assert_eq!(shell_quote("/lib/modules/6.1.0+deb/x.ko"), "/lib/modules/6.1.0+deb/x.ko");
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
@@ -264,10 +227,7 @@ mod tests {
             module_path("6.12.1", "kernel/drivers/virtio/virtio.ko.xz"),
             "/lib/modules/6.12.1/kernel/drivers/virtio/virtio.ko"
         );
-        assert_eq!(
-            module_path("6.1.0", "kernel/a.ko"),
-            "/lib/modules/6.1.0/kernel/a.ko"
-        );
+        assert_eq!(module_path("6.1.0", "kernel/a.ko"), "/lib/modules/6.1.0/kernel/a.ko");
     }
 
     /// The names of the entries of a newc archive, in order, with their modes.
@@ -299,32 +259,21 @@ mod tests {
             busybox: b"\x7fELF busybox",
             modules: MODULES
                 .iter()
-                .map(|(name, path)| InitramfsModule {
-                    name,
-                    path: path.to_string(),
-                    contents: b"\x7fELF module",
-                })
+                .map(|(name, path)| InitramfsModule { name, path: path.to_string(), contents: b"\x7fELF module" })
                 .collect(),
             modules_dep: "kernel/drivers/virtio/virtio.ko:\n".into(),
         };
         let archive = write_initramfs(Vec::new(), &contents).unwrap();
         let entries = entries(&archive);
         let mode_of = |name: &str| {
-            entries
-                .iter()
-                .find(|(n, _)| n == name)
-                .unwrap_or_else(|| panic!("{name} missing: {entries:?}"))
-                .1
+            entries.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing: {entries:?}")).1
         };
         assert_eq!(mode_of("dev/console"), 0o020_600);
         assert_eq!(mode_of("bin/busybox"), 0o100_755);
         assert_eq!(mode_of("bin/sh"), 0o120_777);
         assert_eq!(mode_of("init"), 0o100_755);
         assert_eq!(mode_of("proc"), 0o040_755);
-        assert_eq!(
-            mode_of("lib/modules/6.1.0-48-cloud-amd64/modules.dep"),
-            0o100_644
-        );
+        assert_eq!(mode_of("lib/modules/6.1.0-48-cloud-amd64/modules.dep"), 0o100_644);
         // Every entry's parent directory comes before it.
         for (i, (name, _)) in entries.iter().enumerate() {
             if let Some((parent, _)) = name.rsplit_once('/') {
@@ -335,9 +284,6 @@ mod tests {
         let names: Vec<_> = entries.iter().map(|(n, _)| n.as_str()).collect();
         let unique: BTreeSet<_> = names.iter().collect();
         assert_eq!(unique.len(), names.len(), "no entry twice: {names:?}");
-        assert!(
-            names
-                .contains(&"lib/modules/6.1.0-48-cloud-amd64/kernel/drivers/virtio/virtio_mmio.ko")
-        );
+        assert!(names.contains(&"lib/modules/6.1.0-48-cloud-amd64/kernel/drivers/virtio/virtio_mmio.ko"));
     }
 }

@@ -22,13 +22,8 @@ pub use modules::{ModuleError, ModuleIndex};
 use initramfs::{Initramfs, InitramfsModule};
 
 /// The modules the initramfs loads; their dependencies come along.
-pub const DEFAULT_MODULES: &[&str] = &[
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_net",
-    "vsock",
-    "vmw_vsock_virtio_transport",
-];
+pub const DEFAULT_MODULES: &[&str] =
+    &["virtio_mmio", "virtio_blk", "virtio_net", "vsock", "vmw_vsock_virtio_transport"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -55,11 +50,7 @@ pub enum ImageError {
 
 impl ImageError {
     fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
-        ImageError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
+        ImageError::Io { action, path: path.to_path_buf(), source }
     }
 }
 
@@ -111,10 +102,7 @@ pub struct LinuxImage {
 
 /// Downloads the packages, writes `vmlinuz` and `initrd.cpio` into `opts.output_dir`, and
 /// reports each step through `progress`.
-pub fn build_linux_image(
-    opts: &ImageOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<LinuxImage, ImageError> {
+pub fn build_linux_image(opts: &ImageOptions, progress: &mut dyn FnMut(&str)) -> Result<LinuxImage, ImageError> {
     let out = &opts.output_dir;
     let work = opts.work_dir.clone().unwrap_or_else(|| out.join("work"));
     let debs = work.join("debs");
@@ -125,9 +113,7 @@ pub fn build_linux_image(
     let kernel_package = resolve_kernel_package(&opts.kernel_package, &debs, progress)?;
     let release = debian::kernel_release(&kernel_package)
         .ok_or_else(|| {
-            ImageError::Package(format!(
-                "cannot tell the kernel release from the package name {kernel_package}"
-            ))
+            ImageError::Package(format!("cannot tell the kernel release from the package name {kernel_package}"))
         })?
         .to_string();
     progress(&format!("downloading {kernel_package}"));
@@ -141,8 +127,7 @@ pub fn build_linux_image(
     let busybox_root = work.join("busybox");
     debian::extract(&deb, &busybox_root)?;
     let busybox_path = busybox_root.join("bin/busybox");
-    let busybox =
-        std::fs::read(&busybox_path).map_err(|e| ImageError::io("read", &busybox_path, e))?;
+    let busybox = std::fs::read(&busybox_path).map_err(|e| ImageError::io("read", &busybox_path, e))?;
 
     let vmlinuz = find_vmlinuz(&kernel_root, &release)?;
     let kernel = out.join("vmlinuz");
@@ -151,11 +136,8 @@ pub fn build_linux_image(
 
     let modules_dir = kernel_root.join("lib/modules").join(&release);
     let builtin = builtin_modules(&modules_dir)?;
-    let (wanted, skipped): (Vec<&str>, Vec<&str>) = opts
-        .modules
-        .iter()
-        .map(String::as_str)
-        .partition(|m| !builtin.contains(&m.replace('-', "_")));
+    let (wanted, skipped): (Vec<&str>, Vec<&str>) =
+        opts.modules.iter().map(String::as_str).partition(|m| !builtin.contains(&m.replace('-', "_")));
     if !skipped.is_empty() {
         progress(&format!("built into the kernel: {}", skipped.join(", ")));
     }
@@ -183,9 +165,7 @@ pub fn build_linux_image(
     let image = Initramfs {
         kernel_release: &release,
         busybox: &busybox,
-        modules_dep: modules::render_modules_dep(&order, |m| {
-            initramfs::uncompressed(&m.path).to_string()
-        }),
+        modules_dep: modules::render_modules_dep(&order, |m| initramfs::uncompressed(&m.path).to_string()),
         modules,
     };
     write_initrd(&initrd, &image).map_err(|e| ImageError::io("write", &initrd, e))?;
@@ -211,11 +191,7 @@ fn write_initrd(path: &Path, image: &Initramfs) -> std::io::Result<()> {
 }
 
 /// The versioned kernel package: `package` itself, or the one the metapackage depends on.
-fn resolve_kernel_package(
-    package: &str,
-    debs: &Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<String, ImageError> {
+fn resolve_kernel_package(package: &str, debs: &Path, progress: &mut dyn FnMut(&str)) -> Result<String, ImageError> {
     if debian::is_versioned_kernel_package(package) {
         return Ok(package.to_string());
     }
@@ -223,9 +199,7 @@ fn resolve_kernel_package(
     let meta = debian::download(package, debs, progress)?;
     let depends = debian::control_field(&meta, "Depends")?;
     debian::kernel_dependency(&depends).ok_or_else(|| {
-        ImageError::Package(format!(
-            "{package} depends on no versioned linux-image package (Depends: {depends})"
-        ))
+        ImageError::Package(format!("{package} depends on no versioned linux-image package (Depends: {depends})"))
     })
 }
 
@@ -267,29 +241,19 @@ type ModuleContents = BTreeMap<String, Vec<u8>>;
 
 /// The dependency index for `wanted`: from `modules.dep` when the tree has one, otherwise
 /// from the modules' `.modinfo` (Debian ships no modules.dep; depmod makes it at install).
-fn index_modules(
-    modules_dir: &Path,
-    wanted: &[&str],
-) -> Result<(ModuleIndex, ModuleContents), ImageError> {
+fn index_modules(modules_dir: &Path, wanted: &[&str]) -> Result<(ModuleIndex, ModuleContents), ImageError> {
     let dep_path = modules_dir.join("modules.dep");
     if dep_path.is_file() {
-        let text =
-            std::fs::read_to_string(&dep_path).map_err(|e| ImageError::io("read", &dep_path, e))?;
+        let text = std::fs::read_to_string(&dep_path).map_err(|e| ImageError::io("read", &dep_path, e))?;
         return Ok((ModuleIndex::parse_modules_dep(&text)?, BTreeMap::new()));
     }
     let mut available = BTreeMap::new();
     collect_module_files(modules_dir, modules_dir, &mut available)?;
-    ModuleIndex::from_modinfo(&available, wanted, |path| {
-        debian::read_decompressed(&modules_dir.join(path))
-    })
+    ModuleIndex::from_modinfo(&available, wanted, |path| debian::read_decompressed(&modules_dir.join(path)))
 }
 
 /// Every `*.ko*` under `dir`, by module name, with its path relative to `root`.
-fn collect_module_files(
-    root: &Path,
-    dir: &Path,
-    into: &mut BTreeMap<String, String>,
-) -> Result<(), ImageError> {
+fn collect_module_files(root: &Path, dir: &Path, into: &mut BTreeMap<String, String>) -> Result<(), ImageError> {
     let entries = std::fs::read_dir(dir).map_err(|e| ImageError::io("read", dir, e))?;
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
     paths.sort();
@@ -299,23 +263,18 @@ fn collect_module_files(
         } else if is_module_file(&file_name(&path)) {
             let relative = path.strip_prefix(root).unwrap_or(&path);
             let relative = relative.to_string_lossy().into_owned();
-            into.entry(modules::module_name(&relative))
-                .or_insert(relative);
+            into.entry(modules::module_name(&relative)).or_insert(relative);
         }
     }
     Ok(())
 }
 
 fn is_module_file(name: &str) -> bool {
-    [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
-        .iter()
-        .any(|suffix| name.ends_with(suffix))
+    [".ko", ".ko.xz", ".ko.zst", ".ko.gz"].iter().any(|suffix| name.ends_with(suffix))
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -337,15 +296,9 @@ mod tests {
         let initrd = std::fs::read(&image.initrd).unwrap();
         assert_eq!(&initrd[..6], b"070701");
         assert!(initrd.windows(10).any(|w| w == b"TRAILER!!!"));
-        for module in [
-            "virtio_mmio",
-            "virtio_blk",
-            "virtio_net",
-            "vmw_vsock_virtio_transport",
-        ] {
+        for module in ["virtio_mmio", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"] {
             assert!(
-                image.modules.iter().any(|m| m == module)
-                    || image.builtin.iter().any(|m| m == module),
+                image.modules.iter().any(|m| m == module) || image.builtin.iter().any(|m| m == module),
                 "{module} missing from {:?}",
                 image.modules
             );
@@ -362,23 +315,13 @@ mod tests {
         std::fs::create_dir_all(&drivers).unwrap();
         std::fs::write(drivers.join("virtio.ko"), b"").unwrap();
         std::fs::write(drivers.join("virtio-mem.ko.xz"), b"").unwrap();
-        std::fs::write(
-            dir.join("modules.builtin"),
-            "kernel/drivers/block/loop.ko\n",
-        )
-        .unwrap();
+        std::fs::write(dir.join("modules.builtin"), "kernel/drivers/block/loop.ko\n").unwrap();
         let mut found = BTreeMap::new();
         collect_module_files(&dir, &dir, &mut found).unwrap();
         assert_eq!(found["virtio"], "kernel/drivers/virtio/virtio.ko");
-        assert_eq!(
-            found["virtio_mem"],
-            "kernel/drivers/virtio/virtio-mem.ko.xz"
-        );
+        assert_eq!(found["virtio_mem"], "kernel/drivers/virtio/virtio-mem.ko.xz");
         assert_eq!(found.len(), 2, "modules.builtin is not a module: {found:?}");
-        assert_eq!(
-            builtin_modules(&dir).unwrap(),
-            BTreeSet::from(["loop".to_string()])
-        );
+        assert_eq!(builtin_modules(&dir).unwrap(), BTreeSet::from(["loop".to_string()]));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

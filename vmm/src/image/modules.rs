@@ -12,10 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModuleError {
     #[error("kernel module {name} is not in the kernel package{}", needed_by_suffix(.needed_by))]
-    Missing {
-        name: String,
-        needed_by: Option<String>,
-    },
+    Missing { name: String, needed_by: Option<String> },
     #[error("kernel modules depend on each other in a cycle through {0}")]
     Cycle(String),
     #[error("modules.dep line {line}: expected \"path: dependencies\"")]
@@ -25,10 +22,7 @@ pub enum ModuleError {
 }
 
 fn needed_by_suffix(needed_by: &Option<String>) -> String {
-    needed_by
-        .as_ref()
-        .map(|m| format!(" (needed by {m})"))
-        .unwrap_or_default()
+    needed_by.as_ref().map(|m| format!(" (needed by {m})")).unwrap_or_default()
 }
 
 /// One module: its file, relative to `/lib/modules/<version>/`, and the modules it needs.
@@ -62,9 +56,7 @@ impl ModuleIndex {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (path, deps) = line
-                .split_once(':')
-                .ok_or(ModuleError::BadDepLine { line: i + 1 })?;
+            let (path, deps) = line.split_once(':').ok_or(ModuleError::BadDepLine { line: i + 1 })?;
             let path = path.trim();
             if path.is_empty() {
                 return Err(ModuleError::BadDepLine { line: i + 1 });
@@ -88,19 +80,13 @@ impl ModuleIndex {
     ) -> Result<(Self, BTreeMap<String, Vec<u8>>), E> {
         let mut index = Self::default();
         let mut contents = BTreeMap::new();
-        let mut queue: Vec<(String, Option<String>)> =
-            wanted.iter().map(|w| (w.replace('-', "_"), None)).collect();
+        let mut queue: Vec<(String, Option<String>)> = wanted.iter().map(|w| (w.replace('-', "_"), None)).collect();
         while let Some((name, needed_by)) = queue.pop() {
             if index.modules.contains_key(&name) {
                 continue;
             }
-            let path = available
-                .get(&name)
-                .ok_or_else(|| ModuleError::Missing {
-                    name: name.clone(),
-                    needed_by,
-                })?
-                .clone();
+            let path =
+                available.get(&name).ok_or_else(|| ModuleError::Missing { name: name.clone(), needed_by })?.clone();
             let bytes = read(&path)?;
             let deps = modinfo_depends(&name, &bytes)?;
             queue.extend(deps.iter().map(|d| (d.clone(), Some(name.clone()))));
@@ -138,10 +124,9 @@ impl ModuleIndex {
         done: &mut BTreeSet<String>,
         order: &mut Vec<&'a ModuleInfo>,
     ) -> Result<(), ModuleError> {
-        let module = self.get(name).ok_or_else(|| ModuleError::Missing {
-            name: name.to_string(),
-            needed_by: needed_by.map(str::to_string),
-        })?;
+        let module = self
+            .get(name)
+            .ok_or_else(|| ModuleError::Missing { name: name.to_string(), needed_by: needed_by.map(str::to_string) })?;
         if done.contains(&module.name) {
             return Ok(());
         }
@@ -168,11 +153,7 @@ pub fn render_modules_dep(modules: &[&ModuleInfo], path: impl Fn(&ModuleInfo) ->
         out.push(':');
         let mut needed = BTreeSet::new();
         collect_deps(modules, &module.name, &mut needed);
-        for dep in modules[..i]
-            .iter()
-            .rev()
-            .filter(|m| needed.contains(&m.name))
-        {
+        for dep in modules[..i].iter().rev().filter(|m| needed.contains(&m.name)) {
             out.push(' ');
             out.push_str(&path(dep));
         }
@@ -193,21 +174,11 @@ fn collect_deps(modules: &[&ModuleInfo], name: &str, into: &mut BTreeSet<String>
 
 /// The `depends=` field of a module's `.modinfo` section (empty when it needs nothing).
 pub fn modinfo_depends(name: &str, elf: &[u8]) -> Result<Vec<String>, ModuleError> {
-    let bad = |reason| ModuleError::BadElf {
-        name: name.to_string(),
-        reason,
-    };
+    let bad = |reason| ModuleError::BadElf { name: name.to_string(), reason };
     let modinfo = elf_section(elf, ".modinfo").map_err(bad)?;
-    let depends = modinfo
-        .split(|&b| b == 0)
-        .find_map(|field| field.strip_prefix(b"depends="))
-        .unwrap_or_default();
+    let depends = modinfo.split(|&b| b == 0).find_map(|field| field.strip_prefix(b"depends=")).unwrap_or_default();
     let depends = std::str::from_utf8(depends).map_err(|_| bad("depends= is not UTF-8"))?;
-    Ok(depends
-        .split(',')
-        .filter(|d| !d.is_empty())
-        .map(|d| d.replace('-', "_"))
-        .collect())
+    Ok(depends.split(',').filter(|d| !d.is_empty()).map(|d| d.replace('-', "_")).collect())
 }
 
 /// The contents of the named section of a little-endian ELF64 file.
@@ -231,9 +202,7 @@ fn elf_section<'a>(elf: &'a [u8], wanted: &str) -> Result<&'a [u8], &'static str
     };
     let slice = |offset: u64, size: u64| -> Result<&'a [u8], &'static str> {
         let start = usize::try_from(offset).map_err(|_| TRUNCATED)?;
-        let end = start
-            .checked_add(usize::try_from(size).map_err(|_| TRUNCATED)?)
-            .ok_or(TRUNCATED)?;
+        let end = start.checked_add(usize::try_from(size).map_err(|_| TRUNCATED)?).ok_or(TRUNCATED)?;
         elf.get(start..end).ok_or(TRUNCATED)
     };
     let shoff = u64_at(0x28)?;
@@ -243,9 +212,8 @@ fn elf_section<'a>(elf: &'a [u8], wanted: &str) -> Result<&'a [u8], &'static str
     if shentsize < 64 || shstrndx >= shnum {
         return Err(NOT_ELF64);
     }
-    let header = |i: u64| -> Result<usize, &'static str> {
-        usize::try_from(shoff + i * shentsize).map_err(|_| TRUNCATED)
-    };
+    let header =
+        |i: u64| -> Result<usize, &'static str> { usize::try_from(shoff + i * shentsize).map_err(|_| TRUNCATED) };
     let strtab_header = header(shstrndx)?;
     let strtab = slice(u64_at(strtab_header + 24)?, u64_at(strtab_header + 32)?)?;
     for i in 0..shnum {
@@ -289,10 +257,7 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
 
     #[test]
     fn module_names_drop_the_suffix_and_dashes() {
-        assert_eq!(
-            module_name("kernel/drivers/net/virtio_net.ko"),
-            "virtio_net"
-        );
+        assert_eq!(module_name("kernel/drivers/net/virtio_net.ko"), "virtio_net");
         assert_eq!(module_name("kernel/x/intel-uncore.ko.xz"), "intel_uncore");
         assert_eq!(module_name("failover.ko.zst"), "failover");
     }
@@ -302,15 +267,9 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
         let index = ModuleIndex::parse_modules_dep(MODULES_DEP).unwrap();
         let net = index.get("virtio_net").unwrap();
         assert_eq!(net.path, "kernel/drivers/net/virtio_net.ko");
-        assert_eq!(
-            net.deps,
-            ["net_failover", "failover", "virtio_ring", "virtio"]
-        );
+        assert_eq!(net.deps, ["net_failover", "failover", "virtio_ring", "virtio"]);
         assert!(index.get("virtio").unwrap().deps.is_empty());
-        assert_eq!(
-            index.get("intel-uncore").unwrap().path,
-            "kernel/arch/x86/events/intel/intel-uncore.ko.xz"
-        );
+        assert_eq!(index.get("intel-uncore").unwrap().path, "kernel/arch/x86/events/intel/intel-uncore.ko.xz");
         assert_eq!(
             ModuleIndex::parse_modules_dep("ok.ko:\nno colon here\n").unwrap_err(),
             ModuleError::BadDepLine { line: 2 }
@@ -320,22 +279,14 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
     #[test]
     fn load_order_puts_dependencies_first_and_each_module_once() {
         let index = ModuleIndex::parse_modules_dep(MODULES_DEP).unwrap();
-        let wanted = [
-            "virtio_mmio",
-            "virtio_blk",
-            "virtio_net",
-            "vmw_vsock_virtio_transport",
-        ];
+        let wanted = ["virtio_mmio", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
         let order = names(&index.load_order(&wanted).unwrap());
         assert_eq!(order.len(), 10, "{order:?}");
         let unique: BTreeSet<_> = order.iter().collect();
         assert_eq!(unique.len(), order.len(), "no duplicates: {order:?}");
         for module in &order {
             for dep in &index.get(module).unwrap().deps {
-                assert!(
-                    position(&order, dep) < position(&order, module),
-                    "{dep} before {module}: {order:?}"
-                );
+                assert!(position(&order, dep) < position(&order, module), "{dep} before {module}: {order:?}");
             }
         }
         assert!(position(&order, "virtio_mmio") < position(&order, "virtio_blk"));
@@ -347,22 +298,13 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
         let index = ModuleIndex::parse_modules_dep(MODULES_DEP).unwrap();
         assert_eq!(
             index.load_order(&["virtio_gpu"]).unwrap_err(),
-            ModuleError::Missing {
-                name: "virtio_gpu".into(),
-                needed_by: None
-            }
+            ModuleError::Missing { name: "virtio_gpu".into(), needed_by: None }
         );
         let broken = ModuleIndex::parse_modules_dep("a.ko: b.ko\n").unwrap();
         let err = broken.load_order(&["a"]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "kernel module b is not in the kernel package (needed by a)"
-        );
+        assert_eq!(err.to_string(), "kernel module b is not in the kernel package (needed by a)");
         let cycle = ModuleIndex::parse_modules_dep("a.ko: b.ko\nb.ko: a.ko\n").unwrap();
-        assert!(matches!(
-            cycle.load_order(&["a"]),
-            Err(ModuleError::Cycle(_))
-        ));
+        assert!(matches!(cycle.load_order(&["a"]), Err(ModuleError::Cycle(_))));
     }
 
     #[test]
@@ -380,10 +322,7 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
         // Read back, it gives the same modules, still with virtio_net last.
         let reparsed = ModuleIndex::parse_modules_dep(&text).unwrap();
         let again = names(&reparsed.load_order(&["virtio_net"]).unwrap());
-        assert_eq!(
-            again.iter().collect::<BTreeSet<_>>(),
-            names(&order).iter().collect::<BTreeSet<_>>()
-        );
+        assert_eq!(again.iter().collect::<BTreeSet<_>>(), names(&order).iter().collect::<BTreeSet<_>>());
         assert_eq!(again.last().unwrap(), "virtio_net");
     }
 
@@ -416,19 +355,11 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
 
     #[test]
     fn modinfo_depends_are_read_from_the_elf_section() {
-        let elf = elf_with_modinfo(
-            b"license=GPL\0depends=virtio_ring,virtio,net-failover\0name=virtio_net\0\0",
-        );
-        assert_eq!(
-            modinfo_depends("virtio_net", &elf).unwrap(),
-            ["virtio_ring", "virtio", "net_failover"]
-        );
+        let elf = elf_with_modinfo(b"license=GPL\0depends=virtio_ring,virtio,net-failover\0name=virtio_net\0\0");
+        assert_eq!(modinfo_depends("virtio_net", &elf).unwrap(), ["virtio_ring", "virtio", "net_failover"]);
         let none = elf_with_modinfo(b"depends=\0name=failover\0");
         assert!(modinfo_depends("failover", &none).unwrap().is_empty());
-        assert!(matches!(
-            modinfo_depends("junk", b"not an elf file at all"),
-            Err(ModuleError::BadElf { .. })
-        ));
+        assert!(matches!(modinfo_depends("junk", b"not an elf file at all"), Err(ModuleError::BadElf { .. })));
         let mut truncated = elf_with_modinfo(b"depends=\0");
         // Cut inside the .modinfo section header, before its size field.
         truncated.truncate(truncated.len() - 40);
@@ -447,15 +378,14 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
         .map(|(n, p)| (n.to_string(), p.to_string()))
         .collect();
         let mut reads = Vec::new();
-        let (index, contents) =
-            ModuleIndex::from_modinfo::<ModuleError>(&available, &["virtio_blk"], |path| {
-                reads.push(path.to_string());
-                Ok(elf_with_modinfo(match path {
-                    "kernel/virtio_blk.ko" => b"depends=virtio,virtio_ring\0",
-                    _ => b"depends=\0",
-                }))
-            })
-            .unwrap();
+        let (index, contents) = ModuleIndex::from_modinfo::<ModuleError>(&available, &["virtio_blk"], |path| {
+            reads.push(path.to_string());
+            Ok(elf_with_modinfo(match path {
+                "kernel/virtio_blk.ko" => b"depends=virtio,virtio_ring\0",
+                _ => b"depends=\0",
+            }))
+        })
+        .unwrap();
         assert_eq!(reads.len(), 3, "only the closure is read: {reads:?}");
         assert_eq!(contents.len(), 3);
         let order = names(&index.load_order(&["virtio_blk"]).unwrap());
@@ -466,12 +396,6 @@ kernel/arch/x86/events/intel/intel-uncore.ko.xz:
             Ok(elf_with_modinfo(b"depends=virtio_gone\0"))
         })
         .unwrap_err();
-        assert_eq!(
-            err,
-            ModuleError::Missing {
-                name: "virtio_gone".into(),
-                needed_by: Some("virtio_blk".into())
-            }
-        );
+        assert_eq!(err, ModuleError::Missing { name: "virtio_gone".into(), needed_by: Some("virtio_blk".into()) });
     }
 }

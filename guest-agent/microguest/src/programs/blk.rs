@@ -17,17 +17,11 @@ use crate::virtio::blk::{self, Blk, Kind, S_IOERR, S_OK, S_UNSUPP, SECTOR_SIZE};
 use crate::virtio::{self, ID_BLOCK};
 use crate::{arch, dma, println};
 
-pub const RW: Program = Program {
-    name: "blk-rw",
-    about: "write, flush, read back and verify a pattern on a virtio-blk disk",
-    run: blk_rw,
-};
+pub const RW: Program =
+    Program { name: "blk-rw", about: "write, flush, read back and verify a pattern on a virtio-blk disk", run: blk_rw };
 
-pub const BENCH: Program = Program {
-    name: "blk-bench",
-    about: "random read or write IOPS and latency on a virtio-blk disk",
-    run: blk_bench,
-};
+pub const BENCH: Program =
+    Program { name: "blk-bench", about: "random read or write IOPS and latency on a virtio-blk disk", run: blk_bench };
 
 const MIB: u64 = 1 << 20;
 const SECTORS_PER_MIB: u64 = MIB / SECTOR_SIZE;
@@ -73,9 +67,7 @@ fn device_failure(program: &str, e: virtio::Error) -> Failure {
 }
 
 fn checksum(words: &[u64]) -> u64 {
-    words.iter().fold(0xcbf2_9ce4_8422_2325, |h, &w| {
-        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29)
-    })
+    words.iter().fold(0xcbf2_9ce4_8422_2325, |h, &w| (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29))
 }
 
 fn fill_sector(words: &mut [u64], sector: u64, seed: u64) {
@@ -141,9 +133,7 @@ fn describe(program: &str, sector: u64, mismatch: Mismatch) {
 /// `addr` must be a buffer we own that no device is writing.
 unsafe fn sector_words<'a>(addr: u64, sectors: u64) -> &'a mut [u64] {
     // SAFETY: guaranteed by the caller; DMA buffers are page aligned.
-    unsafe {
-        core::slice::from_raw_parts_mut(addr as *mut u64, (sectors * SECTOR_SIZE / 8) as usize)
-    }
+    unsafe { core::slice::from_raw_parts_mut(addr as *mut u64, (sectors * SECTOR_SIZE / 8) as usize) }
 }
 
 /// Moves sectors `0..total` in requests of `per_request` sectors, keeping up to
@@ -166,12 +156,7 @@ fn stream(
     mut prepare: impl FnMut(u64, u64, u64),
     mut finish: impl FnMut(u64, u64, u64),
 ) -> Result<u64, Failure> {
-    let Pass {
-        kind,
-        total,
-        per_request,
-        timeout_ms,
-    } = pass;
+    let Pass { kind, total, per_request, timeout_ms } = pass;
     let mut next = 0u64;
     let mut requests = 0u64;
     let mut pending = [(0u64, 0u64); 64];
@@ -184,14 +169,8 @@ fn stream(
             idle &= !(1 << slot);
             let count = per_request.min(total - next);
             prepare(buffers[slot], next, count);
-            disk.submit(
-                slot,
-                kind,
-                next,
-                buffers[slot],
-                (count * SECTOR_SIZE) as u32,
-            )
-            .map_err(|e| device_failure(program, e))?;
+            disk.submit(slot, kind, next, buffers[slot], (count * SECTOR_SIZE) as u32)
+                .map_err(|e| device_failure(program, e))?;
             pending[slot] = (next, count);
             next += count;
             queued = true;
@@ -199,9 +178,7 @@ fn stream(
         if queued {
             disk.kick();
         }
-        let (slot, status) = disk
-            .wait(timeout_ms)
-            .map_err(|e| device_failure(program, e))?;
+        let (slot, status) = disk.wait(timeout_ms).map_err(|e| device_failure(program, e))?;
         let (first, count) = pending[slot];
         if status != S_OK {
             println!(
@@ -233,9 +210,7 @@ fn alloc_buffers(program: &str, count: usize, bytes: u64) -> Result<[u64; 64], F
 /// Asks the disk for its ID string; prints it. UNSUPP is allowed by the spec.
 fn get_id(disk: &mut Blk, program: &str, timeout_ms: u64) -> Result<(), Failure> {
     let buf = dma::alloc(dma::PAGE).ok_or(Failure::Check)?;
-    let status = disk
-        .run(Kind::GetId, 0, buf, blk::ID_BYTES, timeout_ms)
-        .map_err(|e| device_failure(program, e))?;
+    let status = disk.run(Kind::GetId, 0, buf, blk::ID_BYTES, timeout_ms).map_err(|e| device_failure(program, e))?;
     match status {
         S_OK => {
             // SAFETY: our buffer; the request is complete.
@@ -250,10 +225,7 @@ fn get_id(disk: &mut Blk, program: &str, timeout_ms: u64) -> Result<(), Failure>
             Ok(())
         }
         _ => {
-            println!(
-                "{program}: FAILED: GET_ID returned {} ({status})",
-                blk::status_name(status)
-            );
+            println!("{program}: FAILED: GET_ID returned {} ({status})", blk::status_name(status));
             Err(Failure::Check)
         }
     }
@@ -263,17 +235,9 @@ fn blk_rw(ctx: &Context) -> Outcome {
     const P: &str = "blk-rw";
     let timeout_ms = virtio_util::timeout_ms(ctx, P, 10_000)?;
     let seed = virtio_util::seed(ctx, P)?;
-    let expect_pattern = ctx
-        .args
-        .u64_in("expect_pattern", 0, 0, 1)
-        .map_err(|e| usage(P, e))?
-        == 1;
+    let expect_pattern = ctx.args.u64_in("expect_pattern", 0, 0, 1).map_err(|e| usage(P, e))? == 1;
     let mib = match ctx.args.get("mib") {
-        Some(_) => Some(
-            ctx.args
-                .u64_in("mib", 0, 1, 1 << 24)
-                .map_err(|e| usage(P, e))?,
-        ),
+        Some(_) => Some(ctx.args.u64_in("mib", 0, 1, 1 << 24).map_err(|e| usage(P, e))?),
         None => None,
     };
     let mut disk = open_disk(ctx, P, RW_QUEUE_DEPTH)?;
@@ -282,20 +246,11 @@ fn blk_rw(ctx: &Context) -> Outcome {
     result
 }
 
-fn blk_rw_on(
-    disk: &mut Blk,
-    mib: Option<u64>,
-    seed: u64,
-    expect_pattern: bool,
-    timeout_ms: u64,
-) -> Outcome {
+fn blk_rw_on(disk: &mut Blk, mib: Option<u64>, seed: u64, expect_pattern: bool, timeout_ms: u64) -> Outcome {
     const P: &str = "blk-rw";
     let total = match mib {
         Some(mib) if mib * SECTORS_PER_MIB > disk.capacity => {
-            println!(
-                "{P}: mib={mib} does not fit on a disk of {}",
-                Size(disk.capacity * SECTOR_SIZE)
-            );
+            println!("{P}: mib={mib} does not fit on a disk of {}", Size(disk.capacity * SECTOR_SIZE));
             return Err(Failure::Usage);
         }
         Some(mib) => mib * SECTORS_PER_MIB,
@@ -312,30 +267,15 @@ fn blk_rw_on(
     get_id(disk, P, timeout_ms)?;
 
     if disk.read_only {
-        return read_only_checks(
-            disk,
-            total,
-            per_request,
-            buffers,
-            expect_pattern,
-            timeout_ms,
-        );
+        return read_only_checks(disk, total, per_request, buffers, expect_pattern, timeout_ms);
     }
 
-    println!(
-        "{P}: writing {} ({total} sectors), seed {seed:#x}",
-        Size(total * SECTOR_SIZE)
-    );
+    println!("{P}: writing {} ({total} sectors), seed {seed:#x}", Size(total * SECTOR_SIZE));
     let t0 = arch::rdtsc();
     let writes = stream(
         disk,
         P,
-        Pass {
-            kind: Kind::Out,
-            total,
-            per_request,
-            timeout_ms,
-        },
+        Pass { kind: Kind::Out, total, per_request, timeout_ms },
         buffers,
         |buf, first, count| {
             // SAFETY: an idle slot's buffer, `count` sectors long.
@@ -348,14 +288,9 @@ fn blk_rw_on(
     )?;
     let t1 = arch::rdtsc();
     if disk.flush {
-        let status = disk
-            .run(Kind::Flush, 0, 0, 0, timeout_ms)
-            .map_err(|e| device_failure(P, e))?;
+        let status = disk.run(Kind::Flush, 0, 0, 0, timeout_ms).map_err(|e| device_failure(P, e))?;
         if status != S_OK {
-            println!(
-                "{P}: FAILED: FLUSH returned {} ({status})",
-                blk::status_name(status)
-            );
+            println!("{P}: FAILED: FLUSH returned {} ({status})", blk::status_name(status));
             return Err(Failure::Check);
         }
         println!("{P}: flush OK");
@@ -368,12 +303,7 @@ fn blk_rw_on(
     let reads = stream(
         disk,
         P,
-        Pass {
-            kind: Kind::In,
-            total,
-            per_request,
-            timeout_ms,
-        },
+        Pass { kind: Kind::In, total, per_request, timeout_ms },
         buffers,
         |buf, _, count| {
             // Poison the buffer so a read that returns nothing cannot pass.
@@ -426,19 +356,12 @@ fn read_only_checks(
     // Read sector 0, try to write the very same bytes back (so even a device that wrongly
     // accepts it changes nothing), then make sure the sector is unchanged.
     let (a, b) = (buffers[0], dma::alloc(SECTOR_SIZE).ok_or(Failure::Check)?);
-    let status = disk
-        .run(Kind::In, 0, a, SECTOR_SIZE as u32, timeout_ms)
-        .map_err(fail)?;
+    let status = disk.run(Kind::In, 0, a, SECTOR_SIZE as u32, timeout_ms).map_err(fail)?;
     if status != S_OK {
-        println!(
-            "{P}: FAILED: read of sector 0 returned {}",
-            blk::status_name(status)
-        );
+        println!("{P}: FAILED: read of sector 0 returned {}", blk::status_name(status));
         return Err(Failure::Check);
     }
-    let status = disk
-        .run(Kind::Out, 0, a, SECTOR_SIZE as u32, timeout_ms)
-        .map_err(fail)?;
+    let status = disk.run(Kind::Out, 0, a, SECTOR_SIZE as u32, timeout_ms).map_err(fail)?;
     if status != S_IOERR {
         println!(
             "{P}: FAILED: write to the read-only disk returned {} ({status}), expected IOERR",
@@ -446,9 +369,7 @@ fn read_only_checks(
         );
         return Err(Failure::Check);
     }
-    let status = disk
-        .run(Kind::In, 0, b, SECTOR_SIZE as u32, timeout_ms)
-        .map_err(fail)?;
+    let status = disk.run(Kind::In, 0, b, SECTOR_SIZE as u32, timeout_ms).map_err(fail)?;
     // SAFETY: both requests are complete; the buffers are ours.
     let same = unsafe {
         core::slice::from_raw_parts(a as *const u8, SECTOR_SIZE as usize)
@@ -466,12 +387,7 @@ fn read_only_checks(
     let reads = stream(
         disk,
         P,
-        Pass {
-            kind: Kind::In,
-            total,
-            per_request,
-            timeout_ms,
-        },
+        Pass { kind: Kind::In, total, per_request, timeout_ms },
         buffers,
         |_, _, _| {},
         |buf, first, count| {
@@ -491,9 +407,7 @@ fn read_only_checks(
         },
     )?;
     let t1 = arch::rdtsc();
-    let iops = per_second(reads, t0, t1)
-        .map(|r| IopsSuffix(Some(r)))
-        .unwrap_or(IopsSuffix(None));
+    let iops = per_second(reads, t0, t1).map(|r| IopsSuffix(Some(r))).unwrap_or(IopsSuffix(None));
     println!(
         "{P}: read-only disk refused writes (IOERR) and read back {} ({total} sectors) on a {} \
          disk, {valid} sectors carry a valid pattern{iops}",
@@ -528,15 +442,9 @@ fn blk_bench(ctx: &Context) -> Outcome {
             return Err(Failure::Usage);
         }
     };
-    let ops = ctx
-        .args
-        .u64_in("ops", 10_000, 1, 1 << 32)
-        .map_err(|e| usage(P, e))?;
+    let ops = ctx.args.u64_in("ops", 10_000, 1, 1 << 32).map_err(|e| usage(P, e))?;
     let qd = ctx.args.u64_in("qd", 1, 1, 64).map_err(|e| usage(P, e))? as usize;
-    let bs = ctx
-        .args
-        .u64_in("bs", 4096, SECTOR_SIZE, 1 << 20)
-        .map_err(|e| usage(P, e))?;
+    let bs = ctx.args.u64_in("bs", 4096, SECTOR_SIZE, 1 << 20).map_err(|e| usage(P, e))?;
     if !bs.is_multiple_of(SECTOR_SIZE) {
         println!("{P}: invalid bs={bs}: expected a multiple of {SECTOR_SIZE}");
         return Err(Failure::Usage);
@@ -549,22 +457,11 @@ fn blk_bench(ctx: &Context) -> Outcome {
     result
 }
 
-fn bench_on(
-    disk: &mut Blk,
-    write: bool,
-    ops: u64,
-    qd: usize,
-    bs: u64,
-    seed: u64,
-    timeout_ms: u64,
-) -> Outcome {
+fn bench_on(disk: &mut Blk, write: bool, ops: u64, qd: usize, bs: u64, seed: u64, timeout_ms: u64) -> Outcome {
     const P: &str = "blk-bench";
     let mode = if write { "randwrite" } else { "randread" };
     if bs > u64::from(disk.max_transfer()) {
-        println!(
-            "{P}: bs={bs} exceeds the device's size_max {}",
-            disk.max_transfer()
-        );
+        println!("{P}: bs={bs} exceeds the device's size_max {}", disk.max_transfer());
         return Err(Failure::Usage);
     }
     let blocks = disk.capacity * SECTOR_SIZE / bs;
@@ -604,8 +501,7 @@ fn bench_on(
             idle &= !(1 << slot);
             let sector = rng.below(blocks) * (bs / SECTOR_SIZE);
             started[slot] = arch::rdtsc();
-            disk.submit(slot, kind, sector, buffers[slot], bs as u32)
-                .map_err(|e| device_failure(P, e))?;
+            disk.submit(slot, kind, sector, buffers[slot], bs as u32).map_err(|e| device_failure(P, e))?;
             submitted += 1;
             queued = true;
         }
@@ -616,10 +512,7 @@ fn bench_on(
         while let Some((slot, status)) = done {
             latency_ticks += arch::rdtsc().wrapping_sub(started[slot]);
             if status != S_OK {
-                println!(
-                    "{P}: FAILED: {mode} request returned {} ({status})",
-                    blk::status_name(status)
-                );
+                println!("{P}: FAILED: {mode} request returned {} ({status})", blk::status_name(status));
                 return Err(Failure::Check);
             }
             idle |= 1 << slot;
@@ -629,11 +522,9 @@ fn bench_on(
     }
     let t1 = arch::rdtsc();
     match (per_second(ops, t0, t1), mean_tenth_us(latency_ticks, ops)) {
-        (Some(iops), Some(lat)) => println!(
-            "{P}: mode={mode} ops={ops} qd={qd} bs={bs} iops={iops} lat_us={}.{}",
-            lat / 10,
-            lat % 10
-        ),
+        (Some(iops), Some(lat)) => {
+            println!("{P}: mode={mode} ops={ops} qd={qd} bs={bs} iops={iops} lat_us={}.{}", lat / 10, lat % 10)
+        }
         _ => println!(
             "{P}: mode={mode} ops={ops} qd={qd} bs={bs} iops=unknown lat_us=unknown \
              (TSC frequency unknown)"

@@ -47,9 +47,7 @@ fn build_frame(out: &mut [u8], mac: &[u8; 6], run: u32, seq: u64) {
 }
 
 fn frame_checksum(bytes: &[u8]) -> u32 {
-    let h = bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
+    let h = bytes.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
     h ^ (h >> 16)
 }
 
@@ -75,11 +73,7 @@ struct MacStr<'a>(&'a [u8; 6]);
 impl core::fmt::Display for MacStr<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
         let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
     }
 }
 
@@ -90,18 +84,9 @@ fn device_failure(e: virtio::Error) -> Failure {
 
 fn run(ctx: &Context) -> Outcome {
     const P: &str = "net-echo";
-    let frames = ctx
-        .args
-        .u64_in("frames", 1000, 1, 1 << 30)
-        .map_err(|e| usage(P, e))?;
-    let size = ctx
-        .args
-        .u64_in("size", 1024, MIN_FRAME as u64, 65_549)
-        .map_err(|e| usage(P, e))? as usize;
-    let window = ctx
-        .args
-        .u64_in("window", 8, 1, 256)
-        .map_err(|e| usage(P, e))? as usize;
+    let frames = ctx.args.u64_in("frames", 1000, 1, 1 << 30).map_err(|e| usage(P, e))?;
+    let size = ctx.args.u64_in("size", 1024, MIN_FRAME as u64, 65_549).map_err(|e| usage(P, e))? as usize;
+    let window = ctx.args.u64_in("window", 8, 1, 256).map_err(|e| usage(P, e))? as usize;
     let timeout_ms = virtio_util::timeout_ms(ctx, P, 1000)?;
     let transport = find_device(ctx, P, "net", ID_NET)?;
     let base = transport.base();
@@ -113,17 +98,9 @@ fn run(ctx: &Context) -> Outcome {
         "{P}: virtio-net at {base:#x}: mac {} ({}), mtu {}{}, mergeable rx buffers {}, link {}, \
          features {:#x}",
         mac_str(&net.mac),
-        if net.mac_from_device {
-            "from device"
-        } else {
-            "generated"
-        },
+        if net.mac_from_device { "from device" } else { "generated" },
         net.mtu,
-        if net.mtu_from_device {
-            " (from device)"
-        } else {
-            ""
-        },
+        if net.mtu_from_device { " (from device)" } else { "" },
         if net.mergeable { "yes" } else { "no" },
         match net.link_up {
             Some(true) => "up",
@@ -140,10 +117,7 @@ fn run(ctx: &Context) -> Outcome {
 fn echo(net: &mut Net, frames: u64, size: usize, window: usize, timeout_ms: u64) -> Outcome {
     const P: &str = "net-echo";
     if size > net.max_frame() {
-        println!(
-            "{P}: size={size} exceeds the MTU: at most {} bytes",
-            net.max_frame()
-        );
+        println!("{P}: size={size} exceeds the MTU: at most {} bytes", net.max_frame());
         return Err(Failure::Usage);
     }
     let run = virtio_util::mix(arch::rdtsc()) as u32;
@@ -167,45 +141,41 @@ fn echo(net: &mut Net, frames: u64, size: usize, window: usize, timeout_ms: u64)
     let mut gave_up = false;
     let is_seen = |seen: &[u64], s: u64| seen[(s / 64) as usize] & (1 << (s % 64)) != 0;
 
-    let mut handle = |len: usize,
-                      rx: &[u8],
-                      next: u64,
-                      seen: &mut [u64],
-                      expected: &mut [u8],
-                      lost_in_a_row: &mut usize| {
-        let frame = &rx[..len.min(rx.len())];
-        let Some(seq) = our_seq(frame, run) else {
-            foreign += 1;
-            return;
-        };
-        if seq >= next {
-            if corrupt < REPORT_LIMIT {
-                println!("{P}: frame with sequence {seq}, which was never sent");
+    let mut handle =
+        |len: usize, rx: &[u8], next: u64, seen: &mut [u64], expected: &mut [u8], lost_in_a_row: &mut usize| {
+            let frame = &rx[..len.min(rx.len())];
+            let Some(seq) = our_seq(frame, run) else {
+                foreign += 1;
+                return;
+            };
+            if seq >= next {
+                if corrupt < REPORT_LIMIT {
+                    println!("{P}: frame with sequence {seq}, which was never sent");
+                }
+                corrupt += 1;
+                return;
             }
-            corrupt += 1;
-            return;
-        }
-        build_frame(expected, &mac, run, seq);
-        if len != size || frame != &expected[..] {
-            if corrupt < REPORT_LIMIT {
-                let at = frame.iter().zip(expected.iter()).position(|(a, b)| a != b);
-                println!(
-                    "{P}: frame {seq} came back corrupt: {len} bytes (sent {size}), first \
+            build_frame(expected, &mac, run, seq);
+            if len != size || frame != &expected[..] {
+                if corrupt < REPORT_LIMIT {
+                    let at = frame.iter().zip(expected.iter()).position(|(a, b)| a != b);
+                    println!(
+                        "{P}: frame {seq} came back corrupt: {len} bytes (sent {size}), first \
                      difference at byte {}",
-                    at.unwrap_or(len.min(size))
-                );
+                        at.unwrap_or(len.min(size))
+                    );
+                }
+                corrupt += 1;
+                return;
             }
-            corrupt += 1;
-            return;
-        }
-        if is_seen(seen, seq) {
-            duplicated += 1;
-            return;
-        }
-        seen[(seq / 64) as usize] |= 1 << (seq % 64);
-        received += 1;
-        *lost_in_a_row = 0;
-    };
+            if is_seen(seen, seq) {
+                duplicated += 1;
+                return;
+            }
+            seen[(seq / 64) as usize] |= 1 << (seq % 64);
+            received += 1;
+            *lost_in_a_row = 0;
+        };
 
     let t0 = arch::rdtsc();
     while oldest < frames && !gave_up {
@@ -250,9 +220,7 @@ fn echo(net: &mut Net, frames: u64, size: usize, window: usize, timeout_ms: u64)
     }
     let sent = next;
     let lost = sent - received;
-    let rate = per_second(received, t0, t1)
-        .map(|r| RateSuffix(Some(r)))
-        .unwrap_or(RateSuffix(None));
+    let rate = per_second(received, t0, t1).map(|r| RateSuffix(Some(r))).unwrap_or(RateSuffix(None));
     if foreign != 0 {
         println!("{P}: ignored {foreign} frames that were not ours");
     }

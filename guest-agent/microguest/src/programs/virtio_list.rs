@@ -4,11 +4,8 @@ use super::{Context, Failure, Outcome, Program};
 use crate::println;
 use crate::virtio::{self, Error};
 
-pub const PROGRAM: Program = Program {
-    name: "virtio-list",
-    about: "list the virtio-mmio devices named on the command line",
-    run,
-};
+pub const PROGRAM: Program =
+    Program { name: "virtio-list", about: "list the virtio-mmio devices named on the command line", run };
 
 fn run(ctx: &Context) -> Outcome {
     const P: &str = "virtio-list";

@@ -4,16 +4,8 @@ use crate::virtio::{self, Transport};
 use crate::{arch, dma, println, time};
 
 /// Finds device number `key=` (default 0) of type `device_id` and prepares DMA memory.
-pub fn find_device(
-    ctx: &Context,
-    program: &str,
-    key: &'static str,
-    device_id: u32,
-) -> Result<Transport, Failure> {
-    let index = ctx
-        .args
-        .u64_in(key, 0, 0, 63)
-        .map_err(|e| usage(program, e))?;
+pub fn find_device(ctx: &Context, program: &str, key: &'static str, device_id: u32) -> Result<Transport, Failure> {
+    let index = ctx.args.u64_in(key, 0, 0, 63).map_err(|e| usage(program, e))?;
     if dma::init(ctx.boot) == 0 {
         println!("{program}: no free RAM above the image for virtqueues and buffers");
         return Err(Failure::Check);
@@ -26,17 +18,13 @@ pub fn find_device(
 
 /// A `timeout_ms=` argument (default `default`).
 pub fn timeout_ms(ctx: &Context, program: &str, default: u64) -> Result<u64, Failure> {
-    ctx.args
-        .u64_in("timeout_ms", default, 1, 3_600_000)
-        .map_err(|e| usage(program, e))
+    ctx.args.u64_in("timeout_ms", default, 1, 3_600_000).map_err(|e| usage(program, e))
 }
 
 /// `seed=` if given, else something different on every run.
 pub fn seed(ctx: &Context, program: &str) -> Result<u64, Failure> {
     let fresh = mix(arch::rdtsc());
-    ctx.args
-        .u64_in("seed", fresh, 0, u64::MAX)
-        .map_err(|e| usage(program, e))
+    ctx.args.u64_in("seed", fresh, 0, u64::MAX).map_err(|e| usage(program, e))
 }
 
 /// A 64-bit finalizer (splitmix64's): spreads every input bit over the output.

@@ -8,11 +8,8 @@ use crate::virtio::ID_VSOCK;
 use crate::virtio::vsock::{Event, HOST_CID, MAX_TX_PAYLOAD, RX_PAYLOAD, Stream, Vsock};
 use crate::{arch, dma, println, time};
 
-pub const ECHO: Program = Program {
-    name: "vsock-echo",
-    about: "connect to a host vsock echo service and verify the echoed bytes",
-    run,
-};
+pub const ECHO: Program =
+    Program { name: "vsock-echo", about: "connect to a host vsock echo service and verify the echoed bytes", run };
 
 /// Receive buffer space we advertise to the peer.
 const BUF_ALLOC: u32 = 256 * 1024;
@@ -27,27 +24,13 @@ fn pattern(seed: u64, offset: u64) -> u8 {
 
 fn run(ctx: &Context) -> Outcome {
     const P: &str = "vsock-echo";
-    let port = ctx
-        .args
-        .u64_in("port", 1234, 0, u64::from(u32::MAX))
-        .map_err(|e| usage(P, e))?;
-    let bytes = ctx
-        .args
-        .u64_in("bytes", 65536, 1, 1 << 32)
-        .map_err(|e| usage(P, e))?;
-    let chunk = ctx
-        .args
-        .u64_in("chunk", 4096, 1, MAX_TX_PAYLOAD as u64)
-        .map_err(|e| usage(P, e))? as usize;
-    let peer_cid = ctx
-        .args
-        .u64_in("cid", HOST_CID, 0, u64::from(u32::MAX))
-        .map_err(|e| usage(P, e))?;
+    let port = ctx.args.u64_in("port", 1234, 0, u64::from(u32::MAX)).map_err(|e| usage(P, e))?;
+    let bytes = ctx.args.u64_in("bytes", 65536, 1, 1 << 32).map_err(|e| usage(P, e))?;
+    let chunk = ctx.args.u64_in("chunk", 4096, 1, MAX_TX_PAYLOAD as u64).map_err(|e| usage(P, e))? as usize;
+    let peer_cid = ctx.args.u64_in("cid", HOST_CID, 0, u64::from(u32::MAX)).map_err(|e| usage(P, e))?;
     let ephemeral = 49152 + arch::rdtsc() % 16384;
-    let local_port = ctx
-        .args
-        .u64_in("local_port", ephemeral, 1, u64::from(u32::MAX) - 1)
-        .map_err(|e| usage(P, e))? as u32;
+    let local_port =
+        ctx.args.u64_in("local_port", ephemeral, 1, u64::from(u32::MAX) - 1).map_err(|e| usage(P, e))? as u32;
     let timeout_ms = virtio_util::timeout_ms(ctx, P, 5000)?;
     let seed = virtio_util::seed(ctx, P)?;
     let transport = find_device(ctx, P, "vsock", ID_VSOCK)?;
@@ -61,16 +44,7 @@ fn run(ctx: &Context) -> Outcome {
          {local_port} to cid {peer_cid} port {port}",
         dev.guest_cid, dev.features
     );
-    let result = echo(
-        &mut dev,
-        local_port,
-        peer_cid,
-        port as u32,
-        bytes,
-        chunk,
-        seed,
-        timeout_ms,
-    );
+    let result = echo(&mut dev, local_port, peer_cid, port as u32, bytes, chunk, seed, timeout_ms);
     dev.shutdown();
     result
 }
@@ -94,12 +68,8 @@ fn echo(
     };
     let tx_buf = dma::alloc_slice::<u8>(chunk).ok_or(Failure::Check)?;
     let rx_buf = dma::alloc_slice::<u8>(RX_PAYLOAD as usize).ok_or(Failure::Check)?;
-    let mut stream = Stream::connect(dev, local_port, peer_cid, port, BUF_ALLOC, timeout_ms)
-        .map_err(|e| fail(&e))?;
-    println!(
-        "{P}: connected; peer offers {} bytes of credit",
-        stream.credit()
-    );
+    let mut stream = Stream::connect(dev, local_port, peer_cid, port, BUF_ALLOC, timeout_ms).map_err(|e| fail(&e))?;
+    println!("{P}: connected; peer offers {} bytes of credit", stream.credit());
 
     let (mut sent, mut received, mut corrupt) = (0u64, 0u64, 0u64);
     let mut packets = 0u64;
@@ -125,10 +95,7 @@ fn echo(
         match stream.poll(rx_buf).map_err(|e| fail(&e))? {
             Event::Data(n) => {
                 if received + n as u64 > sent {
-                    println!(
-                        "{P}: FAILED: received {} bytes but only {sent} were sent",
-                        received + n as u64
-                    );
+                    println!("{P}: FAILED: received {} bytes but only {sent} were sent", received + n as u64);
                     stream.abort();
                     return Err(Failure::Check);
                 }
@@ -136,10 +103,7 @@ fn echo(
                     let offset = received + i as u64;
                     if b != pattern(seed, offset) {
                         if corrupt == 0 {
-                            println!(
-                                "{P}: byte {offset} came back as {b:#04x}, sent {:#04x}",
-                                pattern(seed, offset)
-                            );
+                            println!("{P}: byte {offset} came back as {b:#04x}, sent {:#04x}", pattern(seed, offset));
                         }
                         corrupt += 1;
                     }

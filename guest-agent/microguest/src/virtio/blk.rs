@@ -74,31 +74,17 @@ impl Blk {
     }
 
     fn init(transport: Transport, slots: usize) -> Result<Blk, Error> {
-        let features = transport.negotiate(
-            F_SIZE_MAX
-                | F_SEG_MAX
-                | F_RO
-                | F_BLK_SIZE
-                | F_FLUSH
-                | F_ACCESS_PLATFORM
-                | F_ORDER_PLATFORM,
-        )?;
+        let features = transport
+            .negotiate(F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_ACCESS_PLATFORM | F_ORDER_PLATFORM)?;
         let want = (slots.clamp(1, 341) * 3) as u16;
         let queue = transport.setup_queue(0, want.next_power_of_two())?;
         let slots = slots.clamp(1, usize::from(queue.size() / 3).max(1));
         if queue.size() < 3 {
-            return Err(Error::Unsupported(
-                "virtio-blk queue too small for one request",
-            ));
+            return Err(Error::Unsupported("virtio-blk queue too small for one request"));
         }
         let meta = dma::alloc(slots as u64 * META_STRIDE).ok_or(Error::OutOfMemory)?;
-        let (capacity, size_max, blk_size) = transport.config(|c| {
-            (
-                c.u64(CFG_CAPACITY),
-                c.u32(CFG_SIZE_MAX),
-                c.u32(CFG_BLK_SIZE),
-            )
-        });
+        let (capacity, size_max, blk_size) =
+            transport.config(|c| (c.u64(CFG_CAPACITY), c.u32(CFG_SIZE_MAX), c.u32(CFG_BLK_SIZE)));
         transport.driver_ok();
         Ok(Blk {
             transport,
@@ -136,14 +122,7 @@ impl Blk {
     /// Queues a request in `slot` (which must be idle): `len` bytes of data at `data`, read
     /// by the device for OUT, written for IN and GET_ID, absent for FLUSH. Call [`Self::kick`]
     /// to start it.
-    pub fn submit(
-        &mut self,
-        slot: usize,
-        kind: Kind,
-        sector: u64,
-        data: u64,
-        len: u32,
-    ) -> Result<(), Error> {
+    pub fn submit(&mut self, slot: usize, kind: Kind, sector: u64, data: u64, len: u32) -> Result<(), Error> {
         assert!(slot < self.slots, "virtio-blk slot out of range");
         let header = self.meta + slot as u64 * META_STRIDE;
         let status = self.status_addr(slot);
@@ -159,12 +138,8 @@ impl Blk {
         let tail = Buf::writable(status, 1);
         let result = match kind {
             Kind::Flush => self.queue.push(&[head, tail], slot as u32),
-            Kind::Out => self
-                .queue
-                .push(&[head, Buf::readable(data, len), tail], slot as u32),
-            Kind::In | Kind::GetId => self
-                .queue
-                .push(&[head, Buf::writable(data, len), tail], slot as u32),
+            Kind::Out => self.queue.push(&[head, Buf::readable(data, len), tail], slot as u32),
+            Kind::In | Kind::GetId => self.queue.push(&[head, Buf::writable(data, len), tail], slot as u32),
         };
         if result.is_ok() {
             self.in_flight += 1;
@@ -207,14 +182,7 @@ impl Blk {
     }
 
     /// Runs one request to completion (nothing else may be in flight) and returns its status.
-    pub fn run(
-        &mut self,
-        kind: Kind,
-        sector: u64,
-        data: u64,
-        len: u32,
-        timeout_ms: u64,
-    ) -> Result<u8, Error> {
+    pub fn run(&mut self, kind: Kind, sector: u64, data: u64, len: u32, timeout_ms: u64) -> Result<u8, Error> {
         self.submit(0, kind, sector, data, len)?;
         self.kick();
         Ok(self.wait(timeout_ms)?.1)

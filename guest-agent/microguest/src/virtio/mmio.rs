@@ -54,20 +54,11 @@ impl Transport {
     pub fn new(desc: DeviceDesc) -> Result<Transport, Error> {
         let usable = desc.size >= CONFIG
             && desc.base.is_multiple_of(4)
-            && desc
-                .base
-                .checked_add(desc.size)
-                .is_some_and(|end| end <= IDENTITY_MAP_END);
+            && desc.base.checked_add(desc.size).is_some_and(|end| end <= IDENTITY_MAP_END);
         if !usable {
-            return Err(Error::BadWindow {
-                base: desc.base,
-                size: desc.size,
-            });
+            return Err(Error::BadWindow { base: desc.base, size: desc.size });
         }
-        Ok(Transport {
-            base: desc.base,
-            size: desc.size,
-        })
+        Ok(Transport { base: desc.base, size: desc.size })
     }
 
     pub fn base(&self) -> u64 {
@@ -87,12 +78,7 @@ impl Transport {
 
     /// (MagicValue, Version, DeviceID, VendorID).
     pub fn identify(&self) -> (u32, u32, u32, u32) {
-        (
-            self.read(MAGIC_VALUE),
-            self.read(VERSION),
-            self.read(DEVICE_ID),
-            self.read(VENDOR_ID),
-        )
+        (self.read(MAGIC_VALUE), self.read(VERSION), self.read(DEVICE_ID), self.read(VENDOR_ID))
     }
 
     pub fn status(&self) -> u32 {
@@ -194,10 +180,7 @@ impl Transport {
     /// Reads device configuration space consistently: `read` is repeated until the
     /// configuration generation is the same before and after it (spec 2.5.1 / 4.2.2.2).
     pub fn config<T>(&self, read: impl Fn(&ConfigSpace) -> T) -> T {
-        let space = ConfigSpace {
-            base: self.base + CONFIG,
-            len: self.size - CONFIG,
-        };
+        let space = ConfigSpace { base: self.base + CONFIG, len: self.size - CONFIG };
         loop {
             let before = self.read(CONFIG_GENERATION);
             let value = read(&space);

@@ -131,17 +131,11 @@ impl fmt::Display for Error {
                  (version 2) is supported (QEMU: -global virtio-mmio.force-legacy=false)"
             ),
             Error::UnknownVersion { base, version } => {
-                write!(
-                    f,
-                    "virtio-mmio device at {base:#x} has unknown version {version}"
-                )
+                write!(f, "virtio-mmio device at {base:#x} has unknown version {version}")
             }
             Error::NoVersion1 => write!(f, "device does not offer VIRTIO_F_VERSION_1"),
             Error::FeaturesRejected { accepted } => {
-                write!(
-                    f,
-                    "device rejected features {accepted:#x} (FEATURES_OK not set)"
-                )
+                write!(f, "device rejected features {accepted:#x} (FEATURES_OK not set)")
             }
             Error::ResetTimeout => write!(f, "device did not complete its reset"),
             Error::QueueUnavailable { queue } => write!(f, "queue {queue} is not available"),
@@ -150,22 +144,15 @@ impl fmt::Display for Error {
             }
             Error::OutOfMemory => write!(f, "out of memory for rings and buffers"),
             Error::BadUsedId { queue, id } => {
-                write!(
-                    f,
-                    "queue {queue}: device returned unknown descriptor id {id}"
-                )
+                write!(f, "queue {queue}: device returned unknown descriptor id {id}")
             }
             Error::BadUsedLen { queue, len } => {
-                write!(
-                    f,
-                    "queue {queue}: device reported an invalid used length {len}"
-                )
+                write!(f, "queue {queue}: device reported an invalid used length {len}")
             }
             Error::QueueFull { queue } => write!(f, "queue {queue} has no free descriptors"),
-            Error::Timeout { what, ms, status } => write!(
-                f,
-                "timed out after {ms} ms waiting for {what} (device status {status:#x})"
-            ),
+            Error::Timeout { what, ms, status } => {
+                write!(f, "timed out after {ms} ms waiting for {what} (device status {status:#x})")
+            }
             Error::Unsupported(what) => write!(f, "{what}"),
         }
     }
@@ -188,10 +175,7 @@ fn parse_number(s: &str, suffixes: bool) -> Option<(u64, &str)> {
         _ => (0, 10),
     };
     let body = &s[digits_start..];
-    let len = body
-        .bytes()
-        .take_while(|b| (*b as char).is_digit(radix))
-        .count();
+    let len = body.bytes().take_while(|b| (*b as char).is_digit(radix)).count();
     if len == 0 {
         return None;
     }
@@ -235,20 +219,14 @@ impl DeviceDesc {
                 Some(if negative { -n } else { n })
             }
         };
-        Some(DeviceDesc {
-            base,
-            size,
-            irq: u32::try_from(irq).ok()?,
-            id,
-        })
+        Some(DeviceDesc { base, size, irq: u32::try_from(irq).ok()?, id })
     }
 }
 
 /// The device descriptions on the command line, in order; malformed entries come back as
 /// `Err(text)`.
 pub fn descriptions<'a>(args: &'a Args<'a>) -> impl Iterator<Item = Result<DeviceDesc, &'a str>> {
-    args.all(CMDLINE_KEY)
-        .map(|value| DeviceDesc::parse(value).ok_or(value))
+    args.all(CMDLINE_KEY).map(|value| DeviceDesc::parse(value).ok_or(value))
 }
 
 /// What a window holds.
@@ -264,16 +242,9 @@ pub fn probe(desc: DeviceDesc) -> Result<Probed, Error> {
     let transport = Transport::new(desc)?;
     let (magic, version, device_id, vendor_id) = transport.identify();
     if magic != mmio::MAGIC {
-        return Err(Error::BadMagic {
-            base: desc.base,
-            magic,
-        });
+        return Err(Error::BadMagic { base: desc.base, magic });
     }
-    Ok(Probed {
-        version,
-        device_id,
-        vendor_id,
-    })
+    Ok(Probed { version, device_id, vendor_id })
 }
 
 /// Finds the `index`-th device (counting from 0, in command-line order) with `device_id` and
@@ -293,20 +264,12 @@ pub fn find(args: &Args, device_id: u32, index: u64) -> Result<Transport, FindEr
             return match probed.version {
                 2 => Ok(Transport::new(desc).map_err(FindError::Device)?),
                 1 => Err(FindError::Device(Error::Legacy { base: desc.base })),
-                version => Err(FindError::Device(Error::UnknownVersion {
-                    base: desc.base,
-                    version,
-                })),
+                version => Err(FindError::Device(Error::UnknownVersion { base: desc.base, version })),
             };
         }
         seen += 1;
     }
-    Err(FindError::NotFound {
-        device_id,
-        index,
-        found: seen,
-        unusable,
-    })
+    Err(FindError::NotFound { device_id, index, found: seen, unusable })
 }
 
 /// Why [`find`] returned no device.
@@ -324,12 +287,7 @@ pub enum FindError {
 impl fmt::Display for FindError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
-            FindError::NotFound {
-                device_id,
-                index,
-                found,
-                unusable,
-            } => write!(
+            FindError::NotFound { device_id, index, found, unusable } => write!(
                 f,
                 "no virtio-{} device number {index} (found {found}, plus {unusable} malformed \
                  or empty entries; devices come from {CMDLINE_KEY}=<size>@<base>:<irq> entries \

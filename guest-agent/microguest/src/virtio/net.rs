@@ -60,9 +60,8 @@ impl Net {
     }
 
     fn init(transport: Transport, tx_slots: usize) -> Result<Net, Error> {
-        let features = transport.negotiate(
-            F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_ACCESS_PLATFORM | F_ORDER_PLATFORM,
-        )?;
+        let features =
+            transport.negotiate(F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS | F_ACCESS_PLATFORM | F_ORDER_PLATFORM)?;
         let (mac, status, mtu) = transport.config(|c| {
             let mut mac = [0u8; 6];
             for (i, b) in mac.iter_mut().enumerate() {
@@ -88,18 +87,12 @@ impl Net {
         // Without mergeable buffers each buffer must hold a whole packet: header, Ethernet
         // header, a VLAN tag and the MTU (at least 1526 bytes, spec 5.1.6.3.1).
         let frame_max = (HDR_LEN + ETH_HLEN + 4) as u32 + u32::from(mtu);
-        let rx_buf_len = if mergeable {
-            2048
-        } else {
-            frame_max.max(2048).next_multiple_of(1024)
-        };
+        let rx_buf_len = if mergeable { 2048 } else { frame_max.max(2048).next_multiple_of(1024) };
         let rx_count = rx.size();
-        let rx_base =
-            dma::alloc(u64::from(rx_count) * u64::from(rx_buf_len)).ok_or(Error::OutOfMemory)?;
+        let rx_base = dma::alloc(u64::from(rx_count) * u64::from(rx_buf_len)).ok_or(Error::OutOfMemory)?;
         let tx_slots = tx_slots.clamp(1, usize::from(tx.size()));
         let tx_buf_len = frame_max.next_multiple_of(64);
-        let tx_base =
-            dma::alloc(tx_slots as u64 * u64::from(tx_buf_len)).ok_or(Error::OutOfMemory)?;
+        let tx_base = dma::alloc(tx_slots as u64 * u64::from(tx_buf_len)).ok_or(Error::OutOfMemory)?;
         let tx_free = dma::alloc_slice::<u16>(tx_slots).ok_or(Error::OutOfMemory)?;
         for (i, slot) in tx_free.iter_mut().enumerate() {
             *slot = i as u16;
@@ -137,8 +130,7 @@ impl Net {
 
     fn post_rx(&mut self, index: u16) -> Result<(), Error> {
         let addr = self.rx_addr(index.into());
-        self.rx
-            .push(&[Buf::writable(addr, self.rx_buf_len)], u32::from(index))
+        self.rx.push(&[Buf::writable(addr, self.rx_buf_len)], u32::from(index))
     }
 
     /// Largest Ethernet frame (header included, no FCS) we may send.
@@ -170,11 +162,7 @@ impl Net {
         // of up to max_frame() bytes.
         unsafe {
             core::ptr::write_bytes(addr as *mut u8, 0, HDR_LEN);
-            core::ptr::copy_nonoverlapping(
-                frame.as_ptr(),
-                (addr + HDR_LEN as u64) as *mut u8,
-                frame.len(),
-            );
+            core::ptr::copy_nonoverlapping(frame.as_ptr(), (addr + HDR_LEN as u64) as *mut u8, frame.len());
         }
         let len = (HDR_LEN + frame.len()) as u32;
         self.tx.push(&[Buf::readable(addr, len)], u32::from(slot))?;
@@ -188,9 +176,7 @@ impl Net {
         let n = len.min(out.len().saturating_sub(*total));
         // SAFETY: `src..src+len` lies in a receive buffer the device has finished with and
         // `out` has room for `n` more bytes.
-        unsafe {
-            core::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr().add(*total), n)
-        };
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr().add(*total), n) };
         *total += len;
     }
 
@@ -201,18 +187,12 @@ impl Net {
             return Ok(None);
         };
         if first.len < HDR_LEN as u32 || first.len > self.rx_buf_len {
-            return Err(Error::BadUsedLen {
-                queue: RX_QUEUE,
-                len: first.len,
-            });
+            return Err(Error::BadUsedLen { queue: RX_QUEUE, len: first.len });
         }
         let addr = self.rx_addr(first.token);
         let buffers = if self.mergeable {
             // SAFETY: the header the device wrote at the start of the buffer.
-            u16::from_le(unsafe {
-                core::ptr::read_volatile((addr + HDR_NUM_BUFFERS) as *const u16)
-            })
-            .max(1)
+            u16::from_le(unsafe { core::ptr::read_volatile((addr + HDR_NUM_BUFFERS) as *const u16) }).max(1)
         } else {
             1
         };
@@ -236,10 +216,7 @@ impl Net {
                 crate::arch::pause();
             };
             if more.len > self.rx_buf_len {
-                return Err(Error::BadUsedLen {
-                    queue: RX_QUEUE,
-                    len: more.len,
-                });
+                return Err(Error::BadUsedLen { queue: RX_QUEUE, len: more.len });
             }
             Self::gather(self.rx_addr(more.token), more.len as usize, out, &mut total);
             self.post_rx(more.token as u16)?;

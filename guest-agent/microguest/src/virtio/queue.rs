@@ -28,19 +28,11 @@ pub struct Buf {
 
 impl Buf {
     pub fn readable(addr: u64, len: u32) -> Buf {
-        Buf {
-            addr,
-            len,
-            device_writes: false,
-        }
+        Buf { addr, len, device_writes: false }
     }
 
     pub fn writable(addr: u64, len: u32) -> Buf {
-        Buf {
-            addr,
-            len,
-            device_writes: true,
-        }
+        Buf { addr, len, device_writes: true }
     }
 }
 
@@ -185,9 +177,7 @@ impl Virtqueue {
         fence(Ordering::SeqCst);
         if self.read16(self.used) & USED_F_NO_NOTIFY == 0 {
             // SAFETY: QueueNotify of this queue's own transport window.
-            unsafe {
-                core::ptr::write_volatile(self.notify_addr as *mut u32, u32::from(self.index))
-            };
+            unsafe { core::ptr::write_volatile(self.notify_addr as *mut u32, u32::from(self.index)) };
         }
     }
 
@@ -212,10 +202,7 @@ impl Virtqueue {
         let head = match u16::try_from(id) {
             Ok(h) if h < self.size && self.chain_len[usize::from(h)] != NOT_IN_FLIGHT => h,
             _ => {
-                return Err(Error::BadUsedId {
-                    queue: self.index,
-                    id,
-                });
+                return Err(Error::BadUsedId { queue: self.index, id });
             }
         };
         // Return the chain to the free list: it is still linked through `next`.
@@ -227,9 +214,6 @@ impl Virtqueue {
         self.next[usize::from(last)] = self.free_head;
         self.free_head = head;
         self.num_free += count;
-        Ok(Some(Used {
-            token: self.tokens[usize::from(head)],
-            len,
-        }))
+        Ok(Some(Used { token: self.tokens[usize::from(head)], len }))
     }
 }

@@ -130,9 +130,7 @@ impl Vsock {
         let features = transport.negotiate(F_STREAM | F_ACCESS_PLATFORM | F_ORDER_PLATFORM)?;
         let guest_cid = transport.config(|c| c.u64(CFG_GUEST_CID));
         if guest_cid <= HOST_CID || guest_cid >= 0xffff_ffff {
-            return Err(Error::Unsupported(
-                "vsock device reports an invalid guest CID",
-            ));
+            return Err(Error::Unsupported("vsock device reports an invalid guest CID"));
         }
         let rx = transport.setup_queue(RX_QUEUE, 2 * MAX_RX_BUFFERS)?;
         let tx_want = (2 * tx_slots.clamp(1, 512)).next_power_of_two() as u16;
@@ -151,8 +149,7 @@ impl Vsock {
         for (i, slot) in tx_free.iter_mut().enumerate() {
             *slot = i as u16;
         }
-        let events =
-            dma::alloc(u64::from(event.size()) * u64::from(EVENT_LEN)).ok_or(Error::OutOfMemory)?;
+        let events = dma::alloc(u64::from(event.size()) * u64::from(EVENT_LEN)).ok_or(Error::OutOfMemory)?;
         let mut vsock = Vsock {
             transport,
             rx,
@@ -185,19 +182,12 @@ impl Vsock {
         let i = u64::from(index);
         let hdr = self.rx_hdrs + i * HDR_STRIDE;
         let data = self.rx_data + i * u64::from(RX_PAYLOAD);
-        self.rx.push(
-            &[
-                Buf::writable(hdr, HDR_LEN as u32),
-                Buf::writable(data, RX_PAYLOAD),
-            ],
-            u32::from(index),
-        )
+        self.rx.push(&[Buf::writable(hdr, HDR_LEN as u32), Buf::writable(data, RX_PAYLOAD)], u32::from(index))
     }
 
     fn post_event(&mut self, index: u16) -> Result<(), Error> {
         let addr = self.events + u64::from(index) * u64::from(EVENT_LEN);
-        self.event
-            .push(&[Buf::writable(addr, EVENT_LEN)], u32::from(index))
+        self.event.push(&[Buf::writable(addr, EVENT_LEN)], u32::from(index))
     }
 
     /// Collects finished transmissions.
@@ -229,13 +219,7 @@ impl Vsock {
             self.tx.push(&[head], u32::from(slot))?;
         } else {
             // SAFETY: the slot's payload buffer is ours and MAX_TX_PAYLOAD bytes long.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    payload.as_ptr(),
-                    data_addr as *mut u8,
-                    payload.len(),
-                )
-            };
+            unsafe { core::ptr::copy_nonoverlapping(payload.as_ptr(), data_addr as *mut u8, payload.len()) };
             let body = Buf::readable(data_addr, payload.len() as u32);
             self.tx.push(&[head, body], u32::from(slot))?;
         }
@@ -254,19 +238,12 @@ impl Vsock {
         let hdr = Header::load(self.rx_hdrs + i * HDR_STRIDE);
         let written = used.len as usize;
         if written < HDR_LEN || hdr.len > RX_PAYLOAD || hdr.len as usize > written - HDR_LEN {
-            return Err(Error::BadUsedLen {
-                queue: RX_QUEUE,
-                len: used.len,
-            });
+            return Err(Error::BadUsedLen { queue: RX_QUEUE, len: used.len });
         }
         let n = (hdr.len as usize).min(out.len());
         // SAFETY: the payload buffer the device has finished writing; `out` has room.
         unsafe {
-            core::ptr::copy_nonoverlapping(
-                (self.rx_data + i * u64::from(RX_PAYLOAD)) as *const u8,
-                out.as_mut_ptr(),
-                n,
-            )
+            core::ptr::copy_nonoverlapping((self.rx_data + i * u64::from(RX_PAYLOAD)) as *const u8, out.as_mut_ptr(), n)
         };
         self.post_rx(index)?;
         self.rx.kick();
@@ -336,10 +313,9 @@ impl fmt::Display for StreamError {
             StreamError::Refused => write!(f, "connection refused (RST in answer to REQUEST)"),
             StreamError::Reset => write!(f, "connection reset by the peer"),
             StreamError::TransportReset => write!(f, "device reported a transport reset"),
-            StreamError::Timeout { what, ms, status } => write!(
-                f,
-                "timed out after {ms} ms waiting for {what} (device status {status:#x})"
-            ),
+            StreamError::Timeout { what, ms, status } => {
+                write!(f, "timed out after {ms} ms waiting for {what} (device status {status:#x})")
+            }
         }
     }
 }
@@ -447,11 +423,7 @@ impl<'a> Stream<'a> {
     }
 
     fn timeout(&self, what: &'static str) -> StreamError {
-        StreamError::Timeout {
-            what,
-            ms: self.timeout_ms,
-            status: self.dev.status(),
-        }
+        StreamError::Timeout { what, ms: self.timeout_ms, status: self.dev.status() }
     }
 
     fn header(&self, op: u16, flags: u32) -> Header {
@@ -485,9 +457,7 @@ impl<'a> Stream<'a> {
     }
 
     fn ours(&self, hdr: &Header) -> bool {
-        hdr.src_cid == self.peer_cid
-            && hdr.src_port == self.peer_port
-            && hdr.dst_port == self.local_port
+        hdr.src_cid == self.peer_cid && hdr.src_port == self.peer_port && hdr.dst_port == self.local_port
     }
 
     /// A packet for no connection of ours: answer RST (unless it is one), as the spec asks.

@@ -47,11 +47,7 @@ pub struct ImageArgs {
     #[arg(long, value_name = "DIR")]
     pub output: PathBuf,
     /// Kernel package: a metapackage such as linux-image-cloud-amd64, or a versioned one.
-    #[arg(
-        long,
-        value_name = "PACKAGE",
-        default_value = "linux-image-cloud-amd64"
-    )]
+    #[arg(long, value_name = "PACKAGE", default_value = "linux-image-cloud-amd64")]
     pub kernel_package: String,
 }
 
@@ -288,16 +284,8 @@ pub fn image(args: &ImageArgs) -> Result<u8, Failure> {
     let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let (kernel, initrd) = (absolute(&image.kernel), absolute(&image.initrd));
     eprintln!();
-    eprintln!(
-        "kernel: {} (Linux {})",
-        kernel.display(),
-        image.kernel_release
-    );
-    eprintln!(
-        "initrd: {} ({} modules)",
-        initrd.display(),
-        image.modules.len()
-    );
+    eprintln!("kernel: {} (Linux {})", kernel.display(), image.kernel_release);
+    eprintln!("initrd: {} ({} modules)", initrd.display(), image.modules.len());
     eprintln!();
     let vmm = std::env::current_exe().unwrap_or_else(|_| "vmm".into());
     eprintln!("Boot it (on a host whose KVM has VMX or SVM):");
@@ -322,5 +310,4 @@ pub fn image(args: &ImageArgs) -> Result<u8, Failure> {
 /// The command line the Linux boot test (tests/linux.rs) uses: `reboot=k` makes the guest's
 /// reboot reset through the i8042, which ends the VMM cleanly; the i8042 flags keep Linux
 /// from probing what the VMM's minimal controller does not have.
-const LINUX_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 rdinit=/init i8042.noaux i8042.nomux i8042.dumbkbd";
+const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 rdinit=/init i8042.noaux i8042.nomux i8042.dumbkbd";
