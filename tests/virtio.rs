@@ -124,11 +124,17 @@ fn device_option_errors_are_one_line() {
         .expect_status(1)
         .expect_one_line_error("cannot connect to");
     let server_less = format!("nbd=unix:{}", rig.dir.join("none.sock").display());
-    vmm(&["run", "--kernel", microguest(), "--disk", &server_less]).expect_status(1).expect_one_line_error("device disk0");
-    vmm(&["run", "--kernel", microguest(), "--vsock", "cid=1,socket=/tmp/x"]).expect_status(2).expect_one_line_error("cid=1");
+    vmm(&["run", "--kernel", microguest(), "--disk", &server_less])
+        .expect_status(1)
+        .expect_one_line_error("device disk0");
+    vmm(&["run", "--kernel", microguest(), "--vsock", "cid=1,socket=/tmp/x"])
+        .expect_status(2)
+        .expect_one_line_error("cid=1");
     let twice = rig.file_disk(",id=x");
     vmm(&["run", "--kernel", microguest(), "--disk", &twice, "--disk", &twice])
         .expect_status(2)
         .expect_one_line_error("device id \"x\" is used twice");
-    vmm(&["run", "--kernel", microguest(), "--disk", "path=/a,cache=none"]).expect_status(2).expect_one_line_error("unknown option \"cache\"");
+    vmm(&["run", "--kernel", microguest(), "--disk", "path=/a,cache=none"])
+        .expect_status(2)
+        .expect_one_line_error("unknown option \"cache\"");
 }

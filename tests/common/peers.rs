@@ -115,7 +115,8 @@ pub struct Tap {
 impl Tap {
     pub fn create(name: &str) -> Self {
         let _ = Command::new("ip").args(["link", "del", name]).stderr(Stdio::null()).status();
-        let ok = Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap"]).status().is_ok_and(|s| s.success());
+        let ok =
+            Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap"]).status().is_ok_and(|s| s.success());
         assert!(ok, "cannot create tap {name} (needs root and iproute2)");
         // No IPv6 chatter (router solicitations) on the test wire.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
@@ -165,13 +166,22 @@ impl TapEcho {
                 let mut len = std::mem::size_of_val(&from) as u32;
                 // SAFETY: buffers sized as passed.
                 let n = unsafe {
-                    libc::recvfrom(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT, (&raw mut from).cast(), &mut len)
+                    libc::recvfrom(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                        (&raw mut from).cast(),
+                        &mut len,
+                    )
                 };
                 if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
                     continue;
                 }
                 // SAFETY: sending the bytes just received out of the same interface.
-                unsafe { libc::sendto(fd.as_raw_fd(), buf.as_ptr().cast(), n as usize, 0, (&raw const from).cast(), len) };
+                unsafe {
+                    libc::sendto(fd.as_raw_fd(), buf.as_ptr().cast(), n as usize, 0, (&raw const from).cast(), len)
+                };
             }
         });
         Self { _worker: worker }

@@ -559,7 +559,7 @@ mod tests {
                 let sources = self.dev.event_sources();
                 let mut fds: Vec<libc::pollfd> = sources
                     .iter()
-                    .map(|s| libc::pollfd { fd: s.fd, events: (libc::POLLIN | libc::POLLOUT) as i16, revents: 0 })
+                    .map(|s| libc::pollfd { fd: s.fd, events: libc::POLLIN | libc::POLLOUT, revents: 0 })
                     .collect();
                 // SAFETY: a valid pollfd array.
                 let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
