@@ -175,7 +175,7 @@ impl TapEcho {
                         &mut len,
                     )
                 };
-                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                     continue;
                 }
                 // SAFETY: sending the bytes just received out of the same interface.
