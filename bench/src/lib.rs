@@ -58,11 +58,12 @@ pub fn qemu_binary() -> Option<PathBuf> {
     find()
 }
 
-/// QEMU's arguments for the microguest on `-M microvm`, equivalent to `vmm run`.
+/// QEMU's arguments for the microguest on `-M microvm`, equivalent to `vmm run`. ACPI is off
+/// so microvm announces virtio-mmio devices on the command line, where the microguest looks.
 pub fn qemu_args(kernel: &Path, cmdline: &str, mem_mib: u64, vcpus: u32) -> Vec<String> {
     [
         "-M",
-        "microvm",
+        "microvm,acpi=off",
         "-enable-kvm",
         "-no-user-config",
         "-nodefaults",
@@ -211,6 +212,66 @@ pub fn rss_kib(pid: u32, ram_mib: u64) -> (u64, u64) {
         }
     }
     (total, total - guest)
+}
+
+/// VM exits counted by KVM's tracepoints for a whole process: exits to user space (to the VMM)
+/// and MMIO traps (including those KVM serves in the kernel, such as ioeventfd notifications).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExitCounts {
+    pub to_vmm: u64,
+    pub mmio: u64,
+}
+
+/// Whether `perf stat` can count KVM tracepoints here (it needs tracefs and permissions).
+pub fn perf_counts_kvm() -> bool {
+    Command::new("perf")
+        .args(["stat", "-e", "kvm:kvm_userspace_exit", "-x,", "-o", "/dev/null", "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `program` to completion (under `perf stat` when `count` is set); returns its stdout,
+/// exit code and the exits it caused.
+pub fn run_counted(
+    program: &Path,
+    args: &[String],
+    count: bool,
+    timeout: Duration,
+) -> (String, Option<i32>, Option<ExitCounts>) {
+    let counts_file = std::env::temp_dir().join(format!("bench-perf-{}.csv", std::process::id()));
+    let mut full: Vec<String> = Vec::new();
+    let runner = if count {
+        full.extend(["stat", "-e", "kvm:kvm_userspace_exit,kvm:kvm_mmio", "-x,", "-o"].iter().map(|s| s.to_string()));
+        full.push(counts_file.display().to_string());
+        full.push("--".into());
+        full.push(program.display().to_string());
+        PathBuf::from("perf")
+    } else {
+        program.to_path_buf()
+    };
+    full.extend(args.iter().cloned());
+    let mut p = GuestProcess::spawn(&runner, &full);
+    let deadline = Instant::now() + timeout;
+    let mut out = String::new();
+    while let Ok((_, line)) = p.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        out.push_str(&line);
+    }
+    let (_, code, _) = p.wait_exit();
+    let counts = count.then(|| {
+        let text = std::fs::read_to_string(&counts_file).unwrap_or_default();
+        let value = |event: &str| {
+            text.lines()
+                .find(|l| l.contains(event))
+                .and_then(|l| l.split(',').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        ExitCounts { to_vmm: value("kvm_userspace_exit"), mmio: value("kvm_mmio") }
+    });
+    let _ = std::fs::remove_file(&counts_file);
+    (out, code, counts)
 }
 
 /// Sorted samples with percentile lookup.

@@ -129,6 +129,9 @@ impl VirtioBlock {
             }
             true
         });
+        if let Err(e) = self.backend.flush() {
+            self.core.guest_error("backend could not start requests", format_args!("{e}"));
+        }
         self.reap();
     }
 

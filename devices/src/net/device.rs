@@ -170,6 +170,12 @@ impl VirtioNet {
 
     /// Moves frames from the backend into RX buffers until either runs out.
     fn process_rx(&mut self) {
+        if self.core.activated && !self.core.quiesced {
+            // While it has buffers, the driver need not tell us it added more: we look when
+            // frames arrive. Kicks are asked for again only when we run dry (below).
+            let mem = self.core.mem();
+            let _ = self.core.queues[RX].disable_notification(&*mem);
+        }
         for _ in 0..BUDGET {
             if self.core.quiesced || !self.core.activated {
                 return;

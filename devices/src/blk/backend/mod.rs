@@ -126,9 +126,12 @@ pub enum BackendError {
 /// Where a block device's data lives and how it is moved.
 pub trait BlockBackend: Send {
     fn info(&self) -> &BlockInfo;
-    /// Starts `op`; its completion carries `token`. Errors here mean the request failed
-    /// without starting.
+    /// Queues `op`; its completion carries `token`. Errors here mean the request failed
+    /// without starting. Queued operations start at the latest on [`flush`](Self::flush).
     fn submit(&mut self, token: u64, op: BlockOp) -> io::Result<()>;
+    /// Starts everything queued: the device calls it once per batch of requests, so an engine
+    /// can hand a whole batch to the kernel in one system call.
+    fn flush(&mut self) -> io::Result<()>;
     /// Whether another request can be submitted now (engines have bounded queues).
     fn can_submit(&self) -> bool;
     /// Moves finished operations into `out`.

@@ -59,7 +59,6 @@ impl UringBackend {
             return Err(io::Error::new(io::ErrorKind::WouldBlock, "io_uring submission queue full"));
         }
         self.pending.insert(token, pending);
-        self.ring.submit()?;
         Ok(())
     }
 }
@@ -118,6 +117,10 @@ impl BlockBackend for UringBackend {
         }
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        self.ring.submit().map(|_| ())
+    }
+
     fn can_submit(&self) -> bool {
         self.pending.len() < RING_DEPTH as usize
     }
@@ -161,6 +164,7 @@ mod tests {
     use super::*;
 
     fn wait_all(b: &mut UringBackend, n: usize) -> Vec<Completion> {
+        b.flush().unwrap();
         let mut done = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while done.len() < n {

@@ -146,16 +146,20 @@ impl BlockBackend for NbdBackend {
 
     fn submit(&mut self, token: u64, op: BlockOp) -> io::Result<()> {
         let mut state = self.shared.lock();
-        let wake = if state.dead {
+        if state.dead {
             state.done.push((token, Err(connection_lost("no connection"))));
-            &self.shared.done
+            drop(state);
+            let _ = self.shared.done.write(1);
         } else {
+            // The I/O thread is woken once per batch, in flush.
             state.submitted.push_back((token, op));
-            &self.shared.wake
-        };
-        drop(state);
-        let _ = wake.write(1);
+        }
         self.in_flight += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.shared.wake.write(1);
         Ok(())
     }
 
@@ -295,6 +299,7 @@ mod tests {
     }
 
     fn wait_all(b: &mut NbdBackend, n: usize) -> Vec<Completion> {
+        b.flush().unwrap();
         let mut done = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while done.len() < n {

@@ -1,16 +1,24 @@
-//! The other ends the virtio tests talk to: echo servers on Unix sockets and on a tap
-//! interface, a qemu-nbd server and a persistent tap. Each stops (and is reaped) on drop.
+//! The other ends virtio tests and benchmarks talk to: echo servers on Unix sockets and on a
+//! tap interface, a qemu-nbd server and a persistent tap. Each stops (and is reaped) on drop.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::Reaped;
+/// A child process killed and reaped on drop, whatever happens in the test.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// A thread that runs until dropped.
 struct Worker {
