@@ -96,6 +96,9 @@ pub trait Lifecycle {
     fn pending_requests(&self) -> usize;
     /// Makes progress on in-flight requests (call while waiting for them to drain).
     fn drive(&mut self);
+    /// Descriptors that become ready when in-flight requests may have progressed: poll them
+    /// between calls to [`drive`](Self::drive) instead of sleeping.
+    fn progress_fds(&self) -> Vec<std::os::fd::RawFd>;
     /// Takes requests again, starting with any that arrived while quiesced.
     fn resume(&mut self);
     fn export_state(&self) -> DeviceState;
@@ -118,6 +121,10 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
 
     fn drive(&mut self) {
         self.poll_backend();
+    }
+
+    fn progress_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.event_sources().into_iter().map(|s| s.fd).collect()
     }
 
     fn resume(&mut self) {
@@ -178,4 +185,33 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
         }
         Ok(())
     }
+}
+
+/// Why a backend cannot take over without the guest noticing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct Incompatible(pub String);
+
+/// A device whose backend can be replaced while the guest runs. This is the only per-device
+/// part of a swap; the transaction around it (quiesce, drain, switch, verify, commit or roll
+/// back) is written once, over this trait and [`Lifecycle`].
+pub trait BackendSlot: Lifecycle {
+    type Backend: ?Sized + Send;
+
+    /// What the current backend is, in words.
+    fn backend_description(&self) -> String;
+    /// Whether `new` can take over from the current backend unnoticed (same capacity and
+    /// read-only flag for a disk, a different socket for vsock, ...).
+    fn check_compatible(&self, new: &Self::Backend) -> Result<(), Incompatible>;
+    /// Installs `new` and returns the previous backend. Only while quiesced: with nothing in
+    /// flight, or after [`abandon_in_flight`](Self::abandon_in_flight).
+    fn replace_backend(&mut self, new: Box<Self::Backend>) -> Box<Self::Backend>;
+    /// Probation: while on, requests the backend fails are held back from the guest instead
+    /// of being failed, so a rollback can retry them on the previous backend.
+    fn set_probation(&mut self, on: bool);
+    /// Requests that failed during probation (held, or counted where a device cannot hold).
+    fn probation_failures(&self) -> u64;
+    /// Gives up on requests the current backend still holds (it stalled): they are held and
+    /// retried on whatever backend is installed next.
+    fn abandon_in_flight(&mut self);
 }

@@ -1,7 +1,7 @@
 //! The virtio-blk device: takes requests from its queue, hands them to its backend, and returns
 //! completions to the guest in whatever order the backend finishes them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard};
 use super::backend::{BlockBackend, BlockOp, Completion, IoBuf};
 use super::request::{self, Limits, Rejected, Request, RequestKind, SECTOR_SIZE, Segment};
 use crate::interrupt::InterruptLine;
+use crate::lifecycle::{BackendSlot, Incompatible};
 use crate::metrics::RequestMetrics;
 use crate::virtio::{
     ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
@@ -34,6 +35,8 @@ mod feature {
 
 /// A request the backend is working on.
 struct InFlight {
+    /// Kept so the request can be retried on another backend (see probation).
+    req: Request,
     head: u16,
     status: GuestAddress,
     /// Bytes the device writes into the chain on success (data for reads, plus the status).
@@ -57,6 +60,11 @@ pub struct VirtioBlock {
     blocked: bool,
     completions: Vec<Completion>,
     metrics: Arc<RequestMetrics>,
+    /// Under probation (a backend swap being verified), failed requests are held here instead
+    /// of failing to the guest; they are retried first on the next backend.
+    probation: bool,
+    held: VecDeque<Request>,
+    probation_failures: u64,
 }
 
 impl VirtioBlock {
@@ -92,6 +100,9 @@ impl VirtioBlock {
             blocked: false,
             completions: Vec::new(),
             metrics: Arc::new(RequestMetrics::default()),
+            probation: false,
+            held: VecDeque::new(),
+            probation_failures: 0,
         })
     }
 
@@ -115,8 +126,21 @@ impl VirtioBlock {
 
     fn process_queue(&mut self) {
         let limits = self.limits();
-        let Self { core, backend, inflight, next_token, blocked, metrics, id, .. } = self;
+        let Self { core, backend, inflight, next_token, blocked, metrics, id, held, .. } = self;
+        // Requests held from a failed or abandoned backend go first, in their original order.
+        *blocked = false;
+        while !core.quiesced && backend.can_submit() {
+            let Some(req) = held.pop_front() else { break };
+            start(core, &mut **backend, inflight, next_token, metrics, id, req);
+        }
+        if !held.is_empty() {
+            *blocked = true;
+        }
         QueueProcessor::drain(core, REQUEST_QUEUE, |core, chain| {
+            if *blocked {
+                QueueProcessor::unpop(core, REQUEST_QUEUE);
+                return false;
+            }
             if !backend.can_submit() {
                 QueueProcessor::unpop(core, REQUEST_QUEUE);
                 *blocked = true;
@@ -147,6 +171,11 @@ impl VirtioBlock {
                 continue;
             };
             if done.orphaned {
+                continue;
+            }
+            if result.is_err() && self.probation {
+                self.probation_failures += 1;
+                self.held.push_back(done.req);
                 continue;
             }
             let ok = result.is_ok();
@@ -258,6 +287,7 @@ fn start(
             inflight.insert(
                 token,
                 InFlight {
+                    req: req.clone(),
                     head: req.head,
                     status: req.status,
                     used_len,
@@ -345,6 +375,62 @@ impl VirtioDevice for VirtioBlock {
 
     fn poll_backend(&mut self) {
         self.reap();
+    }
+}
+
+impl BackendSlot for VirtioBlock {
+    type Backend = dyn BlockBackend;
+
+    fn backend_description(&self) -> String {
+        self.backend.info().description.clone()
+    }
+
+    fn check_compatible(&self, new: &dyn BlockBackend) -> Result<(), Incompatible> {
+        let (old, new) = (self.backend.info(), new.info());
+        if old.capacity != new.capacity {
+            return Err(Incompatible(format!(
+                "capacity differs: {} bytes now, {} bytes offered (a different disk needs a new-image swap)",
+                old.capacity, new.capacity
+            )));
+        }
+        if old.read_only != new.read_only {
+            return Err(Incompatible(format!(
+                "read-only differs: {} now, {} offered",
+                if old.read_only { "read-only" } else { "read-write" },
+                if new.read_only { "read-only" } else { "read-write" }
+            )));
+        }
+        Ok(())
+    }
+
+    fn replace_backend(&mut self, new: Box<dyn BlockBackend>) -> Box<dyn BlockBackend> {
+        let capacity_changed = new.info().capacity != self.backend.info().capacity;
+        let old = std::mem::replace(&mut self.backend, new);
+        self.blocked = false;
+        if capacity_changed {
+            // A new image of another size: tell the driver to re-read the config space.
+            self.core.config_changed();
+        }
+        old
+    }
+
+    fn set_probation(&mut self, on: bool) {
+        self.probation = on;
+        if on {
+            self.probation_failures = 0;
+        }
+    }
+
+    fn probation_failures(&self) -> u64 {
+        self.probation_failures
+    }
+
+    fn abandon_in_flight(&mut self) {
+        for (_, request) in self.inflight.drain() {
+            if !request.orphaned {
+                self.held.push_back(request.req);
+            }
+        }
     }
 }
 

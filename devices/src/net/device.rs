@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::backend::{MAX_FRAME, NetBackend};
 use crate::SharedGuestMem;
 use crate::interrupt::InterruptLine;
+use crate::lifecycle::{BackendSlot, Incompatible};
 use crate::metrics::RequestMetrics;
 use crate::virtio::{
     ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
@@ -56,6 +57,9 @@ pub struct VirtioNet {
     rx_buf: Vec<u8>,
     rx_metrics: Arc<RequestMetrics>,
     tx_metrics: Arc<RequestMetrics>,
+    /// Under probation a frame the backend fails to send is kept for the next backend.
+    probation: bool,
+    probation_failures: u64,
 }
 
 impl VirtioNet {
@@ -80,6 +84,8 @@ impl VirtioNet {
             rx_buf: vec![0; MAX_FRAME],
             rx_metrics: Arc::default(),
             tx_metrics: Arc::default(),
+            probation: false,
+            probation_failures: 0,
         })
     }
 
@@ -109,6 +115,11 @@ impl VirtioNet {
                 self.pending_tx = Some((head, frame));
                 false
             }
+            Err(_) if self.probation => {
+                self.probation_failures += 1;
+                self.pending_tx = Some((head, frame));
+                false
+            }
             Err(e) => {
                 self.core.guest_error("backend send failed, frame dropped", format_args!("{e}"));
                 self.tx_metrics.record_rejected();
@@ -122,7 +133,7 @@ impl VirtioNet {
         if !self.flush_pending_tx() {
             return;
         }
-        let Self { core, backend, pending_tx, tx_metrics, .. } = self;
+        let Self { core, backend, pending_tx, tx_metrics, probation, probation_failures, .. } = self;
         QueueProcessor::drain(core, TX, |core, chain| {
             let head = chain.head_index();
             let mem = core.mem();
@@ -153,7 +164,10 @@ impl VirtioNet {
                     core.complete(TX, head, 0);
                     true
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || *probation => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        *probation_failures += 1;
+                    }
                     frame.drain(..HDR_LEN);
                     *pending_tx = Some((head, frame));
                     false
@@ -352,6 +366,39 @@ impl VirtioDevice for VirtioNet {
     fn poll_backend(&mut self) {
         self.flush_pending_tx();
     }
+}
+
+impl BackendSlot for VirtioNet {
+    type Backend = dyn NetBackend;
+
+    fn backend_description(&self) -> String {
+        self.backend.description()
+    }
+
+    /// Any frame source will do: the NIC's identity (MAC, MTU) belongs to the device.
+    fn check_compatible(&self, _new: &dyn NetBackend) -> Result<(), Incompatible> {
+        Ok(())
+    }
+
+    fn replace_backend(&mut self, new: Box<dyn NetBackend>) -> Box<dyn NetBackend> {
+        // A frame already read from the old backend (pending_rx) is still delivered, and one
+        // the guest sent (pending_tx) goes out through the new backend.
+        std::mem::replace(&mut self.backend, new)
+    }
+
+    fn set_probation(&mut self, on: bool) {
+        self.probation = on;
+        if on {
+            self.probation_failures = 0;
+        }
+    }
+
+    fn probation_failures(&self) -> u64 {
+        self.probation_failures
+    }
+
+    /// The device holds nothing in the backend: a stuck frame stays in `pending_tx`.
+    fn abandon_in_flight(&mut self) {}
 }
 
 #[cfg(test)]

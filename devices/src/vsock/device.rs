@@ -18,6 +18,7 @@ use super::connection::{CONN_BUF, Connection, State};
 use super::packet::{HEADER_LEN, Header, TYPE_STREAM, op, shutdown};
 use crate::SharedGuestMem;
 use crate::interrupt::InterruptLine;
+use crate::lifecycle::{BackendSlot, Incompatible};
 use crate::metrics::RequestMetrics;
 use crate::virtio::{
     ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
@@ -454,6 +455,38 @@ impl VirtioDevice for VirtioVsock {
             self.flush_connection(key);
         }
     }
+}
+
+/// Swapping the host side keeps every open connection: each is a host stream the device owns,
+/// independent of the listening socket. New host connections arrive through the new socket,
+/// and guest connections to host ports go to `<new socket>_<port>`.
+impl BackendSlot for VirtioVsock {
+    type Backend = dyn VsockBackend;
+
+    fn backend_description(&self) -> String {
+        self.backend.description()
+    }
+
+    fn check_compatible(&self, new: &dyn VsockBackend) -> Result<(), Incompatible> {
+        if new.description() == self.backend.description() {
+            return Err(Incompatible(format!("already using {}", new.description())));
+        }
+        Ok(())
+    }
+
+    fn replace_backend(&mut self, new: Box<dyn VsockBackend>) -> Box<dyn VsockBackend> {
+        std::mem::replace(&mut self.backend, new)
+    }
+
+    /// Nothing to hold: a refused guest connection is answered with RST either way.
+    fn set_probation(&mut self, _on: bool) {}
+
+    fn probation_failures(&self) -> u64 {
+        0
+    }
+
+    /// Connections live in the device, not the backend: nothing to abandon.
+    fn abandon_in_flight(&mut self) {}
 }
 
 #[cfg(test)]

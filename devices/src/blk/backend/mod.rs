@@ -6,15 +6,20 @@
 //! says when to look. A synchronous engine completes inside `submit` and just reports it on the
 //! next poll.
 
+mod fault;
 mod file;
+mod mirror;
 mod nbd;
+mod ready;
 mod uring;
 
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+pub use fault::{Fault, FaultyBackend};
 pub use file::FileBackend;
+pub use mirror::{Half, MirrorBackend, MirrorControl, MirrorProgress};
 pub use nbd::{NbdBackend, NbdTarget};
 pub use uring::UringBackend;
 

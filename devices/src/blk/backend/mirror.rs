@@ -1,0 +1,548 @@
+//! Live storage migration as a backend.
+//!
+//! A [`MirrorBackend`] sits in the disk's backend slot with two backends inside. While
+//! *copying*, the guest is served by the source and every chunk is copied to the target in the
+//! background; a guest write re-dirties its chunks, and a chunk with a guest write in flight is
+//! not copied (the copy could read the data before the write lands). When few chunks are left,
+//! the migration quiesces the disk, finishes the copy ([`MirrorControl::finish_copy`]) and
+//! flips to *write-through*: the target serves the guest and every write also goes to the
+//! source, so rolling back after the switch loses nothing. Commit or rollback takes the chosen
+//! backend out ([`MirrorControl::take`]) and puts it in the slot.
+//!
+//! The copy advances from [`BlockBackend::poll_completions`], which the device's event loop
+//! calls whenever the mirror's ready descriptor fires, so it needs no thread of its own.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::ready::ReadySet;
+use super::{BlockBackend, BlockInfo, BlockOp, Completion, IoBuf};
+
+/// Copy granularity.
+pub const CHUNK: u64 = 1 << 20;
+/// Copies in flight at once.
+const MAX_COPIES: usize = 4;
+/// Chunks copied per call from the event loop before yielding (synchronous engines complete
+/// inline, so without a budget one call would copy the whole disk).
+const COPY_BUDGET: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Guest on the source; chunks copied to the target.
+    Copying,
+    /// Guest on the target; writes also go to the source.
+    WriteThrough,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Side {
+    Source,
+    Target,
+}
+
+/// What an inner completion belongs to.
+#[derive(Clone, Copy, Debug)]
+enum Origin {
+    Guest(u64),
+    CopyRead(u64),
+    CopyWrite(u64),
+}
+
+struct GuestOp {
+    parts: u8,
+    result: io::Result<u64>,
+    /// Chunks this write touches (for the per-chunk in-flight count).
+    chunks: Option<(u64, u64)>,
+}
+
+/// Progress of the background copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorProgress {
+    pub total_chunks: u64,
+    pub dirty_chunks: u64,
+    pub copies_in_flight: u64,
+    pub bytes_copied: u64,
+    /// True once the copy failed; the migration must be abandoned.
+    pub failed: bool,
+}
+
+struct State {
+    mode: Mode,
+    source: Option<Box<dyn BlockBackend>>,
+    target: Option<Box<dyn BlockBackend>>,
+    capacity: u64,
+    dirty: Vec<bool>,
+    dirty_count: u64,
+    /// Guest writes in flight per chunk: such chunks are not copied yet.
+    writing: HashMap<u64, u32>,
+    copying: HashMap<u64, Vec<u8>>,
+    guest: HashMap<u64, GuestOp>,
+    origins: HashMap<(Side, u64), Origin>,
+    next_token: u64,
+    done: Vec<Completion>,
+    bytes_copied: u64,
+    failed: bool,
+    scratch: Vec<Completion>,
+}
+
+impl State {
+    fn backend(&mut self, side: Side) -> Option<&mut Box<dyn BlockBackend>> {
+        match side {
+            Side::Source => self.source.as_mut(),
+            Side::Target => self.target.as_mut(),
+        }
+    }
+
+    fn chunk_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset / CHUNK, (offset + len.max(1) - 1) / CHUNK)
+    }
+
+    fn mark_dirty(&mut self, first: u64, last: u64) {
+        for c in first..=last.min(self.dirty.len() as u64 - 1) {
+            if !self.dirty[c as usize] {
+                self.dirty[c as usize] = true;
+                self.dirty_count += 1;
+            }
+        }
+    }
+
+    fn send(&mut self, side: Side, origin: Origin, op: BlockOp) -> io::Result<()> {
+        let token = self.next_token;
+        self.next_token += 1;
+        let backend = self.backend(side).ok_or_else(|| io::Error::other("mirror half is gone"))?;
+        backend.submit(token, op)?;
+        self.origins.insert((side, token), origin);
+        Ok(())
+    }
+
+    /// Starts copies of dirty chunks nobody is writing, up to the in-flight limit.
+    fn start_copies(&mut self) {
+        if self.mode != Mode::Copying || self.failed {
+            return;
+        }
+        let mut chunk = 0;
+        while self.copying.len() < MAX_COPIES && self.dirty_count > 0 && chunk < self.dirty.len() as u64 {
+            let c = chunk;
+            chunk += 1;
+            if !self.dirty[c as usize] || self.copying.contains_key(&c) || self.writing.contains_key(&c) {
+                continue;
+            }
+            if !self.source.as_ref().is_some_and(|s| s.can_submit()) {
+                break;
+            }
+            // Clean from here on: a guest write that starts later re-dirties the chunk.
+            self.dirty[c as usize] = false;
+            self.dirty_count -= 1;
+            let len = CHUNK.min(self.capacity - c * CHUNK) as usize;
+            let mut buf = vec![0u8; len];
+            let read = BlockOp::Read { offset: c * CHUNK, bufs: vec![IoBuf { addr: buf.as_mut_ptr(), len }] };
+            // The buffer's heap allocation does not move when the Vec moves into the map.
+            self.copying.insert(c, buf);
+            if self.send(Side::Source, Origin::CopyRead(c), read).is_err() {
+                self.copy_failed(c);
+            }
+        }
+    }
+
+    fn copy_failed(&mut self, chunk: u64) {
+        self.copying.remove(&chunk);
+        self.failed = true;
+    }
+
+    /// Collects inner completions and advances guest ops and copies.
+    fn pump(&mut self) {
+        for side in [Side::Source, Side::Target] {
+            let mut out = std::mem::take(&mut self.scratch);
+            if let Some(b) = self.backend(side) {
+                b.poll_completions(&mut out);
+            }
+            for (token, result) in out.drain(..) {
+                let Some(origin) = self.origins.remove(&(side, token)) else { continue };
+                self.complete(origin, result);
+            }
+            self.scratch = out;
+        }
+    }
+
+    fn complete(&mut self, origin: Origin, result: io::Result<u64>) {
+        match origin {
+            Origin::Guest(outer) => {
+                let Some(op) = self.guest.get_mut(&outer) else { return };
+                op.parts -= 1;
+                if let Err(e) = result {
+                    op.result = Err(e);
+                }
+                if op.parts == 0
+                    && let Some(op) = self.guest.remove(&outer)
+                {
+                    if let Some((first, last)) = op.chunks {
+                        for c in first..=last {
+                            if let Some(n) = self.writing.get_mut(&c) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    self.writing.remove(&c);
+                                }
+                            }
+                        }
+                    }
+                    self.done.push((outer, op.result));
+                }
+            }
+            Origin::CopyRead(c) => {
+                if result.is_err() {
+                    return self.copy_failed(c);
+                }
+                let Some(buf) = self.copying.get_mut(&c) else { return };
+                let write =
+                    BlockOp::Write { offset: c * CHUNK, bufs: vec![IoBuf { addr: buf.as_mut_ptr(), len: buf.len() }] };
+                if self.send(Side::Target, Origin::CopyWrite(c), write).is_err() {
+                    self.copy_failed(c);
+                }
+            }
+            Origin::CopyWrite(c) => {
+                if result.is_err() {
+                    return self.copy_failed(c);
+                }
+                if let Some(buf) = self.copying.remove(&c) {
+                    self.bytes_copied += buf.len() as u64;
+                }
+            }
+        }
+    }
+
+    fn flush_inner(&mut self) {
+        for side in [Side::Source, Side::Target] {
+            if let Some(b) = self.backend(side) {
+                let _ = b.flush();
+            }
+        }
+    }
+
+    fn progress(&self) -> MirrorProgress {
+        MirrorProgress {
+            total_chunks: self.dirty.len() as u64,
+            dirty_chunks: self.dirty_count,
+            copies_in_flight: self.copying.len() as u64,
+            bytes_copied: self.bytes_copied,
+            failed: self.failed,
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The mirror as the disk sees it.
+pub struct MirrorBackend {
+    state: Arc<Mutex<State>>,
+    ready: Arc<ReadySet>,
+    info: BlockInfo,
+}
+
+/// The migration's handle on the mirror.
+pub struct MirrorControl {
+    state: Arc<Mutex<State>>,
+    ready: Arc<ReadySet>,
+}
+
+/// Which backend to take out of a finished mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Source,
+    Target,
+}
+
+impl MirrorBackend {
+    /// A mirror copying `source` to `target`, which must have the same capacity.
+    pub fn new(source: Box<dyn BlockBackend>, target: Box<dyn BlockBackend>) -> io::Result<(Self, MirrorControl)> {
+        let (si, ti) = (source.info().clone(), target.info().clone());
+        if si.capacity != ti.capacity {
+            return Err(io::Error::other(format!("target is {} bytes, the disk is {}", ti.capacity, si.capacity)));
+        }
+        if ti.read_only {
+            return Err(io::Error::other("the migration target is read-only"));
+        }
+        let ready = Arc::new(ReadySet::new()?);
+        ready.watch(source.completion_fd())?;
+        ready.watch(target.completion_fd())?;
+        let chunks = si.capacity.div_ceil(CHUNK);
+        let info = BlockInfo {
+            capacity: si.capacity,
+            read_only: si.read_only,
+            discard: si.discard && ti.discard,
+            write_zeroes: si.write_zeroes && ti.write_zeroes,
+            description: format!("mirror {} -> {}", si.description, ti.description),
+        };
+        let state = State {
+            mode: Mode::Copying,
+            source: Some(source),
+            target: Some(target),
+            capacity: si.capacity,
+            dirty: vec![true; chunks as usize],
+            dirty_count: chunks,
+            writing: HashMap::new(),
+            copying: HashMap::new(),
+            guest: HashMap::new(),
+            origins: HashMap::new(),
+            next_token: 0,
+            done: Vec::new(),
+            bytes_copied: 0,
+            failed: false,
+            scratch: Vec::new(),
+        };
+        let state = Arc::new(Mutex::new(state));
+        // Start copying without waiting for the guest.
+        ready.signal();
+        Ok((Self { state: state.clone(), ready: ready.clone(), info }, MirrorControl { state, ready }))
+    }
+}
+
+impl BlockBackend for MirrorBackend {
+    fn info(&self) -> &BlockInfo {
+        &self.info
+    }
+
+    fn submit(&mut self, outer: u64, op: BlockOp) -> io::Result<()> {
+        let mut s = lock(&self.state);
+        let copying = s.mode == Mode::Copying;
+        // Copying: the source serves everything. Write-through: the target serves the guest and
+        // writes (and flushes) go to the source as well.
+        let (primary, secondary) = if copying { (Side::Source, Side::Target) } else { (Side::Target, Side::Source) };
+        let expected = match &op {
+            BlockOp::Read { bufs, .. } | BlockOp::Write { bufs, .. } => super::total_len(bufs),
+            _ => 0,
+        };
+        let chunks = match &op {
+            BlockOp::Write { offset, bufs } => Some(s.chunk_range(*offset, super::total_len(bufs))),
+            BlockOp::Discard { offset, len } | BlockOp::WriteZeroes { offset, len } => {
+                Some(s.chunk_range(*offset, *len))
+            }
+            BlockOp::Read { .. } | BlockOp::Flush => None,
+        };
+        let mirrored = chunks.is_some() || matches!(op, BlockOp::Flush);
+        let parts = if mirrored && !copying { 2 } else { 1 };
+        let tracked = if copying { chunks } else { None };
+        if let Some((first, last)) = tracked {
+            s.mark_dirty(first, last);
+            for c in first..=last {
+                *s.writing.entry(c).or_insert(0) += 1;
+            }
+        }
+        s.guest.insert(outer, GuestOp { parts, result: Ok(expected), chunks: tracked });
+        let second = (parts == 2).then(|| duplicate(&op));
+        if let Err(e) = s.send(primary, Origin::Guest(outer), op) {
+            s.complete(Origin::Guest(outer), Err(e));
+        }
+        if let Some(op) = second
+            && let Err(e) = s.send(secondary, Origin::Guest(outer), op)
+        {
+            s.complete(Origin::Guest(outer), Err(e));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        lock(&self.state).flush_inner();
+        Ok(())
+    }
+
+    fn can_submit(&self) -> bool {
+        let s = lock(&self.state);
+        s.source.as_ref().is_some_and(|b| b.can_submit()) && s.target.as_ref().is_some_and(|b| b.can_submit())
+    }
+
+    fn poll_completions(&mut self, out: &mut Vec<Completion>) {
+        self.ready.clear();
+        let mut s = lock(&self.state);
+        for _ in 0..COPY_BUDGET {
+            s.pump();
+            s.start_copies();
+            s.flush_inner();
+            if s.copying.is_empty() || s.mode != Mode::Copying {
+                break;
+            }
+        }
+        s.pump();
+        out.append(&mut s.done);
+        // Synchronous engines completed inline: come back for the rest of the copy.
+        if s.mode == Mode::Copying && s.dirty_count > 0 && !s.failed {
+            self.ready.signal();
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.ready.fd())
+    }
+
+    fn in_flight(&self) -> usize {
+        let s = lock(&self.state);
+        s.guest.len() + s.copying.len()
+    }
+}
+
+/// A second instance of a mirrored operation, for the other half.
+fn duplicate(op: &BlockOp) -> BlockOp {
+    match op {
+        BlockOp::Read { offset, bufs } => BlockOp::Read { offset: *offset, bufs: bufs.clone() },
+        BlockOp::Write { offset, bufs } => BlockOp::Write { offset: *offset, bufs: bufs.clone() },
+        BlockOp::Flush => BlockOp::Flush,
+        BlockOp::Discard { offset, len } => BlockOp::Discard { offset: *offset, len: *len },
+        BlockOp::WriteZeroes { offset, len } => BlockOp::WriteZeroes { offset: *offset, len: *len },
+    }
+}
+
+impl MirrorControl {
+    pub fn progress(&self) -> MirrorProgress {
+        lock(&self.state).progress()
+    }
+
+    /// Copies what is still dirty and flips to write-through. Call with the disk quiesced and
+    /// drained, so no guest write can start; returns the bytes copied in this last step.
+    pub fn finish_copy(&self, timeout: Duration) -> io::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let start = lock(&self.state).bytes_copied;
+        loop {
+            {
+                let mut s = lock(&self.state);
+                s.pump();
+                s.start_copies();
+                s.flush_inner();
+                if s.failed {
+                    return Err(io::Error::other("copying to the target failed"));
+                }
+                if s.dirty_count == 0 && s.copying.is_empty() {
+                    // The target now holds every byte: it serves the guest from here on.
+                    s.mode = Mode::WriteThrough;
+                    return Ok(s.bytes_copied - start);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "final copy did not finish in time"));
+            }
+            self.ready.wait(1);
+        }
+    }
+
+    /// Takes one half out of a mirror that is no longer in use (after commit or rollback the
+    /// disk holds the chosen half again).
+    pub fn take(&self, half: Half) -> Option<Box<dyn BlockBackend>> {
+        let mut s = lock(&self.state);
+        let taken = match half {
+            Half::Source => s.source.take(),
+            Half::Target => s.target.take(),
+        };
+        self.ready.unwatch(taken.as_ref().and_then(|b| b.completion_fd()));
+        taken
+    }
+
+    /// Chunks still to copy, for deciding when to switch.
+    pub fn dirty_chunks(&self) -> u64 {
+        lock(&self.state).dirty_count
+    }
+
+    /// Whether a guest write is in flight anywhere (used in tests).
+    pub fn idle(&self) -> bool {
+        let s = lock(&self.state);
+        s.guest.is_empty() && s.copying.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::blk::{FileBackend, UringBackend};
+
+    fn file(tag: &str, fill: impl Fn(usize) -> u8, size: usize) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("mirror-{tag}-{}", std::process::id()));
+        let data: Vec<u8> = (0..size).map(fill).collect();
+        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
+        path
+    }
+
+    /// Polls the mirror like the event loop would, until `pending` guest ops are back.
+    fn pump_until(m: &mut MirrorBackend, pending: &mut usize, done: &mut Vec<Completion>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *pending > 0 {
+            assert!(Instant::now() < deadline, "mirror completions stalled");
+            m.ready.wait(5);
+            let before = done.len();
+            m.poll_completions(done);
+            *pending -= done.len() - before;
+        }
+    }
+
+    fn migrate_under_writes(engine: &str, open: fn(&std::path::Path) -> Box<dyn BlockBackend>) {
+        const SIZE: usize = 8 << 20;
+        let src = file(&format!("{engine}-src"), |i| (i / 4096) as u8, SIZE);
+        let dst = file(&format!("{engine}-dst"), |_| 0, SIZE);
+        let (mut m, control) = MirrorBackend::new(open(&src), open(&dst)).unwrap();
+        let mut done = Vec::new();
+        let mut buffers = Vec::new();
+        let mut pending = 0usize;
+        // Guest writes land while the copy runs: each 4 KiB block gets a new value.
+        for round in 0..64u64 {
+            let offset = (round * 131 % 2048) * 4096;
+            let mut buf = vec![0xa0 + (round % 16) as u8; 4096];
+            let bufs = vec![IoBuf { addr: buf.as_mut_ptr(), len: 4096 }];
+            m.submit(round, BlockOp::Write { offset, bufs }).unwrap();
+            m.flush().unwrap();
+            buffers.push(buf);
+            pending += 1;
+            m.poll_completions(&mut done);
+            pending -= done.len().min(pending);
+            done.clear();
+        }
+        pump_until(&mut m, &mut pending, &mut done);
+        assert!(done.iter().all(|(_, r)| r.is_ok()));
+        // Let the background copy get nearly everything (as the migration waits for).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while control.dirty_chunks() > 2 {
+            assert!(Instant::now() < deadline, "copy made no progress: {:?}", control.progress());
+            m.ready.wait(5);
+            m.poll_completions(&mut done);
+        }
+        control.finish_copy(Duration::from_secs(10)).unwrap();
+        assert_eq!(control.progress().dirty_chunks, 0);
+        assert!(control.progress().bytes_copied >= SIZE as u64);
+        // Write-through: a write now lands in both files.
+        let mut last = vec![0x5a; 4096];
+        m.submit(1000, BlockOp::Write { offset: 0, bufs: vec![IoBuf { addr: last.as_mut_ptr(), len: 4096 }] }).unwrap();
+        m.flush().unwrap();
+        let mut pending = 1;
+        pump_until(&mut m, &mut pending, &mut done);
+        assert!(control.idle());
+        let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        assert!(a == b, "source and target differ after the migration");
+        assert_eq!(&b[..4096], &last[..]);
+        assert!(control.take(Half::Target).is_some());
+        assert!(control.take(Half::Target).is_none());
+        std::fs::remove_file(src).unwrap();
+        std::fs::remove_file(dst).unwrap();
+    }
+
+    #[test]
+    fn migration_converges_under_writes_sync_engine() {
+        migrate_under_writes("sync", |p| Box::new(FileBackend::open(p, false).unwrap()));
+    }
+
+    #[test]
+    fn migration_converges_under_writes_io_uring_engine() {
+        migrate_under_writes("uring", |p| Box::new(UringBackend::open(p, false).unwrap()));
+    }
+
+    #[test]
+    fn size_mismatch_is_refused() {
+        let a = file("size-a", |_| 0, 4 << 20);
+        let b = file("size-b", |_| 0, 8 << 20);
+        let open = |p: &std::path::Path| -> Box<dyn BlockBackend> { Box::new(FileBackend::open(p, false).unwrap()) };
+        assert!(MirrorBackend::new(open(&a), open(&b)).is_err());
+        std::fs::remove_file(a).unwrap();
+        std::fs::remove_file(b).unwrap();
+    }
+}
