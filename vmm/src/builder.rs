@@ -5,18 +5,18 @@ use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::blk::{BlockBackend, FileBackend, NbdBackend, NbdTarget, UringBackend, VirtioBlock};
+use devices::blk::VirtioBlock;
 use devices::bus::{Bus, BusError, BusRange};
 use devices::interrupt::EventFdInterrupt;
 use devices::legacy::{DebugExit, I8042, SerialConsole, SerialOutput, ports};
-use devices::net::{NetBackend, NetSettings, TapBackend, UnixBackend, VirtioNet};
-use devices::vsock::{UnixVsockBackend, VirtioVsock};
+use devices::net::{NetSettings, VirtioNet};
+use devices::vsock::VirtioVsock;
 use vm_memory::GuestAddressSpace;
 
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
-use crate::config::{BlockEngine, ConfigError, DiskConfig, NbdAddress, NetConfig, SerialConfig, VmConfig, parse_mac};
-use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder};
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder, backends};
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
 use crate::vcpu::{ExitContext, Vcpus};
@@ -141,9 +141,9 @@ impl VmBuilder {
         for region in ram.regions() {
             let slot = MemSlot {
                 slot: region.slot,
-                guest_addr: region.guest_addr(),
-                size: region.size(),
-                host_addr: region.host_addr(),
+                guest_addr: region.guest_addr,
+                size: region.size,
+                host_addr: region.host_addr,
             };
             // SAFETY: the mapping is owned by `ram`, which the returned Vm keeps alive longer
             // than the VM file descriptor (see Vm's field order).
@@ -154,18 +154,16 @@ impl VmBuilder {
             .map_err(|source| BuildError::Io { what: "device event loop", source })?;
         let ids = config.device_ids();
         for (disk, id) in config.disks.iter().zip(&ids) {
-            let backend = open_disk(disk, id)?;
+            let backend = backends::open_disk(disk, id)?;
             devices.add(&kvm, id, |irq, mem| VirtioBlock::new(backend, id, irq, mem), DeviceHandle::Block)?;
         }
         for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
-            let (backend, settings) = open_net(net, id)?;
+            let settings = NetSettings { mac: backends::nic_mac(net, id)?, mtu: net.mtu };
+            let backend = backends::open_net(net, id)?;
             devices.add(&kvm, id, |irq, mem| VirtioNet::new(backend, settings, irq, mem), DeviceHandle::Net)?;
         }
         if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
-            let backend = UnixVsockBackend::bind(&vsock.socket).map_err(|e| DeviceError::Backend {
-                id: id.clone(),
-                reason: format!("cannot listen on {}: {e}", vsock.socket.display()),
-            })?;
+            let backend = backends::open_vsock(&vsock.socket, id)?;
             let cid = vsock.cid;
             devices.add(
                 &kvm,
@@ -193,7 +191,7 @@ impl VmBuilder {
         };
         let rsdp = acpi::write(&guest_mem, &acpi_config)?;
 
-        let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.guest_addr(), r.size())).collect();
+        let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.guest_addr, r.size)).collect();
         let spec = BootSpec {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
@@ -226,55 +224,6 @@ impl VmBuilder {
         };
         Ok(Vm::new(vcpus, exit, serial, devices, info, kvm, ram))
     }
-}
-
-/// Opens a disk's backend with the configured engine.
-fn open_disk(disk: &DiskConfig, id: &str) -> Result<Box<dyn BlockBackend>, BuildError> {
-    let backend_err =
-        |e: devices::blk::BackendError| DeviceError::Backend { id: id.to_string(), reason: e.to_string() };
-    let backend: Box<dyn BlockBackend> = match (&disk.path, &disk.nbd) {
-        (Some(path), _) => match disk.engine {
-            BlockEngine::Sync => Box::new(FileBackend::open(path, disk.readonly).map_err(backend_err)?),
-            BlockEngine::IoUring => Box::new(UringBackend::open(path, disk.readonly).map_err(backend_err)?),
-        },
-        (None, Some(address)) => {
-            let target = match address {
-                NbdAddress::Tcp { host, port } => NbdTarget::Tcp { host: host.clone(), port: *port },
-                NbdAddress::Unix { path } => NbdTarget::Unix { path: path.clone() },
-            };
-            Box::new(NbdBackend::connect(&target, disk.export.as_deref(), disk.readonly).map_err(backend_err)?)
-        }
-        (None, None) => return Err(ConfigError::Device(format!("disk {id}: needs path= or nbd=")).into()),
-    };
-    Ok(backend)
-}
-
-/// Opens a NIC's backend and settles its identity.
-fn open_net(net: &NetConfig, id: &str) -> Result<(Box<dyn NetBackend>, NetSettings), BuildError> {
-    let backend_err =
-        |what: String, e: std::io::Error| DeviceError::Backend { id: id.to_string(), reason: format!("{what}: {e}") };
-    let backend: Box<dyn NetBackend> = match (&net.tap, &net.unix) {
-        (Some(tap), _) => {
-            Box::new(TapBackend::open(tap).map_err(|e| backend_err(format!("cannot open tap {tap}"), e))?)
-        }
-        (None, Some(path)) => Box::new(
-            UnixBackend::connect(path).map_err(|e| backend_err(format!("cannot connect to {}", path.display()), e))?,
-        ),
-        (None, None) => return Err(ConfigError::Device(format!("net {id}: needs tap= or unix=")).into()),
-    };
-    let mac = match &net.mac {
-        Some(mac) => parse_mac(mac).map_err(ConfigError::Device)?,
-        None => generated_mac(),
-    };
-    Ok((backend, NetSettings { mac, mtu: net.mtu }))
-}
-
-/// A random locally administered unicast MAC in QEMU's customary 52:54:00 prefix.
-fn generated_mac() -> [u8; 6] {
-    let mut tail = [0u8; 3];
-    // SAFETY: getrandom fills the buffer we pass; on failure the tail stays zero.
-    unsafe { libc::getrandom(tail.as_mut_ptr().cast(), tail.len(), 0) };
-    [0x52, 0x54, 0x00, tail[0], tail[1], tail[2]]
 }
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {

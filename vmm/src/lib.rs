@@ -27,6 +27,7 @@ pub mod device_manager;
 pub mod hv;
 pub mod image;
 pub mod memory;
+pub mod swap;
 pub mod vcpu;
 pub mod vm;
 

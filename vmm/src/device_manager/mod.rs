@@ -2,6 +2,7 @@
 //! to KVM (irqfd, ioeventfd per queue), the event loop that runs them, and the registry the
 //! control API walks.
 
+pub mod backends;
 mod event_loop;
 
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use devices::blk::VirtioBlock;
 use devices::bus::{Bus, BusRange, lock_device};
 use devices::interrupt::{EventFdInterrupt, InterruptLine};
+use devices::lifecycle::Lifecycle;
 use devices::metrics::RequestMetrics;
 use devices::net::VirtioNet;
 use devices::virtio::{DeviceWorker, MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, ResyncHandle, VirtioDevice};
@@ -64,6 +66,15 @@ impl DeviceHandle {
             DeviceHandle::Block(d) => lock_device(d).backend().info().description.clone(),
             DeviceHandle::Net(d) => lock_device(d).backend().description(),
             DeviceHandle::Vsock(d) => lock_device(d).backend().description(),
+        }
+    }
+
+    /// Runs `f` on the device as a [`Lifecycle`], whatever its type.
+    pub fn lifecycle<R>(&self, f: impl FnOnce(&mut dyn Lifecycle) -> R) -> R {
+        match self {
+            DeviceHandle::Block(d) => f(&mut *lock_device(d)),
+            DeviceHandle::Net(d) => f(&mut *lock_device(d)),
+            DeviceHandle::Vsock(d) => f(&mut *lock_device(d)),
         }
     }
 

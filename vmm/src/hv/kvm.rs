@@ -113,6 +113,12 @@ impl KvmVm {
         unsafe { self.fd.set_user_memory_region(region) }.op("KVM_SET_USER_MEMORY_REGION")
     }
 
+    /// Removes memory slot `slot`; the guest range reads as MMIO until the slot is re-added.
+    pub fn remove_memslot(&self, slot: u32) -> Result<()> {
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.set_memslot(&MemSlot { slot, guest_addr: 0, size: 0, host_addr: 0 }) }
+    }
+
     /// Routes writes to `evt` into guest interrupt `gsi`, in the kernel.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
         self.fd.register_irqfd(evt, gsi).op("KVM_IRQFD")

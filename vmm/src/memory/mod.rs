@@ -10,7 +10,7 @@ pub mod layout;
 use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegion;
@@ -27,8 +27,11 @@ pub enum RamBacking {
     Anonymous,
     /// A memfd: shareable with another process by passing the descriptor.
     Memfd,
-    /// A regular file, mapped shared; regions sit at consecutive offsets.
+    /// A regular file, mapped shared; at boot regions sit at consecutive offsets, a region
+    /// swapped to a file later starts at offset 0.
     File { path: PathBuf },
+    /// 2 MiB huge pages from the kernel's pool (a hugetlb memfd; needs `vm.nr_hugepages`).
+    Hugetlbfs,
 }
 
 impl std::fmt::Display for RamBacking {
@@ -37,6 +40,7 @@ impl std::fmt::Display for RamBacking {
             RamBacking::Anonymous => write!(f, "anonymous"),
             RamBacking::Memfd => write!(f, "memfd"),
             RamBacking::File { path } => write!(f, "file {}", path.display()),
+            RamBacking::Hugetlbfs => write!(f, "hugetlbfs"),
         }
     }
 }
@@ -60,9 +64,16 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("hugetlbfs backing needs {needed} free 2 MiB huge pages, {free} are free (raise vm.nr_hugepages)")]
+    HugePages { needed: u64, free: u64 },
+    #[error("no RAM region with slot {0}")]
+    NoSuchRegion(u32),
     #[error("guest RAM regions overlap or are misplaced: {0}")]
     Layout(String),
 }
+
+/// Huge page size used for hugetlbfs backings.
+pub const HUGE_PAGE: u64 = 2 << 20;
 
 /// One contiguous range of guest RAM and what backs it.
 pub struct RamRegion {
@@ -73,6 +84,20 @@ pub struct RamRegion {
 }
 
 impl RamRegion {
+    /// Maps `size` bytes of `backing` for guest address `guest_addr`.
+    pub fn map(
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        backing: &RamBacking,
+        file_offset: u64,
+    ) -> Result<Self, MemoryError> {
+        let mmap = map_backing(backing, size, file_offset)?;
+        let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
+            .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
+        Ok(Self { slot, backing: backing.clone(), mapping: Arc::new(mapping) })
+    }
+
     pub fn guest_addr(&self) -> u64 {
         self.mapping.start_addr().0
     }
@@ -85,11 +110,45 @@ impl RamRegion {
     pub fn host_addr(&self) -> u64 {
         self.mapping.as_ptr() as u64
     }
+
+    /// Byte ranges, relative to the region's start, that may hold data; everything else is
+    /// known to read as zeros. Found without touching the memory: from the page tables for
+    /// anonymous memory (present or swapped pages), from the file's data extents otherwise.
+    /// When the kernel cannot tell, the whole region is returned.
+    pub fn populated_ranges(&self) -> Vec<(u64, u64)> {
+        let size = self.size();
+        let found = match self.mapping.file_offset() {
+            Some(fo) => data_extents(fo.file(), fo.start(), size),
+            None => resident_pages(self.host_addr(), size),
+        };
+        found.unwrap_or_else(|_| vec![(0, size)])
+    }
+
+    pub fn info(&self) -> RegionInfo {
+        RegionInfo {
+            slot: self.slot,
+            guest_addr: self.guest_addr(),
+            size: self.size(),
+            backing: self.backing.clone(),
+            host_addr: self.host_addr(),
+        }
+    }
+}
+
+/// A region as reported to the outside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RegionInfo {
+    pub slot: u32,
+    pub guest_addr: u64,
+    pub size: u64,
+    pub backing: RamBacking,
+    #[serde(skip)]
+    pub host_addr: u64,
 }
 
 /// All of the guest's RAM.
 pub struct GuestRam {
-    regions: Vec<RamRegion>,
+    regions: Mutex<Vec<RamRegion>>,
     memory: SharedGuestMem,
 }
 
@@ -102,30 +161,73 @@ impl GuestRam {
         let mut regions = Vec::new();
         let mut file_offset = 0;
         for (slot, (guest_addr, len)) in layout::ram_ranges(size).into_iter().enumerate() {
-            let mmap = map_backing(backing, len, file_offset)?;
+            regions.push(RamRegion::map(slot as u32, guest_addr, len, backing, file_offset)?);
             file_offset += len;
-            let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
-                .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
-            regions.push(RamRegion { slot: slot as u32, backing: backing.clone(), mapping: Arc::new(mapping) });
         }
-        let memory = GuestMem::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
-            .map_err(|e| MemoryError::Layout(e.to_string()))?;
-        Ok(Self { regions, memory: GuestMemoryAtomic::new(memory) })
+        let memory = GuestMemoryAtomic::new(collection(&regions)?);
+        Ok(Self { regions: Mutex::new(regions), memory })
     }
 
-    pub fn regions(&self) -> &[RamRegion] {
-        &self.regions
+    fn lock(&self) -> MutexGuard<'_, Vec<RamRegion>> {
+        self.regions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn regions(&self) -> Vec<RegionInfo> {
+        self.lock().iter().map(RamRegion::info).collect()
+    }
+
+    pub fn region(&self, slot: u32) -> Option<RegionInfo> {
+        self.lock().iter().find(|r| r.slot == slot).map(RamRegion::info)
     }
 
     /// Total RAM in bytes.
     pub fn size(&self) -> u64 {
-        self.regions.iter().map(RamRegion::size).sum()
+        self.lock().iter().map(RamRegion::size).sum()
     }
 
-    /// A handle on guest memory that follows future region replacements.
+    /// A handle on guest memory that follows region replacements.
     pub fn memory(&self) -> SharedGuestMem {
         self.memory.clone()
     }
+
+    /// Where region `slot` may hold data (see [`RamRegion::populated_ranges`]).
+    pub fn populated_ranges(&self, slot: u32) -> Result<Vec<(u64, u64)>, MemoryError> {
+        self.lock()
+            .iter()
+            .find(|r| r.slot == slot)
+            .map(RamRegion::populated_ranges)
+            .ok_or(MemoryError::NoSuchRegion(slot))
+    }
+
+    /// Maps a replacement for region `slot` with `backing`, not yet in use.
+    pub fn prepare_replacement(&self, slot: u32, backing: &RamBacking) -> Result<RamRegion, MemoryError> {
+        let info = self.region(slot).ok_or(MemoryError::NoSuchRegion(slot))?;
+        RamRegion::map(slot, info.guest_addr, info.size, backing, 0)
+    }
+
+    /// Puts `new` in place of the region with its slot and returns the old one. Whoever calls
+    /// this has stopped everything that touches guest memory (vCPUs, device I/O); devices
+    /// pick up the new mapping on their next access.
+    pub fn install(&self, new: RamRegion) -> Result<RamRegion, MemoryError> {
+        let mut regions = self.lock();
+        let index = regions.iter().position(|r| r.slot == new.slot).ok_or(MemoryError::NoSuchRegion(new.slot))?;
+        let old = std::mem::replace(&mut regions[index], new);
+        match collection(&regions) {
+            Ok(memory) => {
+                self.memory.lock().unwrap_or_else(|p| p.into_inner()).replace(memory);
+                Ok(old)
+            }
+            Err(e) => {
+                regions[index] = old;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn collection(regions: &[RamRegion]) -> Result<GuestMem, MemoryError> {
+    GuestMem::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
+        .map_err(|e| MemoryError::Layout(e.to_string()))
 }
 
 fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<MmapRegion, MemoryError> {
@@ -133,13 +235,27 @@ fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<Mmap
     let (file, flags) = match backing {
         RamBacking::Anonymous => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
         RamBacking::Memfd => {
-            let file = memfd(size).map_err(MemoryError::Memfd)?;
+            let file = memfd(size, 0).map_err(MemoryError::Memfd)?;
             (Some(FileOffset::new(file, 0)), libc::MAP_SHARED | libc::MAP_NORESERVE)
+        }
+        RamBacking::Hugetlbfs => {
+            let needed = size.div_ceil(HUGE_PAGE);
+            let free = free_huge_pages();
+            if free < needed {
+                return Err(MemoryError::HugePages { needed, free });
+            }
+            let file = memfd(size.next_multiple_of(HUGE_PAGE), libc::MFD_HUGETLB).map_err(MemoryError::Memfd)?;
+            (Some(FileOffset::new(file, 0)), libc::MAP_SHARED)
         }
         RamBacking::File { path } => {
             let file_err = |source| MemoryError::File { path: path.clone(), source };
             let file =
                 OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(file_err)?;
+            if file_offset == 0 {
+                // Guest RAM starts as zeros (and a swap skips copying zero chunks): drop
+                // whatever an earlier user left in the file.
+                file.set_len(0).map_err(file_err)?;
+            }
             let needed = file_offset + size;
             if file.metadata().map_err(file_err)?.len() < needed {
                 file.set_len(needed).map_err(file_err)?;
@@ -154,10 +270,78 @@ fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<Mmap
     })
 }
 
-/// A sealed-size anonymous file for guest RAM.
-fn memfd(size: u64) -> std::io::Result<File> {
+/// Runs of pages of the mapping at `addr` that are present or swapped out, from
+/// /proc/self/pagemap (bit 63 present, bit 62 swapped; readable without privileges).
+fn resident_pages(addr: u64, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let pages = size / PAGE;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut entries = vec![0u8; 8 * 4096];
+    let mut page = 0;
+    while page < pages {
+        let n = (pages - page).min(4096);
+        let buf = &mut entries[..(n * 8) as usize];
+        pagemap.read_exact_at(buf, (addr / PAGE + page) * 8)?;
+        for (i, entry) in buf.chunks_exact(8).enumerate() {
+            let flags = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+            if flags & (3 << 62) != 0 {
+                let offset = (page + i as u64) * PAGE;
+                match ranges.last_mut() {
+                    Some((start, len)) if *start + *len == offset => *len += PAGE,
+                    _ => ranges.push((offset, PAGE)),
+                }
+            }
+        }
+        page += n;
+    }
+    Ok(ranges)
+}
+
+/// Data extents of `file` in `[start, start + size)`, relative to `start` (SEEK_DATA/SEEK_HOLE).
+fn data_extents(file: &File, start: u64, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let end = start + size;
+    let mut ranges = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on a descriptor we own; errors are checked.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data after `pos`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        ranges.push((data - start, hole - data));
+        pos = hole;
+    }
+    Ok(ranges)
+}
+
+/// Free 2 MiB huge pages in the kernel's pool.
+pub fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An anonymous file for guest RAM.
+fn memfd(size: u64, flags: libc::c_uint) -> std::io::Result<File> {
     // SAFETY: the name is a valid C string; the returned descriptor is checked.
-    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC | flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -187,10 +371,65 @@ mod tests {
             let ram = GuestRam::new(4 << 20, &backing).unwrap();
             assert_eq!(ram.size(), 4 << 20);
             assert_eq!(ram.regions().len(), 1);
+            assert_eq!(ram.regions()[0].backing, backing);
             let mem = ram.memory();
             mem.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
             assert_eq!(mem.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod replace_tests {
+    use vm_memory::{Bytes, GuestAddressSpace};
+
+    use super::*;
+
+    #[test]
+    fn a_replacement_region_becomes_the_live_view() {
+        let ram = GuestRam::new(8 << 20, &RamBacking::Anonymous).unwrap();
+        let view = ram.memory();
+        view.memory().write_obj(1u64, GuestAddress(0x1000)).unwrap();
+        let new = ram.prepare_replacement(0, &RamBacking::Memfd).unwrap();
+        assert_eq!((new.guest_addr(), new.size()), (0, 8 << 20));
+        // Nothing copies contents here: that is the swap's job.
+        let old = ram.install(new).unwrap();
+        assert_eq!(old.backing, RamBacking::Anonymous);
+        assert_eq!(ram.regions()[0].backing, RamBacking::Memfd);
+        assert_eq!(
+            view.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
+            0,
+            "the old handle sees the new mapping"
+        );
+        assert!(matches!(ram.prepare_replacement(7, &RamBacking::Memfd), Err(MemoryError::NoSuchRegion(7))));
+    }
+
+    #[test]
+    fn populated_ranges_follow_what_was_touched() {
+        for backing in [RamBacking::Anonymous, RamBacking::Memfd] {
+            let ram = GuestRam::new(64 << 20, &backing).unwrap();
+            let mem = ram.memory();
+            assert_eq!(ram.lock()[0].populated_ranges(), vec![], "{backing}: nothing touched yet");
+            mem.memory().write_obj(1u8, GuestAddress(0x3000)).unwrap();
+            mem.memory().write_obj(1u8, GuestAddress(0x4000)).unwrap();
+            mem.memory().write_obj(1u8, GuestAddress(40 << 20)).unwrap();
+            let ranges = ram.lock()[0].populated_ranges();
+            let covered = |addr: u64| ranges.iter().any(|&(s, l)| (s..s + l).contains(&addr));
+            assert!(covered(0x3000) && covered(0x4000) && covered(40 << 20), "{backing}: {ranges:?}");
+            let total: u64 = ranges.iter().map(|r| r.1).sum();
+            assert!(total < 8 << 20, "{backing}: only touched pages, not {total} bytes");
+        }
+    }
+
+    #[test]
+    fn hugetlbfs_without_huge_pages_is_a_clear_error() {
+        if free_huge_pages() >= 4 {
+            return;
+        }
+        let Err(err) = GuestRam::new(8 << 20, &RamBacking::Hugetlbfs) else {
+            panic!("hugetlbfs RAM without huge pages")
+        };
+        assert!(err.to_string().contains("vm.nr_hugepages"), "{err}");
     }
 }

@@ -14,6 +14,10 @@ use crate::boot::{BootProtocol, KernelFormat};
 use crate::device_manager::DeviceManager;
 use crate::hv::KvmVm;
 use crate::memory::GuestRam;
+use crate::swap::memory::MemorySwap;
+use crate::swap::{
+    MemorySwapError, MemorySwapReport, MemorySwapRequest, SwapError, SwapHandle, SwapManager, SwapRequest,
+};
 use crate::vcpu::{ControlError, Target, Vcpus};
 use exit::ExitState;
 
@@ -65,8 +69,9 @@ pub struct Vm {
     exit: Arc<ExitState>,
     serial: Arc<Mutex<SerialConsole>>,
     devices: Mutex<DeviceManager>,
+    swaps: SwapManager,
     info: VmInfo,
-    _kvm: KvmVm,
+    kvm: KvmVm,
     ram: GuestRam,
 }
 
@@ -80,7 +85,16 @@ impl Vm {
         kvm: KvmVm,
         ram: GuestRam,
     ) -> Self {
-        Self { vcpus: Mutex::new(vcpus), exit, serial, devices: Mutex::new(devices), info, _kvm: kvm, ram }
+        Self {
+            vcpus: Mutex::new(vcpus),
+            exit,
+            serial,
+            devices: Mutex::new(devices),
+            swaps: SwapManager::default(),
+            info,
+            kvm,
+            ram,
+        }
     }
 
     /// The VM's virtio devices.
@@ -152,6 +166,32 @@ impl Vm {
         self.vcpus().stop();
         self.devices().stop();
         self.exit.get().unwrap_or(VmExit::Stopped)
+    }
+
+    /// Starts replacing the backend of device `id` (see [`crate::swap`]); returns the swap's
+    /// handle to follow it. Errors mean nothing changed.
+    pub fn swap_device(&self, id: &str, request: SwapRequest) -> Result<SwapHandle, SwapError> {
+        if let Some(exit) = self.exit.get() {
+            return Err(SwapError::BadRequest(format!("the VM has exited ({exit})")));
+        }
+        self.swaps.start(&self.devices(), id, request)
+    }
+
+    /// Swaps started on this VM, running and finished.
+    pub fn swaps(&self) -> &SwapManager {
+        &self.swaps
+    }
+
+    /// Replaces the backing of RAM region `slot`, pausing the guest for the copy.
+    pub fn swap_memory(&self, slot: u32, request: &MemorySwapRequest) -> Result<MemorySwapReport, MemorySwapError> {
+        if self.exit.is_set() {
+            return Err(MemorySwapError::Pause(ControlError::Stopped));
+        }
+        let vcpus = self.vcpus();
+        // A guest the user paused stays paused after the swap.
+        let resume_vcpus = vcpus.target() != Target::Pause;
+        let devices = self.devices();
+        MemorySwap { ram: &self.ram, kvm: &self.kvm, vcpus: &vcpus, devices: &devices, resume_vcpus }.run(slot, request)
     }
 
     /// A handle for feeding the guest's serial input.

@@ -259,7 +259,16 @@ pub enum Half {
 impl MirrorBackend {
     /// A mirror copying `source` to `target`, which must have the same capacity.
     pub fn new(source: Box<dyn BlockBackend>, target: Box<dyn BlockBackend>) -> io::Result<(Self, MirrorControl)> {
-        let (si, ti) = (source.info().clone(), target.info().clone());
+        let (mirror, control) = Self::detached(source.info(), target)?;
+        control.attach_source(source)?;
+        Ok((mirror, control))
+    }
+
+    /// A mirror for a source described by `si`, which is attached later with
+    /// [`MirrorControl::attach_source`]: the disk hands over its backend only when the mirror
+    /// takes its place. Nothing may be submitted before the source is attached.
+    pub fn detached(si: &BlockInfo, target: Box<dyn BlockBackend>) -> io::Result<(Self, MirrorControl)> {
+        let ti = target.info().clone();
         if si.capacity != ti.capacity {
             return Err(io::Error::other(format!("target is {} bytes, the disk is {}", ti.capacity, si.capacity)));
         }
@@ -267,7 +276,6 @@ impl MirrorBackend {
             return Err(io::Error::other("the migration target is read-only"));
         }
         let ready = Arc::new(ReadySet::new()?);
-        ready.watch(source.completion_fd())?;
         ready.watch(target.completion_fd())?;
         let chunks = si.capacity.div_ceil(CHUNK);
         let info = BlockInfo {
@@ -279,7 +287,7 @@ impl MirrorBackend {
         };
         let state = State {
             mode: Mode::Copying,
-            source: Some(source),
+            source: None,
             target: Some(target),
             capacity: si.capacity,
             dirty: vec![true; chunks as usize],
@@ -295,8 +303,6 @@ impl MirrorBackend {
             scratch: Vec::new(),
         };
         let state = Arc::new(Mutex::new(state));
-        // Start copying without waiting for the guest.
-        ready.signal();
         Ok((Self { state: state.clone(), ready: ready.clone(), info }, MirrorControl { state, ready }))
     }
 }
@@ -396,6 +402,14 @@ fn duplicate(op: &BlockOp) -> BlockOp {
 }
 
 impl MirrorControl {
+    /// Gives the mirror its source and starts copying without waiting for the guest.
+    pub fn attach_source(&self, source: Box<dyn BlockBackend>) -> io::Result<()> {
+        self.ready.watch(source.completion_fd())?;
+        lock(&self.state).source = Some(source);
+        self.ready.signal();
+        Ok(())
+    }
+
     pub fn progress(&self) -> MirrorProgress {
         lock(&self.state).progress()
     }

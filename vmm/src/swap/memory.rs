@@ -1,0 +1,281 @@
+//! Replacing the backing of a guest RAM region while the VM runs: map the new backing, stop
+//! everything that touches guest memory (device I/O drained, vCPUs paused), copy, point the
+//! KVM memory slot and the devices' view at the new mapping, resume.
+//!
+//! Contents are copied rather than remapped: no system call moves pages between an anonymous
+//! mapping, a memfd, a file and hugetlbfs. Chunks that are all zeros are not written, so a
+//! lightly used region costs little more than reading it.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device_manager::DeviceManager;
+use crate::hv::{HvError, KvmVm, MemSlot};
+use crate::memory::{GuestRam, MemoryError, RamBacking, RegionInfo};
+use crate::vcpu::{ControlError, Vcpus};
+
+use super::transaction::wait_readable;
+
+const COPY_CHUNK: usize = 2 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySwapRequest {
+    pub backing: RamBacking,
+    /// Compare old and new contents before resuming (doubles the pause).
+    #[serde(default)]
+    pub verify: bool,
+    #[serde(default = "default_drain_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_drain_ms() -> u64 {
+    2000
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MemorySwapReport {
+    pub slot: u32,
+    pub from: RamBacking,
+    pub to: RamBacking,
+    pub bytes: u64,
+    /// Bytes written into the new backing (all-zero chunks are skipped).
+    pub bytes_copied: u64,
+    /// Time the vCPUs were paused.
+    pub pause_us: u64,
+    pub copy_us: u64,
+    /// Time to stop device I/O before the pause.
+    pub devices_quiesce_us: u64,
+    pub verified: bool,
+    pub pause_us_per_gib: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemorySwapError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("region {slot} already uses {backing}")]
+    Same { slot: u32, backing: RamBacking },
+    #[error("file {0} already backs another region")]
+    FileInUse(std::path::PathBuf),
+    #[error("device {device} still has {pending} request(s) in flight after {timeout_ms} ms; nothing changed")]
+    Drain { device: String, pending: usize, timeout_ms: u64 },
+    #[error(transparent)]
+    Pause(#[from] ControlError),
+    #[error("cannot replace memory slot {slot}: {source}; nothing changed")]
+    Kvm {
+        slot: u32,
+        #[source]
+        source: HvError,
+    },
+    #[error("the copy of region {slot} differs at offset {offset:#x}; nothing changed")]
+    Mismatch { slot: u32, offset: u64 },
+}
+
+/// The pieces of a running VM a memory swap touches.
+pub struct MemorySwap<'a> {
+    pub ram: &'a GuestRam,
+    pub kvm: &'a KvmVm,
+    pub vcpus: &'a Vcpus,
+    pub devices: &'a DeviceManager,
+    /// False when the guest was already paused and must stay so.
+    pub resume_vcpus: bool,
+}
+
+impl MemorySwap<'_> {
+    pub fn run(&self, slot: u32, request: &MemorySwapRequest) -> Result<MemorySwapReport, MemorySwapError> {
+        let old = self.ram.region(slot).ok_or(MemoryError::NoSuchRegion(slot))?;
+        if old.backing == request.backing {
+            return Err(MemorySwapError::Same { slot, backing: old.backing });
+        }
+        if let RamBacking::File { path } = &request.backing
+            && self.ram.regions().iter().any(|r| r.backing == request.backing)
+        {
+            return Err(MemorySwapError::FileInUse(path.clone()));
+        }
+        // Mapping the new backing (and failing on it) happens before anything stops.
+        let new = self.ram.prepare_replacement(slot, &request.backing)?;
+        let populated = self.ram.populated_ranges(slot)?;
+
+        let quiesce_started = Instant::now();
+        self.quiesce_devices(Duration::from_millis(request.drain_timeout_ms))?;
+        let devices_quiesce_us = quiesce_started.elapsed().as_micros() as u64;
+        let resume_devices = || {
+            for entry in self.devices.devices() {
+                entry.handle.lifecycle(|d| d.resume());
+            }
+        };
+        if let Err(e) = self.vcpus.pause() {
+            resume_devices();
+            return Err(e.into());
+        }
+        let paused = Instant::now();
+        let result = self.replace(&old, new, &populated, request.verify);
+        let pause_us = paused.elapsed().as_micros() as u64;
+        if self.resume_vcpus {
+            let _ = self.vcpus.resume();
+        }
+        resume_devices();
+        let (bytes_copied, copy_us) = result?;
+        Ok(MemorySwapReport {
+            slot,
+            from: old.backing,
+            to: request.backing.clone(),
+            bytes: old.size,
+            bytes_copied,
+            pause_us,
+            copy_us,
+            devices_quiesce_us,
+            verified: request.verify,
+            pause_us_per_gib: (pause_us as f64 / (old.size as f64 / (1u64 << 30) as f64)) as u64,
+        })
+    }
+
+    /// Stops every device at a request boundary and waits for its in-flight I/O: a device
+    /// writing guest memory during the copy would write into the old mapping.
+    fn quiesce_devices(&self, timeout: Duration) -> Result<(), MemorySwapError> {
+        let entries = self.devices.devices();
+        for entry in entries {
+            entry.handle.lifecycle(|d| d.quiesce());
+        }
+        let deadline = Instant::now() + timeout;
+        for entry in entries {
+            loop {
+                let (pending, fds) = entry.handle.lifecycle(|d| {
+                    d.drive();
+                    (d.pending_requests(), d.progress_fds())
+                });
+                if pending == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    for e in entries {
+                        e.handle.lifecycle(|d| d.resume());
+                    }
+                    return Err(MemorySwapError::Drain {
+                        device: entry.id.clone(),
+                        pending,
+                        timeout_ms: timeout.as_millis() as u64,
+                    });
+                }
+                wait_readable(&fds, Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
+
+    /// With everything stopped: copy, swap the memory slot and the devices' view.
+    fn replace(
+        &self,
+        old: &RegionInfo,
+        new: crate::memory::RamRegion,
+        populated: &[(u64, u64)],
+        verify: bool,
+    ) -> Result<(u64, u64), MemorySwapError> {
+        let slot = old.slot;
+        let started = Instant::now();
+        // SAFETY: both mappings are `old.size` bytes, alive (the old one until `install`
+        // drops it below), and nothing else touches guest memory while the VM is stopped.
+        let (src, dst) = unsafe {
+            (
+                std::slice::from_raw_parts(old.host_addr as *const u8, old.size as usize),
+                std::slice::from_raw_parts_mut(new.host_addr() as *mut u8, old.size as usize),
+            )
+        };
+        let copied = copy_nonzero(src, dst, populated);
+        if verify && let Some(offset) = first_difference(src, dst) {
+            return Err(MemorySwapError::Mismatch { slot, offset });
+        }
+        let copy_us = started.elapsed().as_micros() as u64;
+        let kvm_err = |source| MemorySwapError::Kvm { slot, source };
+        self.kvm.remove_memslot(slot).map_err(kvm_err)?;
+        let new_slot = MemSlot { slot, guest_addr: old.guest_addr, size: old.size, host_addr: new.host_addr() };
+        // SAFETY: the new mapping is owned by GuestRam from `install` on, for the VM's life.
+        if let Err(source) = unsafe { self.kvm.set_memslot(&new_slot) } {
+            let back = MemSlot { slot, guest_addr: old.guest_addr, size: old.size, host_addr: old.host_addr };
+            // SAFETY: the old mapping is still installed in GuestRam.
+            let _ = unsafe { self.kvm.set_memslot(&back) };
+            return Err(kvm_err(source));
+        }
+        let replaced = self.ram.install(new)?;
+        drop(replaced);
+        Ok((copied, copy_us))
+    }
+}
+
+/// Copies the `populated` ranges of `src` into the zero-filled `dst` on every core, skipping
+/// chunks that are all zeros anyway (the rest of `src` is known to be zeros).
+fn copy_nonzero(src: &[u8], dst: &mut [u8], populated: &[(u64, u64)]) -> u64 {
+    // Work items: chunk-sized pieces of the populated ranges.
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
+    for &(start, len) in populated {
+        let (mut at, end) = (start as usize, ((start + len) as usize).min(src.len()));
+        while at < end {
+            let n = (end - at).min(COPY_CHUNK);
+            pieces.push((at, n));
+            at += n;
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let per_thread = pieces.len().div_ceil(threads).max(1);
+    let dst_addr = dst.as_mut_ptr() as usize;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = pieces
+            .chunks(per_thread)
+            .map(|work| {
+                scope.spawn(move || {
+                    let mut copied = 0u64;
+                    for &(at, n) in work {
+                        let piece = &src[at..at + n];
+                        if !is_zero(piece) {
+                            // SAFETY: pieces never overlap, so each byte of `dst` is written by
+                            // one thread; `dst` outlives the scope.
+                            unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), (dst_addr + at) as *mut u8, n) };
+                            copied += n as u64;
+                        }
+                    }
+                    copied
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+    })
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    // SAFETY: reinterpreting bytes as u128 words; align_to handles the unaligned ends.
+    let (head, words, tail) = unsafe { bytes.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    a.chunks(COPY_CHUNK).zip(b.chunks(COPY_CHUNK)).position(|(x, y)| x != y).map(|chunk| (chunk * COPY_CHUNK) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_only_nonzero_chunks_and_finds_differences() {
+        let mut src = vec![0u8; 9 * COPY_CHUNK + 123];
+        src[3 * COPY_CHUNK + 7] = 1;
+        src[9 * COPY_CHUNK + 100] = 2;
+        let mut dst = vec![0u8; src.len()];
+        let all = [(0, src.len() as u64)];
+        let copied = copy_nonzero(&src, &mut dst, &all);
+        assert_eq!(copied, (COPY_CHUNK + 123) as u64);
+        assert_eq!(src, dst);
+        assert_eq!(first_difference(&src, &dst), None);
+        dst[5 * COPY_CHUNK] = 9;
+        assert_eq!(first_difference(&src, &dst), Some((5 * COPY_CHUNK) as u64));
+        // Only the populated ranges are looked at.
+        let mut partial = vec![0u8; src.len()];
+        copy_nonzero(&src, &mut partial, &[(3 * COPY_CHUNK as u64, 4096)]);
+        assert_eq!(partial[3 * COPY_CHUNK + 7], 1);
+        assert_eq!(partial[9 * COPY_CHUNK + 100], 0);
+        assert!(is_zero(&[0u8; 37]));
+        assert!(!is_zero(&[0, 0, 0, 1]));
+    }
+}

@@ -1,0 +1,172 @@
+//! Live storage migration of a disk: the guest keeps running on the source while every chunk
+//! is copied to the target (a mirror sits in the disk's backend slot), then a short blackout
+//! copies what changed meanwhile and puts the target in charge. Until the swap commits, writes
+//! also go to the source, so a rollback loses nothing.
+
+use std::time::{Duration, Instant};
+
+use devices::blk::{BlockBackend, Half, MirrorBackend, VirtioBlock};
+use devices::lifecycle::{BackendSlot, Lifecycle};
+use serde::{Deserialize, Serialize};
+
+use super::record::{CopyStats, Phase, SwapHandle, SwapState};
+use super::transaction::{SwapParams, SwapTarget, quiesce_and_drain, roll_back};
+use super::verify::verify;
+
+/// When the background copy is close enough to switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MigrateOptions {
+    /// Switch once at most this many 1 MiB chunks are still dirty.
+    pub converge_chunks: u64,
+    /// Give up (and roll back) if the copy has not converged by then.
+    pub timeout_ms: u64,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self { converge_chunks: 8, timeout_ms: 600_000 }
+    }
+}
+
+/// Runs a migration of `target`'s disk onto `new`.
+pub fn run(
+    target: &SwapTarget<VirtioBlock>,
+    new: Box<dyn BlockBackend>,
+    params: &SwapParams,
+    options: &MigrateOptions,
+    record: &SwapHandle,
+) {
+    let fail = |state, reason: String| record.finish(state, Some(reason));
+
+    // 1. Put the mirror in the slot: a blackout as short as any switch.
+    let started = Instant::now();
+    let info = target.lock().backend().info().clone();
+    let (mirror, control) = match MirrorBackend::detached(&info, new) {
+        Ok(pair) => pair,
+        Err(e) => return fail(SwapState::Failed, format!("cannot set up the mirror: {e}")),
+    };
+    if let Err(pending) = quiesce_and_drain(target, params.drain_timeout, record) {
+        record.add_blackout(started.elapsed());
+        return fail(SwapState::Failed, format!("{pending} request(s) still in flight; nothing changed"));
+    }
+    record.phase(Phase::Switch, Some("mirror installed".into()));
+    {
+        let mut dev = target.lock();
+        let source = dev.replace_backend(Box::new(mirror));
+        // Cannot fail for a descriptor the source already had registered.
+        let _ = control.attach_source(source);
+    }
+    target.resync.resync();
+    target.lock().resume();
+    record.add_blackout(started.elapsed());
+
+    // 2. Copy while the guest runs, until few dirty chunks remain.
+    record.phase(Phase::Copy, Some(format!("{} bytes", info.capacity)));
+    let copy_started = Instant::now();
+    let deadline = copy_started + Duration::from_millis(options.timeout_ms);
+    let abort = |reason: String| {
+        let mirror = roll_back_mirror(target, &control, params, record, &reason);
+        drop(mirror);
+        record.finish(SwapState::RolledBack, Some(reason));
+    };
+    loop {
+        let p = control.progress();
+        record.set_copy(CopyStats {
+            bytes_total: info.capacity,
+            bytes_copied: p.bytes_copied,
+            copy_us: copy_started.elapsed().as_micros() as u64,
+            final_copy_bytes: 0,
+        });
+        if p.failed {
+            return abort("copying to the target failed".into());
+        }
+        if p.dirty_chunks <= options.converge_chunks {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return abort(format!(
+                "copy did not converge in {} ms ({} chunks dirty)",
+                options.timeout_ms, p.dirty_chunks
+            ));
+        }
+        // Progress is driven by the event loop; this thread only watches it.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    // 3. Blackout: stop the guest's writes, copy the rest, let the target serve.
+    let blackout = Instant::now();
+    if let Err(pending) = quiesce_and_drain(target, params.drain_timeout, record) {
+        return abort(format!("{pending} request(s) still in flight before the final copy"));
+    }
+    record.phase(Phase::FinalCopy, None);
+    let final_bytes = {
+        let _dev = target.lock(); // keeps the event loop off the mirror while we drive it
+        control.finish_copy(params.drain_timeout)
+    };
+    let final_bytes = match final_bytes {
+        Ok(n) => n,
+        Err(e) => {
+            target.lock().resume();
+            return abort(format!("final copy failed: {e}"));
+        }
+    };
+    record.set_copy(CopyStats {
+        bytes_total: info.capacity,
+        bytes_copied: control.progress().bytes_copied,
+        copy_us: copy_started.elapsed().as_micros() as u64,
+        final_copy_bytes: final_bytes,
+    });
+    record.phase(Phase::Switch, Some("target serves, writes mirrored to the source".into()));
+    target.lock().set_probation(true);
+    record.phase(Phase::Resume, None);
+    target.lock().resume();
+    record.add_blackout(blackout.elapsed());
+
+    // 4. Verify on the target; the source still gets every write.
+    record.phase(Phase::Verify, None);
+    let verdict = verify(
+        &params.verify,
+        &target.metrics,
+        || target.lock().probation_failures(),
+        || target.lock().pending_requests(),
+    );
+    match verdict {
+        Ok(_) => {
+            // 5. Commit: the plain target replaces the mirror (one more short blackout).
+            record.phase(Phase::Commit, None);
+            let started = Instant::now();
+            target.lock().quiesce();
+            let _ = super::transaction::drain(&target.device, params.drain_timeout);
+            let mirror = match control.take(Half::Target) {
+                Some(backend) => {
+                    let mut dev = target.lock();
+                    dev.set_probation(false);
+                    Some(dev.replace_backend(backend))
+                }
+                None => None,
+            };
+            target.resync.resync();
+            target.lock().resume();
+            record.add_blackout(started.elapsed());
+            drop(mirror);
+            drop(control.take(Half::Source));
+            record.finish(SwapState::Committed, None);
+        }
+        Err(reason) => abort(reason),
+    }
+}
+
+/// Puts the source back in the slot in place of the mirror.
+fn roll_back_mirror(
+    target: &SwapTarget<VirtioBlock>,
+    control: &devices::blk::MirrorControl,
+    params: &SwapParams,
+    record: &SwapHandle,
+    reason: &str,
+) -> Option<Box<dyn BlockBackend>> {
+    // The source has every write: while copying it served them, in write-through it got them.
+    let mirror = roll_back(target, || control.take(Half::Source), params.drain_timeout, record, reason);
+    drop(control.take(Half::Target));
+    mirror
+}

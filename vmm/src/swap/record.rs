@@ -1,0 +1,171 @@
+//! What a swap did and when: the record the API reports, with a timestamped timeline.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// A step of a swap transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Opening the new backend and checking it can take over.
+    Prepare,
+    /// Live migration: copying the disk to the new backend while the guest runs.
+    Copy,
+    /// The device stops taking new requests.
+    Quiesce,
+    /// Waiting for requests in flight on the old backend.
+    Drain,
+    /// Live migration: copying what the guest changed during the copy.
+    FinalCopy,
+    /// The new backend goes into the slot, queue state untouched.
+    Switch,
+    /// The device takes requests again.
+    Resume,
+    /// Health check of the new backend under real traffic.
+    Verify,
+    /// The old backend is closed; done.
+    Commit,
+    /// The old backend goes back into the slot.
+    Rollback,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwapState {
+    Running,
+    /// The new backend is in place for good.
+    Committed,
+    /// The new backend failed its health check or the switch; the old one is back.
+    RolledBack,
+    /// Refused or failed before anything changed.
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TimelineEntry {
+    pub phase: Phase,
+    /// Microseconds since the swap was requested.
+    pub at_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Live-migration statistics.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CopyStats {
+    pub bytes_total: u64,
+    pub bytes_copied: u64,
+    pub copy_us: u64,
+    /// Copied during the blackout, after the guest stopped writing.
+    pub final_copy_bytes: u64,
+}
+
+/// Everything known about one swap.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwapRecord {
+    pub id: u64,
+    pub device: String,
+    pub mode: String,
+    pub from: String,
+    pub to: String,
+    pub state: SwapState,
+    pub phase: Phase,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Time the device took no new requests (quiesce to resume), switch and rollback summed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blackout_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyStats>,
+    pub timeline: Vec<TimelineEntry>,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+/// A record being written by a swap thread and read by the API.
+#[derive(Clone)]
+pub struct SwapHandle {
+    inner: Arc<(Mutex<SwapRecord>, Condvar)>,
+}
+
+impl SwapHandle {
+    pub fn new(id: u64, device: &str, mode: &str, from: String) -> Self {
+        let record = SwapRecord {
+            id,
+            device: device.to_string(),
+            mode: mode.to_string(),
+            from,
+            to: String::new(),
+            state: SwapState::Running,
+            phase: Phase::Prepare,
+            reason: None,
+            blackout_us: None,
+            copy: None,
+            timeline: vec![TimelineEntry { phase: Phase::Prepare, at_us: 0, detail: None }],
+            started: Some(Instant::now()),
+        };
+        Self { inner: Arc::new((Mutex::new(record), Condvar::new())) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SwapRecord> {
+        self.inner.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> SwapRecord {
+        self.lock().clone()
+    }
+
+    pub fn id(&self) -> u64 {
+        self.lock().id
+    }
+
+    pub fn device(&self) -> String {
+        self.lock().device.clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.lock().state == SwapState::Running
+    }
+
+    /// Enters `phase`, timestamped.
+    pub fn phase(&self, phase: Phase, detail: Option<String>) {
+        let mut r = self.lock();
+        let at_us = r.started.map_or(0, |s| s.elapsed().as_micros() as u64);
+        r.phase = phase;
+        r.timeline.push(TimelineEntry { phase, at_us, detail });
+    }
+
+    pub fn set_target(&self, to: String) {
+        self.lock().to = to;
+    }
+
+    pub fn add_blackout(&self, blackout: Duration) {
+        let mut r = self.lock();
+        r.blackout_us = Some(r.blackout_us.unwrap_or(0) + blackout.as_micros() as u64);
+    }
+
+    pub fn set_copy(&self, stats: CopyStats) {
+        self.lock().copy = Some(stats);
+    }
+
+    /// Ends the swap.
+    pub fn finish(&self, state: SwapState, reason: Option<String>) {
+        let mut r = self.lock();
+        r.state = state;
+        r.reason = reason;
+        self.inner.1.notify_all();
+    }
+
+    /// Waits for the swap to end (or `timeout`) and returns its record.
+    pub fn wait(&self, timeout: Duration) -> SwapRecord {
+        let guard = self.lock();
+        let (guard, _) = self
+            .inner
+            .1
+            .wait_timeout_while(guard, timeout, |r| r.state == SwapState::Running)
+            .unwrap_or_else(|p| p.into_inner());
+        guard.clone()
+    }
+}

@@ -1,0 +1,163 @@
+//! The swap transaction, written once for every device: check, quiesce, drain, switch,
+//! resume, verify, then commit or roll back. Devices contribute only [`BackendSlot`].
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use devices::bus::lock_device;
+use devices::lifecycle::{BackendSlot, Lifecycle};
+use devices::metrics::RequestMetrics;
+use devices::virtio::ResyncHandle;
+
+use super::record::{Phase, SwapHandle, SwapState};
+use super::verify::{VerifyPolicy, verify};
+
+/// A device being swapped, with what the transaction needs around it.
+pub struct SwapTarget<D> {
+    pub device: Arc<Mutex<D>>,
+    /// Tells the event loop the device's descriptors changed.
+    pub resync: ResyncHandle,
+    pub metrics: Vec<Arc<RequestMetrics>>,
+}
+
+impl<D> SwapTarget<D> {
+    pub fn lock(&self) -> MutexGuard<'_, D> {
+        lock_device(&self.device)
+    }
+}
+
+/// How long a rollback waits for the failed backend's requests before abandoning them to be
+/// retried on the old backend: it already failed its health check, so waiting long is pointless.
+const ROLLBACK_DRAIN: Duration = Duration::from_millis(200);
+
+/// How patient the transaction is.
+#[derive(Clone, Copy, Debug)]
+pub struct SwapParams {
+    pub drain_timeout: Duration,
+    pub verify: VerifyPolicy,
+}
+
+/// Waits until the device has nothing in flight, making progress by polling the device's own
+/// readiness descriptors (no sleeping). Returns the number still in flight on timeout.
+pub fn drain<D: Lifecycle>(device: &Mutex<D>, timeout: Duration) -> Result<(), usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (pending, fds) = {
+            let mut d = lock_device(device);
+            d.drive();
+            (d.pending_requests(), d.progress_fds())
+        };
+        if pending == 0 {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(pending);
+        }
+        wait_readable(&fds, left.min(Duration::from_millis(5)));
+    }
+}
+
+/// Waits until one of `fds` is readable or writable, or `timeout`.
+pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN | libc::POLLOUT, revents: 0 }).collect();
+    // SAFETY: a valid array of pollfds.
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout.as_millis().max(1) as i32) };
+}
+
+/// Stops the device at a request boundary and waits for its in-flight requests. On timeout
+/// the device runs again and the number still in flight is returned.
+pub fn quiesce_and_drain<D: Lifecycle>(
+    target: &SwapTarget<D>,
+    timeout: Duration,
+    record: &SwapHandle,
+) -> Result<(), usize> {
+    record.phase(Phase::Quiesce, None);
+    target.lock().quiesce();
+    record.phase(Phase::Drain, None);
+    drain(&target.device, timeout).inspect_err(|_| target.lock().resume())
+}
+
+/// Swaps `new` in, verifies it, and commits or rolls back. Runs on its own thread; the guest
+/// keeps running throughout except between quiesce and resume (the blackout).
+pub fn run<D>(target: &SwapTarget<D>, new: Box<D::Backend>, params: &SwapParams, record: &SwapHandle)
+where
+    D: BackendSlot,
+{
+    let started = Instant::now();
+    if let Err(pending) = quiesce_and_drain(target, params.drain_timeout, record) {
+        record.add_blackout(started.elapsed());
+        let reason = format!(
+            "{pending} request(s) still in flight after {:?}; the old backend keeps serving",
+            params.drain_timeout
+        );
+        return record.finish(SwapState::Failed, Some(reason));
+    }
+    record.phase(Phase::Switch, None);
+    let old = {
+        let mut dev = target.lock();
+        dev.set_probation(true);
+        dev.replace_backend(new)
+    };
+    target.resync.resync();
+    record.phase(Phase::Resume, None);
+    target.lock().resume();
+    record.add_blackout(started.elapsed());
+
+    record.phase(Phase::Verify, None);
+    let verdict = verify(
+        &params.verify,
+        &target.metrics,
+        || target.lock().probation_failures(),
+        || target.lock().pending_requests(),
+    );
+    match verdict {
+        Ok(seen) => {
+            record.phase(
+                Phase::Commit,
+                Some(format!("{} requests, {} errors while verifying", seen.requests, seen.errors)),
+            );
+            target.lock().set_probation(false);
+            drop(old);
+            record.finish(SwapState::Committed, None);
+        }
+        Err(reason) => {
+            let failed = roll_back(target, || Some(old), ROLLBACK_DRAIN, record, &reason);
+            drop(failed);
+            record.finish(SwapState::RolledBack, Some(reason));
+        }
+    }
+}
+
+/// Puts the old backend back and returns the one it replaces. `old` is called once the
+/// device is quiesced and drained (a mirror can only give up its source then). Requests the
+/// failed backend still holds are abandoned to it and retried on the old one, so the guest
+/// sees no error.
+pub fn roll_back<D>(
+    target: &SwapTarget<D>,
+    old: impl FnOnce() -> Option<Box<D::Backend>>,
+    drain_timeout: Duration,
+    record: &SwapHandle,
+    reason: &str,
+) -> Option<Box<D::Backend>>
+where
+    D: BackendSlot,
+{
+    record.phase(Phase::Rollback, Some(reason.to_string()));
+    let started = Instant::now();
+    target.lock().quiesce();
+    if drain(&target.device, drain_timeout).is_err() {
+        target.lock().abandon_in_flight();
+    }
+    let failed = old().map(|old| {
+        let mut dev = target.lock();
+        let failed = dev.replace_backend(old);
+        dev.set_probation(false);
+        failed
+    });
+    target.resync.resync();
+    target.lock().resume();
+    record.add_blackout(started.elapsed());
+    failed
+}
