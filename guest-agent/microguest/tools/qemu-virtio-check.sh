@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs the microguest's virtio programs against QEMU's virtio-mmio devices (microvm, KVM):
-# blk-rw (read-write and read-only), blk-bench, net-echo (clean and with injected faults)
-# and vsock-echo (through vhost_user_vsock_echo.py). Needs qemu-system-x86_64, /dev/kvm and
+# blk-rw (read-write and read-only), blk-bench, blk-stress (its digest checked against the
+# image), net-echo and net-stream (clean and with injected faults) and vsock-echo (through vhost_user_vsock_echo.py). Needs qemu-system-x86_64, /dev/kvm and
 # python3; build the guest first (cargo build --release in guest-agent/microguest).
 # Prints each guest's last lines and PASS/FAIL per case; exits non-zero if any case failed.
 set -u
@@ -21,6 +21,7 @@ qemu() { # qemu EXPECTED_GUEST_STATUS "APPEND" EXTRA_ARGS...
         -device isa-debug-exit,iobase=0xf4,iosize=4 -global virtio-mmio.force-legacy=false \
         -kernel "$IMAGE" "$@" -append "$append" 2>&1)
     local rc=$? expect=$(( (want << 1) | 1 ))
+    echo "$out" > "$WORK/last.log"
     echo "$out" | grep -v 'CPUID.01H' | tail -4 | sed 's/^/    /'
     if [ $rc -eq $expect ]; then echo "PASS: $append"; else echo "FAIL (qemu rc $rc, want $expect): $append"; failures=$((failures + 1)); fi
 }
@@ -34,15 +35,23 @@ qemu 0 "prog=blk-rw expect_pattern=1" $(disk "$WORK/disk.img" 0 ,readonly=on)
 qemu 0 "prog=blk-bench mode=randread qd=1" $(disk "$WORK/disk.img" 0)
 qemu 0 "prog=blk-bench mode=randwrite qd=16 ops=20000" $(disk "$WORK/disk.img" 0)
 qemu 1 "prog=blk-rw" -global virtio-mmio.force-legacy=true $(disk "$WORK/disk.img" 0)
+qemu 0 "prog=blk-stress ops=50000 qd=16 seed=0x5eed" $(disk "$WORK/disk.img" 0)
+want=$(grep -o 'digest=[0-9a-f]*' "$WORK/last.log")
+got=$(python3 "$HERE/blk_stress_image.py" "$WORK/disk.img" 0x5eed 16384 | grep -o 'digest=[0-9a-f]*')
+if [ -n "$want" ] && [ "$want" = "$got" ]; then echo "PASS: blk-stress image $got"; else echo "FAIL: blk-stress image $got, guest $want"; failures=$((failures + 1)); fi
 
 python3 "$HERE/udp_echo.py" & ECHO=$!; sleep 0.3
 qemu 0 "prog=net-echo" $NET
 qemu 0 "prog=net-echo frames=20000 size=1514 window=32" $NET
+qemu 0 "prog=net-stream frames=50000" $NET
 qemu 0 "prog=net-echo frames=2000 size=9014" -netdev socket,id=n0,udp=127.0.0.1:5555,localaddr=127.0.0.1:5556 -device virtio-net-device,netdev=n0,host_mtu=9000,mrg_rxbuf=off
 kill $ECHO; wait $ECHO 2>/dev/null
 for fault in drop dup corrupt; do
     python3 "$HERE/udp_echo.py" --every 100 --fault $fault & ECHO=$!; sleep 0.3
     qemu 1 "prog=net-echo frames=300 timeout_ms=200" $NET
+    # net-stream reports lost frames without failing, unless max_lost says otherwise.
+    qemu $([ $fault = drop ] && echo 0 || echo 1) "prog=net-stream frames=3000 timeout_ms=200" $NET
+    [ $fault = drop ] && qemu 1 "prog=net-stream frames=3000 timeout_ms=200 max_lost=10" $NET
     kill $ECHO; wait $ECHO 2>/dev/null
 done
 

@@ -3,6 +3,8 @@
 //! `no_std` so the bare-metal guest and the host crates compile the very same constants.
 #![no_std]
 
+pub mod blk_stress;
+
 /// I/O port of the debug-exit device (QEMU's `isa-debug-exit` convention, `iobase=0xf4`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 

@@ -35,7 +35,7 @@ const SECTOR_MAGIC: u64 = u64::from_le_bytes(*b"MGBLKRW1");
 /// How many mismatching sectors are described before only counting.
 const REPORT_LIMIT: u64 = 5;
 
-fn open_disk(ctx: &Context, program: &str, slots: usize) -> Result<Blk, Failure> {
+pub(super) fn open_disk(ctx: &Context, program: &str, slots: usize) -> Result<Blk, Failure> {
     let transport = find_device(ctx, program, "disk", ID_BLOCK)?;
     let base = transport.base();
     let disk = Blk::open(transport, slots).map_err(|e| {
@@ -57,11 +57,11 @@ fn open_disk(ctx: &Context, program: &str, slots: usize) -> Result<Blk, Failure>
     Ok(disk)
 }
 
-fn yes_no(b: bool) -> &'static str {
+pub(super) fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
 
-fn device_failure(program: &str, e: virtio::Error) -> Failure {
+pub(super) fn device_failure(program: &str, e: virtio::Error) -> Failure {
     println!("{program}: FAILED: {e}");
     Failure::Check
 }
@@ -196,7 +196,7 @@ fn stream(
     Ok(requests)
 }
 
-fn alloc_buffers(program: &str, count: usize, bytes: u64) -> Result<[u64; 64], Failure> {
+pub(super) fn alloc_buffers(program: &str, count: usize, bytes: u64) -> Result<[u64; 64], Failure> {
     let mut buffers = [0u64; 64];
     for b in buffers.iter_mut().take(count) {
         *b = dma::alloc(bytes).ok_or_else(|| {

@@ -7,10 +7,12 @@ use crate::cmdline::Args;
 use crate::println;
 
 mod blk;
+mod blk_stress;
 mod hello;
 mod idle;
 mod memtouch;
 mod net;
+mod net_stream;
 mod platform;
 mod smp;
 mod virtio_list;
@@ -49,7 +51,9 @@ pub static PROGRAMS: &[Program] = &[
     virtio_list::PROGRAM,
     blk::RW,
     blk::BENCH,
+    blk_stress::STRESS,
     net::ECHO,
+    net_stream::STREAM,
     vsock::ECHO,
 ];
 

@@ -22,12 +22,12 @@ pub const ETHERTYPE: u16 = 0x88b5;
 const MAGIC: [u8; 4] = *b"MGNE";
 /// Magic, run id, sequence number, length; then data; then a 4-byte checksum.
 const PAYLOAD_HEADER: usize = 4 + 4 + 8 + 2;
-const MIN_FRAME: usize = 60;
+pub(super) const MIN_FRAME: usize = 60;
 /// After the last frame, keep listening this long for duplicates.
 const LINGER_MS: u64 = 50;
 const REPORT_LIMIT: u64 = 5;
 
-fn build_frame(out: &mut [u8], mac: &[u8; 6], run: u32, seq: u64) {
+pub(super) fn build_frame(out: &mut [u8], mac: &[u8; 6], run: u32, seq: u64) {
     let size = out.len();
     out[0..6].fill(0xff);
     out[6..12].copy_from_slice(mac);
@@ -52,7 +52,7 @@ fn frame_checksum(bytes: &[u8]) -> u32 {
 }
 
 /// A received frame of ours (ethertype, magic and run id match): its sequence number.
-fn our_seq(frame: &[u8], run: u32) -> Option<u64> {
+pub(super) fn our_seq(frame: &[u8], run: u32) -> Option<u64> {
     let p = ETH_HLEN;
     if frame.len() < p + PAYLOAD_HEADER
         || frame[12..14] != ETHERTYPE.to_be_bytes()
@@ -88,14 +88,23 @@ fn run(ctx: &Context) -> Outcome {
     let size = ctx.args.u64_in("size", 1024, MIN_FRAME as u64, 65_549).map_err(|e| usage(P, e))? as usize;
     let window = ctx.args.u64_in("window", 8, 1, 256).map_err(|e| usage(P, e))? as usize;
     let timeout_ms = virtio_util::timeout_ms(ctx, P, 1000)?;
-    let transport = find_device(ctx, P, "net", ID_NET)?;
+    let mut net = open_net(ctx, P, window)?;
+    let result = echo(&mut net, frames, size, window, timeout_ms);
+    net.shutdown();
+    result
+}
+
+/// Finds device `net=` (default 0), initializes it with `tx_slots` transmit buffers and
+/// prints what it offers.
+pub(super) fn open_net(ctx: &Context, program: &str, tx_slots: usize) -> Result<Net, Failure> {
+    let transport = find_device(ctx, program, "net", ID_NET)?;
     let base = transport.base();
-    let mut net = Net::open(transport, window).map_err(|e| {
-        println!("{P}: FAILED: virtio-net at {base:#x}: {e}");
+    let net = Net::open(transport, tx_slots).map_err(|e| {
+        println!("{program}: FAILED: virtio-net at {base:#x}: {e}");
         Failure::Check
     })?;
     println!(
-        "{P}: virtio-net at {base:#x}: mac {} ({}), mtu {}{}, mergeable rx buffers {}, link {}, \
+        "{program}: virtio-net at {base:#x}: mac {} ({}), mtu {}{}, mergeable rx buffers {}, link {}, \
          features {:#x}",
         mac_str(&net.mac),
         if net.mac_from_device { "from device" } else { "generated" },
@@ -109,9 +118,7 @@ fn run(ctx: &Context) -> Outcome {
         },
         net.features
     );
-    let result = echo(&mut net, frames, size, window, timeout_ms);
-    net.shutdown();
-    result
+    Ok(net)
 }
 
 fn echo(net: &mut Net, frames: u64, size: usize, window: usize, timeout_ms: u64) -> Outcome {

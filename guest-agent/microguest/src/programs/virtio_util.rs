@@ -84,3 +84,69 @@ pub fn mean_tenth_us(total_ticks: u64, count: u64) -> Option<u64> {
     let khz = time::tsc_khz()?;
     Some((u128::from(total_ticks) * 10_000 / (u128::from(khz) * u128::from(count.max(1)))) as u64)
 }
+
+/// A periodic check inside a busy loop, timed with the TSC.
+pub struct Every {
+    last: u64,
+    ticks: u64,
+}
+
+impl Every {
+    /// Every `ms` milliseconds (of an assumed 4 GHz TSC when the frequency is unknown).
+    pub fn ms(ms: u64) -> Every {
+        Every { last: arch::rdtsc(), ticks: time::ticks_for_ms(ms) }
+    }
+
+    /// When a period has passed since the last time this said so (or since creation): the
+    /// TSC ticks since then. `now` is a current TSC reading.
+    pub fn due(&mut self, now: u64) -> Option<u64> {
+        let elapsed = now.wrapping_sub(self.last);
+        (elapsed >= self.ticks).then(|| {
+            self.last = now;
+            elapsed
+        })
+    }
+}
+
+/// `progress_ms=` (default 1000; 0 turns progress lines off): the progress period in
+/// milliseconds, if the TSC frequency is known.
+pub fn progress_ms(ctx: &Context, program: &str) -> Result<Option<u64>, Failure> {
+    let ms = ctx.args.u64_in("progress_ms", 1000, 0, 3_600_000).map_err(|e| usage(program, e))?;
+    Ok((ms > 0 && time::tsc_khz().is_some()).then_some(ms))
+}
+
+/// How often a long run looks at the serial port: each look is a VM exit, so not per request.
+const INPUT_POLL_MS: u64 = 10;
+
+/// Watches the serial port, about every 10 ms, for the byte that ends an `until_input=1` run.
+pub struct InputPoll(Every);
+
+impl InputPoll {
+    pub fn new() -> InputPoll {
+        InputPoll(Every::ms(INPUT_POLL_MS))
+    }
+
+    /// Whether a byte arrived (looks only when the period has passed).
+    pub fn arrived(&mut self, now: u64) -> bool {
+        self.0.due(now).is_some() && crate::console::try_read_byte().is_some()
+    }
+}
+
+/// `until_input=1` or `NAME=N` (default `default`, at most `max`): how a stress run ends.
+#[derive(Clone, Copy)]
+pub enum Limit {
+    Count(u64),
+    UntilInput,
+}
+
+pub fn limit(ctx: &Context, program: &str, name: &'static str, default: u64, max: u64) -> Result<Limit, Failure> {
+    let until_input = ctx.args.u64_in("until_input", 0, 0, 1).map_err(|e| usage(program, e))? == 1;
+    if until_input && ctx.args.get(name).is_some() {
+        println!("{program}: give either {name}=N or until_input=1, not both");
+        return Err(Failure::Usage);
+    }
+    if until_input {
+        return Ok(Limit::UntilInput);
+    }
+    Ok(Limit::Count(ctx.args.u64_in(name, default, 1, max).map_err(|e| usage(program, e))?))
+}
