@@ -20,6 +20,7 @@
 //! image (kernel and initramfs) from Debian's packages, for the Linux boot test.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod config;

@@ -3,6 +3,7 @@
 //! taken, so bad input costs nothing.
 
 mod devices;
+pub mod json;
 
 use std::collections::HashSet;
 use std::fmt;

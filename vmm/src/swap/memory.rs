@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device_manager::DeviceManager;
 use crate::hv::{HvError, KvmVm, MemSlot};
-use crate::memory::{GuestRam, MemoryError, RamBacking, RegionInfo};
+use crate::memory::{GuestRam, MemoryError, RamBacking, RamRegion, RegionInfo};
 use crate::vcpu::{ControlError, Vcpus};
 
 use super::transaction::wait_readable;
@@ -45,6 +45,8 @@ pub struct MemorySwapReport {
     /// Time the vCPUs were paused.
     pub pause_us: u64,
     pub copy_us: u64,
+    /// Time to point the KVM memory slot and the devices at the new mapping.
+    pub memslot_us: u64,
     /// Time to stop device I/O before the pause.
     pub devices_quiesce_us: u64,
     pub verified: bool,
@@ -73,6 +75,15 @@ pub enum MemorySwapError {
     Mismatch { slot: u32, offset: u64 },
 }
 
+/// What [`MemorySwap::replace`] did.
+struct Replaced {
+    bytes_copied: u64,
+    copy_us: u64,
+    memslot_us: u64,
+    /// The old mapping, to unmap once the guest runs again.
+    old: RamRegion,
+}
+
 /// The pieces of a running VM a memory swap touches.
 pub struct MemorySwap<'a> {
     pub ram: &'a GuestRam,
@@ -96,7 +107,9 @@ impl MemorySwap<'_> {
         }
         // Mapping the new backing (and failing on it) happens before anything stops.
         let new = self.ram.prepare_replacement(slot, &request.backing)?;
-        let populated = self.ram.populated_ranges(slot)?;
+        // What is in use now will very likely still be when the guest is paused: fault those
+        // pages of the new backing in beforehand, while the guest runs.
+        new.prefault(&self.ram.populated_ranges(slot)?);
 
         let quiesce_started = Instant::now();
         self.quiesce_devices(Duration::from_millis(request.drain_timeout_ms))?;
@@ -111,13 +124,19 @@ impl MemorySwap<'_> {
             return Err(e.into());
         }
         let paused = Instant::now();
-        let result = self.replace(&old, new, &populated, request.verify);
+        // Only now: a page the guest or a device touched before the pause must be copied.
+        let result = self
+            .ram
+            .populated_ranges(slot)
+            .map_err(MemorySwapError::from)
+            .and_then(|populated| self.replace(&old, new, &populated, request.verify));
         let pause_us = paused.elapsed().as_micros() as u64;
         if self.resume_vcpus {
             let _ = self.vcpus.resume();
         }
         resume_devices();
-        let (bytes_copied, copy_us) = result?;
+        let Replaced { bytes_copied, copy_us, memslot_us, old: old_mapping } = result?;
+        drop(old_mapping);
         Ok(MemorySwapReport {
             slot,
             from: old.backing,
@@ -126,6 +145,7 @@ impl MemorySwap<'_> {
             bytes_copied,
             pause_us,
             copy_us,
+            memslot_us,
             devices_quiesce_us,
             verified: request.verify,
             pause_us_per_gib: (pause_us as f64 / (old.size as f64 / (1u64 << 30) as f64)) as u64,
@@ -169,10 +189,10 @@ impl MemorySwap<'_> {
     fn replace(
         &self,
         old: &RegionInfo,
-        new: crate::memory::RamRegion,
+        new: RamRegion,
         populated: &[(u64, u64)],
         verify: bool,
-    ) -> Result<(u64, u64), MemorySwapError> {
+    ) -> Result<Replaced, MemorySwapError> {
         let slot = old.slot;
         let started = Instant::now();
         // SAFETY: both mappings are `old.size` bytes, alive (the old one until `install`
@@ -184,10 +204,11 @@ impl MemorySwap<'_> {
             )
         };
         let copied = copy_nonzero(src, dst, populated);
-        if verify && let Some(offset) = first_difference(src, dst) {
+        if verify && let Some(offset) = first_difference(src, dst, populated) {
             return Err(MemorySwapError::Mismatch { slot, offset });
         }
         let copy_us = started.elapsed().as_micros() as u64;
+        let memslot_started = Instant::now();
         let kvm_err = |source| MemorySwapError::Kvm { slot, source };
         self.kvm.remove_memslot(slot).map_err(kvm_err)?;
         let new_slot = MemSlot { slot, guest_addr: old.guest_addr, size: old.size, host_addr: new.host_addr() };
@@ -198,9 +219,11 @@ impl MemorySwap<'_> {
             let _ = unsafe { self.kvm.set_memslot(&back) };
             return Err(kvm_err(source));
         }
+        // The old mapping goes back to the caller: unmapping it frees every page it held,
+        // which takes long enough to belong after the guest resumes.
         let replaced = self.ram.install(new)?;
-        drop(replaced);
-        Ok((copied, copy_us))
+        let memslot_us = memslot_started.elapsed().as_micros() as u64;
+        Ok(Replaced { bytes_copied: copied, copy_us, memslot_us, old: replaced })
     }
 }
 
@@ -249,8 +272,17 @@ fn is_zero(bytes: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
-    a.chunks(COPY_CHUNK).zip(b.chunks(COPY_CHUNK)).position(|(x, y)| x != y).map(|chunk| (chunk * COPY_CHUNK) as u64)
+/// The start of the first chunk where `a` and `b` differ within `ranges`. Outside them `a` is
+/// known to be zeros and `b`, a fresh mapping, is too; reading there would only fault pages in.
+fn first_difference(a: &[u8], b: &[u8], ranges: &[(u64, u64)]) -> Option<u64> {
+    ranges.iter().find_map(|&(start, len)| {
+        let (start, end) = (start as usize, ((start + len) as usize).min(a.len()));
+        let (a, b) = (&a[start..end], &b[start..end]);
+        a.chunks(COPY_CHUNK)
+            .zip(b.chunks(COPY_CHUNK))
+            .position(|(x, y)| x != y)
+            .map(|chunk| (start + chunk * COPY_CHUNK) as u64)
+    })
 }
 
 #[cfg(test)]
@@ -267,9 +299,10 @@ mod tests {
         let copied = copy_nonzero(&src, &mut dst, &all);
         assert_eq!(copied, (COPY_CHUNK + 123) as u64);
         assert_eq!(src, dst);
-        assert_eq!(first_difference(&src, &dst), None);
+        assert_eq!(first_difference(&src, &dst, &all), None);
         dst[5 * COPY_CHUNK] = 9;
-        assert_eq!(first_difference(&src, &dst), Some((5 * COPY_CHUNK) as u64));
+        assert_eq!(first_difference(&src, &dst, &all), Some((5 * COPY_CHUNK) as u64));
+        assert_eq!(first_difference(&src, &dst, &[(0, 4096), (5 * COPY_CHUNK as u64 + 4096, 4096)]), None);
         // Only the populated ranges are looked at.
         let mut partial = vec![0u8; src.len()];
         copy_nonzero(&src, &mut partial, &[(3 * COPY_CHUNK as u64, 4096)]);

@@ -32,6 +32,7 @@ pub use record::{CopyStats, Phase, SwapHandle, SwapRecord, SwapState, TimelineEn
 pub use transaction::{SwapParams, SwapTarget};
 pub use verify::VerifyPolicy;
 
+use crate::config::json::{self, FieldError};
 use crate::config::{DiskConfig, NetConfig};
 use crate::device_manager::{DeviceEntry, DeviceHandle, DeviceManager, backends};
 
@@ -89,7 +90,9 @@ pub enum SwapError {
     #[error("no device {0:?}")]
     NoSuchDevice(String),
     #[error("invalid swap request: {0}")]
-    BadRequest(String),
+    Invalid(#[from] FieldError),
+    #[error("the VM has exited ({0})")]
+    VmExited(String),
     #[error("device {device} is already swapping (swap {swap})")]
     Busy { device: String, swap: u64 },
     #[error("the new backend cannot take over: {0}")]
@@ -103,10 +106,18 @@ pub enum SwapError {
 pub struct SwapManager {
     swaps: Mutex<Vec<SwapHandle>>,
     next_id: AtomicU64,
+    memory: Mutex<MemorySwapHistory>,
+}
+
+/// Memory swaps done so far (they run synchronously, so only their outcome is kept).
+#[derive(Clone, Debug, Default)]
+pub struct MemorySwapHistory {
+    pub completed: Vec<MemorySwapReport>,
+    pub failed: u64,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, SwapError> {
-    serde_json::from_value(value.clone()).map_err(|e| SwapError::BadRequest(format!("backend: {e}")))
+    json::from_value(value.clone()).map_err(|e| SwapError::Invalid(e.nested_in("backend")))
 }
 
 impl SwapManager {
@@ -122,6 +133,18 @@ impl SwapManager {
         self.lock().iter().find(|s| s.id() == id).cloned()
     }
 
+    pub fn memory_history(&self) -> MemorySwapHistory {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn record_memory_swap(&self, outcome: &Result<MemorySwapReport, MemorySwapError>) {
+        let mut history = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(report) => history.completed.push(report.clone()),
+            Err(_) => history.failed += 1,
+        }
+    }
+
     /// Validates and prepares a swap of device `id`, then runs the rest on its own thread.
     /// Errors mean nothing changed (the refused swap is still recorded, as failed).
     pub fn start(&self, devices: &DeviceManager, id: &str, request: SwapRequest) -> Result<SwapHandle, SwapError> {
@@ -131,18 +154,15 @@ impl SwapManager {
         }
         let kind = entry.handle.kind();
         if request.mode != SwapMode::Switch && kind != "block" {
-            return Err(SwapError::BadRequest(format!(
-                "mode {:?} applies to disks, {id} is a {kind} device",
-                request.mode
-            )));
+            let e = format!("mode {:?} applies to disks, {id} is a {kind} device", request.mode);
+            return Err(FieldError::new("mode", e).into());
         }
         if request.mode == SwapMode::NewImage && !request.allow_new_image {
-            return Err(SwapError::BadRequest(
-                "mode new_image replaces the guest's disk contents: set allow_new_image to true to confirm".into(),
-            ));
+            let e = "mode new_image replaces the guest's disk contents: set allow_new_image to true to confirm";
+            return Err(FieldError::new("allow_new_image", e).into());
         }
         if request.fault.is_some() && kind != "block" {
-            return Err(SwapError::BadRequest("fault injection applies to disks".into()));
+            return Err(FieldError::new("fault", "fault injection applies to disks").into());
         }
         let mode =
             serde_json::to_value(request.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
@@ -163,9 +183,9 @@ impl SwapManager {
             DeviceHandle::Block(device) => {
                 let disk: DiskConfig = parse(&request.backend).map_err(fail)?;
                 if disk.id.is_some() {
-                    return Err(fail(SwapError::BadRequest("backend: id cannot change in a swap".into())));
+                    return Err(fail(FieldError::new("backend.id", "the device id cannot change in a swap").into()));
                 }
-                disk.check().map_err(|e| fail(SwapError::BadRequest(format!("backend: {e}"))))?;
+                disk.check().map_err(|e| fail(FieldError::new("backend", e).into()))?;
                 let mut backend =
                     backends::open_disk(&disk, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
                 if let Some(fault) = request.fault {
@@ -189,10 +209,10 @@ impl SwapManager {
             DeviceHandle::Net(device) => {
                 let net: NetConfig = parse(&request.backend).map_err(fail)?;
                 if net.id.is_some() || net.mac.is_some() || net.mtu.is_some() {
-                    let e = "backend: id, mac and mtu belong to the NIC and do not change in a swap";
-                    return Err(fail(SwapError::BadRequest(e.into())));
+                    let e = "id, mac and mtu belong to the NIC and do not change in a swap";
+                    return Err(fail(FieldError::new("backend", e).into()));
                 }
-                net.check().map_err(|e| fail(SwapError::BadRequest(format!("backend: {e}"))))?;
+                net.check().map_err(|e| fail(FieldError::new("backend", e).into()))?;
                 let backend = backends::open_net(&net, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
                 record.set_target(backend.description());
                 let target = swap_target(entry, device);

@@ -80,6 +80,9 @@ pub struct SwapRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyStats>,
     pub timeline: Vec<TimelineEntry>,
+    /// Request to end, once ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
     #[serde(skip)]
     started: Option<Instant>,
 }
@@ -104,6 +107,7 @@ impl SwapHandle {
             blackout_us: None,
             copy: None,
             timeline: vec![TimelineEntry { phase: Phase::Prepare, at_us: 0, detail: None }],
+            duration_us: None,
             started: Some(Instant::now()),
         };
         Self { inner: Arc::new((Mutex::new(record), Condvar::new())) }
@@ -155,6 +159,7 @@ impl SwapHandle {
         let mut r = self.lock();
         r.state = state;
         r.reason = reason;
+        r.duration_us = r.started.map(|s| s.elapsed().as_micros() as u64);
         self.inner.1.notify_all();
     }
 

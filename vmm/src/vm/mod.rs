@@ -172,7 +172,7 @@ impl Vm {
     /// handle to follow it. Errors mean nothing changed.
     pub fn swap_device(&self, id: &str, request: SwapRequest) -> Result<SwapHandle, SwapError> {
         if let Some(exit) = self.exit.get() {
-            return Err(SwapError::BadRequest(format!("the VM has exited ({exit})")));
+            return Err(SwapError::VmExited(exit.to_string()));
         }
         self.swaps.start(&self.devices(), id, request)
     }
@@ -191,7 +191,10 @@ impl Vm {
         // A guest the user paused stays paused after the swap.
         let resume_vcpus = vcpus.target() != Target::Pause;
         let devices = self.devices();
-        MemorySwap { ram: &self.ram, kvm: &self.kvm, vcpus: &vcpus, devices: &devices, resume_vcpus }.run(slot, request)
+        let outcome = MemorySwap { ram: &self.ram, kvm: &self.kvm, vcpus: &vcpus, devices: &devices, resume_vcpus }
+            .run(slot, request);
+        self.swaps.record_memory_swap(&outcome);
+        outcome
     }
 
     /// A handle for feeding the guest's serial input.

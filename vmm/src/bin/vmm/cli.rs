@@ -3,10 +3,12 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
+use vmm::api::ApiServer;
 use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::{BootProtocol, BuildError, SerialConfig, SerialInput, VmBuilder, VmConfig};
 
@@ -39,6 +41,8 @@ pub enum Command {
     /// Build a Linux guest (bzImage and initramfs) from Debian's packages, for the Linux boot
     /// test.
     Image(ImageArgs),
+    /// Control a running VM through its API socket (`vmm run --api-sock`).
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Args)]
@@ -89,6 +93,9 @@ pub struct RunArgs {
     /// boot_protocol, ram_backing, disks, nets, vsock); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -207,7 +214,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
     let started = std::time::Instant::now();
     let config = resolve_config(args)?;
     let forward_stdin = config.serial == SerialConfig::Stdout;
-    let vm = VmBuilder::from_config(config).start()?;
+    let vm = Arc::new(VmBuilder::from_config(config).start()?);
     let info = vm.info();
     log::info!(
         "started {} kernel via {} at {:#x}: {} vCPUs, {} MiB; setup took {:.2} ms wall, {:.2} ms CPU",
@@ -219,6 +226,11 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         started.elapsed().as_secs_f64() * 1e3,
         process_cpu_ms()
     );
+    // Dropped (socket file removed) when this function returns.
+    let _api = match &args.api_sock {
+        Some(path) => Some(ApiServer::start(path, vm.clone()).map_err(|e| Failure::bad_input(anyhow!(e)))?),
+        None => None,
+    };
     if forward_stdin {
         forward_stdin_to(vm.serial_input());
     }

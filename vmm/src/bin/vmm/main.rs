@@ -1,11 +1,12 @@
-//! The `vmm` command: run a VM from flags or a JSON config, run the bundled demo, or build a
-//! Linux guest image.
+//! The `vmm` command: run a VM from flags or a JSON config, control a running one through its
+//! API socket, run the bundled demo, or build a Linux guest image.
 //!
 //! Guest serial output goes to stdout; everything the VMM itself says goes to stderr. Errors
 //! are one line, never a panic or a backtrace. Exit status: the guest's debug-exit status, 0
 //! for a clean guest shutdown, 1 when the VMM fails or the guest crashes, 2 for bad input.
 
 mod cli;
+mod ctl;
 mod demo;
 mod logger;
 
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::ExportMicroguest { path } => cli::export_microguest(&path),
         Command::Image(args) => cli::image(&args),
+        Command::Ctl(args) => ctl::run(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -1,0 +1,206 @@
+//! The API socket: accepts connections and serves each on its own thread, one request at a
+//! time, until the client leaves, goes quiet, or the server stops.
+
+use std::collections::HashMap;
+use std::io::{BufReader, ErrorKind};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::http::{self, Response};
+use super::{ApiError, routes};
+use crate::Vm;
+
+/// Connections served at once; more are answered 503 and closed.
+const MAX_CONNECTIONS: usize = 16;
+/// A connection with no complete request for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping server waits for answers being written.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("API socket {0} is in use by a running process")]
+    InUse(PathBuf),
+    #[error("cannot create API socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Open connections, so stopping the server can close them.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<HashMap<u64, UnixStream>>,
+    closed: Condvar,
+    next: AtomicU64,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, UnixStream>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+        self.closed.notify_all();
+    }
+
+    /// Stops reading from every connection and waits (up to `timeout`) for the requests
+    /// being handled to be answered: the answer to `PATCH /vm {"state": "stopped"}` must
+    /// reach its client even though the VM, and so the server, ends meanwhile.
+    fn close_all(&self, timeout: Duration) {
+        let open = self.lock();
+        for stream in open.values() {
+            let _ = stream.shutdown(std::net::Shutdown::Read);
+        }
+        let (open, _) =
+            self.closed.wait_timeout_while(open, timeout, |open| !open.is_empty()).unwrap_or_else(|p| p.into_inner());
+        for stream in open.values() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A running API server. Dropping it stops it and removes the socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<EventFd>,
+    connections: Arc<Connections>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on `path` (mode 0600: only the owner controls the VM) and serves `vm`.
+    pub fn start(path: &Path, vm: Arc<Vm>) -> Result<Self, ServerError> {
+        let bind_err = |source| ServerError::Bind { path: path.to_path_buf(), source };
+        remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(bind_err)?);
+        let connections = Arc::new(Connections::default());
+        let thread = {
+            let (stop, connections) = (stop.clone(), connections.clone());
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || accept_loop(&listener, &stop, &connections, &vm))
+                .map_err(bind_err)?
+        };
+        Ok(Self { path: path.to_path_buf(), stop, connections, thread: Some(thread) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.connections.close_all(CLOSE_GRACE);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A socket file left by a VMM that died is replaced; one that answers is not.
+fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let bind_err = |source| ServerError::Bind { path: path.to_path_buf(), source };
+    if !meta.file_type().is_socket() {
+        return Err(bind_err(std::io::Error::new(ErrorKind::AlreadyExists, "a file that is not a socket is there")));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
+        Err(_) => std::fs::remove_file(path).map_err(bind_err),
+    }
+}
+
+fn accept_loop(listener: &UnixListener, stop: &EventFd, connections: &Arc<Connections>, vm: &Arc<Vm>) {
+    let mut fds = [
+        libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("API server stopped: poll failed: {}", std::io::Error::last_os_error());
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => admit(stream, connections, vm),
+            Err(e) => log::warn!("API: accept failed: {e}"),
+        }
+    }
+}
+
+fn admit(stream: UnixStream, connections: &Arc<Connections>, vm: &Arc<Vm>) {
+    let id = connections.next.fetch_add(1, Ordering::Relaxed);
+    let registered = stream.try_clone();
+    let mut open = connections.lock();
+    if open.len() >= MAX_CONNECTIONS {
+        drop(open);
+        let busy = ApiError::new(503, format!("too many API connections (at most {MAX_CONNECTIONS})"));
+        let mut stream = stream;
+        let _ = http::write_response(&mut stream, &busy.response(), true);
+        return;
+    }
+    match registered {
+        Ok(clone) => open.insert(id, clone),
+        Err(e) => return log::warn!("API: cannot serve a connection: {e}"),
+    };
+    drop(open);
+    let (connections, vm) = (connections.clone(), vm.clone());
+    let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+        serve(stream, &vm);
+        connections.remove(id);
+    });
+    if let Err(e) = spawned {
+        log::warn!("API: cannot serve a connection: {e}");
+    }
+}
+
+/// Serves requests on one connection until it closes or misbehaves.
+fn serve(stream: UnixStream, vm: &Vm) {
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = writer.set_write_timeout(Some(IDLE_TIMEOUT));
+    let mut reader = BufReader::new(stream);
+    loop {
+        let request = match http::read_request(&mut reader) {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(e) => {
+                // After a malformed message the stream position is unknown: answer and close.
+                if let Some(status) = e.status() {
+                    let _ = http::write_response(&mut writer, &ApiError::new(status, e.to_string()).response(), true);
+                }
+                return;
+            }
+        };
+        let response: Response = routes::handle(vm, &request);
+        log::debug!("API {} {} -> {}", request.method, request.path, response.status);
+        let close = request.wants_close();
+        if http::write_response(&mut writer, &response, close).is_err() || close {
+            return;
+        }
+    }
+}
