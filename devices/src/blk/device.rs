@@ -393,6 +393,15 @@ impl BackendSlot for VirtioBlock {
                 old.capacity, new.capacity
             )));
         }
+        // The guest was offered these when the device was created; it may use them any time.
+        let offered = self.core.avail_features;
+        for (bit, name, supported) in
+            [(feature::DISCARD, "discard", new.discard), (feature::WRITE_ZEROES, "write-zeroes", new.write_zeroes)]
+        {
+            if offered & bit != 0 && !supported {
+                return Err(Incompatible(format!("the guest was offered {name}, which the new backend lacks")));
+            }
+        }
         if old.read_only != new.read_only {
             return Err(Incompatible(format!(
                 "read-only differs: {} now, {} offered",
@@ -436,11 +445,11 @@ impl BackendSlot for VirtioBlock {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::io::{self, Write};
 
     use super::*;
-    use crate::blk::FileBackend;
     use crate::blk::request::{request_type, status};
+    use crate::blk::{BlockInfo, FileBackend};
     use crate::lifecycle::Lifecycle;
     use crate::virtio::testing::{F_WRITE, add_chain, install, irq, memory, used};
 
@@ -576,6 +585,57 @@ mod tests {
         assert!(new.import_state(&state).is_err());
         std::fs::remove_file(old_path).unwrap();
         std::fs::remove_file(new_path).unwrap();
+    }
+
+    /// A file backend that claims fewer features than it has.
+    struct Limited(FileBackend, BlockInfo);
+
+    impl BlockBackend for Limited {
+        fn info(&self) -> &BlockInfo {
+            &self.1
+        }
+        fn submit(&mut self, token: u64, op: BlockOp) -> io::Result<()> {
+            self.0.submit(token, op)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+        fn can_submit(&self) -> bool {
+            self.0.can_submit()
+        }
+        fn poll_completions(&mut self, out: &mut Vec<Completion>) {
+            self.0.poll_completions(out)
+        }
+        fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+            self.0.completion_fd()
+        }
+        fn in_flight(&self) -> usize {
+            self.0.in_flight()
+        }
+    }
+
+    #[test]
+    fn only_a_backend_that_keeps_every_promise_made_to_the_guest_can_take_over() {
+        let path = image("compat", 0);
+        let (dev, _) = device(&path, false);
+        let with = |f: &dyn Fn(&mut BlockInfo)| {
+            let file = FileBackend::open(&path, false).unwrap();
+            let mut info = file.info().clone();
+            f(&mut info);
+            Limited(file, info)
+        };
+        assert!(dev.check_compatible(&with(&|_| {})).is_ok());
+        let cases: [(&dyn Fn(&mut BlockInfo), &str); 4] = [
+            (&|i| i.capacity *= 2, "capacity differs"),
+            (&|i| i.read_only = true, "read-only differs"),
+            (&|i| i.discard = false, "offered discard"),
+            (&|i| i.write_zeroes = false, "offered write-zeroes"),
+        ];
+        for (change, expected) in cases {
+            let err = dev.check_compatible(&with(change)).unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -376,8 +376,17 @@ impl BackendSlot for VirtioNet {
     }
 
     /// Any frame source will do: the NIC's identity (MAC, MTU) belongs to the device.
-    fn check_compatible(&self, _new: &dyn NetBackend) -> Result<(), Incompatible> {
-        Ok(())
+    /// The guest keeps its MAC and MTU across a swap, so the new backend must carry packets
+    /// as large as the MTU the device announced.
+    fn check_compatible(&self, new: &dyn NetBackend) -> Result<(), Incompatible> {
+        let announced = self.settings.mtu.unwrap_or(1500);
+        match new.mtu() {
+            Some(mtu) if mtu < announced => Err(Incompatible(format!(
+                "{} has MTU {mtu}, below the {announced} the guest was told",
+                new.description()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn replace_backend(&mut self, new: Box<dyn NetBackend>) -> Box<dyn NetBackend> {
@@ -425,6 +434,7 @@ mod tests {
     struct FakeBackend {
         wire: Wire,
         evt: EventFd,
+        mtu: Option<u16>,
     }
 
     impl NetBackend for FakeBackend {
@@ -446,6 +456,19 @@ mod tests {
             buf[..frame.len()].copy_from_slice(&frame);
             Ok(frame.len())
         }
+        fn mtu(&self) -> Option<u16> {
+            self.mtu
+        }
+    }
+
+    #[test]
+    fn a_backend_with_a_smaller_mtu_cannot_take_over() {
+        let (dev, _) = device(true);
+        let backend = |mtu| FakeBackend { wire: Wire::default(), evt: EventFd::new(0).unwrap(), mtu };
+        let err = dev.check_compatible(&backend(Some(1300))).unwrap_err();
+        assert!(err.to_string().contains("MTU 1300, below the 1400"), "{err}");
+        assert!(dev.check_compatible(&backend(Some(1400))).is_ok());
+        assert!(dev.check_compatible(&backend(None)).is_ok());
     }
 
     const QS: u16 = NET_QUEUE_SIZE;
@@ -453,7 +476,7 @@ mod tests {
 
     fn device(mergeable: bool) -> (VirtioNet, Wire) {
         let wire = Wire::default();
-        let backend = Box::new(FakeBackend { wire: wire.clone(), evt: EventFd::new(0).unwrap() });
+        let backend = Box::new(FakeBackend { wire: wire.clone(), evt: EventFd::new(0).unwrap(), mtu: None });
         let (_, line) = irq();
         let mut dev = VirtioNet::new(backend, NetSettings { mac: MAC, mtu: Some(1400) }, line, memory()).unwrap();
         install(&mut dev.core, &[QS, QS]);

@@ -22,4 +22,8 @@ pub trait NetBackend: Send {
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
     /// Receives one frame into `buf`; `WouldBlock` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// The largest IP packet the backend carries, where it is limited (a tap's interface MTU).
+    fn mtu(&self) -> Option<u16> {
+        None
+    }
 }

@@ -100,4 +100,9 @@ impl NetBackend for TapBackend {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.file.read(buf)
     }
+
+    fn mtu(&self) -> Option<u16> {
+        let path = Path::new("/sys/class/net").join(&self.name).join("mtu");
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
 }
