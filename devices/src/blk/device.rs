@@ -625,11 +625,11 @@ mod tests {
             Limited(file, info)
         };
         assert!(dev.check_compatible(&with(&|_| {})).is_ok());
-        let cases: [(&dyn Fn(&mut BlockInfo), &str); 4] = [
-            (&|i| i.capacity *= 2, "capacity differs"),
-            (&|i| i.read_only = true, "read-only differs"),
-            (&|i| i.discard = false, "offered discard"),
-            (&|i| i.write_zeroes = false, "offered write-zeroes"),
+        let cases: [(fn(&mut BlockInfo), &str); 4] = [
+            (|i| i.capacity *= 2, "capacity differs"),
+            (|i| i.read_only = true, "read-only differs"),
+            (|i| i.discard = false, "offered discard"),
+            (|i| i.write_zeroes = false, "offered write-zeroes"),
         ];
         for (change, expected) in cases {
             let err = dev.check_compatible(&with(change)).unwrap_err();
