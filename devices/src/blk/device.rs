@@ -632,7 +632,7 @@ mod tests {
             (|i| i.write_zeroes = false, "offered write-zeroes"),
         ];
         for (change, expected) in cases {
-            let err = dev.check_compatible(&with(change)).unwrap_err();
+            let err = dev.check_compatible(&with(&change)).unwrap_err();
             assert!(err.to_string().contains(expected), "{err}");
         }
         std::fs::remove_file(path).unwrap();
