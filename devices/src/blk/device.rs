@@ -625,7 +625,8 @@ mod tests {
             Limited(file, info)
         };
         assert!(dev.check_compatible(&with(&|_| {})).is_ok());
-        let cases: [(fn(&mut BlockInfo), &str); 4] = [
+        type Change = fn(&mut BlockInfo);
+        let cases: [(Change, &str); 4] = [
             (|i| i.capacity *= 2, "capacity differs"),
             (|i| i.read_only = true, "read-only differs"),
             (|i| i.discard = false, "offered discard"),
