@@ -132,10 +132,12 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
         core.quiesced = false;
         core.pending_notifications = 0;
         // With notifications suppressed the driver may not have kicked at all while we were
-        // quiesced, so look at every queue rather than only the kicked ones.
+        // quiesced, so replay a kick on every queue. The device's event loop serves them, as
+        // it serves the guest's own kicks: the caller (a swap, holding the device lock) is
+        // done as soon as the device takes requests again.
         if core.activated {
-            for index in 0..self.core().queues.len() {
-                self.queue_notified(index);
+            for kick in &core.queue_events {
+                let _ = kick.write(1);
             }
         }
     }

@@ -549,7 +549,9 @@ mod tests {
         assert_eq!(used(&dev.core, 0).0, 0, "nothing taken while quiesced");
         assert_eq!(dev.pending_requests(), 0);
         dev.resume();
-        assert_eq!(used(&dev.core, 0).0, 1, "taken on resume even without a new kick");
+        assert_eq!(dev.core.queue_events[0].read().unwrap(), 1, "resume replays a kick for the event loop");
+        dev.queue_notified(0);
+        assert_eq!(used(&dev.core, 0).0, 1, "taken after resume without a new kick from the guest");
         std::fs::remove_file(path).unwrap();
     }
 

@@ -563,6 +563,8 @@ mod tests {
         assert_eq!(dev.pending_requests(), 0, "draining sends the held frame");
         assert_eq!(used(&dev.core, TX).0, 1, "but takes nothing new while quiesced");
         dev.resume();
+        assert!(dev.core.queue_events[TX].read().unwrap() > 0, "resume replays a kick for the event loop");
+        dev.queue_notified(TX);
         assert_eq!(used(&dev.core, TX).0, 2);
         assert_eq!(wire.from_guest.lock().unwrap().len(), 2);
     }

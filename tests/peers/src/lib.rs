@@ -196,6 +196,25 @@ impl TapEcho {
     }
 }
 
+/// Ends a readiness probe's NBD session the way the protocol wants (greeting read, client flags
+/// sent, NBD_OPT_ABORT acknowledged), so qemu-nbd does not log a failed negotiation.
+fn say_goodbye(mut probe: std::os::unix::net::UnixStream) {
+    use std::io::{Read, Write};
+    const FIXED_NEWSTYLE_NO_ZEROES: u32 = 3;
+    const OPT_ABORT: u32 = 2;
+    let _ = probe.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut greeting = [0u8; 18];
+    if probe.read_exact(&mut greeting).is_err() {
+        return;
+    }
+    let mut abort = FIXED_NEWSTYLE_NO_ZEROES.to_be_bytes().to_vec();
+    abort.extend_from_slice(b"IHAVEOPT");
+    abort.extend_from_slice(&OPT_ABORT.to_be_bytes());
+    abort.extend_from_slice(&0u32.to_be_bytes());
+    let mut reply = [0u8; 20];
+    let _ = probe.write_all(&abort).and_then(|_| probe.read_exact(&mut reply));
+}
+
 /// A qemu-nbd server exporting an image on a Unix socket.
 pub struct NbdServer {
     pub socket: PathBuf,
@@ -216,7 +235,8 @@ impl NbdServer {
         // Ready once it accepts a connection; qemu-nbd has no other readiness signal short of
         // daemonizing (which would make it impossible to reap), so poll, bounded.
         for _ in 0..400 {
-            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            if let Ok(probe) = std::os::unix::net::UnixStream::connect(socket) {
+                say_goodbye(probe);
                 return server;
             }
             std::thread::sleep(Duration::from_millis(25));

@@ -17,7 +17,9 @@ use super::verify::verify;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MigrateOptions {
-    /// Switch once at most this many 1 MiB chunks are still dirty.
+    /// Switch once at most this many 1 MiB chunks are dirty or being copied; they are copied
+    /// while the disk takes no requests. Guest writes are mirrored to the target during the
+    /// copy, so the default of 0 is reached and the switch copies nothing.
     pub converge_chunks: u64,
     /// Give up (and roll back) if the copy has not converged by then.
     pub timeout_ms: u64,
@@ -25,7 +27,7 @@ pub struct MigrateOptions {
 
 impl Default for MigrateOptions {
     fn default() -> Self {
-        Self { converge_chunks: 8, timeout_ms: 600_000 }
+        Self { converge_chunks: 0, timeout_ms: 600_000 }
     }
 }
 
@@ -52,13 +54,15 @@ pub fn run(
     }
     record.phase(Phase::Switch, Some("mirror installed".into()));
     {
+        // One critical section: once the source is attached the event loop starts copying,
+        // and it must find the device already taking requests again.
         let mut dev = target.lock();
         let source = dev.replace_backend(Box::new(mirror));
         // Cannot fail for a descriptor the source already had registered.
         let _ = control.attach_source(source);
+        dev.resume();
     }
     target.resync.resync();
-    target.lock().resume();
     record.add_blackout(started.elapsed());
 
     // 2. Copy while the guest runs, until few dirty chunks remain.
@@ -81,7 +85,7 @@ pub fn run(
         if p.failed {
             return abort("copying to the target failed".into());
         }
-        if p.dirty_chunks <= options.converge_chunks {
+        if p.dirty_chunks + p.copies_in_flight <= options.converge_chunks {
             break;
         }
         if Instant::now() >= deadline {

@@ -2,12 +2,17 @@
 //!
 //! A [`MirrorBackend`] sits in the disk's backend slot with two backends inside. While
 //! *copying*, the guest is served by the source and every chunk is copied to the target in the
-//! background; a guest write re-dirties its chunks, and a chunk with a guest write in flight is
-//! not copied (the copy could read the data before the write lands). When few chunks are left,
-//! the migration quiesces the disk, finishes the copy ([`MirrorControl::finish_copy`]) and
-//! flips to *write-through*: the target serves the guest and every write also goes to the
-//! source, so rolling back after the switch loses nothing. Commit or rollback takes the chosen
-//! backend out ([`MirrorControl::take`]) and puts it in the slot.
+//! background. Guest writes are mirrored actively: each goes to the source (which answers the
+//! guest) and to the target, so the copy converges however fast the guest writes (the guest's
+//! writes run at the slower half's pace meanwhile). A chunk with a guest write in flight is not
+//! copied (the copy could read the data before the write lands), and a write that overlaps a
+//! copy in flight re-dirties its chunks (the copy may carry older data to the target after the
+//! write). A failed write on the target fails the migration, never the guest's request. Once
+//! nothing is dirty, the migration quiesces the disk, finishes the copy
+//! ([`MirrorControl::finish_copy`], usually nothing left) and flips to *write-through*: the
+//! target serves the guest and every write also goes to the source, so rolling back after the
+//! switch loses nothing. Commit or rollback takes the chosen backend out
+//! ([`MirrorControl::take`]) and puts it in the slot.
 //!
 //! The copy advances from [`BlockBackend::poll_completions`], which the device's event loop
 //! calls whenever the mirror's ready descriptor fires, so it needs no thread of its own.
@@ -25,9 +30,9 @@ use super::{BlockBackend, BlockInfo, BlockOp, Completion, IoBuf};
 pub const CHUNK: u64 = 1 << 20;
 /// Copies in flight at once.
 const MAX_COPIES: usize = 4;
-/// Chunks copied per call from the event loop before yielding (synchronous engines complete
-/// inline, so without a budget one call would copy the whole disk).
-const COPY_BUDGET: usize = 16;
+/// Longest the event loop spends copying per call before it serves the guest again:
+/// synchronous engines copy inline, and the device waits meanwhile.
+const COPY_SLICE: Duration = Duration::from_millis(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -46,7 +51,11 @@ enum Side {
 /// What an inner completion belongs to.
 #[derive(Clone, Copy, Debug)]
 enum Origin {
+    /// A part of a guest request whose result the guest sees.
     Guest(u64),
+    /// The copy of a guest write sent to the target while copying: its failure fails the
+    /// migration, not the guest's request.
+    GuestMirror(u64),
     CopyRead(u64),
     CopyWrite(u64),
 }
@@ -118,13 +127,14 @@ impl State {
         Ok(())
     }
 
-    /// Starts copies of dirty chunks nobody is writing, up to the in-flight limit.
+    /// Starts the copy of one dirty chunk nobody is writing, within the in-flight limit.
     fn start_copies(&mut self) {
         if self.mode != Mode::Copying || self.failed {
             return;
         }
         let mut chunk = 0;
-        while self.copying.len() < MAX_COPIES && self.dirty_count > 0 && chunk < self.dirty.len() as u64 {
+        let limit = (self.copying.len() + 1).min(MAX_COPIES);
+        while self.copying.len() < limit && self.dirty_count > 0 && chunk < self.dirty.len() as u64 {
             let c = chunk;
             chunk += 1;
             if !self.dirty[c as usize] || self.copying.contains_key(&c) || self.writing.contains_key(&c) {
@@ -169,11 +179,13 @@ impl State {
 
     fn complete(&mut self, origin: Origin, result: io::Result<u64>) {
         match origin {
-            Origin::Guest(outer) => {
+            Origin::Guest(outer) | Origin::GuestMirror(outer) => {
                 let Some(op) = self.guest.get_mut(&outer) else { return };
                 op.parts -= 1;
-                if let Err(e) = result {
-                    op.result = Err(e);
+                match (result, origin) {
+                    (Ok(_), _) => {}
+                    (Err(_), Origin::GuestMirror(_)) => self.failed = true,
+                    (Err(e), _) => op.result = Err(e),
                 }
                 if op.parts == 0
                     && let Some(op) = self.guest.remove(&outer)
@@ -329,12 +341,16 @@ impl BlockBackend for MirrorBackend {
             }
             BlockOp::Read { .. } | BlockOp::Flush => None,
         };
-        let mirrored = chunks.is_some() || matches!(op, BlockOp::Flush);
-        let parts = if mirrored && !copying { 2 } else { 1 };
+        // Writes go to both halves in either mode; flushes matter only for the half whose
+        // data the guest relies on being durable, which in write-through is both.
+        let mirrored = chunks.is_some() || (matches!(op, BlockOp::Flush) && !copying);
+        let parts = if mirrored { 2 } else { 1 };
         let tracked = if copying { chunks } else { None };
         if let Some((first, last)) = tracked {
-            s.mark_dirty(first, last);
             for c in first..=last {
+                if s.copying.contains_key(&c) {
+                    s.mark_dirty(c, c);
+                }
                 *s.writing.entry(c).or_insert(0) += 1;
             }
         }
@@ -343,10 +359,11 @@ impl BlockBackend for MirrorBackend {
         if let Err(e) = s.send(primary, Origin::Guest(outer), op) {
             s.complete(Origin::Guest(outer), Err(e));
         }
+        let second_origin = if copying { Origin::GuestMirror(outer) } else { Origin::Guest(outer) };
         if let Some(op) = second
-            && let Err(e) = s.send(secondary, Origin::Guest(outer), op)
+            && let Err(e) = s.send(secondary, second_origin, op)
         {
-            s.complete(Origin::Guest(outer), Err(e));
+            s.complete(second_origin, Err(e));
         }
         Ok(())
     }
@@ -364,18 +381,22 @@ impl BlockBackend for MirrorBackend {
     fn poll_completions(&mut self, out: &mut Vec<Completion>) {
         self.ready.clear();
         let mut s = lock(&self.state);
-        for _ in 0..COPY_BUDGET {
+        let started = Instant::now();
+        loop {
+            let before = (s.bytes_copied, s.copying.len());
             s.pump();
             s.start_copies();
             s.flush_inner();
-            if s.copying.is_empty() || s.mode != Mode::Copying {
+            let progressed = (s.bytes_copied, s.copying.len()) != before;
+            if !progressed || s.mode != Mode::Copying || started.elapsed() >= COPY_SLICE {
                 break;
             }
         }
         s.pump();
         out.append(&mut s.done);
-        // Synchronous engines completed inline: come back for the rest of the copy.
-        if s.mode == Mode::Copying && s.dirty_count > 0 && !s.failed {
+        // With nothing in flight to wake us (synchronous engines complete inline), come back
+        // for the rest of the copy after the device has had its turn.
+        if s.mode == Mode::Copying && s.dirty_count > 0 && !s.failed && s.copying.is_empty() && s.writing.is_empty() {
             self.ready.signal();
         }
     }
@@ -521,7 +542,22 @@ mod tests {
             m.ready.wait(5);
             m.poll_completions(&mut done);
         }
-        control.finish_copy(Duration::from_secs(10)).unwrap();
+        // Writes after the copy caught up are mirrored, so nothing is dirty again.
+        for round in 0..32u64 {
+            let mut buf = vec![0xc0 + round as u8; 4096];
+            let bufs = vec![IoBuf { addr: buf.as_mut_ptr(), len: 4096 }];
+            m.submit(100 + round, BlockOp::Write { offset: (round * 523 % 2048) * 4096, bufs }).unwrap();
+            m.flush().unwrap();
+            buffers.push(buf);
+            pending += 1;
+        }
+        pump_until(&mut m, &mut pending, &mut done);
+        while control.progress().copies_in_flight > 0 || control.dirty_chunks() > 0 {
+            assert!(Instant::now() < deadline, "copy made no progress: {:?}", control.progress());
+            m.ready.wait(5);
+            m.poll_completions(&mut done);
+        }
+        assert_eq!(control.finish_copy(Duration::from_secs(10)).unwrap(), 0, "nothing left for the blackout");
         assert_eq!(control.progress().dirty_chunks, 0);
         assert!(control.progress().bytes_copied >= SIZE as u64);
         // Write-through: a write now lands in both files.
@@ -548,6 +584,26 @@ mod tests {
     #[test]
     fn migration_converges_under_writes_io_uring_engine() {
         migrate_under_writes("uring", |p| Box::new(UringBackend::open(p, false).unwrap()));
+    }
+
+    #[test]
+    fn a_failing_target_fails_the_migration_not_the_guest() {
+        use crate::blk::{Fault, FaultyBackend};
+        let src = file("fail-src", |_| 1, 4 << 20);
+        let dst = file("fail-dst", |_| 0, 4 << 20);
+        let target =
+            Box::new(FaultyBackend::new(Box::new(FileBackend::open(&dst, false).unwrap()), Fault::Error).unwrap());
+        let (mut m, control) = MirrorBackend::new(Box::new(FileBackend::open(&src, false).unwrap()), target).unwrap();
+        let mut buf = vec![7u8; 4096];
+        m.submit(1, BlockOp::Write { offset: 8192, bufs: vec![IoBuf { addr: buf.as_mut_ptr(), len: 4096 }] }).unwrap();
+        m.flush().unwrap();
+        let (mut pending, mut done) = (1, Vec::new());
+        pump_until(&mut m, &mut pending, &mut done);
+        assert!(done.iter().all(|(_, r)| r.is_ok()), "the guest's write succeeded: {done:?}");
+        assert!(control.progress().failed);
+        assert_eq!(std::fs::read(&src).unwrap()[8192], 7);
+        std::fs::remove_file(src).unwrap();
+        std::fs::remove_file(dst).unwrap();
     }
 
     #[test]
