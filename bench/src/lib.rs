@@ -1,11 +1,14 @@
 //! Shared benchmark plumbing: finding (or installing) the peer VMM, running a guest as a child
 //! process with timestamps on its output, reading a process's memory, statistics and tables.
 
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+pub mod swap;
 
 /// The `vmm` binary built alongside this benchmark, built on demand.
 pub fn vmm_binary() -> PathBuf {
@@ -96,6 +99,8 @@ pub struct GuestProcess {
     lines: mpsc::Receiver<(Instant, String)>,
     first_byte: mpsc::Receiver<Instant>,
     pub stderr: mpsc::Receiver<String>,
+    /// Every stdout line consumed so far by the `wait_*` methods.
+    transcript: RefCell<String>,
 }
 
 impl GuestProcess {
@@ -136,7 +141,7 @@ impl GuestProcess {
             let _ = err_tx.send(text);
         });
         let stdin = child.stdin.take();
-        Self { child, started, stdin, lines, first_byte, stderr }
+        Self { child, started, stdin, lines, first_byte, stderr, transcript: RefCell::default() }
     }
 
     pub fn pid(&self) -> u32 {
@@ -151,14 +156,31 @@ impl GuestProcess {
 
     /// Waits for a stdout line containing `needle`.
     pub fn wait_line(&self, needle: &str, timeout: Duration) -> Duration {
+        let (at, _) = self.find_line(needle, timeout).unwrap_or_else(|| panic!("no line with {needle:?}"));
+        at - self.started
+    }
+
+    /// The next stdout line containing `needle` with the time it arrived, or `None` if none
+    /// comes within `timeout` (or the process closed its stdout first).
+    pub fn find_line(&self, needle: &str, timeout: Duration) -> Option<(Instant, String)> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (at, line) = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line with {needle:?}"));
+            let (at, line) = self.lines.recv_timeout(left).ok()?;
+            self.transcript.borrow_mut().push_str(&line);
             if line.contains(needle) {
-                return at - self.started;
+                return Some((at, line));
             }
         }
+    }
+
+    /// Everything the process printed on stdout so far (consuming lines not yet waited for).
+    pub fn transcript(&self) -> String {
+        let mut text = self.transcript.borrow_mut();
+        while let Ok((_, line)) = self.lines.try_recv() {
+            text.push_str(&line);
+        }
+        text.clone()
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
