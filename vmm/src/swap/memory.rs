@@ -15,7 +15,7 @@ use crate::hv::{HvError, KvmVm, MemSlot};
 use crate::memory::{GuestRam, MemoryError, RamBacking, RamRegion, RegionInfo};
 use crate::vcpu::{ControlError, Vcpus};
 
-use super::transaction::wait_readable;
+use super::transaction::{DRAIN_POLL, wait_readable};
 
 const COPY_CHUNK: usize = 2 << 20;
 
@@ -179,7 +179,7 @@ impl MemorySwap<'_> {
                         timeout_ms: timeout.as_millis() as u64,
                     });
                 }
-                wait_readable(&fds, Duration::from_millis(5));
+                wait_readable(&fds, DRAIN_POLL);
             }
         }
         Ok(())

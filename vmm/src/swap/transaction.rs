@@ -37,8 +37,16 @@ pub struct SwapParams {
     pub verify: VerifyPolicy,
 }
 
+/// Longest a drain waits on the device's descriptors before looking at the device again. The
+/// event loop reaps completions from the same descriptors: when it takes the last ones just
+/// before the drain polls, nothing is left to wake the drain, which would then sleep its whole
+/// timeout with the device quiesced. This bounds what that race adds to a blackout; it is also
+/// how often a device waiting to write (a NIC with a frame stuck) is retried.
+pub const DRAIN_POLL: Duration = Duration::from_micros(100);
+
 /// Waits until the device has nothing in flight, making progress by polling the device's own
-/// readiness descriptors (no sleeping). Returns the number still in flight on timeout.
+/// readiness descriptors (at most [`DRAIN_POLL`] at a time). Returns the number still in
+/// flight on timeout.
 pub fn drain<D: Lifecycle>(device: &Mutex<D>, timeout: Duration) -> Result<(), usize> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -54,16 +62,20 @@ pub fn drain<D: Lifecycle>(device: &Mutex<D>, timeout: Duration) -> Result<(), u
         if left.is_zero() {
             return Err(pending);
         }
-        wait_readable(&fds, left.min(Duration::from_millis(5)));
+        wait_readable(&fds, left.min(DRAIN_POLL));
     }
 }
 
-/// Waits until one of `fds` is readable or writable, or `timeout`.
+/// Waits until one of `fds` is readable, or `timeout` (to the microsecond: `poll` would round
+/// a sub-millisecond timeout up to a whole millisecond). Readable only: completion eventfds are
+/// always writable, so waiting for POLLOUT as well would return at once and turn every drain
+/// into a busy loop that competes for the CPU with the very I/O it waits for.
 pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) {
     let mut pfds: Vec<libc::pollfd> =
-        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN | libc::POLLOUT, revents: 0 }).collect();
-    // SAFETY: a valid array of pollfds.
-    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout.as_millis().max(1) as i32) };
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let timeout = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos().into() };
+    // SAFETY: a valid array of pollfds and a valid timespec; no signal mask.
+    unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &timeout, std::ptr::null()) };
 }
 
 /// Stops the device at a request boundary and waits for its in-flight requests. On timeout
