@@ -326,7 +326,8 @@ pub fn print(results: &Results, swaps: usize) {
          the two rows of a pair show the same numbers. nbd is qemu-nbd serving the same raw image on a\n\
          Unix socket; taps are echoed by a raw socket on the host side, unix backends by a datagram echo.\n\
          net-stream keeps 32 256-byte frames out and counts a frame lost when its echo is not back\n\
-         within 100 ms.",
+         within 100 ms; frames whose echo is on its way back through the old backend at the switch are\n\
+         lost, as the NIC stops reading that backend there.",
         verify_policy()
     );
     for note in &results.notes {

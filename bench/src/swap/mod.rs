@@ -81,6 +81,12 @@ impl GuestEnd {
         self.summary.as_deref()?.split_whitespace().find_map(|w| w.strip_prefix(prefix.as_str()))
     }
 
+    /// blk-stress's rate over its whole random phase (`... ops in T ms: N IOPS at queue depth`).
+    pub fn blk_iops(&self) -> Option<u64> {
+        let line = self.transcript.lines().find(|l| l.contains(" IOPS at queue depth"))?;
+        line.split(" IOPS").next()?.rsplit(' ').next()?.parse().ok()
+    }
+
     /// A count as a table cell; `?` when the guest printed no summary.
     pub fn cell(&self, key: &str) -> String {
         self.count(key).map_or_else(|| "? (no summary)".into(), |n| n.to_string())
