@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceEntry, DeviceManager};
 use crate::hv::{HvError, KvmVm, MemSlot};
 use crate::memory::{GuestRam, MemoryError, RamBacking, RamRegion, RegionInfo};
 use crate::vcpu::{ControlError, Vcpus};
@@ -116,7 +116,7 @@ impl MemorySwap<'_> {
         let devices_quiesce_us = quiesce_started.elapsed().as_micros() as u64;
         let resume_devices = || {
             for entry in self.devices.devices() {
-                entry.handle.lifecycle(|d| d.resume());
+                resume(entry);
             }
         };
         if let Err(e) = self.vcpus.pause() {
@@ -170,9 +170,7 @@ impl MemorySwap<'_> {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    for e in entries {
-                        e.handle.lifecycle(|d| d.resume());
-                    }
+                    entries.iter().for_each(resume);
                     return Err(MemorySwapError::Drain {
                         device: entry.id.clone(),
                         pending,
@@ -225,6 +223,13 @@ impl MemorySwap<'_> {
         let memslot_us = memslot_started.elapsed().as_micros() as u64;
         Ok(Replaced { bytes_copied: copied, copy_us, memslot_us, old: replaced })
     }
+}
+
+/// Lets a device take requests again, then has the event loop re-read its descriptors (see
+/// [`SwapTarget::resume`](super::transaction::SwapTarget::resume) for why in that order).
+fn resume(entry: &DeviceEntry) {
+    entry.handle.lifecycle(|d| d.resume());
+    entry.resync.resync();
 }
 
 /// Copies the `populated` ranges of `src` into the zero-filled `dst` on every core, skipping

@@ -111,7 +111,7 @@ pub fn run(
     let final_bytes = match final_bytes {
         Ok(n) => n,
         Err(e) => {
-            target.lock().resume();
+            target.resume();
             return abort(format!("final copy failed: {e}"));
         }
     };
@@ -124,7 +124,7 @@ pub fn run(
     record.phase(Phase::Switch, Some("target serves, writes mirrored to the source".into()));
     target.lock().set_probation(true);
     record.phase(Phase::Resume, None);
-    target.lock().resume();
+    target.resume();
     record.add_blackout(blackout.elapsed());
 
     // 4. Verify on the target; the source still gets every write.
@@ -150,8 +150,7 @@ pub fn run(
                 }
                 None => None,
             };
-            target.resync.resync();
-            target.lock().resume();
+            target.resume();
             record.add_blackout(started.elapsed());
             drop(mirror);
             drop(control.take(Half::Source));

@@ -26,6 +26,18 @@ impl<D> SwapTarget<D> {
     }
 }
 
+impl<D: Lifecycle> SwapTarget<D> {
+    /// Lets the device take requests again, then has the event loop re-read its descriptors.
+    /// In that order: what a device wants watched depends on whether it is quiesced (a NIC
+    /// reads its backend only while running), so a re-read done while it was still quiesced
+    /// would leave the backend unwatched, and nothing else makes the event loop look again
+    /// once the guest has stopped kicking (it waits for frames that are never read).
+    pub fn resume(&self) {
+        self.lock().resume();
+        self.resync.resync();
+    }
+}
+
 /// How long a rollback waits for the failed backend's requests before abandoning them to be
 /// retried on the old backend: it already failed its health check, so waiting long is pointless.
 const ROLLBACK_DRAIN: Duration = Duration::from_millis(200);
@@ -88,7 +100,7 @@ pub fn quiesce_and_drain<D: Lifecycle>(
     record.phase(Phase::Quiesce, None);
     target.lock().quiesce();
     record.phase(Phase::Drain, None);
-    drain(&target.device, timeout).inspect_err(|_| target.lock().resume())
+    drain(&target.device, timeout).inspect_err(|_| target.resume())
 }
 
 /// Swaps `new` in, verifies it, and commits or rolls back. Runs on its own thread; the guest
@@ -112,9 +124,8 @@ where
         dev.set_probation(true);
         dev.replace_backend(new)
     };
-    target.resync.resync();
     record.phase(Phase::Resume, None);
-    target.lock().resume();
+    target.resume();
     record.add_blackout(started.elapsed());
 
     record.phase(Phase::Verify, None);
@@ -168,8 +179,7 @@ where
         dev.set_probation(false);
         failed
     });
-    target.resync.resync();
-    target.lock().resume();
+    target.resume();
     record.add_blackout(started.elapsed());
     failed
 }
