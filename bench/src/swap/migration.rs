@@ -265,10 +265,10 @@ pub fn print(rows: &[Row], qemu_ran: bool) {
          bytes copied is len at BLOCK_JOB_COMPLETED, its final copy is len COMPLETED - len READY (writes\n\
          mirrored while the job completes, in QEMU's 64 KiB granules), and the\n\
          switch-over runs from block-job-complete to BLOCK_JOB_COMPLETED; QEMU reports no blackout.\n\
-         Ours switches once at most 8 dirty 1 MiB chunks remain (\"migrate\": {{\"converge_chunks\": 8}}, the\n\
-         default), so the final window copies up to 8 MiB (more when the guest dirties chunks while the\n\
-         disk is being quiesced). Guest IOPS are blk-stress's own rate over its random phase, which\n\
-         spans the migrations back to back; they set the dirty rate each copy races against."
+         Ours mirrors guest writes to the target while copying (as QEMU's copy-mode=write-blocking), so\n\
+         the copy converges whatever the write rate and switches with nothing dirty (\"converge_chunks\": 0,\n\
+         the default); the guest's writes run at the slower file's pace meanwhile. Guest IOPS are\n\
+         blk-stress's own rate over its random phase, which spans the migrations back to back."
     );
     if !qemu_ran {
         println!("Note: QEMU could not be run here: no QEMU rows.");
