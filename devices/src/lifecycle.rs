@@ -216,4 +216,13 @@ pub trait BackendSlot: Lifecycle {
     /// Gives up on requests the current backend still holds (it stalled): they are held and
     /// retried on whatever backend is installed next.
     fn abandon_in_flight(&mut self);
+    /// While a new backend is on probation, the replaced one can still receive input that was
+    /// in flight when it was replaced (a NIC's peer answering frames sent through it). The
+    /// swap calls this now and then during verification, and once more (`last`) just before it
+    /// commits and closes `previous`, so the device can take that input. Most devices have
+    /// none. Returns true when the device's event sources may have changed (this runs off the
+    /// event loop, so the caller then asks the event loop to re-read them).
+    fn drain_previous(&mut self, _previous: &mut Self::Backend, _last: bool) -> bool {
+        false
+    }
 }

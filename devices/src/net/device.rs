@@ -5,6 +5,7 @@
 //! to become writable; when the guest has no RX buffers, the frame waits and the backend is not
 //! read until the guest adds some.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +31,8 @@ const BACKEND_TOKEN: u32 = DEVICE_TOKEN_BASE;
 const HDR_LEN: usize = 12;
 /// Frames handled per event before yielding to other devices.
 const BUDGET: usize = 256;
+/// Most frames a replaced backend hands over when it closes (its socket buffer's worth).
+const MAX_TAKEN_AT_CLOSE: usize = 4096;
 
 mod feature {
     pub const MTU: u64 = 1 << 3;
@@ -52,8 +55,9 @@ pub struct VirtioNet {
     settings: NetSettings,
     /// A guest frame the backend could not take yet, and its descriptor head.
     pending_tx: Option<(u16, Vec<u8>)>,
-    /// A frame from the backend waiting for RX buffers.
-    pending_rx: Option<Vec<u8>>,
+    /// Frames from a backend waiting for RX buffers, oldest first (one, unless a replaced
+    /// backend's were taken in before it closed).
+    pending_rx: VecDeque<Vec<u8>>,
     rx_buf: Vec<u8>,
     rx_metrics: Arc<RequestMetrics>,
     tx_metrics: Arc<RequestMetrics>,
@@ -80,7 +84,7 @@ impl VirtioNet {
             backend,
             settings,
             pending_tx: None,
-            pending_rx: None,
+            pending_rx: VecDeque::new(),
             rx_buf: vec![0; MAX_FRAME],
             rx_metrics: Arc::default(),
             tx_metrics: Arc::default(),
@@ -184,6 +188,13 @@ impl VirtioNet {
 
     /// Moves frames from the backend into RX buffers until either runs out.
     fn process_rx(&mut self) {
+        self.receive(None);
+    }
+
+    /// Moves frames from `previous` (a replaced backend), or from the current backend when
+    /// `None`, into RX buffers until either runs out. Returns how many frames it handled.
+    fn receive(&mut self, mut previous: Option<&mut dyn NetBackend>) -> usize {
+        let mut handled = 0;
         if self.core.activated && !self.core.quiesced {
             // While it has buffers, the driver need not tell us it added more: we look when
             // frames arrive. Kicks are asked for again only when we run dry (below).
@@ -192,19 +203,23 @@ impl VirtioNet {
         }
         for _ in 0..BUDGET {
             if self.core.quiesced || !self.core.activated {
-                return;
+                return handled;
             }
-            let frame = match self.pending_rx.take() {
+            let frame = match self.pending_rx.pop_front() {
                 Some(frame) => frame,
-                None => match self.backend.recv(&mut self.rx_buf) {
+                None => match match previous.as_deref_mut() {
+                    Some(previous) => previous.recv(&mut self.rx_buf),
+                    None => self.backend.recv(&mut self.rx_buf),
+                } {
                     Ok(n) => self.rx_buf[..n].to_vec(),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return handled,
                     Err(e) => {
                         self.core.guest_error("backend receive failed", format_args!("{e}"));
-                        return;
+                        return handled;
                     }
                 },
             };
+            handled += 1;
             let started = Instant::now();
             match self.deliver(&frame) {
                 Some(true) => self.rx_metrics.record(started.elapsed(), true, frame.len() as u64, 0),
@@ -213,15 +228,16 @@ impl VirtioNet {
                     // No RX buffers: keep the frame and stop reading the backend. Ask the
                     // driver to kick when it adds buffers (with EVENT_IDX it only does when
                     // re-armed), and retry at once if some arrived in the meantime.
-                    self.pending_rx = Some(frame);
+                    self.pending_rx.push_front(frame);
                     let mem = self.core.mem();
                     match self.core.queues[RX].enable_notification(&*mem) {
                         Ok(true) => continue,
-                        _ => return,
+                        _ => return handled,
                     }
                 }
             }
         }
+        handled
     }
 
     /// Writes one frame into as many RX chains as it needs. `None`: not enough buffers
@@ -317,7 +333,7 @@ impl VirtioDevice for VirtioNet {
 
     fn reset(&mut self) {
         self.pending_tx = None;
-        self.pending_rx = None;
+        self.pending_rx.clear();
     }
 
     fn queue_notified(&mut self, index: usize) {
@@ -334,7 +350,7 @@ impl VirtioDevice for VirtioNet {
     fn event_sources(&self) -> Vec<EventSource> {
         let mut events = EventSet::empty();
         // Read the backend only when there is somewhere to put frames.
-        if self.core.activated && !self.core.quiesced && self.pending_rx.is_none() {
+        if self.core.activated && !self.core.quiesced && self.pending_rx.is_empty() {
             events |= EventSet::IN;
         }
         // Wait for room when a guest frame is stuck (also while draining).
@@ -408,6 +424,23 @@ impl BackendSlot for VirtioNet {
 
     /// The device holds nothing in the backend: a stuck frame stays in `pending_tx`.
     fn abandon_in_flight(&mut self) {}
+
+    /// Frames that reach the old backend after the switch are mostly the peer's answers to
+    /// frames the guest sent through it just before: delivered like any other, not lost.
+    /// Before it closes, everything it still holds is taken in, RX buffers or not.
+    fn drain_previous(&mut self, previous: &mut Self::Backend, last: bool) -> bool {
+        let mut taken = 0;
+        while last && taken < MAX_TAKEN_AT_CLOSE {
+            match previous.recv(&mut self.rx_buf) {
+                Ok(n) => self.pending_rx.push_back(self.rx_buf[..n].to_vec()),
+                Err(_) => break,
+            }
+            taken += 1;
+        }
+        // Any frame handled may have filled the RX queue or emptied `pending_rx`, which
+        // changes what the event loop must watch.
+        self.receive(Some(previous)) + taken > 0
+    }
 }
 
 #[cfg(test)]
@@ -525,15 +558,50 @@ mod tests {
         let (mut dev, wire) = device(false);
         wire.to_guest.lock().unwrap().push_back(vec![7u8; 100]);
         dev.handle_event(BACKEND_TOKEN, EventSet::IN);
-        assert!(dev.pending_rx.is_some(), "held until the guest offers a buffer");
+        assert_eq!(dev.pending_rx.len(), 1, "held until the guest offers a buffer");
         assert!(dev.event_sources().is_empty(), "the backend is not read meanwhile");
         let mem = dev.core.mem();
         add_chain(&dev.core, RX, &[(0x9_0000, 2048, F_WRITE)], 0);
         dev.queue_notified(RX);
         assert_eq!(used(&dev.core, RX), (1, vec![(0, 112)]));
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x9_000a)).unwrap(), 1, "num_buffers is 1 unmerged");
-        assert!(dev.pending_rx.is_none());
+        assert!(dev.pending_rx.is_empty());
         assert_eq!(dev.event_sources()[0].events, EventSet::IN);
+    }
+
+    #[test]
+    fn frames_reaching_a_replaced_backend_are_delivered_not_dropped() {
+        let (mut dev, old_wire) = device(false);
+        let new_wire = Wire::default();
+        let new = Box::new(FakeBackend { wire: new_wire.clone(), evt: EventFd::new(0).unwrap(), mtu: None });
+        dev.quiesce();
+        dev.set_probation(true);
+        let mut old = dev.replace_backend(new);
+        dev.resume();
+        // Answers to frames sent through the old backend arrive there after the switch.
+        old_wire.to_guest.lock().unwrap().extend([vec![1u8; 60], vec![2u8; 60], vec![3u8; 60]]);
+        add_chain(&dev.core, RX, &[(0x9_0000, 2048, F_WRITE)], 0);
+        assert!(dev.drain_previous(&mut *old, false), "a frame was delivered");
+        assert_eq!(used(&dev.core, RX).0, 1);
+        // No buffers left: a look during verification leaves the rest where it is...
+        assert!(dev.drain_previous(&mut *old, false));
+        assert_eq!(old_wire.to_guest.lock().unwrap().len(), 1);
+        // ...but before the old backend closes, the device takes everything it holds.
+        assert!(dev.drain_previous(&mut *old, true));
+        assert!(old_wire.to_guest.lock().unwrap().is_empty());
+        drop(old);
+        assert_eq!(dev.pending_rx.len(), 2);
+        for i in 1..3u16 {
+            add_chain(&dev.core, RX, &[(0x9_0000 + u64::from(i) * 0x1000, 2048, F_WRITE)], i);
+        }
+        dev.queue_notified(RX);
+        assert_eq!(used(&dev.core, RX).0, 3, "both held frames delivered once buffers came");
+        let mem = dev.core.mem();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x9_2000 + HDR_LEN as u64)).unwrap(), 3, "in order");
+        assert!(!dev.drain_previous(
+            &mut *Box::new(FakeBackend { wire: Wire::default(), evt: EventFd::new(0).unwrap(), mtu: None }),
+            true
+        ));
     }
 
     #[test]

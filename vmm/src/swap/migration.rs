@@ -134,6 +134,7 @@ pub fn run(
         &target.metrics,
         || target.lock().probation_failures(),
         || target.lock().pending_requests(),
+        || {},
     );
     match verdict {
         Ok(_) => {

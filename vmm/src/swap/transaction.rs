@@ -119,7 +119,7 @@ where
         return record.finish(SwapState::Failed, Some(reason));
     }
     record.phase(Phase::Switch, None);
-    let old = {
+    let mut old = {
         let mut dev = target.lock();
         dev.set_probation(true);
         dev.replace_backend(new)
@@ -134,6 +134,11 @@ where
         &target.metrics,
         || target.lock().probation_failures(),
         || target.lock().pending_requests(),
+        || {
+            if target.lock().drain_previous(&mut *old, false) {
+                target.resync.resync();
+            }
+        },
     );
     match verdict {
         Ok(seen) => {
@@ -141,7 +146,15 @@ where
                 Phase::Commit,
                 Some(format!("{} requests, {} errors while verifying", seen.requests, seen.errors)),
             );
-            target.lock().set_probation(false);
+            {
+                let mut dev = target.lock();
+                // A last look at the old backend: what reached it since the last one is
+                // delivered, not dropped with it.
+                if dev.drain_previous(&mut *old, true) {
+                    target.resync.resync();
+                }
+                dev.set_probation(false);
+            }
             drop(old);
             record.finish(SwapState::Committed, None);
         }

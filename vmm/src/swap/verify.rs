@@ -47,12 +47,14 @@ fn totals(metrics: &[Arc<RequestMetrics>]) -> MetricsSnapshot {
 }
 
 /// Watches `metrics` after a switch. `failures` reports requests the device held back under
-/// probation; `pending` reports requests still in flight (a stall if nothing completes).
+/// probation; `pending` reports requests still in flight (a stall if nothing completes);
+/// `tick` runs at every look (the transaction lets the device drain the previous backend).
 pub fn verify(
     policy: &VerifyPolicy,
     metrics: &[Arc<RequestMetrics>],
     failures: impl Fn() -> u64,
     pending: impl Fn() -> usize,
+    mut tick: impl FnMut(),
 ) -> Result<Observed, String> {
     let base = totals(metrics);
     let deadline = Instant::now() + Duration::from_millis(policy.window_ms);
@@ -65,6 +67,7 @@ pub fn verify(
         }
     };
     loop {
+        tick();
         let seen = observe();
         if seen.errors > 0 && policy.max_error_rate == 0.0 {
             return Err(format!("{} request(s) failed on the new backend", seen.errors));
@@ -146,10 +149,10 @@ mod tests {
                 feeder.record(Duration::from_micros(10), true, 512, 0);
             }
         });
-        let seen = verify(&policy, std::slice::from_ref(&m), || 0, || 0).unwrap();
+        let seen = verify(&policy, std::slice::from_ref(&m), || 0, || 0, || {}).unwrap();
         t.join().unwrap();
         assert_eq!(seen.requests, 3);
-        let failing = verify(&VerifyPolicy { window_ms: 50, ..Default::default() }, &[m], || 1, || 0);
+        let failing = verify(&VerifyPolicy { window_ms: 50, ..Default::default() }, &[m], || 1, || 0, || {});
         assert!(failing.unwrap_err().contains("failed on the new backend"));
     }
 }
