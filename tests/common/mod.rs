@@ -158,6 +158,26 @@ impl Capture {
         assert!(!result.timed_out(), "serial output lacks {needle:?} after {timeout:?}:\n{text}");
         text
     }
+
+    /// Blocks until `found` returns something for the output so far, and returns it; `what`
+    /// describes the wait for the failure message.
+    pub fn wait_until<T>(&self, what: &str, timeout: Duration, mut found: impl FnMut(&str) -> Option<T>) -> T {
+        let (lock, cond) = &*self.0;
+        let deadline = Instant::now() + timeout;
+        let mut guard = lock.lock().unwrap();
+        loop {
+            if let Some(value) = found(&String::from_utf8_lossy(&guard)) {
+                return value;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "serial output: no {what} after {timeout:?}:\n{}",
+                String::from_utf8_lossy(&guard)
+            );
+            guard = cond.wait_timeout(guard, left).unwrap().0;
+        }
+    }
 }
 
 impl Write for Capture {
