@@ -143,14 +143,16 @@ mod tests {
     fn watches_live_counters() {
         let m = Arc::new(RequestMetrics::default());
         let policy = VerifyPolicy { window_ms: 2000, min_requests: 3, ..Default::default() };
-        let feeder = m.clone();
-        let t = std::thread::spawn(move || {
-            for _ in 0..3 {
-                feeder.record(Duration::from_micros(10), true, 512, 0);
+        // Requests arrive while verify watches (fed from its per-look callback, so they
+        // cannot land before it takes its baseline), one per look.
+        let mut fed = 0;
+        let feed = || {
+            if fed < 3 {
+                fed += 1;
+                m.record(Duration::from_micros(10), true, 512, 0);
             }
-        });
-        let seen = verify(&policy, std::slice::from_ref(&m), || 0, || 0, || {}).unwrap();
-        t.join().unwrap();
+        };
+        let seen = verify(&policy, std::slice::from_ref(&m), || 0, || 0, feed).unwrap();
         assert_eq!(seen.requests, 3);
         let failing = verify(&VerifyPolicy { window_ms: 50, ..Default::default() }, &[m], || 1, || 0, || {});
         assert!(failing.unwrap_err().contains("failed on the new backend"));
