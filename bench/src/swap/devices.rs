@@ -319,15 +319,17 @@ pub fn print(results: &Results, swaps: usize) {
     }
     t.print();
     println!(
-        "\nBlackout and duration come from the VMM's swap records (blackout: quiesce to resume, the time\n\
-         the device took no new requests; duration: request to commit). Each swap commits once the new\n\
+        "\nBlackout and duration come from the VMM's swap records (blackout: from the moment the device\n\
+         stopped taking requests to its resume, drain included; duration: request to commit). Each swap commits once the new\n\
          backend has served 64 requests without error (verify policy {}); a failed request rolls it back.\n\
          Guest counts are the guest's own summary over the whole run of the pair (both directions), so\n\
          the two rows of a pair show the same numbers. nbd is qemu-nbd serving the same raw image on a\n\
          Unix socket; taps are echoed by a raw socket on the host side, unix backends by a datagram echo.\n\
          net-stream keeps 32 256-byte frames out and counts a frame lost when its echo is not back\n\
-         within 100 ms; frames whose echo is on its way back through the old backend at the switch are\n\
-         lost, as the NIC stops reading that backend there.",
+         within 100 ms; echoes that reach the old backend after the switch are still delivered (the NIC\n\
+         keeps reading it until the swap commits). Draining waits for the old backend's requests in\n\
+         flight: behind nbd that is qemu-nbd, a process that competes for this 2-core host's CPUs with\n\
+         the guest's vCPU, which sets the tail of the rows leaving nbd.",
         verify_policy()
     );
     for note in &results.notes {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::{CopyStats, Phase, SwapHandle, SwapState};
 use super::transaction::{SwapParams, SwapTarget, quiesce_and_drain, roll_back};
+use super::urgent::Urgent;
 use super::verify::verify;
 
 /// When the background copy is close enough to switch.
@@ -42,14 +43,15 @@ pub fn run(
     let fail = |state, reason: String| record.finish(state, Some(reason));
 
     // 1. Put the mirror in the slot: a blackout as short as any switch.
-    let started = Instant::now();
     let info = target.lock().backend().info().clone();
     let (mirror, control) = match MirrorBackend::detached(&info, new) {
         Ok(pair) => pair,
         Err(e) => return fail(SwapState::Failed, format!("cannot set up the mirror: {e}")),
     };
-    if let Err(pending) = quiesce_and_drain(target, params.drain_timeout, record) {
-        record.add_blackout(started.elapsed());
+    let urgent = Urgent::enter();
+    let (blackout, drained) = quiesce_and_drain(target, params.drain_timeout, record);
+    if let Err(pending) = drained {
+        record.add_blackout(blackout.elapsed());
         return fail(SwapState::Failed, format!("{pending} request(s) still in flight; nothing changed"));
     }
     record.phase(Phase::Switch, Some("mirror installed".into()));
@@ -63,7 +65,8 @@ pub fn run(
         dev.resume();
     }
     target.resync.resync();
-    record.add_blackout(started.elapsed());
+    record.add_blackout(blackout.elapsed());
+    drop(urgent);
 
     // 2. Copy while the guest runs, until few dirty chunks remain.
     record.phase(Phase::Copy, Some(format!("{} bytes", info.capacity)));
@@ -99,8 +102,9 @@ pub fn run(
     }
 
     // 3. Blackout: stop the guest's writes, copy the rest, let the target serve.
-    let blackout = Instant::now();
-    if let Err(pending) = quiesce_and_drain(target, params.drain_timeout, record) {
+    let urgent = Urgent::enter();
+    let (blackout, drained) = quiesce_and_drain(target, params.drain_timeout, record);
+    if let Err(pending) = drained {
         return abort(format!("{pending} request(s) still in flight before the final copy"));
     }
     record.phase(Phase::FinalCopy, None);
@@ -126,6 +130,7 @@ pub fn run(
     record.phase(Phase::Resume, None);
     target.resume();
     record.add_blackout(blackout.elapsed());
+    drop(urgent);
 
     // 4. Verify on the target; the source still gets every write.
     record.phase(Phase::Verify, None);
@@ -140,8 +145,8 @@ pub fn run(
         Ok(_) => {
             // 5. Commit: the plain target replaces the mirror (one more short blackout).
             record.phase(Phase::Commit, None);
-            let started = Instant::now();
-            target.lock().quiesce();
+            let _urgent = Urgent::enter();
+            let (blackout, _) = target.quiesce();
             let _ = super::transaction::drain(&target.device, params.drain_timeout);
             let mirror = match control.take(Half::Target) {
                 Some(backend) => {
@@ -152,7 +157,7 @@ pub fn run(
                 None => None,
             };
             target.resume();
-            record.add_blackout(started.elapsed());
+            record.add_blackout(blackout.elapsed());
             drop(mirror);
             drop(control.take(Half::Source));
             record.finish(SwapState::Committed, None);

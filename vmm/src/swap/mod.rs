@@ -14,6 +14,7 @@ pub mod memory;
 pub mod migration;
 mod record;
 pub mod transaction;
+mod urgent;
 mod verify;
 
 use std::path::PathBuf;

@@ -10,6 +10,7 @@ use devices::metrics::RequestMetrics;
 use devices::virtio::ResyncHandle;
 
 use super::record::{Phase, SwapHandle, SwapState};
+use super::urgent::Urgent;
 use super::verify::{VerifyPolicy, verify};
 
 /// A device being swapped, with what the transaction needs around it.
@@ -27,6 +28,18 @@ impl<D> SwapTarget<D> {
 }
 
 impl<D: Lifecycle> SwapTarget<D> {
+    /// Stops the device at a request boundary. Returns when that took effect, the start of
+    /// the blackout, and how long getting hold of the device took (the event loop may be in
+    /// the middle of serving it, or waiting for a CPU with the lock held; the device serves
+    /// requests meanwhile, so that wait is not blackout).
+    pub fn quiesce(&self) -> (Instant, Duration) {
+        let asked = Instant::now();
+        let mut device = self.lock();
+        device.quiesce();
+        let quiesced = Instant::now();
+        (quiesced, quiesced - asked)
+    }
+
     /// Lets the device take requests again, then has the event loop re-read its descriptors.
     /// In that order: what a device wants watched depends on whether it is quiesced (a NIC
     /// reads its backend only while running), so a re-read done while it was still quiesced
@@ -90,17 +103,18 @@ pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) {
     unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &timeout, std::ptr::null()) };
 }
 
-/// Stops the device at a request boundary and waits for its in-flight requests. On timeout
-/// the device runs again and the number still in flight is returned.
+/// Stops the device at a request boundary and waits for its in-flight requests. Returns when
+/// the blackout began and whether the drain finished; on timeout the device runs again and
+/// the number still in flight is returned.
 pub fn quiesce_and_drain<D: Lifecycle>(
     target: &SwapTarget<D>,
     timeout: Duration,
     record: &SwapHandle,
-) -> Result<(), usize> {
-    record.phase(Phase::Quiesce, None);
-    target.lock().quiesce();
+) -> (Instant, Result<(), usize>) {
+    let (blackout, waited) = target.quiesce();
+    record.phase(Phase::Quiesce, Some(format!("device taken after {} us", waited.as_micros())));
     record.phase(Phase::Drain, None);
-    drain(&target.device, timeout).inspect_err(|_| target.resume())
+    (blackout, drain(&target.device, timeout).inspect_err(|_| target.resume()))
 }
 
 /// Swaps `new` in, verifies it, and commits or rolls back. Runs on its own thread; the guest
@@ -109,9 +123,10 @@ pub fn run<D>(target: &SwapTarget<D>, new: Box<D::Backend>, params: &SwapParams,
 where
     D: BackendSlot,
 {
-    let started = Instant::now();
-    if let Err(pending) = quiesce_and_drain(target, params.drain_timeout, record) {
-        record.add_blackout(started.elapsed());
+    let urgent = Urgent::enter();
+    let (blackout, drained) = quiesce_and_drain(target, params.drain_timeout, record);
+    if let Err(pending) = drained {
+        record.add_blackout(blackout.elapsed());
         let reason = format!(
             "{pending} request(s) still in flight after {:?}; the old backend keeps serving",
             params.drain_timeout
@@ -126,7 +141,8 @@ where
     };
     record.phase(Phase::Resume, None);
     target.resume();
-    record.add_blackout(started.elapsed());
+    record.add_blackout(blackout.elapsed());
+    drop(urgent);
 
     record.phase(Phase::Verify, None);
     let verdict = verify(
@@ -181,8 +197,8 @@ where
     D: BackendSlot,
 {
     record.phase(Phase::Rollback, Some(reason.to_string()));
-    let started = Instant::now();
-    target.lock().quiesce();
+    let _urgent = Urgent::enter();
+    let (blackout, _) = target.quiesce();
     if drain(&target.device, drain_timeout).is_err() {
         target.lock().abandon_in_flight();
     }
@@ -193,6 +209,6 @@ where
         failed
     });
     target.resume();
-    record.add_blackout(started.elapsed());
+    record.add_blackout(blackout.elapsed());
     failed
 }
