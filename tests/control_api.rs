@@ -36,6 +36,7 @@ fn check_against_doc(doc: &Value, template: &str, method: &str, response: &Respo
     let unescaped_op = op.replace("%7B", "{").replace("%7D", "}");
     let documented = doc.pointer(&format!("{}/responses/{status}", &unescaped_op[1..]));
     assert!(documented.is_some(), "{method} {template} answered {status}, which the document does not list");
+    assert!(status_documented(doc, method, template, response.status));
     let media = response.header("content-type").unwrap_or_default().split(';').next().unwrap().to_string();
     let escaped_media = media.replace('/', "~1");
     let pointer = format!("{op}/responses/{status}/content/{escaped_media}/schema");
@@ -53,6 +54,23 @@ fn check_against_doc(doc: &Value, template: &str, method: &str, response: &Respo
     let errors: Vec<String> = validator.iter_errors(&body).map(|e| format!("{} at {}", e, e.instance_path())).collect();
     assert!(errors.is_empty(), "{method} {template} {status} does not match the document: {errors:#?}\nbody: {body:#}");
     body
+}
+
+/// Whether the document lists `status` for `method` on the concrete `path` (matched against
+/// its path templates), by number or as the operation's `default` error. True when the
+/// document has no such operation: a 404 or 405 answer is about exactly that.
+fn status_documented(doc: &Value, method: &str, path: &str, status: u16) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    let segments: Vec<&str> = path.split('/').collect();
+    let matches = |template: &str| {
+        let t: Vec<&str> = template.split('/').collect();
+        t.len() == segments.len() && t.iter().zip(&segments).all(|(t, s)| t == s || t.starts_with('{'))
+    };
+    let paths = doc["paths"].as_object().expect("paths");
+    let Some((_, ops)) = paths.iter().find(|(template, _)| matches(template)) else { return true };
+    let Some(op) = ops.get(method.to_ascii_lowercase()) else { return true };
+    let responses = &op["responses"];
+    responses.get(status.to_string()).is_some() || (status >= 400 && responses.get("default").is_some())
 }
 
 /// An in-process VM with a disk, a NIC and vsock, serving the API.
@@ -253,6 +271,10 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
     let missing = rig.dir.join("missing.img");
     let good_backend = format!(r#"{{"path": "{}"}}"#, image.display());
     let swap = |body: String| post("/devices/disk0/swap", &body);
+    // A tap whose MTU is below the 1500 the guest was told.
+    let small_tap = common::peers::Tap::create(&format!("ap{}m", std::process::id() % 1_000_000));
+    let ok = Command::new("ip").args(["link", "set", &small_tap.name, "mtu", "1000"]).status();
+    assert!(ok.is_ok_and(|s| s.success()), "cannot set the MTU of {}", small_tap.name);
     let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
         ("unknown state", patch_vm(r#"{"state": "sleeping"}"#), 400, Some("state")),
         ("missing state", patch_vm("{}"), 400, Some("state")),
@@ -287,6 +309,30 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
             Some("allow_new_image"),
         ),
         ("unknown mode", swap(format!(r#"{{"backend": {good_backend}, "mode": "teleport"}}"#)), 400, Some("mode")),
+        (
+            "no drain at all",
+            swap(format!(r#"{{"backend": {good_backend}, "drain_timeout_ms": 0}}"#)),
+            400,
+            Some("drain_timeout_ms"),
+        ),
+        (
+            "a verify window of days",
+            swap(format!(r#"{{"backend": {good_backend}, "verify": {{"window_ms": 900000000}}}}"#)),
+            400,
+            Some("verify.window_ms"),
+        ),
+        (
+            "an error rate over 1",
+            swap(format!(r#"{{"backend": {good_backend}, "verify": {{"max_error_rate": 2.5}}}}"#)),
+            400,
+            Some("verify.max_error_rate"),
+        ),
+        (
+            "a NIC with a smaller MTU",
+            post("/devices/net0/swap", &format!(r#"{{"backend": {{"tap": "{}"}}}}"#, small_tap.name)),
+            422,
+            Some("backend"),
+        ),
         ("missing image", swap(format!(r#"{{"backend": {{"path": "{}"}}}}"#, missing.display())), 422, Some("backend")),
         (
             "same vsock socket",
@@ -321,6 +367,21 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
         ),
         ("same backing", post("/memory/regions/0/swap", r#"{"backing": {"kind": "anonymous"}}"#), 409, Some("backing")),
         (
+            "a file with data in it",
+            post(
+                "/memory/regions/0/swap",
+                &format!(r#"{{"backing": {{"kind": "file", "path": "{}"}}}}"#, image.display()),
+            ),
+            409,
+            Some("backing"),
+        ),
+        (
+            "memory drain of zero",
+            post("/memory/regions/0/swap", r#"{"backing": {"kind": "memfd"}, "drain_timeout_ms": 0}"#),
+            400,
+            Some("drain_timeout_ms"),
+        ),
+        (
             "file backing without path",
             post("/memory/regions/0/swap", r#"{"backing": {"kind": "file"}}"#),
             400,
@@ -341,6 +402,11 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
     for (what, request, status, field) in &cases {
         let (got, headers, body) = raw(&socket, request);
         assert_eq!(got, *status, "{what}: {body:#}");
+        let head = String::from_utf8_lossy(request);
+        let mut line = head.split_whitespace();
+        if let (Some(method), Some(path)) = (line.next(), line.next()) {
+            assert!(status_documented(&doc, method, path, got), "{what}: {method} {path} answered {got}, undocumented");
+        }
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: no error message: {body:#}");
         assert_eq!(body["field"].as_str(), *field, "{what}: {body:#}");
         if *status == 405 {

@@ -261,6 +261,46 @@ fn blk_stress_survives_100_engine_swaps_and_a_live_migration() {
     eprintln!("blk-stress: {}", text.lines().rev().find(|l| l.starts_with("blk-stress: ops=")).unwrap());
 }
 
+/// Memory swaps quiesce every device, here while a disk is in the middle of a live migration
+/// (its copy, its blackouts, its verification): quiesce holds nest, so neither swap lets the
+/// disk run under the other, and every guest write lands exactly once on the migrated image.
+#[test]
+fn memory_swaps_overlap_a_live_migration() {
+    let dir = TempDir::new("swap-overlap");
+    let disk_bytes = 256 << 20;
+    let disk = image(&dir, "disk.img", disk_bytes);
+    let target = image(&dir, "target.img", disk_bytes);
+    let (vm, serial) = boot(blk_stress_config(&disk, "sync"));
+    serial.wait_for("blk-stress: running", WAIT);
+
+    let request = swap_request(json!({
+        "backend": { "path": target, "engine": "io_uring" },
+        "mode": "migrate",
+        "verify": busy_disk_verify(),
+    }));
+    let migration = vm.swap_device("disk0", request).expect("start the migration");
+    let backings = [RamBacking::Memfd, RamBacking::Anonymous];
+    let mut memory_swaps = 0;
+    while migration.is_running() || memory_swaps < 2 {
+        let backing = backings[memory_swaps % 2].clone();
+        let request = MemorySwapRequest { backing: backing.clone(), verify: true, drain_timeout_ms: 5000 };
+        vm.swap_memory(0, &request).unwrap_or_else(|e| panic!("memory swap {memory_swaps} to {backing}: {e}"));
+        memory_swaps += 1;
+    }
+    let record = migration.wait(WAIT);
+    assert_eq!(record.state, SwapState::Committed, "live migration: {record:#?}");
+    eprintln!("{memory_swaps} memory swaps during the live migration");
+
+    let exit = stop_guest(&vm, &serial);
+    let text = serial.text();
+    assert_eq!(exit, VmExit::Guest(0), "{text}");
+    let guest_digest = check_blk_stress_summary(&text, STRESS_BLOCKS);
+    drop(vm);
+    let (digest, unwritten) = image_digest(&target, STRESS_BLOCKS, STRESS_SEED);
+    assert_eq!(unwritten, 0);
+    assert_eq!(digest, guest_digest, "the migrated image does not hold exactly the writes the guest completed");
+}
+
 /// A failing new backend is caught by the swap's health check and the old one is put back,
 /// with the guest none the wiser: requests the failed backend refused or swallowed are retried
 /// on the old one. Three ways to fail: every request errors, requests stall, and requests
@@ -307,6 +347,34 @@ fn failing_backends_roll_back_without_guest_errors() {
         );
         assert_eq!(backend_of(&vm, "disk0"), original, "fault {name}: the original backend is not back");
         eprintln!("rollback after fault {name}: {reason}; blackout {} us", record.blackout_us.unwrap_or(0));
+    }
+
+    // A live migration whose target fails while chunks are being copied: the copies in flight
+    // are waited for (or abandoned, when the target stalls) before the source goes back, and
+    // guest writes stuck on the stalled target are retried on the source.
+    let target = image(&dir, "target.img", STRESS_BLOCKS * BLOCK_SIZE as u64);
+    let migrations = [
+        ("error", json!("error"), "copying to the target failed"),
+        ("error_after", json!({ "error_after": 40 }), "copying to the target failed"),
+        ("stall", json!("stall"), "did not converge"),
+    ];
+    for (name, fault, why) in migrations {
+        let record = swap(
+            &vm,
+            "disk0",
+            swap_request(json!({
+                "backend": { "path": target, "engine": "io_uring" },
+                "mode": "migrate",
+                "fault": fault,
+                "drain_timeout_ms": 500,
+                "migrate": { "timeout_ms": 1000 },
+            })),
+        );
+        assert_eq!(record.state, SwapState::RolledBack, "migration fault {name}: {record:#?}");
+        let reason = record.reason.clone().unwrap_or_default();
+        assert!(reason.contains(why), "migration fault {name}: reason {reason:?} lacks {why:?}: {record:#?}");
+        assert_eq!(backend_of(&vm, "disk0"), original, "migration fault {name}: the source is not back");
+        eprintln!("migration rollback after fault {name}: {reason}; blackout {} us", record.blackout_us.unwrap_or(0));
     }
 
     // The old backend is really serving: a healthy swap still goes through afterwards.

@@ -6,7 +6,9 @@
 //! requests from the avail rings (guest notifications are remembered, never lost), `in_flight`
 //! and `poll_backend` drain what the backend still holds, `export_state`/`import_state` move
 //! queue state (features, ring addresses, avail/used indices, config space) to another device
-//! instance, and `resume` processes everything that arrived in the meantime.
+//! instance, and `resume` lets the device take requests again, replaying a kick on every queue
+//! so the event loop serves whatever arrived in the meantime. Quiesce holds nest (a backend
+//! swap may overlap a memory swap): the device runs again only when every holder resumed it.
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
@@ -90,6 +92,8 @@ pub enum StateError {
 /// Quiesce, drain, hand over, resume: the same for every device.
 pub trait Lifecycle {
     /// Stops taking new requests at a request boundary; in-flight requests still complete.
+    /// Holds nest: a device quiesced twice (a backend swap during a memory swap) runs again
+    /// only after both have called [`resume`](Self::resume).
     fn quiesce(&mut self);
     fn is_quiesced(&self) -> bool;
     /// Requests still held by the backend.
@@ -99,7 +103,8 @@ pub trait Lifecycle {
     /// Descriptors that become ready when in-flight requests may have progressed: poll them
     /// between calls to [`drive`](Self::drive) instead of sleeping.
     fn progress_fds(&self) -> Vec<std::os::fd::RawFd>;
-    /// Takes requests again, starting with any that arrived while quiesced.
+    /// Releases one quiesce hold; with none left, takes requests again, starting with any that
+    /// arrived while quiesced.
     fn resume(&mut self);
     fn export_state(&self) -> DeviceState;
     /// Adopts another instance's state; only while quiesced and drained.
@@ -108,11 +113,11 @@ pub trait Lifecycle {
 
 impl<D: VirtioDevice + ?Sized> Lifecycle for D {
     fn quiesce(&mut self) {
-        self.core_mut().quiesced = true;
+        self.core_mut().hold_quiesced();
     }
 
     fn is_quiesced(&self) -> bool {
-        self.core().quiesced
+        self.core().quiesced()
     }
 
     fn pending_requests(&self) -> usize {
@@ -129,7 +134,9 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
 
     fn resume(&mut self) {
         let core = self.core_mut();
-        core.quiesced = false;
+        if !core.release_quiesced() {
+            return;
+        }
         core.pending_notifications = 0;
         // With notifications suppressed the driver may not have kicked at all while we were
         // quiesced, so replay a kick on every queue. The device's event loop serves them, as
@@ -157,7 +164,7 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
     }
 
     fn import_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
-        if !self.core().quiesced || self.in_flight() != 0 {
+        if !self.core().quiesced() || self.in_flight() != 0 {
             return Err(StateError::Busy);
         }
         let core = self.core();
@@ -214,7 +221,10 @@ pub trait BackendSlot: Lifecycle {
     /// Requests that failed during probation (held, or counted where a device cannot hold).
     fn probation_failures(&self) -> u64;
     /// Gives up on requests the current backend still holds (it stalled): they are held and
-    /// retried on whatever backend is installed next.
+    /// retried on whatever backend is installed next. The abandoned backend may still finish
+    /// them later (a stale write landing after its retry), so this is only for a backend that
+    /// failed its health check and is about to be dropped; engines that hand buffers to the
+    /// kernel or a thread wait a bounded time for them when dropped.
     fn abandon_in_flight(&mut self);
     /// While a new backend is on probation, the replaced one can still receive input that was
     /// in flight when it was replaced (a NIC's peer answering frames sent through it). The

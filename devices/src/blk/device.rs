@@ -110,6 +110,30 @@ impl VirtioBlock {
         &*self.backend
     }
 
+    /// Whether `new` keeps the promises made to the guest other than the disk's size: the
+    /// features it was offered and read-only. What a new-image swap or a migration target
+    /// must pass ([`BackendSlot::check_compatible`] adds the size).
+    pub fn check_new_image(&self, new: &dyn BlockBackend) -> Result<(), Incompatible> {
+        let (old, new) = (self.backend.info(), new.info());
+        // The guest was offered these when the device was created; it may use them any time.
+        let offered = self.core.avail_features;
+        for (bit, name, supported) in
+            [(feature::DISCARD, "discard", new.discard), (feature::WRITE_ZEROES, "write-zeroes", new.write_zeroes)]
+        {
+            if offered & bit != 0 && !supported {
+                return Err(Incompatible(format!("the guest was offered {name}, which the new backend lacks")));
+            }
+        }
+        if old.read_only != new.read_only {
+            return Err(Incompatible(format!(
+                "read-only differs: {} now, {} offered",
+                if old.read_only { "read-only" } else { "read-write" },
+                if new.read_only { "read-only" } else { "read-write" }
+            )));
+        }
+        Ok(())
+    }
+
     pub fn metrics(&self) -> Arc<RequestMetrics> {
         self.metrics.clone()
     }
@@ -127,9 +151,10 @@ impl VirtioBlock {
     fn process_queue(&mut self) {
         let limits = self.limits();
         let Self { core, backend, inflight, next_token, blocked, metrics, id, held, .. } = self;
-        // Requests held from a failed or abandoned backend go first, in their original order.
+        // Requests held from a failed or abandoned backend go first: the guest has waited
+        // longest for them (virtio promises no order among requests in flight).
         *blocked = false;
-        while !core.quiesced && backend.can_submit() {
+        while !core.quiesced() && backend.can_submit() {
             let Some(req) = held.pop_front() else { break };
             start(core, &mut **backend, inflight, next_token, metrics, id, req);
         }
@@ -195,7 +220,7 @@ impl VirtioBlock {
         if returned {
             self.core.notify_if_needed(REQUEST_QUEUE);
         }
-        if self.blocked && self.backend.can_submit() && !self.core.quiesced {
+        if self.blocked && self.backend.can_submit() && !self.core.quiesced() {
             self.blocked = false;
             self.process_queue();
         }
@@ -345,6 +370,8 @@ impl VirtioDevice for VirtioBlock {
         for request in self.inflight.values_mut() {
             request.orphaned = true;
         }
+        // Held requests belong to the driver instance that just went away.
+        self.held.clear();
         self.blocked = false;
     }
 
@@ -386,30 +413,14 @@ impl BackendSlot for VirtioBlock {
     }
 
     fn check_compatible(&self, new: &dyn BlockBackend) -> Result<(), Incompatible> {
-        let (old, new) = (self.backend.info(), new.info());
-        if old.capacity != new.capacity {
+        let (old, info) = (self.backend.info(), new.info());
+        if old.capacity != info.capacity {
             return Err(Incompatible(format!(
                 "capacity differs: {} bytes now, {} bytes offered (a different disk needs a new-image swap)",
-                old.capacity, new.capacity
+                old.capacity, info.capacity
             )));
         }
-        // The guest was offered these when the device was created; it may use them any time.
-        let offered = self.core.avail_features;
-        for (bit, name, supported) in
-            [(feature::DISCARD, "discard", new.discard), (feature::WRITE_ZEROES, "write-zeroes", new.write_zeroes)]
-        {
-            if offered & bit != 0 && !supported {
-                return Err(Incompatible(format!("the guest was offered {name}, which the new backend lacks")));
-            }
-        }
-        if old.read_only != new.read_only {
-            return Err(Incompatible(format!(
-                "read-only differs: {} now, {} offered",
-                if old.read_only { "read-only" } else { "read-write" },
-                if new.read_only { "read-only" } else { "read-write" }
-            )));
-        }
-        Ok(())
+        self.check_new_image(new)
     }
 
     fn replace_backend(&mut self, new: Box<dyn BlockBackend>) -> Box<dyn BlockBackend> {
@@ -427,6 +438,10 @@ impl BackendSlot for VirtioBlock {
         self.probation = on;
         if on {
             self.probation_failures = 0;
+        } else if !self.held.is_empty() && self.core.activated {
+            // Failures the health check tolerated are retried on the backend that stays; the
+            // guest waits for them and may not kick again, so wake the event loop ourselves.
+            let _ = self.core.queue_events[REQUEST_QUEUE].write(1);
         }
     }
 
@@ -542,12 +557,18 @@ mod tests {
         let path = image("quiesce", 7);
         let (mut dev, _) = device(&path, false);
         let mem = dev.core.mem();
+        // Two holders (a device swap inside a memory swap): the first resume keeps it stopped.
+        dev.quiesce();
         dev.quiesce();
         header(&mem, 0x8_0000, request_type::IN, 0);
         add_chain(&dev.core, 0, &[(0x8_0000, 16, 0), (0x8_1000, 512, F_WRITE), (0x8_2000, 1, F_WRITE)], 0);
         dev.queue_notified(0);
         assert_eq!(used(&dev.core, 0).0, 0, "nothing taken while quiesced");
         assert_eq!(dev.pending_requests(), 0);
+        dev.resume();
+        assert!(dev.is_quiesced(), "still held by the other party");
+        dev.queue_notified(0);
+        assert_eq!(used(&dev.core, 0).0, 0, "nothing taken while one hold remains");
         dev.resume();
         assert_eq!(dev.core.queue_events[0].read().unwrap(), 1, "resume replays a kick for the event loop");
         dev.queue_notified(0);

@@ -195,14 +195,14 @@ impl VirtioNet {
     /// `None`, into RX buffers until either runs out. Returns how many frames it handled.
     fn receive(&mut self, mut previous: Option<&mut dyn NetBackend>) -> usize {
         let mut handled = 0;
-        if self.core.activated && !self.core.quiesced {
+        if self.core.activated && !self.core.quiesced() {
             // While it has buffers, the driver need not tell us it added more: we look when
             // frames arrive. Kicks are asked for again only when we run dry (below).
             let mem = self.core.mem();
             let _ = self.core.queues[RX].disable_notification(&*mem);
         }
         for _ in 0..BUDGET {
-            if self.core.quiesced || !self.core.activated {
+            if self.core.quiesced() || !self.core.activated {
                 return handled;
             }
             let frame = match self.pending_rx.pop_front() {
@@ -350,7 +350,7 @@ impl VirtioDevice for VirtioNet {
     fn event_sources(&self) -> Vec<EventSource> {
         let mut events = EventSet::empty();
         // Read the backend only when there is somewhere to put frames.
-        if self.core.activated && !self.core.quiesced && self.pending_rx.is_empty() {
+        if self.core.activated && !self.core.quiesced() && self.pending_rx.is_empty() {
             events |= EventSet::IN;
         }
         // Wait for room when a guest frame is stuck (also while draining).

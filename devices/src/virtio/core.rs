@@ -83,8 +83,9 @@ pub struct VirtioCore {
     pub memory: SharedGuestMem,
     /// Set once the driver wrote DRIVER_OK and the queues checked out.
     pub activated: bool,
-    /// Quiesced: no new requests are taken from the avail rings.
-    pub quiesced: bool,
+    /// How many parties hold the device quiesced (a backend swap and a memory swap may overlap):
+    /// while any does, no new requests are taken from the avail rings.
+    quiesce_holds: u32,
     /// Queues notified while quiesced (bit per queue), replayed on resume.
     pub pending_notifications: u64,
     /// Guest-caused errors, reported once per kind.
@@ -116,7 +117,7 @@ impl VirtioCore {
             config_generation: 0,
             memory,
             activated: false,
-            quiesced: false,
+            quiesce_holds: 0,
             pending_notifications: 0,
             guest_errors: LogOnce::new(64),
         })
@@ -144,9 +145,26 @@ impl VirtioCore {
         self.interrupt.signal(VirtioInterrupt::CONFIG_CHANGE);
     }
 
+    /// Whether anyone holds the device quiesced.
+    pub fn quiesced(&self) -> bool {
+        self.quiesce_holds > 0
+    }
+
+    /// Takes one hold on the device: it stops taking requests at the next request boundary.
+    pub fn hold_quiesced(&mut self) {
+        self.quiesce_holds += 1;
+    }
+
+    /// Gives back one hold; returns true when that was the last and the device runs again.
+    /// Unbalanced releases are ignored.
+    pub fn release_quiesced(&mut self) -> bool {
+        self.quiesce_holds = self.quiesce_holds.saturating_sub(1);
+        self.quiesce_holds == 0
+    }
+
     /// Records a notification that arrived while quiesced; returns true if it may be processed now.
     pub fn accept_notification(&mut self, queue: usize) -> bool {
-        if self.quiesced {
+        if self.quiesced() {
             self.pending_notifications |= 1 << queue;
             return false;
         }
@@ -222,7 +240,7 @@ impl QueueProcessor {
                 return taken;
             }
             loop {
-                if core.quiesced {
+                if core.quiesced() {
                     return taken;
                 }
                 let guard = core.mem();

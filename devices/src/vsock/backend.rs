@@ -31,12 +31,18 @@ pub struct UnixVsockBackend {
 }
 
 impl UnixVsockBackend {
-    /// Listens at `path` (replacing a stale socket file left by a previous run).
+    /// Listens at `path`, replacing a stale socket file left by a previous run. A socket
+    /// someone still listens on (another VMM, or this one under another name for the same
+    /// file) is refused, not taken over.
     pub fn bind(path: &Path) -> io::Result<Self> {
         if std::fs::symlink_metadata(path).is_ok_and(|m| {
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_socket()
         }) {
+            if UnixStream::connect(path).is_ok() {
+                let e = format!("{} is a live socket: something is listening on it", path.display());
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, e));
+            }
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;

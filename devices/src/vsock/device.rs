@@ -307,7 +307,7 @@ impl VirtioVsock {
 
     /// Fills the guest's RX buffers with whatever is ready.
     fn fill_rx(&mut self) {
-        if self.core.quiesced || !self.core.activated {
+        if self.core.quiesced() || !self.core.activated {
             return;
         }
         let mut delivered = false;
@@ -406,7 +406,7 @@ impl VirtioDevice for VirtioVsock {
 
     fn event_sources(&self) -> Vec<EventSource> {
         let mut sources: Vec<EventSource> = Vec::new();
-        if !self.core.quiesced && self.core.activated {
+        if !self.core.quiesced() && self.core.activated {
             sources.extend(self.backend.event_fds().into_iter().map(|fd| EventSource {
                 fd,
                 token: BACKEND_TOKEN,
@@ -415,7 +415,7 @@ impl VirtioDevice for VirtioVsock {
         }
         for conn in self.conns.values() {
             let mut events = EventSet::empty();
-            if conn.wants_host_read() && !self.rx_starved && !self.core.quiesced {
+            if conn.wants_host_read() && !self.rx_starved && !self.core.quiesced() {
                 events |= EventSet::IN;
             }
             if conn.wants_host_write() {

@@ -1,14 +1,12 @@
 //! `GET /metrics`: the VM's counters in the Prometheus text exposition format (0.0.4).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use devices::metrics::{LATENCY_BUCKETS_US, MetricsSnapshot};
 
-use crate::swap::{SwapRecord, SwapState};
+use crate::swap::{SWAP_BUCKETS_S, SwapState, SwapTally, TimeHistogram};
 use crate::{Vm, VmState};
-
-/// Bucket bounds for swap blackouts and durations, in seconds.
-const SWAP_BUCKETS_S: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0, 10.0, 60.0];
 
 /// A metric family read off a `T`: name, help, value.
 type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
@@ -45,20 +43,15 @@ impl Exposition {
         self.sample(&format!("{name}_sum"), labels, sum_s);
         self.sample(&format!("{name}_count"), labels, total);
     }
+
+    fn time_histogram(&mut self, name: &str, labels: &str, h: &TimeHistogram) {
+        self.histogram(name, labels, &SWAP_BUCKETS_S, &h.counts, h.sum_s);
+    }
 }
 
 /// Escapes a label value (backslash, quote, newline).
 fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// Non-cumulative counts of `values_s` per bucket of `bounds_s`, +Inf last.
-fn bucketize(values_s: impl Iterator<Item = f64>, bounds_s: &[f64]) -> Vec<u64> {
-    let mut counts = vec![0; bounds_s.len() + 1];
-    for v in values_s {
-        counts[bounds_s.iter().position(|&b| v <= b).unwrap_or(bounds_s.len())] += 1;
-    }
-    counts
 }
 
 pub fn render(vm: &Vm) -> String {
@@ -72,7 +65,7 @@ pub fn render(vm: &Vm) -> String {
     out.sample("vmm_guest_memory_bytes", "", vm.info().mem_bytes);
 
     device_metrics(&mut out, vm);
-    swap_metrics(&mut out, &vm.swaps().list());
+    swap_metrics(&mut out, &vm.swaps().tallies());
     memory_swap_metrics(&mut out, vm);
     out.0
 }
@@ -118,31 +111,23 @@ fn swap_state(state: SwapState) -> &'static str {
     }
 }
 
-fn swap_metrics(out: &mut Exposition, swaps: &[SwapRecord]) {
-    let mut devices: Vec<&str> = swaps.iter().map(|s| s.device.as_str()).collect();
-    devices.sort_unstable();
-    devices.dedup();
+fn swap_metrics(out: &mut Exposition, tallies: &BTreeMap<String, SwapTally>) {
     let name = "vmm_swaps_total";
     out.family(name, "counter", "Device backend swaps, by device and outcome.");
-    for device in &devices {
-        for state in [SwapState::Running, SwapState::Committed, SwapState::RolledBack, SwapState::Failed] {
-            let n = swaps.iter().filter(|s| s.device == *device && s.state == state).count();
-            out.sample(name, &format!("device=\"{}\",state=\"{}\"", label(device), swap_state(state)), n);
+    for (device, tally) in tallies {
+        for (state, n) in SwapTally::STATES.iter().zip(tally.by_state) {
+            out.sample(name, &format!("device=\"{}\",state=\"{}\"", label(device), swap_state(*state)), n);
         }
     }
-    let histograms: [Family<SwapRecord, Option<u64>>; 2] = [
-        ("vmm_swap_blackout_seconds", "Time a device took no new requests during a swap.", |s| s.blackout_us),
-        ("vmm_swap_duration_seconds", "Time from a swap's request to its end.", |s| s.duration_us),
-    ];
-    for (name, help, value) in histograms {
-        out.family(name, "histogram", help);
-        for device in &devices {
-            let values: Vec<f64> =
-                swaps.iter().filter(|s| s.device == *device).filter_map(value).map(|us| us as f64 / 1e6).collect();
-            let counts = bucketize(values.iter().copied(), &SWAP_BUCKETS_S);
-            let labels = format!("device=\"{}\"", label(device));
-            out.histogram(name, &labels, &SWAP_BUCKETS_S, &counts, values.iter().sum());
-        }
+    let name = "vmm_swap_blackout_seconds";
+    out.family(name, "histogram", "Time a device took no new requests during a swap.");
+    for (device, tally) in tallies {
+        out.time_histogram(name, &format!("device=\"{}\"", label(device)), &tally.blackout);
+    }
+    let name = "vmm_swap_duration_seconds";
+    out.family(name, "histogram", "Time from a swap's request to its end.");
+    for (device, tally) in tallies {
+        out.time_histogram(name, &format!("device=\"{}\"", label(device)), &tally.duration);
     }
 }
 
@@ -150,13 +135,11 @@ fn memory_swap_metrics(out: &mut Exposition, vm: &Vm) {
     let history = vm.swaps().memory_history();
     let name = "vmm_memory_swaps_total";
     out.family(name, "counter", "Guest RAM region backing swaps, by outcome.");
-    out.sample(name, "result=\"completed\"", history.completed.len());
+    out.sample(name, "result=\"completed\"", history.completed_total);
     out.sample(name, "result=\"failed\"", history.failed);
     let name = "vmm_memory_swap_pause_seconds";
     out.family(name, "histogram", "Time the vCPUs were paused for a memory swap.");
-    let pauses: Vec<f64> = history.completed.iter().map(|r| r.pause_us as f64 / 1e6).collect();
-    let counts = bucketize(pauses.iter().copied(), &SWAP_BUCKETS_S);
-    out.histogram(name, "", &SWAP_BUCKETS_S, &counts, pauses.iter().sum());
+    out.time_histogram(name, "", &history.pauses);
 }
 
 #[cfg(test)]
@@ -166,8 +149,9 @@ mod tests {
     #[test]
     fn histograms_are_cumulative_with_inf_and_count() {
         let mut out = Exposition(String::new());
-        let counts = bucketize([0.0001, 0.0003, 5.0, 100.0].into_iter(), &SWAP_BUCKETS_S);
-        out.histogram("h", "device=\"a\"", &SWAP_BUCKETS_S, &counts, 105.0004);
+        let mut h = TimeHistogram::default();
+        [100, 300, 5_000_000, 100_000_000].into_iter().for_each(|us| h.add_us(us));
+        out.histogram("h", "device=\"a\"", &SWAP_BUCKETS_S, &h.counts, h.sum_s);
         let text = out.0;
         assert!(text.contains("h_bucket{device=\"a\",le=\"0.0001\"} 1\n"), "{text}");
         assert!(text.contains("h_bucket{device=\"a\",le=\"0.0005\"} 2\n"), "{text}");

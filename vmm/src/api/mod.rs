@@ -72,11 +72,14 @@ impl From<SwapError> for ApiError {
 impl From<MemorySwapError> for ApiError {
     fn from(e: MemorySwapError) -> Self {
         let (status, field) = match &e {
+            MemorySwapError::Invalid(field) => return field.clone().into(),
             MemorySwapError::Memory(MemoryError::NoSuchRegion(_)) => (404, None),
             MemorySwapError::Memory(
                 MemoryError::File { .. } | MemoryError::HugePages { .. } | MemoryError::Mmap { .. },
             ) => (422, Some("backing")),
-            MemorySwapError::Same { .. } | MemorySwapError::FileInUse(_) => (409, Some("backing")),
+            MemorySwapError::Same { .. }
+            | MemorySwapError::FileInUse(_)
+            | MemorySwapError::Memory(MemoryError::FileNotEmpty { .. }) => (409, Some("backing")),
             MemorySwapError::Pause(ControlError::Stopped) => (409, None),
             MemorySwapError::Drain { .. } => (503, None),
             _ => (500, None),

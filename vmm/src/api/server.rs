@@ -2,7 +2,7 @@
 //! time, until the client leaves, goes quiet, or the server stops.
 
 use std::collections::HashMap;
-use std::io::{BufReader, ErrorKind};
+use std::io::{BufReader, ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -169,22 +169,45 @@ fn admit(stream: UnixStream, connections: &Arc<Connections>, vm: &Arc<Vm>) {
     };
     drop(open);
     let (connections, vm) = (connections.clone(), vm.clone());
+    let serving = connections.clone();
     let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
         serve(stream, &vm);
-        connections.remove(id);
+        serving.remove(id);
     });
     if let Err(e) = spawned {
+        // The closure (and the stream in it) is gone; so must its slot be.
+        connections.remove(id);
         log::warn!("API: cannot serve a connection: {e}");
+    }
+}
+
+/// A connection's read side that gives up when the request being read is overdue, however
+/// slowly its bytes trickle in (a per-read timeout alone would let a client hold a
+/// connection forever with a byte every few seconds).
+struct DeadlineReader {
+    stream: UnixStream,
+    until: Instant,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
     }
 }
 
 /// Serves requests on one connection until it closes or misbehaves.
 fn serve(stream: UnixStream, vm: &Vm) {
     let Ok(mut writer) = stream.try_clone() else { return };
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let _ = writer.set_write_timeout(Some(IDLE_TIMEOUT));
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(DeadlineReader { stream, until: Instant::now() });
     loop {
+        // Each request must arrive whole within the idle timeout of the previous answer.
+        reader.get_mut().until = Instant::now() + IDLE_TIMEOUT;
         let request = match http::read_request(&mut reader) {
             Ok(Some(request)) => request,
             Ok(None) => return,

@@ -95,6 +95,7 @@ impl DeviceHandle {
 }
 
 /// One registered device.
+#[derive(Clone)]
 pub struct DeviceEntry {
     pub id: String,
     pub slot: MmioSlot,

@@ -64,6 +64,11 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error(
+        "RAM backing file {path} already holds {len} bytes; guest RAM starts empty, so it would be \
+         overwritten: remove it or pick a new path"
+    )]
+    FileNotEmpty { path: PathBuf, len: u64 },
     #[error("hugetlbfs backing needs {needed} free 2 MiB huge pages, {free} are free (raise vm.nr_hugepages)")]
     HugePages { needed: u64, free: u64 },
     #[error("no RAM region with slot {0}")]
@@ -269,13 +274,14 @@ fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<Mmap
             let file_err = |source| MemoryError::File { path: path.clone(), source };
             let file =
                 OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(file_err)?;
-            if file_offset == 0 {
-                // Guest RAM starts as zeros (and a swap skips copying zero chunks): drop
-                // whatever an earlier user left in the file.
-                file.set_len(0).map_err(file_err)?;
+            let len = file.metadata().map_err(file_err)?.len();
+            // Guest RAM starts as zeros (and a swap skips copying zero chunks), so a file with
+            // data in it would be overwritten: it may be a disk image, or back another region.
+            if file_offset == 0 && len > 0 {
+                return Err(MemoryError::FileNotEmpty { path: path.clone(), len });
             }
             let needed = file_offset + size;
-            if file.metadata().map_err(file_err)?.len() < needed {
+            if len < needed {
                 file.set_len(needed).map_err(file_err)?;
             }
             (Some(FileOffset::new(file, file_offset)), libc::MAP_SHARED)
@@ -473,6 +479,21 @@ mod tests {
             mem.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
             assert_eq!(mem.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_with_data_in_it_is_never_overwritten() {
+        let dir = std::env::temp_dir().join(format!("vmm-ram-keep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let precious = dir.join("disk.img");
+        std::fs::write(&precious, b"someone's data").unwrap();
+        let backing = RamBacking::File { path: precious.clone() };
+        let err = GuestRam::new(4 << 20, &backing).err().expect("a non-empty file was accepted");
+        assert!(matches!(err, MemoryError::FileNotEmpty { len: 14, .. }), "{err}");
+        let ram = GuestRam::new(4 << 20, &RamBacking::Anonymous).unwrap();
+        assert!(matches!(ram.prepare_replacement(0, &backing), Err(MemoryError::FileNotEmpty { .. })));
+        assert_eq!(std::fs::read(&precious).unwrap(), b"someone's data");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -55,6 +55,8 @@ pub struct MemorySwapReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemorySwapError {
+    #[error("invalid memory swap request: {0}")]
+    Invalid(#[from] crate::config::json::FieldError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error("region {slot} already uses {backing}")]
@@ -96,6 +98,7 @@ pub struct MemorySwap<'a> {
 
 impl MemorySwap<'_> {
     pub fn run(&self, slot: u32, request: &MemorySwapRequest) -> Result<MemorySwapReport, MemorySwapError> {
+        super::check_ms("drain_timeout_ms", request.drain_timeout_ms, super::MAX_DRAIN_MS)?;
         let old = self.ram.region(slot).ok_or(MemoryError::NoSuchRegion(slot))?;
         if old.backing == request.backing {
             return Err(MemorySwapError::Same { slot, backing: old.backing });

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use devices::blk::{BlockBackend, Half, MirrorBackend, VirtioBlock};
+use devices::blk::{BlockBackend, Half, MirrorBackend, MirrorControl, VirtioBlock};
 use devices::lifecycle::{BackendSlot, Lifecycle};
 use serde::{Deserialize, Serialize};
 
@@ -55,18 +55,28 @@ pub fn run(
         return fail(SwapState::Failed, format!("{pending} request(s) still in flight; nothing changed"));
     }
     record.phase(Phase::Switch, Some("mirror installed".into()));
-    {
+    let attached = {
         // One critical section: once the source is attached the event loop starts copying,
         // and it must find the device already taking requests again.
         let mut dev = target.lock();
         let source = dev.replace_backend(Box::new(mirror));
-        // Cannot fail for a descriptor the source already had registered.
-        let _ = control.attach_source(source);
+        let attached = control.attach_source(source).map_err(|(e, source)| {
+            // Back as it was; the mirror (now holding nothing) is dropped.
+            drop(dev.replace_backend(source));
+            e
+        });
         dev.resume();
-    }
+        attached
+    };
     target.resync.resync();
     record.add_blackout(blackout.elapsed());
     drop(urgent);
+    if let Err(e) = attached {
+        return fail(
+            SwapState::Failed,
+            format!("cannot watch the disk's backend from the mirror: {e}; nothing changed"),
+        );
+    }
 
     // 2. Copy while the guest runs, until few dirty chunks remain.
     record.phase(Phase::Copy, Some(format!("{} bytes", info.capacity)));
@@ -105,6 +115,7 @@ pub fn run(
     let urgent = Urgent::enter();
     let (blackout, drained) = quiesce_and_drain(target, params.drain_timeout, record);
     if let Err(pending) = drained {
+        record.add_blackout(blackout.elapsed());
         return abort(format!("{pending} request(s) still in flight before the final copy"));
     }
     record.phase(Phase::FinalCopy, None);
@@ -116,6 +127,7 @@ pub fn run(
         Ok(n) => n,
         Err(e) => {
             target.resume();
+            record.add_blackout(blackout.elapsed());
             return abort(format!("final copy failed: {e}"));
         }
     };
@@ -142,39 +154,72 @@ pub fn run(
         || {},
     );
     match verdict {
-        Ok(_) => {
-            // 5. Commit: the plain target replaces the mirror (one more short blackout).
-            record.phase(Phase::Commit, None);
-            let _urgent = Urgent::enter();
-            let (blackout, _) = target.quiesce();
-            let _ = super::transaction::drain(&target.device, params.drain_timeout);
-            let mirror = match control.take(Half::Target) {
-                Some(backend) => {
-                    let mut dev = target.lock();
-                    dev.set_probation(false);
-                    Some(dev.replace_backend(backend))
-                }
-                None => None,
-            };
-            target.resume();
-            record.add_blackout(blackout.elapsed());
-            drop(mirror);
-            drop(control.take(Half::Source));
-            record.finish(SwapState::Committed, None);
-        }
+        Ok(_) => commit(target, &control, params, record).unwrap_or_else(abort),
         Err(reason) => abort(reason),
     }
+}
+
+/// How many times the commit tries to catch the disk with nothing in flight.
+const COMMIT_ATTEMPTS: u32 = 3;
+
+/// Step 5, commit: the plain target replaces the mirror (one more short blackout). The mirror
+/// can only be taken out of the slot with nothing in flight through it; if the disk will not
+/// drain, the caller rolls back instead (the source has every write, so nothing is lost).
+fn commit(
+    target: &SwapTarget<VirtioBlock>,
+    control: &MirrorControl,
+    params: &SwapParams,
+    record: &SwapHandle,
+) -> Result<(), String> {
+    record.phase(Phase::Commit, None);
+    let _urgent = Urgent::enter();
+    let mut attempt = 0;
+    let blackout = loop {
+        attempt += 1;
+        let (blackout, drained) = quiesce_and_drain(target, params.drain_timeout, record);
+        match drained {
+            Ok(()) => break blackout,
+            Err(pending) => {
+                record.add_blackout(blackout.elapsed());
+                if attempt == COMMIT_ATTEMPTS {
+                    return Err(format!("{pending} request(s) still in flight at commit, {attempt} tries"));
+                }
+            }
+        }
+    };
+    let Some(backend) = control.take(Half::Target) else {
+        target.resume();
+        record.add_blackout(blackout.elapsed());
+        return Err("internal error: the mirror lost its target".into());
+    };
+    let mirror = {
+        let mut dev = target.lock();
+        dev.set_probation(false);
+        dev.replace_backend(backend)
+    };
+    target.resume();
+    record.add_blackout(blackout.elapsed());
+    drop(mirror);
+    drop(control.take(Half::Source));
+    record.finish(SwapState::Committed, None);
+    Ok(())
 }
 
 /// Puts the source back in the slot in place of the mirror.
 fn roll_back_mirror(
     target: &SwapTarget<VirtioBlock>,
-    control: &devices::blk::MirrorControl,
+    control: &MirrorControl,
     params: &SwapParams,
     record: &SwapHandle,
     reason: &str,
 ) -> Option<Box<dyn BlockBackend>> {
     // The source has every write: while copying it served them, in write-through it got them.
+    // Copies in flight read from the source and write to the target: stop them and wait, or
+    // the source would go back in the slot still busy. Before the blackout: the guest's own
+    // requests keep flowing through the mirror meanwhile.
+    if let Err(n) = control.stop_copying(params.drain_timeout) {
+        record.phase(Phase::Rollback, Some(format!("{n} chunk copies did not finish; abandoned")));
+    }
     let mirror = roll_back(target, || control.take(Half::Source), params.drain_timeout, record, reason);
     drop(control.take(Half::Target));
     mirror

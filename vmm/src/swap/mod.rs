@@ -13,10 +13,12 @@
 pub mod memory;
 pub mod migration;
 mod record;
+mod tally;
 pub mod transaction;
 mod urgent;
 mod verify;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -30,12 +32,13 @@ use serde::{Deserialize, Serialize};
 pub use memory::{MemorySwapError, MemorySwapReport, MemorySwapRequest};
 pub use migration::MigrateOptions;
 pub use record::{CopyStats, Phase, SwapHandle, SwapRecord, SwapState, TimelineEntry};
+pub use tally::{SWAP_BUCKETS_S, SwapTally, TimeHistogram};
 pub use transaction::{SwapParams, SwapTarget};
 pub use verify::VerifyPolicy;
 
 use crate::config::json::{self, FieldError};
 use crate::config::{DiskConfig, NetConfig};
-use crate::device_manager::{DeviceEntry, DeviceHandle, DeviceManager, backends};
+use crate::device_manager::{DeviceEntry, DeviceHandle, backends};
 
 /// What kind of swap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +81,34 @@ pub struct SwapRequest {
     pub migrate: MigrateOptions,
 }
 
+/// Longest a drain may wait: the device takes no requests meanwhile.
+pub const MAX_DRAIN_MS: u64 = 60_000;
+/// Longest a health check may watch a new backend.
+pub const MAX_VERIFY_WINDOW_MS: u64 = 600_000;
+/// Longest a storage migration may copy before giving up.
+pub const MAX_MIGRATE_MS: u64 = 24 * 3600 * 1000;
+
+/// Checks that `value` is within `1..=max`, naming `field` if not.
+pub(crate) fn check_ms(field: &str, value: u64, max: u64) -> Result<(), FieldError> {
+    if value == 0 || value > max {
+        return Err(FieldError::new(field, format!("must be between 1 and {max} ms, got {value}")));
+    }
+    Ok(())
+}
+
+impl SwapRequest {
+    /// Timeouts a client may ask for: a typo must not park a device or a swap thread for days.
+    fn check_limits(&self) -> Result<(), FieldError> {
+        check_ms("drain_timeout_ms", self.drain_timeout_ms, MAX_DRAIN_MS)?;
+        check_ms("verify.window_ms", self.verify.window_ms, MAX_VERIFY_WINDOW_MS)?;
+        if !(0.0..=1.0).contains(&self.verify.max_error_rate) {
+            let e = format!("must be between 0 and 1, got {}", self.verify.max_error_rate);
+            return Err(FieldError::new("verify.max_error_rate", e));
+        }
+        check_ms("migrate.timeout_ms", self.migrate.timeout_ms, MAX_MIGRATE_MS)
+    }
+}
+
 /// The vsock backend in a swap request.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,10 +133,15 @@ pub enum SwapError {
     Prepare(String),
 }
 
+/// Finished swaps remembered (per kind); older ones are forgotten, running ones never.
+pub const HISTORY: usize = 1000;
+
 /// Runs swaps and remembers them.
 #[derive(Default)]
 pub struct SwapManager {
     swaps: Mutex<Vec<SwapHandle>>,
+    /// What forgotten records counted, per device. Locked after `swaps`, never before.
+    retired: Mutex<BTreeMap<String, SwapTally>>,
     next_id: AtomicU64,
     memory: Mutex<MemorySwapHistory>,
 }
@@ -113,8 +149,11 @@ pub struct SwapManager {
 /// Memory swaps done so far (they run synchronously, so only their outcome is kept).
 #[derive(Clone, Debug, Default)]
 pub struct MemorySwapHistory {
+    /// The latest [`HISTORY`] reports.
     pub completed: Vec<MemorySwapReport>,
+    pub completed_total: u64,
     pub failed: u64,
+    pub pauses: TimeHistogram,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, SwapError> {
@@ -130,6 +169,17 @@ impl SwapManager {
         self.lock().iter().map(SwapHandle::snapshot).collect()
     }
 
+    /// Every swap ever started, summed up per device (forgotten records included).
+    pub fn tallies(&self) -> BTreeMap<String, SwapTally> {
+        let swaps = self.lock();
+        let mut tallies = self.retired.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for swap in swaps.iter() {
+            let record = swap.snapshot();
+            tallies.entry(record.device.clone()).or_default().add(&record);
+        }
+        tallies
+    }
+
     pub fn get(&self, id: u64) -> Option<SwapHandle> {
         self.lock().iter().find(|s| s.id() == id).cloned()
     }
@@ -141,18 +191,23 @@ impl SwapManager {
     pub(crate) fn record_memory_swap(&self, outcome: &Result<MemorySwapReport, MemorySwapError>) {
         let mut history = self.memory.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
-            Ok(report) => history.completed.push(report.clone()),
+            Ok(report) => {
+                if history.completed.len() == HISTORY {
+                    history.completed.remove(0);
+                }
+                history.completed.push(report.clone());
+                history.completed_total += 1;
+                history.pauses.add_us(report.pause_us);
+            }
             Err(_) => history.failed += 1,
         }
     }
 
     /// Validates and prepares a swap of device `id`, then runs the rest on its own thread.
-    /// Errors mean nothing changed (the refused swap is still recorded, as failed).
-    pub fn start(&self, devices: &DeviceManager, id: &str, request: SwapRequest) -> Result<SwapHandle, SwapError> {
-        let entry = devices.find(id).ok_or_else(|| SwapError::NoSuchDevice(id.to_string()))?;
-        if let Some(running) = self.lock().iter().find(|s| s.is_running() && s.device() == id) {
-            return Err(SwapError::Busy { device: id.to_string(), swap: running.id() });
-        }
+    /// Errors mean nothing changed; a swap refused once its record exists (the new backend
+    /// failed to open or is incompatible) stays in the list, as failed.
+    pub fn start(&self, entry: &DeviceEntry, request: SwapRequest) -> Result<SwapHandle, SwapError> {
+        let id = entry.id.as_str();
         let kind = entry.handle.kind();
         if request.mode != SwapMode::Switch && kind != "block" {
             let e = format!("mode {:?} applies to disks, {id} is a {kind} device", request.mode);
@@ -165,6 +220,7 @@ impl SwapManager {
         if request.fault.is_some() && kind != "block" {
             return Err(FieldError::new("fault", "fault injection applies to disks").into());
         }
+        request.check_limits()?;
         let mode =
             serde_json::to_value(request.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         let record = SwapHandle::new(
@@ -173,7 +229,25 @@ impl SwapManager {
             &mode,
             entry.handle.backend_description(),
         );
-        self.lock().push(record.clone());
+        {
+            // Checked and registered at once, so two requests cannot both start.
+            let mut swaps = self.lock();
+            if let Some(running) = swaps.iter().find(|s| s.is_running() && s.device() == id) {
+                return Err(SwapError::Busy { device: id.to_string(), swap: running.id() });
+            }
+            if swaps.len() >= HISTORY
+                && let Some(oldest) = swaps.iter().position(|s| !s.is_running())
+            {
+                let gone = swaps.remove(oldest).snapshot();
+                self.retired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(gone.device.clone())
+                    .or_default()
+                    .add(&gone);
+            }
+            swaps.push(record.clone());
+        }
         let fail = |e: SwapError| {
             record.finish(SwapState::Failed, Some(e.to_string()));
             e
@@ -194,17 +268,19 @@ impl SwapManager {
                         FaultyBackend::new(backend, fault).map_err(|e| fail(SwapError::Prepare(e.to_string())))?,
                     );
                 }
-                if request.mode == SwapMode::Switch
-                    && let Err(e) = lock_device(&device).check_compatible(&*backend)
-                {
-                    return Err(fail(SwapError::Incompatible(e.to_string())));
-                }
+                // A migration's target must also be as big as the disk (and writable, which the
+                // mirror checks); a new image may have any size.
+                let compatible = match request.mode {
+                    SwapMode::Switch | SwapMode::Migrate => lock_device(&device).check_compatible(&*backend),
+                    SwapMode::NewImage => lock_device(&device).check_new_image(&*backend),
+                };
+                compatible.map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
                 record.set_target(backend.info().description.clone());
                 let target = swap_target(entry, device);
-                let (record, mode, migrate) = (record.clone(), request.mode, request.migrate);
-                spawn(id, move || match mode {
-                    SwapMode::Migrate => migration::run(&target, backend, &params, &migrate, &record),
-                    _ => transaction::run(&target, backend, &params, &record),
+                let (thread_record, mode, migrate) = (record.clone(), request.mode, request.migrate);
+                spawn(id, &record, move || match mode {
+                    SwapMode::Migrate => migration::run(&target, backend, &params, &migrate, &thread_record),
+                    _ => transaction::run(&target, backend, &params, &thread_record),
                 });
             }
             DeviceHandle::Net(device) => {
@@ -215,15 +291,17 @@ impl SwapManager {
                 }
                 net.check().map_err(|e| fail(FieldError::new("backend", e).into()))?;
                 let backend = backends::open_net(&net, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
+                lock_device(&device)
+                    .check_compatible(&*backend)
+                    .map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
                 record.set_target(backend.description());
                 let target = swap_target(entry, device);
-                let record = record.clone();
-                spawn(id, move || transaction::run(&target, backend, &params, &record));
+                let thread_record = record.clone();
+                spawn(id, &record, move || transaction::run(&target, backend, &params, &thread_record));
             }
             DeviceHandle::Vsock(device) => {
                 let spec: VsockBackendSpec = parse(&request.backend).map_err(fail)?;
-                // Checked before binding: binding replaces a stale socket file at that path,
-                // which would be the live one.
+                // Checked first for a clear answer; binding would refuse the live socket anyway.
                 let current = lock_device(&device).backend_description();
                 if current == format!("unix {}", spec.socket.display()) {
                     return Err(fail(SwapError::Incompatible(format!("already using {}", spec.socket.display()))));
@@ -231,10 +309,13 @@ impl SwapManager {
                 let backend =
                     backends::open_vsock(&spec.socket, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
                 let backend: Box<dyn devices::vsock::VsockBackend> = Box::new(backend);
+                lock_device(&device)
+                    .check_compatible(&*backend)
+                    .map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
                 record.set_target(backend.description());
                 let target = swap_target(entry, device);
-                let record = record.clone();
-                spawn(id, move || transaction::run(&target, backend, &params, &record));
+                let thread_record = record.clone();
+                spawn(id, &record, move || transaction::run(&target, backend, &params, &thread_record));
             }
         }
         Ok(record)
@@ -249,8 +330,11 @@ fn swap_target<D>(entry: &DeviceEntry, device: std::sync::Arc<Mutex<D>>) -> Swap
     }
 }
 
-fn spawn(device: &str, f: impl FnOnce() + Send + 'static) {
+/// Runs the rest of a swap on its own thread. If no thread can be had, nothing has changed
+/// yet (the new backend is dropped with the closure) and the swap ends as failed.
+fn spawn(device: &str, record: &SwapHandle, f: impl FnOnce() + Send + 'static) {
     if let Err(e) = std::thread::Builder::new().name(format!("swap-{device}")).spawn(f) {
         log::error!("cannot start the swap thread for {device}: {e}");
+        record.finish(SwapState::Failed, Some(format!("cannot start the swap thread: {e}; nothing changed")));
     }
 }

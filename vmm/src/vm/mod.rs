@@ -174,7 +174,10 @@ impl Vm {
         if let Some(exit) = self.exit.get() {
             return Err(SwapError::VmExited(exit.to_string()));
         }
-        self.swaps.start(&self.devices(), id, request)
+        // Not under the device manager's lock: opening the new backend can take a while (an
+        // NBD server to connect to), and listing devices or stopping the VM must not wait.
+        let entry = self.devices().find(id).cloned().ok_or_else(|| SwapError::NoSuchDevice(id.to_string()))?;
+        self.swaps.start(&entry, request)
     }
 
     /// Swaps started on this VM, running and finished.

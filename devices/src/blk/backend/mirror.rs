@@ -30,6 +30,11 @@ use super::{BlockBackend, BlockInfo, BlockOp, Completion, IoBuf};
 pub const CHUNK: u64 = 1 << 20;
 /// Copies in flight at once.
 const MAX_COPIES: usize = 4;
+/// The mirror numbers its own requests to the halves from here up. A half goes back into the
+/// disk's slot when the migration ends; should one of the mirror's requests still complete on
+/// it after that (a stalled half abandoned on rollback), its token cannot be mistaken for one
+/// of the disk's, which count up from zero.
+const FIRST_TOKEN: u64 = 1 << 63;
 /// Longest the event loop spends copying per call before it serves the guest again:
 /// synchronous engines copy inline, and the device waits meanwhile.
 const COPY_SLICE: Duration = Duration::from_millis(1);
@@ -88,6 +93,12 @@ struct State {
     /// Guest writes in flight per chunk: such chunks are not copied yet.
     writing: HashMap<u64, u32>,
     copying: HashMap<u64, Vec<u8>>,
+    /// Where the next search for a dirty chunk starts, so each call does not rescan the
+    /// clean chunks at the front.
+    cursor: u64,
+    /// No new copies: the migration is ending (rollback), and the halves can only be taken
+    /// out once no copy uses them.
+    stopped: bool,
     guest: HashMap<u64, GuestOp>,
     origins: HashMap<(Side, u64), Origin>,
     next_token: u64,
@@ -129,17 +140,21 @@ impl State {
 
     /// Starts the copy of one dirty chunk nobody is writing, within the in-flight limit.
     fn start_copies(&mut self) {
-        if self.mode != Mode::Copying || self.failed {
+        if self.mode != Mode::Copying || self.failed || self.stopped {
             return;
         }
-        let mut chunk = 0;
+        let chunks = self.dirty.len() as u64;
         let limit = (self.copying.len() + 1).min(MAX_COPIES);
-        while self.copying.len() < limit && self.dirty_count > 0 && chunk < self.dirty.len() as u64 {
-            let c = chunk;
-            chunk += 1;
+        // One lap at most, starting where the last search left off.
+        for step in 0..chunks {
+            if self.copying.len() >= limit || self.dirty_count == 0 {
+                break;
+            }
+            let c = (self.cursor + step) % chunks;
             if !self.dirty[c as usize] || self.copying.contains_key(&c) || self.writing.contains_key(&c) {
                 continue;
             }
+            self.cursor = (c + 1) % chunks;
             if !self.source.as_ref().is_some_and(|s| s.can_submit()) {
                 break;
             }
@@ -160,6 +175,11 @@ impl State {
     fn copy_failed(&mut self, chunk: u64) {
         self.copying.remove(&chunk);
         self.failed = true;
+    }
+
+    /// Requests of the mirror's own still in flight on `side`.
+    fn in_flight_on(&self, side: Side) -> usize {
+        self.origins.keys().filter(|(s, _)| *s == side).count()
     }
 
     /// Collects inner completions and advances guest ops and copies.
@@ -272,7 +292,7 @@ impl MirrorBackend {
     /// A mirror copying `source` to `target`, which must have the same capacity.
     pub fn new(source: Box<dyn BlockBackend>, target: Box<dyn BlockBackend>) -> io::Result<(Self, MirrorControl)> {
         let (mirror, control) = Self::detached(source.info(), target)?;
-        control.attach_source(source)?;
+        control.attach_source(source).map_err(|(e, _)| e)?;
         Ok((mirror, control))
     }
 
@@ -307,8 +327,10 @@ impl MirrorBackend {
             writing: HashMap::new(),
             copying: HashMap::new(),
             guest: HashMap::new(),
+            cursor: 0,
+            stopped: false,
             origins: HashMap::new(),
-            next_token: 0,
+            next_token: FIRST_TOKEN,
             done: Vec::new(),
             bytes_copied: 0,
             failed: false,
@@ -396,7 +418,13 @@ impl BlockBackend for MirrorBackend {
         out.append(&mut s.done);
         // With nothing in flight to wake us (synchronous engines complete inline), come back
         // for the rest of the copy after the device has had its turn.
-        if s.mode == Mode::Copying && s.dirty_count > 0 && !s.failed && s.copying.is_empty() && s.writing.is_empty() {
+        if s.mode == Mode::Copying
+            && s.dirty_count > 0
+            && !s.failed
+            && !s.stopped
+            && s.copying.is_empty()
+            && s.writing.is_empty()
+        {
             self.ready.signal();
         }
     }
@@ -422,13 +450,51 @@ fn duplicate(op: &BlockOp) -> BlockOp {
     }
 }
 
+impl Drop for State {
+    fn drop(&mut self) {
+        // A copy still in flight when the mirror goes (a half stalled and was abandoned): the
+        // engine may yet write into its buffer, which must therefore outlive us. Bounded by
+        // MAX_COPIES chunks, and only on that failure path.
+        if !self.copying.is_empty() {
+            log::warn!("leaking {} copy buffer(s) still in use by a stalled migration half", self.copying.len());
+            for (_, buf) in self.copying.drain() {
+                std::mem::forget(buf);
+            }
+        }
+    }
+}
+
 impl MirrorControl {
-    /// Gives the mirror its source and starts copying without waiting for the guest.
-    pub fn attach_source(&self, source: Box<dyn BlockBackend>) -> io::Result<()> {
-        self.ready.watch(source.completion_fd())?;
+    /// Gives the mirror its source and starts copying without waiting for the guest. On
+    /// failure the source comes back with the error, so the caller can reinstall it.
+    pub fn attach_source(&self, source: Box<dyn BlockBackend>) -> Result<(), (io::Error, Box<dyn BlockBackend>)> {
+        if let Err(e) = self.ready.watch(source.completion_fd()) {
+            return Err((e, source));
+        }
         lock(&self.state).source = Some(source);
         self.ready.signal();
         Ok(())
+    }
+
+    /// Starts no more copies and waits (up to `timeout`) for those in flight, so both halves
+    /// can be taken out. Call before [`take`](Self::take) when abandoning a migration that is
+    /// still copying. Returns the number of the mirror's requests still in flight on timeout.
+    pub fn stop_copying(&self, timeout: Duration) -> Result<(), usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut s = lock(&self.state);
+                s.stopped = true;
+                s.pump();
+                if s.copying.is_empty() {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(s.copying.len());
+                }
+            }
+            self.ready.wait(1);
+        }
     }
 
     pub fn progress(&self) -> MirrorProgress {
@@ -463,9 +529,19 @@ impl MirrorControl {
     }
 
     /// Takes one half out of a mirror that is no longer in use (after commit or rollback the
-    /// disk holds the chosen half again).
+    /// disk holds the chosen half again): the disk quiesced and drained, copies stopped. A
+    /// request of the mirror's still in flight on the half (it stalled) completes later with a
+    /// token the disk does not know, and is ignored.
     pub fn take(&self, half: Half) -> Option<Box<dyn BlockBackend>> {
         let mut s = lock(&self.state);
+        let side = match half {
+            Half::Source => Side::Source,
+            Half::Target => Side::Target,
+        };
+        let stray = s.in_flight_on(side);
+        if stray > 0 {
+            log::warn!("taking the migration's {half:?} half with {stray} of its request(s) unfinished");
+        }
         let taken = match half {
             Half::Source => s.source.take(),
             Half::Target => s.target.take(),
@@ -602,6 +678,37 @@ mod tests {
         assert!(done.iter().all(|(_, r)| r.is_ok()), "the guest's write succeeded: {done:?}");
         assert!(control.progress().failed);
         assert_eq!(std::fs::read(&src).unwrap()[8192], 7);
+        std::fs::remove_file(src).unwrap();
+        std::fs::remove_file(dst).unwrap();
+    }
+
+    #[test]
+    fn stopping_waits_for_copies_in_flight_and_starts_no_more() {
+        const SIZE: usize = 16 << 20;
+        let src = file("stop-src", |i| (i >> 20) as u8, SIZE);
+        let dst = file("stop-dst", |_| 0, SIZE);
+        let open = |p: &std::path::Path| -> Box<dyn BlockBackend> { Box::new(UringBackend::open(p, false).unwrap()) };
+        let (mut m, control) = MirrorBackend::new(open(&src), open(&dst)).unwrap();
+        let mut done = Vec::new();
+        // io_uring copies complete asynchronously: after one look some are in flight.
+        m.poll_completions(&mut done);
+        assert!(control.progress().copies_in_flight > 0, "{:?}", control.progress());
+        control.stop_copying(Duration::from_secs(10)).unwrap();
+        let stopped = control.progress();
+        assert_eq!(stopped.copies_in_flight, 0);
+        assert!(stopped.dirty_chunks > 0, "the copy was stopped before the end: {stopped:?}");
+        m.poll_completions(&mut done);
+        assert_eq!(control.progress(), stopped, "nothing new started after the stop");
+        // Both halves come out idle, and what was copied is the source's data.
+        assert!(control.idle());
+        let source = control.take(Half::Source).expect("source");
+        assert_eq!(source.in_flight(), 0);
+        drop(control.take(Half::Target));
+        let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        for chunk in 0..SIZE / CHUNK as usize {
+            let range = chunk * CHUNK as usize..(chunk + 1) * CHUNK as usize;
+            assert!(b[range.clone()] == a[range.clone()] || b[range].iter().all(|&x| x == 0), "chunk {chunk} torn");
+        }
         std::fs::remove_file(src).unwrap();
         std::fs::remove_file(dst).unwrap();
     }

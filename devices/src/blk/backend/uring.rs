@@ -63,6 +63,31 @@ impl UringBackend {
     }
 }
 
+impl Drop for UringBackend {
+    /// The kernel may still be using guest buffers for requests in flight (a backend dropped
+    /// after a rollback abandoned its requests): give them a bounded time to finish before the
+    /// ring goes. Closing the ring cancels what is left.
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + DROP_GRACE;
+        while !self.pending.is_empty() && std::time::Instant::now() < deadline {
+            let _ = self.ring.submit();
+            let finished: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for token in finished {
+                self.pending.remove(&token);
+            }
+            if !self.pending.is_empty() {
+                let mut pfd = libc::pollfd { fd: self.eventfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 10) };
+                let _ = self.eventfd.read();
+            }
+        }
+    }
+}
+
+/// How long a dropped backend waits for its requests in flight.
+const DROP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Zeroes everything after the first `filled` bytes of `iovecs` (a short read hit end of file).
 fn zero_tail(iovecs: &[libc::iovec], mut filled: u64) {
     for iov in iovecs {
