@@ -458,6 +458,7 @@ impl RunningVmm {
             .stderr(Stdio::inherit());
         let mut child = Reaped(cmd.spawn().expect("spawn vmm"));
         let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+        let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
         let mut line = String::new();
         while !line.contains("idle: ready") {
             line.clear();
@@ -545,7 +546,9 @@ fn vmm_ctl_wraps_every_call() {
 
     let out = vmm.ctl(&["stop"]);
     assert_eq!(json(&out)["state"], "exited", "{out:?}");
+    let watchdog = common::peers::Watchdog::kill_after(vmm.child.0.id(), WAIT);
     let status = vmm.child.0.wait().unwrap();
+    drop(watchdog);
     assert_eq!(status.code(), Some(0));
     let mut rest = String::new();
     let _ = vmm.stdout.read_to_string(&mut rest);

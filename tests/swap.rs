@@ -691,7 +691,20 @@ fn refused_swaps_change_nothing_and_new_image_changes_capacity() {
     assert!(backend_of(&vm, "disk0").contains(&bigger.display().to_string()), "{}", backend_of(&vm, "disk0"));
     assert_eq!(disk_capacity(&vm), 32 << 20);
 
+    // A migration that cannot finish (its target stalls) gives up when the VM stops, instead
+    // of copying on until its timeout (ten minutes by default).
+    let stuck = image(&dir, "stuck.img", 32 << 20);
+    let migration = vm
+        .swap_device(
+            "disk0",
+            swap_request(json!({ "backend": { "path": stuck }, "mode": "migrate", "fault": "stall" })),
+        )
+        .unwrap();
     assert_eq!(stop_guest(&vm, &serial), VmExit::Guest(0), "{}", serial.text());
+    let record = migration.wait(WAIT);
+    assert_eq!(record.state, SwapState::RolledBack, "{record:#?}");
+    assert!(record.reason.as_deref().is_some_and(|r| r.contains("stopping")), "{record:#?}");
+    assert!(backend_of(&vm, "disk0").contains(&bigger.display().to_string()), "{}", backend_of(&vm, "disk0"));
 }
 
 /// A host connection to the guest's port `port` through the hybrid vsock socket at `socket`.

@@ -20,6 +20,32 @@ impl Drop for Reaped {
     }
 }
 
+/// Kills process `pid` if not dropped within `timeout`, so a test blocked reading a child's
+/// output (or waiting for it to exit) fails instead of hanging.
+pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+impl Watchdog {
+    pub fn kill_after(pid: u32, timeout: std::time::Duration) -> Self {
+        let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(timeout) {
+                eprintln!("watchdog: process {pid} still blocking after {timeout:?}; killing it");
+                // SAFETY: only sends a signal. Callers drop the watchdog as soon as the child
+                // is reaped, so after a timeout this long the pid is still that child.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        });
+        Self(Some(disarm))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Dropping the sender disarms it: the thread's recv returns Disconnected.
+        self.0.take();
+    }
+}
+
 /// A thread that runs until dropped.
 struct Worker {
     stop: Arc<AtomicBool>,

@@ -98,6 +98,9 @@ pub fn run(
         if p.failed {
             return abort("copying to the target failed".into());
         }
+        if let Err(reason) = target.check_running() {
+            return abort(reason);
+        }
         if p.dirty_chunks + p.copies_in_flight <= options.converge_chunks {
             break;
         }
@@ -151,7 +154,7 @@ pub fn run(
         &target.metrics,
         || target.lock().probation_failures(),
         || target.lock().pending_requests(),
-        || {},
+        || target.check_running(),
     );
     match verdict {
         Ok(_) => commit(target, &control, params, record).unwrap_or_else(abort),

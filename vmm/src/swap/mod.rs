@@ -20,8 +20,8 @@ mod verify;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use devices::blk::{Fault, FaultyBackend};
@@ -144,6 +144,8 @@ pub struct SwapManager {
     retired: Mutex<BTreeMap<String, SwapTally>>,
     next_id: AtomicU64,
     memory: Mutex<MemorySwapHistory>,
+    /// Set when the VM stops; swaps in progress see it through their [`SwapTarget`].
+    vm_stopping: Arc<AtomicBool>,
 }
 
 /// Memory swaps done so far (they run synchronously, so only their outcome is kept).
@@ -167,6 +169,20 @@ impl SwapManager {
 
     pub fn list(&self) -> Vec<SwapRecord> {
         self.lock().iter().map(SwapHandle::snapshot).collect()
+    }
+
+    fn swap_target<D>(&self, entry: &DeviceEntry, device: Arc<Mutex<D>>) -> SwapTarget<D> {
+        SwapTarget {
+            device,
+            resync: entry.resync.clone(),
+            metrics: entry.handle.metrics().into_iter().map(|(_, m)| m).collect(),
+            vm_stopping: self.vm_stopping.clone(),
+        }
+    }
+
+    /// Tells swaps in progress that the VM is stopping: they roll back rather than wait.
+    pub fn vm_stopping(&self) {
+        self.vm_stopping.store(true, Ordering::Release);
     }
 
     /// Every swap ever started, summed up per device (forgotten records included).
@@ -276,7 +292,7 @@ impl SwapManager {
                 };
                 compatible.map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
                 record.set_target(backend.info().description.clone());
-                let target = swap_target(entry, device);
+                let target = self.swap_target(entry, device);
                 let (thread_record, mode, migrate) = (record.clone(), request.mode, request.migrate);
                 spawn(id, &record, move || match mode {
                     SwapMode::Migrate => migration::run(&target, backend, &params, &migrate, &thread_record),
@@ -295,7 +311,7 @@ impl SwapManager {
                     .check_compatible(&*backend)
                     .map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
                 record.set_target(backend.description());
-                let target = swap_target(entry, device);
+                let target = self.swap_target(entry, device);
                 let thread_record = record.clone();
                 spawn(id, &record, move || transaction::run(&target, backend, &params, &thread_record));
             }
@@ -313,20 +329,12 @@ impl SwapManager {
                     .check_compatible(&*backend)
                     .map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
                 record.set_target(backend.description());
-                let target = swap_target(entry, device);
+                let target = self.swap_target(entry, device);
                 let thread_record = record.clone();
                 spawn(id, &record, move || transaction::run(&target, backend, &params, &thread_record));
             }
         }
         Ok(record)
-    }
-}
-
-fn swap_target<D>(entry: &DeviceEntry, device: std::sync::Arc<Mutex<D>>) -> SwapTarget<D> {
-    SwapTarget {
-        device,
-        resync: entry.resync.clone(),
-        metrics: entry.handle.metrics().into_iter().map(|(_, m)| m).collect(),
     }
 }
 

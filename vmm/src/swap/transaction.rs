@@ -1,6 +1,7 @@
 //! The swap transaction, written once for every device: check, quiesce, drain, switch,
 //! resume, verify, then commit or roll back. Devices contribute only [`BackendSlot`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,11 +20,22 @@ pub struct SwapTarget<D> {
     /// Tells the event loop the device's descriptors changed.
     pub resync: ResyncHandle,
     pub metrics: Vec<Arc<RequestMetrics>>,
+    /// Set once the VM is stopping: a swap still copying or verifying gives up (and puts the
+    /// old backend back) instead of waiting out its timeouts for traffic that will not come.
+    pub vm_stopping: Arc<AtomicBool>,
 }
 
 impl<D> SwapTarget<D> {
     pub fn lock(&self) -> MutexGuard<'_, D> {
         lock_device(&self.device)
+    }
+
+    /// Fails once the VM is stopping.
+    pub fn check_running(&self) -> Result<(), String> {
+        match self.vm_stopping.load(Ordering::Acquire) {
+            true => Err("the VM is stopping".into()),
+            false => Ok(()),
+        }
     }
 }
 
@@ -154,6 +166,7 @@ where
             if target.lock().drain_previous(&mut *old, false) {
                 target.resync.resync();
             }
+            target.check_running()
         },
     );
     match verdict {

@@ -48,13 +48,14 @@ fn totals(metrics: &[Arc<RequestMetrics>]) -> MetricsSnapshot {
 
 /// Watches `metrics` after a switch. `failures` reports requests the device held back under
 /// probation; `pending` reports requests still in flight (a stall if nothing completes);
-/// `tick` runs at every look (the transaction lets the device drain the previous backend).
+/// `tick` runs at every look (the transaction lets the device drain the previous backend);
+/// an error from it ends the verification, failed, with that reason.
 pub fn verify(
     policy: &VerifyPolicy,
     metrics: &[Arc<RequestMetrics>],
     failures: impl Fn() -> u64,
     pending: impl Fn() -> usize,
-    mut tick: impl FnMut(),
+    mut tick: impl FnMut() -> Result<(), String>,
 ) -> Result<Observed, String> {
     let base = totals(metrics);
     let deadline = Instant::now() + Duration::from_millis(policy.window_ms);
@@ -67,7 +68,7 @@ pub fn verify(
         }
     };
     loop {
-        tick();
+        tick()?;
         let seen = observe();
         if seen.errors > 0 && policy.max_error_rate == 0.0 {
             return Err(format!("{} request(s) failed on the new backend", seen.errors));
@@ -151,10 +152,13 @@ mod tests {
                 fed += 1;
                 m.record(Duration::from_micros(10), true, 512, 0);
             }
+            Ok(())
         };
         let seen = verify(&policy, std::slice::from_ref(&m), || 0, || 0, feed).unwrap();
         assert_eq!(seen.requests, 3);
-        let failing = verify(&VerifyPolicy { window_ms: 50, ..Default::default() }, &[m], || 1, || 0, || {});
+        let failing = verify(&VerifyPolicy { window_ms: 50, ..Default::default() }, &[m], || 1, || 0, || Ok(()));
         assert!(failing.unwrap_err().contains("failed on the new backend"));
+        let stopped = verify(&policy, &[], || 0, || 0, || Err("the VM is stopping".into()));
+        assert_eq!(stopped.unwrap_err(), "the VM is stopping");
     }
 }

@@ -163,6 +163,7 @@ impl Vm {
     }
 
     fn finish(&self) -> VmExit {
+        self.swaps.vm_stopping();
         self.vcpus().stop();
         self.devices().stop();
         self.exit.get().unwrap_or(VmExit::Stopped)
@@ -209,6 +210,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.exit.report(VmExit::Stopped);
+        self.swaps.vm_stopping();
         self.vcpus().stop();
     }
 }
