@@ -663,6 +663,13 @@ fn refused_swaps_change_nothing_and_new_image_changes_capacity() {
         other => panic!("a switch to another size must be refused, got {:?}", other.map(|h| h.snapshot())),
     }
     unchanged("an incompatible swap");
+    // Nor may a switch put another file of the same size under the guest.
+    let lookalike = image(&dir, "lookalike.img", 16 << 20);
+    match vm.swap_device("disk0", request(json!({ "path": lookalike }))) {
+        Err(SwapError::Incompatible(why)) => assert!(why.contains("another file"), "{why}"),
+        other => panic!("a switch to another file must be refused, got {:?}", other.map(|h| h.snapshot())),
+    }
+    unchanged("a switch to another file");
 
     // One swap at a time per device. The first verifies for 3 s (an idle guest sends nothing,
     // and with min_requests 0 the window runs to its end), so it is still running when the

@@ -67,6 +67,17 @@ pub struct VirtioBlock {
     probation_failures: u64,
 }
 
+/// How a new backend takes over a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// The same data through another engine or path: same size, same image where known.
+    SameData,
+    /// A copy of the data, made by a live migration: same size, any image.
+    CopiedData,
+    /// A different disk (the guest is told): any size.
+    NewImage,
+}
+
 impl VirtioBlock {
     /// A block device serving `backend`; `id` is what GET_ID returns (truncated to 20 bytes).
     pub fn new(
@@ -110,11 +121,27 @@ impl VirtioBlock {
         &*self.backend
     }
 
-    /// Whether `new` keeps the promises made to the guest other than the disk's size: the
-    /// features it was offered and read-only. What a new-image swap or a migration target
-    /// must pass ([`BackendSlot::check_compatible`] adds the size).
-    pub fn check_new_image(&self, new: &dyn BlockBackend) -> Result<(), Incompatible> {
+    /// Whether `new` can take over the disk in the way `takeover` says, keeping the promises
+    /// made to the guest: the features it was offered, read-only, and unless the image is
+    /// replaced, the size and (as far as the backends can tell) the data.
+    pub fn check_takeover(&self, new: &dyn BlockBackend, takeover: Takeover) -> Result<(), Incompatible> {
         let (old, new) = (self.backend.info(), new.info());
+        if takeover != Takeover::NewImage && old.capacity != new.capacity {
+            return Err(Incompatible(format!(
+                "capacity differs: {} bytes now, {} bytes offered (a different disk needs a new-image swap)",
+                old.capacity, new.capacity
+            )));
+        }
+        if takeover == Takeover::SameData
+            && let (Some(a), Some(b)) = (old.image, new.image)
+            && a != b
+        {
+            return Err(Incompatible(format!(
+                "{} is another file than the disk's ({}): a switch keeps the guest's data, so copy it \
+                 with a migration, or replace it with a new-image swap",
+                new.description, old.description
+            )));
+        }
         // The guest was offered these when the device was created; it may use them any time.
         let offered = self.core.avail_features;
         for (bit, name, supported) in
@@ -413,14 +440,7 @@ impl BackendSlot for VirtioBlock {
     }
 
     fn check_compatible(&self, new: &dyn BlockBackend) -> Result<(), Incompatible> {
-        let (old, info) = (self.backend.info(), new.info());
-        if old.capacity != info.capacity {
-            return Err(Incompatible(format!(
-                "capacity differs: {} bytes now, {} bytes offered (a different disk needs a new-image swap)",
-                old.capacity, info.capacity
-            )));
-        }
-        self.check_new_image(new)
+        self.check_takeover(new, Takeover::SameData)
     }
 
     fn replace_backend(&mut self, new: Box<dyn BlockBackend>) -> Box<dyn BlockBackend> {
@@ -659,6 +679,22 @@ mod tests {
             let err = dev.check_compatible(&with(&change)).unwrap_err();
             assert!(err.to_string().contains(expected), "{err}");
         }
+        // Another file of the same size: not the same data, but fine as a migration's target.
+        let other = image("compat-other", 0);
+        let copy = FileBackend::open(&other, false).unwrap();
+        let err = dev.check_compatible(&copy).unwrap_err();
+        assert!(err.to_string().contains("another file"), "{err}");
+        assert!(dev.check_takeover(&copy, Takeover::CopiedData).is_ok());
+        // A new image may have any size, but must keep the features the guest was offered.
+        assert!(dev.check_takeover(&with(&|i| i.capacity *= 2), Takeover::NewImage).is_ok());
+        assert!(dev.check_takeover(&with(&|i| i.discard = false), Takeover::NewImage).is_err());
+        // The same file under another path is the same data.
+        let alias = std::env::temp_dir().join(format!("blkdev-compat-alias-{}", std::process::id()));
+        let _ = std::fs::remove_file(&alias);
+        std::os::unix::fs::symlink(&path, &alias).unwrap();
+        assert!(dev.check_compatible(&crate::blk::UringBackend::open(&alias, false).unwrap()).is_ok());
+        std::fs::remove_file(alias).unwrap();
+        std::fs::remove_file(other).unwrap();
         std::fs::remove_file(path).unwrap();
     }
 

@@ -5,7 +5,7 @@ mod device;
 pub mod request;
 
 pub use backend::{
-    BackendError, BlockBackend, BlockInfo, BlockOp, Fault, FaultyBackend, FileBackend, Half, IoBuf, MirrorBackend,
-    MirrorControl, MirrorProgress, NbdBackend, NbdTarget, UringBackend,
+    BackendError, BlockBackend, BlockInfo, BlockOp, Fault, FaultyBackend, FileBackend, Half, ImageId, IoBuf,
+    MirrorBackend, MirrorControl, MirrorProgress, NbdBackend, NbdTarget, UringBackend,
 };
-pub use device::{BLOCK_QUEUE_SIZE, VirtioBlock};
+pub use device::{BLOCK_QUEUE_SIZE, Takeover, VirtioBlock};

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use devices::blk::{Fault, FaultyBackend};
+use devices::blk::{Fault, FaultyBackend, Takeover};
 use devices::bus::lock_device;
 use devices::lifecycle::BackendSlot;
 use serde::{Deserialize, Serialize};
@@ -284,12 +284,14 @@ impl SwapManager {
                         FaultyBackend::new(backend, fault).map_err(|e| fail(SwapError::Prepare(e.to_string())))?,
                     );
                 }
-                // A migration's target must also be as big as the disk (and writable, which the
-                // mirror checks); a new image may have any size.
-                let compatible = match request.mode {
-                    SwapMode::Switch | SwapMode::Migrate => lock_device(&device).check_compatible(&*backend),
-                    SwapMode::NewImage => lock_device(&device).check_new_image(&*backend),
+                // A switch must serve the same data, a migration target be as big as the disk
+                // (and writable, which the mirror checks); a new image may be anything.
+                let takeover = match request.mode {
+                    SwapMode::Switch => Takeover::SameData,
+                    SwapMode::Migrate => Takeover::CopiedData,
+                    SwapMode::NewImage => Takeover::NewImage,
                 };
+                let compatible = lock_device(&device).check_takeover(&*backend, takeover);
                 compatible.map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
                 record.set_target(backend.info().description.clone());
                 let target = self.swap_target(entry, device);

@@ -1,5 +1,10 @@
 //! The health check a new backend passes before a swap commits: enough requests succeed within
 //! a window, errors and latency stay within bounds, and nothing is stuck.
+//!
+//! It judges by the device's counters, so requests the device itself rejects (malformed by
+//! the guest) count as errors too: a guest that sends them during the window makes the swap
+//! roll back, which costs it nothing but the swap. A backend that fails only on requests the
+//! window did not see (a region of the disk nobody touched) passes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

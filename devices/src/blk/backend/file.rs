@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
-use super::{BackendError, BlockBackend, BlockInfo, BlockOp, Completion, IoBuf, total_len};
+use super::{BackendError, BlockBackend, BlockInfo, BlockOp, Completion, ImageId, IoBuf, total_len};
 
 pub struct FileBackend {
     file: File,
@@ -34,6 +34,7 @@ impl FileBackend {
             discard: true,
             write_zeroes: true,
             description: format!("sync file {}", path.display()),
+            image: ImageId::of(&file),
         };
         Ok(Self { file, info, done: Vec::new() })
     }

@@ -316,6 +316,7 @@ impl MirrorBackend {
             discard: si.discard && ti.discard,
             write_zeroes: si.write_zeroes && ti.write_zeroes,
             description: format!("mirror {} -> {}", si.description, ti.description),
+            image: None,
         };
         let state = State {
             mode: Mode::Copying,

@@ -106,6 +106,24 @@ pub struct BlockInfo {
     pub write_zeroes: bool,
     /// Human-readable: engine and target, e.g. "io_uring file /var/disk.img".
     pub description: String,
+    /// Which local file or block device holds the data, where the backend knows: two backends
+    /// with different images do not serve the same disk, however equal their sizes.
+    pub image: Option<ImageId>,
+}
+
+/// A file's identity: its device and inode numbers, the same under any path that reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl ImageId {
+    pub fn of(file: &std::fs::File) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().ok()?;
+        Some(Self { dev: meta.dev(), ino: meta.ino() })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use io_uring::{IoUring, opcode, types};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::file::open_image;
-use super::{BackendError, BlockBackend, BlockInfo, BlockOp, Completion, IoBuf, total_len};
+use super::{BackendError, BlockBackend, BlockInfo, BlockOp, Completion, ImageId, IoBuf, total_len};
 
 /// Submission queue entries: also the most requests in flight.
 const RING_DEPTH: u32 = 128;
@@ -46,6 +46,7 @@ impl UringBackend {
             discard: true,
             write_zeroes: true,
             description: format!("io_uring file {}", path.display()),
+            image: ImageId::of(&file),
         };
         Ok(Self { file, ring, eventfd, info, pending: HashMap::new() })
     }

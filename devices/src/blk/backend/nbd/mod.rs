@@ -124,6 +124,8 @@ impl NbdBackend {
             discard: !read_only && flags & FLAG_SEND_TRIM != 0,
             write_zeroes: !read_only && flags & FLAG_SEND_WRITE_ZEROES != 0,
             description,
+            // The server's image is out of sight.
+            image: None,
         };
         let setup = |e: io::Error| fail(format!("cannot set up the I/O thread: {e}"));
         stream.set_timeout(None).map_err(setup)?;
