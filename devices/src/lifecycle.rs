@@ -213,8 +213,26 @@ pub trait BackendSlot: Lifecycle {
     /// read-only flag for a disk, a different socket for vsock, ...).
     fn check_compatible(&self, new: &Self::Backend) -> Result<(), Incompatible>;
     /// Installs `new` and returns the previous backend. Only while quiesced: with nothing in
-    /// flight, or after [`abandon_in_flight`](Self::abandon_in_flight).
+    /// flight, after [`abandon_in_flight`](Self::abandon_in_flight), or where the device
+    /// [`hands over in flight`](Self::hands_over_in_flight), with requests that then finish on
+    /// the previous backend.
     fn replace_backend(&mut self, new: Box<Self::Backend>) -> Box<Self::Backend>;
+    /// Whether requests in flight may stay with the previous backend across a switch, finishing
+    /// there (through [`drain_previous`](Self::drain_previous)) while the new one serves: the
+    /// swap then need not wait for them with the device stopped. Sound where the requests are
+    /// independent of each other, as a disk's are (virtio orders nothing among requests in
+    /// flight, and a driver flushes only what already completed).
+    fn hands_over_in_flight(&self) -> bool {
+        false
+    }
+    /// Requests still in flight on the previous backend (see
+    /// [`hands_over_in_flight`](Self::hands_over_in_flight)).
+    fn in_flight_on_previous(&self) -> usize {
+        0
+    }
+    /// Gives up on the requests still in flight on the previous backend: they are retried on
+    /// the current one (the same hazard as [`abandon_in_flight`](Self::abandon_in_flight)).
+    fn abandon_previous(&mut self) {}
     /// Probation: while on, requests the backend fails are held back from the guest instead
     /// of being failed, so a rollback can retry them on the previous backend.
     fn set_probation(&mut self, on: bool);
@@ -227,10 +245,10 @@ pub trait BackendSlot: Lifecycle {
     /// kernel or a thread wait a bounded time for them when dropped.
     fn abandon_in_flight(&mut self);
     /// While a new backend is on probation, the replaced one can still receive input that was
-    /// in flight when it was replaced (a NIC's peer answering frames sent through it). The
-    /// swap calls this now and then during verification, and once more (`last`) just before it
-    /// commits and closes `previous`, so the device can take that input. Most devices have
-    /// none. Returns true when the device's event sources may have changed (this runs off the
+    /// in flight when it was replaced (a NIC's peer answering frames sent through it, a disk's
+    /// requests handed over in flight). The swap calls this now and then during verification,
+    /// and once more (`last`) just before it commits and closes `previous`, so the device can
+    /// take that input. Most devices have none. Returns true when the device's event sources may have changed (this runs off the
     /// event loop, so the caller then asks the event loop to re-read them).
     fn drain_previous(&mut self, _previous: &mut Self::Backend, _last: bool) -> bool {
         false

@@ -1,7 +1,7 @@
 //! The virtio-blk device: takes requests from its queue, hands them to its backend, and returns
 //! completions to the guest in whatever order the backend finishes them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -65,6 +65,9 @@ pub struct VirtioBlock {
     probation: bool,
     held: VecDeque<Request>,
     probation_failures: u64,
+    /// Requests still in flight on the backend a swap replaced: the swap does not wait for
+    /// them with the disk stopped, they finish there (see `drain_previous`).
+    on_previous: HashSet<u64>,
 }
 
 /// How a new backend takes over a disk.
@@ -114,6 +117,7 @@ impl VirtioBlock {
             probation: false,
             held: VecDeque::new(),
             probation_failures: 0,
+            on_previous: HashSet::new(),
         })
     }
 
@@ -214,6 +218,11 @@ impl VirtioBlock {
     /// Returns finished requests to the guest.
     fn reap(&mut self) {
         self.backend.poll_completions(&mut self.completions);
+        self.finish_completions();
+    }
+
+    /// Returns the requests in `completions` to the guest, from whichever backend they came.
+    fn finish_completions(&mut self) {
         if self.completions.is_empty() {
             return;
         }
@@ -222,10 +231,12 @@ impl VirtioBlock {
             let Some(done) = self.inflight.remove(&token) else {
                 continue;
             };
+            // The swapped-out backend's results are its own: not held against the new one.
+            let previous = self.on_previous.remove(&token);
             if done.orphaned {
                 continue;
             }
-            if result.is_err() && self.probation {
+            if result.is_err() && self.probation && !previous {
                 self.probation_failures += 1;
                 self.held.push_back(done.req);
                 continue;
@@ -446,6 +457,8 @@ impl BackendSlot for VirtioBlock {
     fn replace_backend(&mut self, new: Box<dyn BlockBackend>) -> Box<dyn BlockBackend> {
         let capacity_changed = new.info().capacity != self.backend.info().capacity;
         let old = std::mem::replace(&mut self.backend, new);
+        // Nothing starts while quiesced, so whatever is in flight now went to `old`.
+        self.on_previous = self.inflight.keys().copied().collect();
         self.blocked = false;
         if capacity_changed {
             // A new image of another size: tell the driver to re-read the config space.
@@ -475,6 +488,37 @@ impl BackendSlot for VirtioBlock {
                 self.held.push_back(request.req);
             }
         }
+        self.on_previous.clear();
+    }
+
+    /// A disk's requests are independent: they may finish on the backend they started on.
+    fn hands_over_in_flight(&self) -> bool {
+        true
+    }
+
+    fn in_flight_on_previous(&self) -> usize {
+        self.on_previous.len()
+    }
+
+    fn abandon_previous(&mut self) {
+        for token in std::mem::take(&mut self.on_previous) {
+            if let Some(request) = self.inflight.remove(&token)
+                && !request.orphaned
+            {
+                self.held.push_back(request.req);
+            }
+        }
+        if !self.held.is_empty() && self.core.activated {
+            let _ = self.core.queue_events[REQUEST_QUEUE].write(1);
+        }
+    }
+
+    fn drain_previous(&mut self, previous: &mut (dyn BlockBackend + 'static), _last: bool) -> bool {
+        if !self.on_previous.is_empty() {
+            previous.poll_completions(&mut self.completions);
+            self.finish_completions();
+        }
+        false
     }
 }
 
@@ -594,6 +638,79 @@ mod tests {
         dev.queue_notified(0);
         assert_eq!(used(&dev.core, 0).0, 1, "taken after resume without a new kick from the guest");
         std::fs::remove_file(path).unwrap();
+    }
+
+    /// A file backend whose completions wait until the test lets them through.
+    struct Gated(FileBackend, Vec<Completion>, Arc<std::sync::atomic::AtomicBool>);
+
+    impl BlockBackend for Gated {
+        fn info(&self) -> &BlockInfo {
+            self.0.info()
+        }
+        fn submit(&mut self, token: u64, op: BlockOp) -> io::Result<()> {
+            self.0.submit(token, op)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+        fn can_submit(&self) -> bool {
+            true
+        }
+        fn poll_completions(&mut self, out: &mut Vec<Completion>) {
+            self.0.poll_completions(&mut self.1);
+            if self.2.load(std::sync::atomic::Ordering::SeqCst) {
+                out.append(&mut self.1);
+            }
+        }
+        fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn in_flight(&self) -> usize {
+            self.1.len()
+        }
+    }
+
+    #[test]
+    fn requests_in_flight_at_a_switch_finish_on_the_old_backend() {
+        let old_path = image("handover-old", 1);
+        let new_path = image("handover-new", 2);
+        let (count, line) = irq();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gated = Gated(FileBackend::open(&old_path, false).unwrap(), Vec::new(), open.clone());
+        let mut dev = VirtioBlock::new(Box::new(gated), "x", line, memory()).unwrap();
+        install(&mut dev.core, &[QS]);
+        let mem = dev.core.mem();
+        header(&mem, 0x8_0000, request_type::IN, 0);
+        add_chain(&dev.core, 0, &[(0x8_0000, 16, 0), (0x8_1000, 512, F_WRITE), (0x8_2000, 1, F_WRITE)], 0);
+        dev.queue_notified(0);
+        assert_eq!(dev.pending_requests(), 1, "held by the gate");
+
+        // The switch does not wait for it.
+        assert!(dev.hands_over_in_flight());
+        dev.quiesce();
+        let mut old = dev.replace_backend(Box::new(FileBackend::open(&new_path, false).unwrap()));
+        dev.resume();
+        assert_eq!(dev.in_flight_on_previous(), 1);
+        header(&mem, 0x8_0100, request_type::IN, 0);
+        add_chain(&dev.core, 0, &[(0x8_0100, 16, 0), (0x9_1000, 512, F_WRITE), (0x9_2000, 1, F_WRITE)], 1);
+        dev.queue_notified(0);
+        let (n, _) = used(&dev.core, 0);
+        assert_eq!(n, 1, "the new backend serves at once");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x9_1000)).unwrap(), 2);
+
+        // The old backend's request completes through drain_previous, once, with its data.
+        dev.drain_previous(&mut *old, false);
+        assert_eq!(dev.in_flight_on_previous(), 1, "still gated");
+        open.store(true, std::sync::atomic::Ordering::SeqCst);
+        dev.drain_previous(&mut *old, false);
+        assert_eq!((dev.in_flight_on_previous(), dev.pending_requests()), (0, 0));
+        let (n, elems) = used(&dev.core, 0);
+        assert_eq!((n, elems[1].0), (2, 0), "head 0 returned after head 1");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8_1000)).unwrap(), 1, "read from the old image");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8_2000)).unwrap(), status::OK);
+        assert!(count.0.load(std::sync::atomic::Ordering::SeqCst) > 0);
+        std::fs::remove_file(old_path).unwrap();
+        std::fs::remove_file(new_path).unwrap();
     }
 
     #[test]

@@ -136,14 +136,30 @@ where
     D: BackendSlot,
 {
     let urgent = Urgent::enter();
-    let (blackout, drained) = quiesce_and_drain(target, params.drain_timeout, record);
-    if let Err(pending) = drained {
-        record.add_blackout(blackout.elapsed());
-        let reason = format!(
-            "{pending} request(s) still in flight after {:?}; the old backend keeps serving",
-            params.drain_timeout
-        );
-        return record.finish(SwapState::Failed, Some(reason));
+    let (blackout, waited) = target.quiesce();
+    record.phase(Phase::Quiesce, Some(format!("device taken after {} us", waited.as_micros())));
+    let handed_over = {
+        let dev = target.lock();
+        dev.hands_over_in_flight().then(|| dev.pending_requests())
+    };
+    match handed_over {
+        // The requests in flight finish on the old backend while the new one serves: the
+        // blackout does not wait for the slower of the two.
+        Some(pending) => {
+            record.phase(Phase::Drain, Some(format!("{pending} request(s) in flight finish on the old backend")))
+        }
+        None => {
+            record.phase(Phase::Drain, None);
+            if let Err(pending) = drain(&target.device, params.drain_timeout) {
+                target.resume();
+                record.add_blackout(blackout.elapsed());
+                let reason = format!(
+                    "{pending} request(s) still in flight after {:?}; the old backend keeps serving",
+                    params.drain_timeout
+                );
+                return record.finish(SwapState::Failed, Some(reason));
+            }
+        }
     }
     record.phase(Phase::Switch, None);
     let mut old = {
@@ -169,6 +185,9 @@ where
             target.check_running()
         },
     );
+    // Whether it commits (closing the old backend) or rolls back (serving from it again),
+    // the old backend must be done with what it was handed.
+    settle_previous(target, &mut *old, params.drain_timeout, record);
     match verdict {
         Ok(seen) => {
             record.phase(
@@ -192,6 +211,37 @@ where
             drop(failed);
             record.finish(SwapState::RolledBack, Some(reason));
         }
+    }
+}
+
+/// Waits (up to `timeout`) for the requests left in flight on `old` at the switch to finish
+/// there; the rest are given up and retried on the current backend.
+fn settle_previous<D: BackendSlot>(
+    target: &SwapTarget<D>,
+    old: &mut D::Backend,
+    timeout: Duration,
+    record: &SwapHandle,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = {
+            let mut dev = target.lock();
+            if dev.drain_previous(old, false) {
+                target.resync.resync();
+            }
+            dev.in_flight_on_previous()
+        };
+        if left == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let detail =
+                format!("{left} request(s) still on the old backend after {timeout:?}; retried on the new one");
+            record.phase(Phase::Drain, Some(detail));
+            return target.lock().abandon_previous();
+        }
+        // Off the blackout: the device serves meanwhile.
+        std::thread::sleep(DRAIN_POLL);
     }
 }
 
