@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 pub mod swap;
 
-/// The `vmm` binary built alongside this benchmark, built on demand.
+/// The `vmm` binary built alongside this benchmark. Under `cargo run` it is (re)built first,
+/// a no-op when up to date: `cargo run -p bench` builds only the bench's own dependencies, and
+/// an old binary left in the target directory would measure old code.
 pub fn vmm_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
     let vmm = dir.join("vmm");
-    if !vmm.exists() {
+    if !vmm.exists() || std::env::var_os("CARGO").is_some() {
         let profile = if dir.ends_with("release") { "--release" } else { "--profile=dev" };
         eprintln!("building the vmm binary ({profile})...");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

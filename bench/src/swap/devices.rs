@@ -327,9 +327,9 @@ pub fn print(results: &Results, swaps: usize) {
          Unix socket; taps are echoed by a raw socket on the host side, unix backends by a datagram echo.\n\
          net-stream keeps 32 256-byte frames out and counts a frame lost when its echo is not back\n\
          within 100 ms; echoes that reach the old backend after the switch are still delivered (the NIC\n\
-         keeps reading it until the swap commits). Draining waits for the old backend's requests in\n\
-         flight: behind nbd that is qemu-nbd, a process that competes for this 2-core host's CPUs with\n\
-         the guest's vCPU, which sets the tail of the rows leaving nbd.",
+         keeps reading it until the swap commits). A disk's requests in flight at the switch finish on\n\
+         the old backend while the new one serves, so the blackout does not wait for them (behind nbd\n\
+         that is qemu-nbd, a process competing for this 2-core host's CPUs with the guest's vCPU).",
         verify_policy()
     );
     for note in &results.notes {
