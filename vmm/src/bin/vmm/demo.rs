@@ -276,8 +276,9 @@ fn swap_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
     ));
     failures += usize::from(record.state != SwapState::Committed);
 
+    // The same image the disk now serves (a switch must keep the data), through a fault injector.
     let failing =
-        json!({ "backend": { "path": disk }, "fault": "error", "verify": { "min_requests": 50, "window_ms": 500 } });
+        json!({ "backend": { "path": copy }, "fault": "error", "verify": { "min_requests": 50, "window_ms": 500 } });
     let record = swap(failing)?;
     say(format!(
         "   -> a backend that fails every request: {:?} ({})",
