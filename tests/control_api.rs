@@ -200,6 +200,7 @@ fn every_endpoint_answers_in_the_documented_shape() {
     for sample in [
         "vmm_vm_running 1",
         "vmm_swaps_total{device=\"disk0\",state=\"committed\"} 1",
+        "vmm_swaps_running{device=\"disk0\"} 0",
         "vmm_swap_blackout_seconds_count{device=\"disk0\"} 1",
         "vmm_memory_swaps_total{result=\"completed\"} 1",
         "vmm_device_requests_total{device=\"net0\",kind=\"net\",queue=\"tx\"}",

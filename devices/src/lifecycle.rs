@@ -226,20 +226,19 @@ pub trait BackendSlot: Lifecycle {
         false
     }
     /// Requests still in flight on the previous backend (see
-    /// [`hands_over_in_flight`](Self::hands_over_in_flight)).
+    /// [`hands_over_in_flight`](Self::hands_over_in_flight)). They are never abandoned: a swap
+    /// whose previous backend does not finish them rolls back to it instead.
     fn in_flight_on_previous(&self) -> usize {
         0
     }
-    /// Gives up on the requests still in flight on the previous backend: they are retried on
-    /// the current one (the same hazard as [`abandon_in_flight`](Self::abandon_in_flight)).
-    fn abandon_previous(&mut self) {}
     /// Probation: while on, requests the backend fails are held back from the guest instead
     /// of being failed, so a rollback can retry them on the previous backend.
     fn set_probation(&mut self, on: bool);
     /// Requests that failed during probation (held, or counted where a device cannot hold).
     fn probation_failures(&self) -> u64;
     /// Gives up on requests the current backend still holds (it stalled): they are held and
-    /// retried on whatever backend is installed next. The abandoned backend may still finish
+    /// retried on whatever backend is installed next. Requests on the previous backend (see
+    /// [`hands_over_in_flight`](Self::hands_over_in_flight)) are not touched. The abandoned backend may still finish
     /// them later (a stale write landing after its retry), so this is only for a backend that
     /// failed its health check and is about to be dropped; engines that hand buffers to the
     /// kernel or a thread wait a bounded time for them when dropped.

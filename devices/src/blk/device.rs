@@ -68,6 +68,9 @@ pub struct VirtioBlock {
     /// Requests still in flight on the backend a swap replaced: the swap does not wait for
     /// them with the disk stopped, they finish there (see `drain_previous`).
     on_previous: HashSet<u64>,
+    /// Outcomes of those requests, counted in the metrics only once probation ends: a swap's
+    /// health check reads the metrics, and must judge the new backend by its own results.
+    deferred: Vec<(std::time::Duration, bool, u64, u64)>,
 }
 
 /// How a new backend takes over a disk.
@@ -118,6 +121,7 @@ impl VirtioBlock {
             held: VecDeque::new(),
             probation_failures: 0,
             on_previous: HashSet::new(),
+            deferred: Vec::new(),
         })
     }
 
@@ -136,10 +140,16 @@ impl VirtioBlock {
                 old.capacity, new.capacity
             )));
         }
-        if takeover == Takeover::SameData
-            && let (Some(a), Some(b)) = (old.image, new.image)
-            && a != b
-        {
+        let same_image = match (old.image, new.image) {
+            (Some(a), Some(b)) => Some(a == b),
+            _ => None,
+        };
+        if takeover == Takeover::CopiedData && same_image == Some(true) {
+            // The copy would read and write the very file the guest writes: a chunk copied
+            // around a guest write could put the older data back over it.
+            return Err(Incompatible(format!("{} is the disk's own image: nothing to migrate", new.description)));
+        }
+        if takeover == Takeover::SameData && same_image == Some(false) {
             return Err(Incompatible(format!(
                 "{} is another file than the disk's ({}): a switch keeps the guest's data, so copy it \
                  with a migration, or replace it with a new-image swap",
@@ -252,7 +262,11 @@ impl VirtioBlock {
             if self.core.queues[REQUEST_QUEUE].add_used(&*mem, done.head, used_len).is_err() {
                 self.core.guest_error("bad used ring", format_args!("head {}", done.head));
             }
-            self.metrics.record(done.started.elapsed(), ok, done.bytes_read, done.bytes_written);
+            let outcome = (done.started.elapsed(), ok, done.bytes_read, done.bytes_written);
+            match previous && self.probation {
+                true => self.deferred.push(outcome),
+                false => self.metrics.record(outcome.0, outcome.1, outcome.2, outcome.3),
+            }
             returned = true;
         }
         if returned {
@@ -457,8 +471,10 @@ impl BackendSlot for VirtioBlock {
     fn replace_backend(&mut self, new: Box<dyn BlockBackend>) -> Box<dyn BlockBackend> {
         let capacity_changed = new.info().capacity != self.backend.info().capacity;
         let old = std::mem::replace(&mut self.backend, new);
-        // Nothing starts while quiesced, so whatever is in flight now went to `old`.
-        self.on_previous = self.inflight.keys().copied().collect();
+        // Nothing starts while quiesced, so what is in flight now and not already on `new`
+        // (which may be the backend a rollback reinstates) went to `old`.
+        let on_new = std::mem::take(&mut self.on_previous);
+        self.on_previous = self.inflight.keys().filter(|t| !on_new.contains(t)).copied().collect();
         self.blocked = false;
         if capacity_changed {
             // A new image of another size: tell the driver to re-read the config space.
@@ -469,6 +485,9 @@ impl BackendSlot for VirtioBlock {
 
     fn set_probation(&mut self, on: bool) {
         self.probation = on;
+        for (latency, ok, read, written) in self.deferred.drain(..) {
+            self.metrics.record(latency, ok, read, written);
+        }
         if on {
             self.probation_failures = 0;
         } else if !self.held.is_empty() && self.core.activated {
@@ -482,13 +501,17 @@ impl BackendSlot for VirtioBlock {
         self.probation_failures
     }
 
+    /// Abandons the requests on the current backend; those on the previous one stay (they are
+    /// healthy, and finish there or on reinstatement).
     fn abandon_in_flight(&mut self) {
-        for (_, request) in self.inflight.drain() {
-            if !request.orphaned {
+        let current: Vec<u64> = self.inflight.keys().filter(|t| !self.on_previous.contains(t)).copied().collect();
+        for token in current {
+            if let Some(request) = self.inflight.remove(&token)
+                && !request.orphaned
+            {
                 self.held.push_back(request.req);
             }
         }
-        self.on_previous.clear();
     }
 
     /// A disk's requests are independent: they may finish on the backend they started on.
@@ -498,19 +521,6 @@ impl BackendSlot for VirtioBlock {
 
     fn in_flight_on_previous(&self) -> usize {
         self.on_previous.len()
-    }
-
-    fn abandon_previous(&mut self) {
-        for token in std::mem::take(&mut self.on_previous) {
-            if let Some(request) = self.inflight.remove(&token)
-                && !request.orphaned
-            {
-                self.held.push_back(request.req);
-            }
-        }
-        if !self.held.is_empty() && self.core.activated {
-            let _ = self.core.queue_events[REQUEST_QUEUE].write(1);
-        }
     }
 
     fn drain_previous(&mut self, previous: &mut (dyn BlockBackend + 'static), _last: bool) -> bool {
@@ -689,6 +699,7 @@ mod tests {
         assert!(dev.hands_over_in_flight());
         dev.quiesce();
         let mut old = dev.replace_backend(Box::new(FileBackend::open(&new_path, false).unwrap()));
+        dev.set_probation(true);
         dev.resume();
         assert_eq!(dev.in_flight_on_previous(), 1);
         header(&mem, 0x8_0100, request_type::IN, 0);
@@ -704,6 +715,11 @@ mod tests {
         open.store(true, std::sync::atomic::Ordering::SeqCst);
         dev.drain_previous(&mut *old, false);
         assert_eq!((dev.in_flight_on_previous(), dev.pending_requests()), (0, 0));
+        // The health check judges the new backend alone: the old one's request is counted
+        // only once probation ends.
+        assert_eq!(dev.metrics.snapshot().requests, 1);
+        dev.set_probation(false);
+        assert_eq!(dev.metrics.snapshot().requests, 2);
         let (n, elems) = used(&dev.core, 0);
         assert_eq!((n, elems[1].0), (2, 0), "head 0 returned after head 1");
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8_1000)).unwrap(), 1, "read from the old image");
@@ -802,6 +818,8 @@ mod tests {
         let err = dev.check_compatible(&copy).unwrap_err();
         assert!(err.to_string().contains("another file"), "{err}");
         assert!(dev.check_takeover(&copy, Takeover::CopiedData).is_ok());
+        let itself = FileBackend::open(&path, false).unwrap();
+        assert!(dev.check_takeover(&itself, Takeover::CopiedData).unwrap_err().to_string().contains("own image"));
         // A new image may have any size, but must keep the features the guest was offered.
         assert!(dev.check_takeover(&with(&|i| i.capacity *= 2), Takeover::NewImage).is_ok());
         assert!(dev.check_takeover(&with(&|i| i.discard = false), Takeover::NewImage).is_err());

@@ -39,11 +39,16 @@ impl UnixVsockBackend {
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_socket()
         }) {
-            if UnixStream::connect(path).is_ok() {
-                let e = format!("{} is a live socket: something is listening on it", path.display());
-                return Err(io::Error::new(io::ErrorKind::AddrInUse, e));
+            // Only a socket nobody listens on (connection refused) is stale; anything else
+            // (someone answers, or we may not even try) leaves it alone.
+            match UnixStream::connect(path) {
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)?,
+                Ok(_) => {
+                    let e = format!("{} is a live socket: something is listening on it", path.display());
+                    return Err(io::Error::new(io::ErrorKind::AddrInUse, e));
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
             }
-            std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;

@@ -111,9 +111,14 @@ fn swap_state(state: SwapState) -> &'static str {
     }
 }
 
-fn swap_metrics(out: &mut Exposition, tallies: &BTreeMap<String, SwapTally>) {
+fn swap_metrics(out: &mut Exposition, (tallies, running): &(BTreeMap<String, SwapTally>, BTreeMap<String, u64>)) {
+    let name = "vmm_swaps_running";
+    out.family(name, "gauge", "Device backend swaps in progress, by device.");
+    for device in tallies.keys() {
+        out.sample(name, &format!("device=\"{}\"", label(device)), running.get(device).copied().unwrap_or(0));
+    }
     let name = "vmm_swaps_total";
-    out.family(name, "counter", "Device backend swaps, by device and outcome.");
+    out.family(name, "counter", "Finished device backend swaps, by device and outcome.");
     for (device, tally) in tallies {
         for (state, n) in SwapTally::STATES.iter().zip(tally.by_state) {
             out.sample(name, &format!("device=\"{}\",state=\"{}\"", label(device), swap_state(*state)), n);

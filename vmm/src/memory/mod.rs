@@ -277,6 +277,8 @@ fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<Mmap
             let len = file.metadata().map_err(file_err)?.len();
             // Guest RAM starts as zeros (and a swap skips copying zero chunks), so a file with
             // data in it would be overwritten: it may be a disk image, or back another region.
+            // So is a file this VM's RAM used before (swapping back to it, restarting with it):
+            // the user removes it, knowingly.
             if file_offset == 0 && len > 0 {
                 return Err(MemoryError::FileNotEmpty { path: path.clone(), len });
             }

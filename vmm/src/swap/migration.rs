@@ -187,6 +187,8 @@ fn commit(
                 if attempt == COMMIT_ATTEMPTS {
                     return Err(format!("{pending} request(s) still in flight at commit, {attempt} tries"));
                 }
+                // Let the disk serve (and the slow half catch up) before the next try.
+                std::thread::sleep(params.drain_timeout.min(Duration::from_millis(100)));
             }
         }
     };

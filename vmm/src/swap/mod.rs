@@ -3,10 +3,11 @@
 //!
 //! A device swap is a transaction ([`transaction`]) written once for every device type:
 //! prepare (open the new backend, check it can take over; refused before anything changes),
-//! quiesce at a request boundary, drain in-flight requests, switch (queue state stays in the
-//! device), resume, verify under real traffic, then commit (close the old backend) or roll
-//! back automatically (the old backend was kept open; requests the new one failed are retried
-//! on it, so the guest sees no error). Live storage migration ([`migration`]) and memory
+//! quiesce at a request boundary, drain in-flight requests (a disk instead lets them finish on
+//! the old backend while the new one serves, and settles them before it commits), switch
+//! (queue state stays in the device), resume, verify under real traffic, then commit (close
+//! the old backend) or roll back automatically (the old backend was kept open; requests the
+//! new one failed are retried on it, so the guest sees no error). Live storage migration ([`migration`]) and memory
 //! region swaps ([`memory`]) reuse the same pieces. [`SwapManager`] runs swaps on their own
 //! threads and keeps their records.
 
@@ -185,15 +186,21 @@ impl SwapManager {
         self.vm_stopping.store(true, Ordering::Release);
     }
 
-    /// Every swap ever started, summed up per device (forgotten records included).
-    pub fn tallies(&self) -> BTreeMap<String, SwapTally> {
+    /// Every finished swap, summed up per device (forgotten records included), and the swaps
+    /// running now per device.
+    pub fn tallies(&self) -> (BTreeMap<String, SwapTally>, BTreeMap<String, u64>) {
         let swaps = self.lock();
         let mut tallies = self.retired.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut running = BTreeMap::new();
         for swap in swaps.iter() {
             let record = swap.snapshot();
-            tallies.entry(record.device.clone()).or_default().add(&record);
+            tallies.entry(record.device.clone()).or_default();
+            match record.state {
+                SwapState::Running => *running.entry(record.device.clone()).or_default() += 1,
+                _ => tallies.entry(record.device.clone()).or_default().add(&record),
+            }
         }
-        tallies
+        (tallies, running)
     }
 
     pub fn get(&self, id: u64) -> Option<SwapHandle> {
@@ -248,6 +255,9 @@ impl SwapManager {
         {
             // Checked and registered at once, so two requests cannot both start.
             let mut swaps = self.lock();
+            if self.vm_stopping.load(Ordering::Acquire) {
+                return Err(SwapError::VmExited("stopping".into()));
+            }
             if let Some(running) = swaps.iter().find(|s| s.is_running() && s.device() == id) {
                 return Err(SwapError::Busy { device: id.to_string(), swap: running.id() });
             }

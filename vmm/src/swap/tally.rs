@@ -27,15 +27,16 @@ impl TimeHistogram {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SwapTally {
     /// Indexed like [`SwapTally::STATES`].
-    pub by_state: [u64; 4],
+    pub by_state: [u64; 3],
     pub blackout: TimeHistogram,
     pub duration: TimeHistogram,
 }
 
 impl SwapTally {
-    pub const STATES: [SwapState; 4] =
-        [SwapState::Running, SwapState::Committed, SwapState::RolledBack, SwapState::Failed];
+    pub const STATES: [SwapState; 3] = [SwapState::Committed, SwapState::RolledBack, SwapState::Failed];
 
+    /// Counts a finished swap (a running one's blackout may still grow, and counters and
+    /// histograms may only grow by whole swaps).
     pub fn add(&mut self, record: &SwapRecord) {
         if let Some(i) = Self::STATES.iter().position(|&s| s == record.state) {
             self.by_state[i] += 1;

@@ -1,5 +1,8 @@
 //! The swap transaction, written once for every device: check, quiesce, drain, switch,
-//! resume, verify, then commit or roll back. Devices contribute only [`BackendSlot`].
+//! resume, verify, then commit or roll back. Devices contribute only [`BackendSlot`]. Where a
+//! device hands requests in flight over ([`BackendSlot::hands_over_in_flight`]), the drain
+//! happens after the switch, off the blackout: they finish on the old backend, and the swap
+//! commits only once they have (otherwise it rolls back to that backend).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -85,12 +88,17 @@ pub const DRAIN_POLL: Duration = Duration::from_micros(100);
 /// readiness descriptors (at most [`DRAIN_POLL`] at a time). Returns the number still in
 /// flight on timeout.
 pub fn drain<D: Lifecycle>(device: &Mutex<D>, timeout: Duration) -> Result<(), usize> {
+    drain_until(device, timeout, D::pending_requests)
+}
+
+/// [`drain`], counting what `outstanding` says is still to wait for.
+fn drain_until<D: Lifecycle>(device: &Mutex<D>, timeout: Duration, outstanding: fn(&D) -> usize) -> Result<(), usize> {
     let deadline = Instant::now() + timeout;
     loop {
         let (pending, fds) = {
             let mut d = lock_device(device);
             d.drive();
-            (d.pending_requests(), d.progress_fds())
+            (outstanding(&d), d.progress_fds())
         };
         if pending == 0 {
             return Ok(());
@@ -177,7 +185,7 @@ where
         &params.verify,
         &target.metrics,
         || target.lock().probation_failures(),
-        || target.lock().pending_requests(),
+        || on_current(&*target.lock()),
         || {
             if target.lock().drain_previous(&mut *old, false) {
                 target.resync.resync();
@@ -185,9 +193,16 @@ where
             target.check_running()
         },
     );
-    // Whether it commits (closing the old backend) or rolls back (serving from it again),
-    // the old backend must be done with what it was handed.
-    settle_previous(target, &mut *old, params.drain_timeout, record);
+    // Committing closes the old backend: it must be done with what it was handed. A rollback
+    // reinstates it, and what it still holds finishes there.
+    let verdict = verdict.and_then(|seen| {
+        settle_previous(target, &mut *old, params.drain_timeout).map(|()| seen).map_err(|left| {
+            format!(
+                "{left} request(s) handed over still on the old backend after {:?}; it keeps serving",
+                params.drain_timeout
+            )
+        })
+    });
     match verdict {
         Ok(seen) => {
             record.phase(
@@ -214,14 +229,19 @@ where
     }
 }
 
+/// Requests in flight on the device's current backend (not those handed over).
+fn on_current<D: BackendSlot>(device: &D) -> usize {
+    device.pending_requests().saturating_sub(device.in_flight_on_previous())
+}
+
 /// Waits (up to `timeout`) for the requests left in flight on `old` at the switch to finish
-/// there; the rest are given up and retried on the current backend.
+/// there. Returns how many are left on timeout: they are never retried elsewhere while `old`
+/// might still carry them out (a late write would land over a newer one).
 fn settle_previous<D: BackendSlot>(
     target: &SwapTarget<D>,
     old: &mut D::Backend,
     timeout: Duration,
-    record: &SwapHandle,
-) {
+) -> Result<(), usize> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = {
@@ -232,18 +252,18 @@ fn settle_previous<D: BackendSlot>(
             dev.in_flight_on_previous()
         };
         if left == 0 {
-            return;
+            return Ok(());
         }
         if Instant::now() >= deadline {
-            let detail =
-                format!("{left} request(s) still on the old backend after {timeout:?}; retried on the new one");
-            record.phase(Phase::Drain, Some(detail));
-            return target.lock().abandon_previous();
+            return Err(left);
         }
         // Off the blackout: the device serves meanwhile.
-        std::thread::sleep(DRAIN_POLL);
+        std::thread::sleep(SETTLE_POLL);
     }
 }
+
+/// How often the requests handed over to the old backend are looked at while settling.
+const SETTLE_POLL: Duration = Duration::from_micros(250);
 
 /// Puts the old backend back and returns the one it replaces. `old` is called once the
 /// device is quiesced and drained (a mirror can only give up its source then). Requests the

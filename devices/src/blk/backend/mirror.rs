@@ -487,6 +487,10 @@ impl MirrorControl {
                 let mut s = lock(&self.state);
                 s.stopped = true;
                 s.pump();
+                if !s.done.is_empty() {
+                    // Guest completions collected here: the device must come and take them.
+                    self.ready.signal();
+                }
                 if s.copying.is_empty() {
                     return Ok(());
                 }

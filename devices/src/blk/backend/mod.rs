@@ -111,7 +111,8 @@ pub struct BlockInfo {
     pub image: Option<ImageId>,
 }
 
-/// A file's identity: its device and inode numbers, the same under any path that reaches it.
+/// A file's identity: its device and inode numbers, the same under any path that reaches it
+/// (for a block device: dev 0 and the device number it stands for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageId {
     pub dev: u64,
@@ -120,8 +121,13 @@ pub struct ImageId {
 
 impl ImageId {
     pub fn of(file: &std::fs::File) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let meta = file.metadata().ok()?;
+        // Device nodes for one disk (/dev/dm-0, /dev/mapper/x) differ in inode, not in the
+        // device they stand for.
+        if meta.file_type().is_block_device() {
+            return Some(Self { dev: 0, ino: meta.rdev() });
+        }
         Some(Self { dev: meta.dev(), ino: meta.ino() })
     }
 }
