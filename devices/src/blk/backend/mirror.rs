@@ -487,6 +487,8 @@ impl MirrorControl {
                 let mut s = lock(&self.state);
                 s.stopped = true;
                 s.pump();
+                // A finished read has its write queued to the target: send it.
+                s.flush_inner();
                 if !s.done.is_empty() {
                     // Guest completions collected here: the device must come and take them.
                     self.ready.signal();
