@@ -77,9 +77,9 @@ impl From<MemorySwapError> for ApiError {
             MemorySwapError::Memory(
                 MemoryError::File { .. } | MemoryError::HugePages { .. } | MemoryError::Mmap { .. },
             ) => (422, Some("backing")),
-            MemorySwapError::Same { .. }
-            | MemorySwapError::FileInUse(_)
-            | MemorySwapError::Memory(MemoryError::FileNotEmpty { .. }) => (409, Some("backing")),
+            MemorySwapError::Same { .. } | MemorySwapError::Memory(MemoryError::FileNotEmpty { .. }) => {
+                (409, Some("backing"))
+            }
             MemorySwapError::Pause(ControlError::Stopped) => (409, None),
             MemorySwapError::Drain { .. } => (503, None),
             _ => (500, None),

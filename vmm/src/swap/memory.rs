@@ -61,8 +61,6 @@ pub enum MemorySwapError {
     Memory(#[from] MemoryError),
     #[error("region {slot} already uses {backing}")]
     Same { slot: u32, backing: RamBacking },
-    #[error("file {0} already backs another region")]
-    FileInUse(std::path::PathBuf),
     #[error("device {device} still has {pending} request(s) in flight after {timeout_ms} ms; nothing changed")]
     Drain { device: String, pending: usize, timeout_ms: u64 },
     #[error(transparent)]
@@ -102,11 +100,6 @@ impl MemorySwap<'_> {
         let old = self.ram.region(slot).ok_or(MemoryError::NoSuchRegion(slot))?;
         if old.backing == request.backing {
             return Err(MemorySwapError::Same { slot, backing: old.backing });
-        }
-        if let RamBacking::File { path } = &request.backing
-            && self.ram.regions().iter().any(|r| r.backing == request.backing)
-        {
-            return Err(MemorySwapError::FileInUse(path.clone()));
         }
         // Mapping the new backing (and failing on it) happens before anything stops.
         let new = self.ram.prepare_replacement(slot, &request.backing)?;

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use super::record::{CopyStats, Phase, SwapHandle, SwapState};
 use super::transaction::{SwapParams, SwapTarget, quiesce_and_drain, roll_back};
 use super::urgent::Urgent;
-use super::verify::verify;
 
 /// When the background copy is close enough to switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,13 +148,7 @@ pub fn run(
 
     // 4. Verify on the target; the source still gets every write.
     record.phase(Phase::Verify, None);
-    let verdict = verify(
-        &params.verify,
-        &target.metrics,
-        || target.lock().probation_failures(),
-        || target.lock().pending_requests(),
-        || target.check_running(),
-    );
+    let verdict = target.verify(&params.verify, || {});
     match verdict {
         Ok(_) => commit(target, &control, params, record).unwrap_or_else(abort),
         Err(reason) => abort(reason),

@@ -15,7 +15,7 @@ use devices::virtio::ResyncHandle;
 
 use super::record::{Phase, SwapHandle, SwapState};
 use super::urgent::Urgent;
-use super::verify::{VerifyPolicy, verify};
+use super::verify::{Observed, VerifyPolicy, verify};
 
 /// A device being swapped, with what the transaction needs around it.
 pub struct SwapTarget<D> {
@@ -63,6 +63,23 @@ impl<D: Lifecycle> SwapTarget<D> {
     pub fn resume(&self) {
         self.lock().resume();
         self.resync.resync();
+    }
+}
+
+impl<D: BackendSlot> SwapTarget<D> {
+    /// The health check on the backend just switched in (see [`verify`]): its own requests
+    /// only, failing early if the VM stops. `tick` runs at every look.
+    pub fn verify(&self, policy: &VerifyPolicy, mut tick: impl FnMut()) -> Result<Observed, String> {
+        verify(
+            policy,
+            &self.metrics,
+            || self.lock().probation_failures(),
+            || on_current(&*self.lock()),
+            || {
+                tick();
+                self.check_running()
+            },
+        )
     }
 }
 
@@ -181,18 +198,11 @@ where
     drop(urgent);
 
     record.phase(Phase::Verify, None);
-    let verdict = verify(
-        &params.verify,
-        &target.metrics,
-        || target.lock().probation_failures(),
-        || on_current(&*target.lock()),
-        || {
-            if target.lock().drain_previous(&mut *old, false) {
-                target.resync.resync();
-            }
-            target.check_running()
-        },
-    );
+    let verdict = target.verify(&params.verify, || {
+        if target.lock().drain_previous(&mut *old, false) {
+            target.resync.resync();
+        }
+    });
     // Committing closes the old backend: it must be done with what it was handed. A rollback
     // reinstates it, and what it still holds finishes there.
     let verdict = verdict.and_then(|seen| {

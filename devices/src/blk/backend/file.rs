@@ -95,12 +95,35 @@ fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
 
 /// `preadv` until every buffer is filled; past the end of the file, buffers are zero filled.
 pub(super) fn read_fully(fd: RawFd, offset: u64, bufs: &[IoBuf]) -> io::Result<u64> {
+    transfer_fully(fd, offset, bufs, libc::preadv, |rest| {
+        for iov in rest {
+            // SAFETY: the iovecs describe guest memory kept mapped while the request is in flight.
+            unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+        }
+        Ok(())
+    })
+}
+
+/// `pwritev` until every buffer is written.
+pub(super) fn write_fully(fd: RawFd, offset: u64, bufs: &[IoBuf]) -> io::Result<u64> {
+    transfer_fully(fd, offset, bufs, libc::pwritev, |_| Err(io::Error::new(io::ErrorKind::WriteZero, "short write")))
+}
+
+/// Calls `vectored` (`preadv` or `pwritev`) until every buffer is done, retrying on EINTR and
+/// carrying on after short transfers; `at_end` decides what a zero-length transfer means.
+fn transfer_fully(
+    fd: RawFd,
+    offset: u64,
+    bufs: &[IoBuf],
+    vectored: unsafe extern "C" fn(libc::c_int, *const libc::iovec, libc::c_int, libc::off_t) -> libc::ssize_t,
+    at_end: impl FnOnce(&[libc::iovec]) -> io::Result<()>,
+) -> io::Result<u64> {
     let total = total_len(bufs);
     let mut iovecs: Vec<libc::iovec> = bufs.iter().map(|b| b.to_iovec()).collect();
     let mut done = 0u64;
     while !iovecs.is_empty() {
         // SAFETY: the iovecs describe guest memory kept mapped while the request is in flight.
-        let n = unsafe { libc::preadv(fd, iovecs.as_ptr(), iovecs.len().min(1024) as i32, (offset + done) as i64) };
+        let n = unsafe { vectored(fd, iovecs.as_ptr(), iovecs.len().min(1024) as i32, (offset + done) as i64) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -109,35 +132,8 @@ pub(super) fn read_fully(fd: RawFd, offset: u64, bufs: &[IoBuf]) -> io::Result<u
             return Err(e);
         }
         if n == 0 {
-            for iov in &iovecs {
-                // SAFETY: as above.
-                unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
-            }
+            at_end(&iovecs)?;
             break;
-        }
-        done += n as u64;
-        advance(&mut iovecs, n as usize);
-    }
-    Ok(total)
-}
-
-/// `pwritev` until every buffer is written.
-pub(super) fn write_fully(fd: RawFd, offset: u64, bufs: &[IoBuf]) -> io::Result<u64> {
-    let total = total_len(bufs);
-    let mut iovecs: Vec<libc::iovec> = bufs.iter().map(|b| b.to_iovec()).collect();
-    let mut done = 0u64;
-    while !iovecs.is_empty() {
-        // SAFETY: as in read_fully.
-        let n = unsafe { libc::pwritev(fd, iovecs.as_ptr(), iovecs.len().min(1024) as i32, (offset + done) as i64) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
         }
         done += n as u64;
         advance(&mut iovecs, n as usize);
