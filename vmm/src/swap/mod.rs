@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use devices::blk::{Fault, FaultyBackend, Takeover};
 use devices::bus::lock_device;
-use devices::lifecycle::BackendSlot;
+use devices::lifecycle::{BackendSlot, Lifecycle};
 use serde::{Deserialize, Serialize};
 
 pub use memory::{MemorySwapError, MemorySwapReport, MemorySwapRequest};
@@ -172,13 +172,9 @@ impl SwapManager {
         self.lock().iter().map(SwapHandle::snapshot).collect()
     }
 
-    fn swap_target<D>(&self, entry: &DeviceEntry, device: Arc<Mutex<D>>) -> SwapTarget<D> {
-        SwapTarget {
-            device,
-            resync: entry.resync.clone(),
-            metrics: entry.handle.metrics().into_iter().map(|(_, m)| m).collect(),
-            vm_stopping: self.vm_stopping.clone(),
-        }
+    fn swap_target<D: Lifecycle>(&self, entry: &DeviceEntry, device: Arc<Mutex<D>>) -> SwapTarget<D> {
+        let metrics = entry.handle.metrics().into_iter().map(|(_, m)| m).collect();
+        SwapTarget::new(device, entry.resync.clone(), metrics, self.vm_stopping.clone())
     }
 
     /// Tells swaps in progress that the VM is stopping: they roll back rather than wait.
@@ -351,10 +347,89 @@ impl SwapManager {
 }
 
 /// Runs the rest of a swap on its own thread. If no thread can be had, nothing has changed
-/// yet (the new backend is dropped with the closure) and the swap ends as failed.
+/// yet (the new backend is dropped with the closure) and the swap ends as failed. A swap
+/// whose thread panics ends as failed too (its [`SwapTarget`] resumes the device as it
+/// unwinds), so the device is not left marked busy.
 fn spawn(device: &str, record: &SwapHandle, f: impl FnOnce() + Send + 'static) {
-    if let Err(e) = std::thread::Builder::new().name(format!("swap-{device}")).spawn(f) {
+    let thread_record = record.clone();
+    let guarded = move || {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            if thread_record.is_running() {
+                let reason = format!("internal error: the swap thread panicked ({what}); the device keeps running");
+                thread_record.finish(SwapState::Failed, Some(reason));
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name(format!("swap-{device}")).spawn(guarded) {
         log::error!("cannot start the swap thread for {device}: {e}");
         record.finish(SwapState::Failed, Some(format!("cannot start the swap thread: {e}; nothing changed")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use devices::blk::{FileBackend, VirtioBlock};
+    use devices::interrupt::InterruptLine;
+    use devices::virtio::DeviceWorker;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::*;
+
+    struct NoIrq;
+    impl InterruptLine for NoIrq {
+        fn trigger(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn disk_target(tag: &str) -> (Arc<Mutex<VirtioBlock>>, SwapTarget<VirtioBlock>, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("swap-guard-{tag}-{}", std::process::id()));
+        std::fs::File::create(&path).unwrap().write_all(&[0; 4096]).unwrap();
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let backend = Box::new(FileBackend::open(&path, false).unwrap());
+        let disk = Arc::new(Mutex::new(VirtioBlock::new(backend, "guard", Box::new(NoIrq), memory).unwrap()));
+        let resync = DeviceWorker::new(disk.clone()).unwrap().resync_handle();
+        let target = SwapTarget::new(disk.clone(), resync, Vec::new(), Arc::new(AtomicBool::new(false)));
+        (disk, target, path)
+    }
+
+    #[test]
+    fn a_swap_target_releases_only_its_own_holds() {
+        let (disk, target, path) = disk_target("holds");
+        lock_device(&disk).quiesce(); // someone else's hold (a memory swap)
+        target.quiesce();
+        target.quiesce();
+        target.resume();
+        target.resume();
+        target.resume(); // one too many: not ours to release
+        assert!(lock_device(&disk).is_quiesced(), "the other holder still has it stopped");
+        target.quiesce();
+        drop(target);
+        assert!(lock_device(&disk).is_quiesced(), "dropping releases the target's hold only");
+        lock_device(&disk).resume();
+        assert!(!lock_device(&disk).is_quiesced());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_panicking_swap_thread_fails_the_swap_and_resumes_the_device() {
+        let (disk, target, path) = disk_target("panic");
+        let record = SwapHandle::new(1, "guard", "switch", "file".into());
+        spawn("guard", &record, move || {
+            target.quiesce();
+            panic!("injected");
+        });
+        let done = record.wait(Duration::from_secs(60));
+        assert_eq!(done.state, SwapState::Failed);
+        assert!(done.reason.as_deref().unwrap_or_default().contains("panicked (injected)"), "{:?}", done.reason);
+        assert!(!lock_device(&disk).is_quiesced(), "the device takes requests again");
+        std::fs::remove_file(path).unwrap();
     }
 }

@@ -4,7 +4,7 @@
 //! happens after the switch, off the blackout: they finish on the old backend, and the swap
 //! commits only once they have (otherwise it rolls back to that backend).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,10 @@ use super::record::{Phase, SwapHandle, SwapState};
 use super::urgent::Urgent;
 use super::verify::{Observed, VerifyPolicy, verify};
 
-/// A device being swapped, with what the transaction needs around it.
-pub struct SwapTarget<D> {
+/// A device being swapped, with what the transaction needs around it. Dropping it releases
+/// any quiesce hold it still has, so a swap that ends abnormally (a panic in its thread)
+/// cannot leave the device stopped for good.
+pub struct SwapTarget<D: Lifecycle> {
     pub device: Arc<Mutex<D>>,
     /// Tells the event loop the device's descriptors changed.
     pub resync: ResyncHandle,
@@ -26,9 +28,20 @@ pub struct SwapTarget<D> {
     /// Set once the VM is stopping: a swap still copying or verifying gives up (and puts the
     /// old backend back) instead of waiting out its timeouts for traffic that will not come.
     pub vm_stopping: Arc<AtomicBool>,
+    /// Quiesce holds this swap has on the device and not yet released.
+    holds: AtomicU32,
 }
 
-impl<D> SwapTarget<D> {
+impl<D: Lifecycle> SwapTarget<D> {
+    pub fn new(
+        device: Arc<Mutex<D>>,
+        resync: ResyncHandle,
+        metrics: Vec<Arc<RequestMetrics>>,
+        vm_stopping: Arc<AtomicBool>,
+    ) -> Self {
+        Self { device, resync, metrics, vm_stopping, holds: AtomicU32::new(0) }
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, D> {
         lock_device(&self.device)
     }
@@ -40,9 +53,7 @@ impl<D> SwapTarget<D> {
             false => Ok(()),
         }
     }
-}
 
-impl<D: Lifecycle> SwapTarget<D> {
     /// Stops the device at a request boundary. Returns when that took effect, the start of
     /// the blackout, and how long getting hold of the device took (the event loop may be in
     /// the middle of serving it, or waiting for a CPU with the lock held; the device serves
@@ -51,6 +62,7 @@ impl<D: Lifecycle> SwapTarget<D> {
         let asked = Instant::now();
         let mut device = self.lock();
         device.quiesce();
+        self.holds.fetch_add(1, Ordering::Relaxed);
         let quiesced = Instant::now();
         (quiesced, quiesced - asked)
     }
@@ -61,8 +73,24 @@ impl<D: Lifecycle> SwapTarget<D> {
     /// would leave the backend unwatched, and nothing else makes the event loop look again
     /// once the guest has stopped kicking (it waits for frames that are never read).
     pub fn resume(&self) {
-        self.lock().resume();
+        let mut device = self.lock();
+        if self.holds.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+            device.resume();
+        }
+        drop(device);
         self.resync.resync();
+    }
+}
+
+impl<D: Lifecycle> Drop for SwapTarget<D> {
+    fn drop(&mut self) {
+        let left = *self.holds.get_mut();
+        if left > 0 {
+            log::error!("a swap ended with the device still quiesced; resuming it");
+            for _ in 0..left {
+                self.resume();
+            }
+        }
     }
 }
 
