@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -40,8 +41,8 @@ impl UnixVsockBackend {
             m.file_type().is_socket()
         }) {
             // Only a socket nobody listens on (connection refused) is stale; anything else
-            // (someone answers, or we may not even try) leaves it alone.
-            match UnixStream::connect(path) {
+            // (someone answers, its backlog is full, or we may not even try) leaves it alone.
+            match connect_nonblocking(path) {
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)?,
                 Ok(_) => {
                     let e = format!("{} is a live socket: something is listening on it", path.display());
@@ -133,10 +134,41 @@ impl VsockBackend for UnixVsockBackend {
     fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
         let mut target = self.path.clone().into_os_string();
         target.push(format!("_{port}"));
-        let stream = UnixStream::connect(target)?;
-        stream.set_nonblocking(true)?;
-        Ok(stream)
+        connect_nonblocking(Path::new(&target))
     }
+}
+
+/// Connects to the Unix stream socket at `path` without ever waiting: the event loop calls
+/// this for guest-initiated connections, and a host program that listens but never accepts
+/// (its backlog full) would otherwise stall every device on the loop. A full backlog fails
+/// with `WouldBlock`, like a refusal. The stream returned is non-blocking.
+pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        let e =
+            format!("{}: not a usable Unix socket path (at most {} bytes)", path.display(), addr.sun_path.len() - 1);
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: creates a new descriptor, owned below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` is within it.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len as libc::socklen_t) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]
@@ -144,6 +176,29 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn connecting_to_a_listener_that_never_accepts_does_not_wait() {
+        let dir = std::env::temp_dir().join(format!("vsock-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+        let mut pending = Vec::new();
+        let refused = loop {
+            match connect_nonblocking(&path) {
+                Ok(stream) => pending.push(stream),
+                Err(e) => break e,
+            }
+            assert!(pending.len() < 100_000, "the backlog never filled");
+        };
+        assert_eq!(refused.kind(), io::ErrorKind::WouldBlock, "{refused}");
+        let live = UnixVsockBackend::bind(&path).err().expect("a live socket is not taken over");
+        assert_eq!(live.kind(), io::ErrorKind::WouldBlock, "{live}");
+        assert!(path.exists());
+        let long = dir.join("x".repeat(200));
+        assert_eq!(connect_nonblocking(&long).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn handshake_and_guest_side_connect() {
