@@ -51,7 +51,8 @@ fuzz_target!(|input: &[u8]| {
         // and a request's buffers lie within the limits it was checked against.
         if let Ok(req) = parse(chain, &mem, &limits) {
             assert!(req.data_len <= devices::blk::request::MAX_REQUEST_BYTES);
-            assert!(req.sector.saturating_add(req.data_len / 512) <= limits.capacity_sectors || req.data_len == 0);
+            let end = req.sector.saturating_add(req.data_len / 512).saturating_add(req.range_sectors.into());
+            assert!(end <= limits.capacity_sectors, "sector {} beyond the capacity", req.sector);
         }
     }
 });

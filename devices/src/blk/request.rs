@@ -208,9 +208,11 @@ where
             req.data = data;
             req.data_len = len;
         }
-        request_type::FLUSH => req.kind = RequestKind::Flush,
+        // The sector field means nothing to these (the guest may leave anything there); zero
+        // keeps every request's sector within the capacity.
+        request_type::FLUSH => (req.kind, req.sector) = (RequestKind::Flush, 0),
         request_type::GET_ID => {
-            req.kind = RequestKind::GetId;
+            (req.kind, req.sector) = (RequestKind::GetId, 0);
             req.data_len = in_len.min(ID_BYTES as u64);
             req.data = slice_segments(&writable, 0, req.data_len);
         }
@@ -300,12 +302,13 @@ mod tests {
         header(&m, 0x8000, request_type::OUT, 0);
         let r = parse_descs(&m, &[(0x8000, 16, 0), (0x9000, 1024, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
         assert_eq!((r.kind, r.data_len, r.data.len()), (RequestKind::Write, 1024, 1));
-        header(&m, 0x8000, request_type::FLUSH, 0);
+        // Whatever sector a flush or GET_ID carries is ignored (it once overflowed an offset).
+        header(&m, 0x8000, request_type::FLUSH, u64::MAX);
         let r = parse_descs(&m, &[(0x8000, 16, 0), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
-        assert_eq!(r.kind, RequestKind::Flush);
-        header(&m, 0x8000, request_type::GET_ID, 0);
+        assert_eq!((r.kind, r.sector), (RequestKind::Flush, 0));
+        header(&m, 0x8000, request_type::GET_ID, u64::MAX);
         let r = parse_descs(&m, &[(0x8000, 16, 0), (0x9000, 64, F_WRITE), (0xa000, 1, F_WRITE)], &LIMITS).unwrap();
-        assert_eq!((r.kind, r.data_len), (RequestKind::GetId, 20));
+        assert_eq!((r.kind, r.data_len, r.sector), (RequestKind::GetId, 20, 0));
     }
 
     #[test]

@@ -229,10 +229,9 @@ impl VirtioNet {
                     // driver to kick when it adds buffers (with EVENT_IDX it only does when
                     // re-armed), and retry at once if some arrived in the meantime.
                     self.pending_rx.push_front(frame);
-                    let mem = self.core.mem();
-                    match self.core.queues[RX].enable_notification(&*mem) {
-                        Ok(true) => continue,
-                        _ => return handled,
+                    match self.core.rearm_notification(RX) {
+                        true => continue,
+                        false => return handled,
                     }
                 }
             }

@@ -210,6 +210,25 @@ impl VirtioCore {
     }
 
     /// Raises the used-buffer interrupt if the queue's suppression rules allow it.
+    /// For a device that found `queue` out of buffers: asks the driver to kick when it adds
+    /// some, and says whether some arrived meanwhile (look again). A broken avail ring (its
+    /// index more than a queue's worth ahead, which nothing can be popped from) counts as
+    /// empty, reported as a guest error: looking again would find the same nothing forever.
+    pub fn rearm_notification(&mut self, queue: usize) -> bool {
+        let mem = self.mem();
+        let q = &mut self.queues[queue];
+        if !matches!(q.enable_notification(&*mem), Ok(true)) {
+            return false;
+        }
+        match q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(idx) if idx.0.wrapping_sub(q.next_avail()) <= q.size() => true,
+            _ => {
+                self.guest_error("avail index beyond the queue size", format_args!("queue {queue}"));
+                false
+            }
+        }
+    }
+
     pub fn notify_if_needed(&mut self, queue: usize) {
         let mem = self.mem();
         let needed = self.queues[queue].needs_notification(&*mem).unwrap_or(true);

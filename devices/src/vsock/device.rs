@@ -32,6 +32,12 @@ const BACKEND_TOKEN: u32 = DEVICE_TOKEN_BASE;
 const FIRST_CONN_TOKEN: u32 = DEVICE_TOKEN_BASE + 1;
 /// Largest payload in one packet (Linux uses up to 64 KiB).
 const MAX_PAYLOAD: usize = 64 * 1024;
+/// Most connections open at once: each holds a host descriptor and buffers, and the guest
+/// must not be able to run the VMM out of either.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Most RSTs waiting for RX buffers (for packets matching no connection); more are dropped,
+/// so a guest that sends junk and posts no buffers cannot grow the queue without bound.
+const MAX_STRAY_RESETS: usize = VSOCK_QUEUE_SIZE as usize;
 /// Host ports for host-initiated connections are taken from here up.
 const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
 
@@ -113,6 +119,10 @@ impl VirtioVsock {
     /// An RST answering `hdr`, for packets that match no connection.
     fn reset_for(&mut self, hdr: &Header) {
         if hdr.op != op::RST {
+            if self.stray_resets.len() >= MAX_STRAY_RESETS {
+                self.core.guest_error("stray packets faster than RX buffers; reset dropped", format_args!(""));
+                return;
+            }
             self.stray_resets.push_back(Header {
                 src_cid: HOST_CID,
                 dst_cid: self.guest_cid,
@@ -185,6 +195,11 @@ impl VirtioVsock {
                 self.reset_for(&hdr);
                 return;
             }
+            if self.conns.len() >= MAX_CONNECTIONS {
+                self.core.guest_error("too many vsock connections; request refused", format_args!("{MAX_CONNECTIONS}"));
+                self.reset_for(&hdr);
+                return;
+            }
             match self.backend.connect(hdr.dst_port) {
                 Ok(stream) => {
                     let conn = self.add_connection(stream, hdr.dst_port, hdr.src_port, State::Established);
@@ -216,7 +231,11 @@ impl VirtioVsock {
                 conn.tx_buf.extend(payload);
             }
             op::CREDIT_UPDATE => {}
-            op::CREDIT_REQUEST => conn.control.push_back((op::CREDIT_UPDATE, 0)),
+            // One pending update answers any number of requests.
+            op::CREDIT_REQUEST if !conn.control.contains(&(op::CREDIT_UPDATE, 0)) => {
+                conn.control.push_back((op::CREDIT_UPDATE, 0))
+            }
+            op::CREDIT_REQUEST => {}
             op::SHUTDOWN => {
                 if hdr.flags & shutdown::SEND != 0 {
                     conn.guest_done = true;
@@ -279,6 +298,10 @@ impl VirtioVsock {
                 continue;
             }
             let want = room.min(conn.guest_credit() as usize).min(MAX_PAYLOAD);
+            if want == 0 {
+                // Nothing fits (a header-sized buffer): reading zero bytes would look like EOF.
+                continue;
+            }
             let mut buf = vec![0u8; want];
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
@@ -316,9 +339,9 @@ impl VirtioVsock {
             let Some(chain) = self.core.queues[RX].pop_descriptor_chain(mem.clone()) else {
                 // Out of buffers: ask for a kick when the guest adds some, unless it just did.
                 self.rx_starved = true;
-                match self.core.queues[RX].enable_notification(&*mem) {
-                    Ok(true) => continue,
-                    _ => break,
+                match self.core.rearm_notification(RX) {
+                    true => continue,
+                    false => break,
                 }
             };
             self.rx_starved = false;
@@ -326,8 +349,10 @@ impl VirtioVsock {
             let segs: Vec<(GuestAddress, usize)> =
                 chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
             let capacity: usize = segs.iter().map(|s| s.1).sum();
-            if capacity < HEADER_LEN {
-                self.core.guest_error("RX buffer smaller than a packet header", format_args!("head {head}"));
+            if capacity <= HEADER_LEN {
+                // With no room for data it could only ever carry control packets, and would
+                // block the queue as soon as data is next: no driver posts such buffers.
+                self.core.guest_error("RX buffer with no room for data", format_args!("head {head}"));
                 self.core.complete(RX, head, 0);
                 continue;
             }
@@ -431,6 +456,12 @@ impl VirtioDevice for VirtioVsock {
     fn handle_event(&mut self, token: u32, events: EventSet) {
         if token == BACKEND_TOKEN {
             for (stream, guest_port) in self.backend.accept() {
+                if self.conns.len() >= MAX_CONNECTIONS {
+                    log::warn!(
+                        "vsock: {MAX_CONNECTIONS} connections open; host connection to port {guest_port} closed"
+                    );
+                    continue;
+                }
                 let host_port = self.next_host_port;
                 self.next_host_port = self.next_host_port.checked_add(1).unwrap_or(FIRST_EPHEMERAL_PORT);
                 let conn = self.add_connection(stream, host_port, guest_port, State::AwaitingGuest);
@@ -576,6 +607,7 @@ mod tests {
             let (_, elems) = used(&self.dev.core, RX);
             elems
                 .iter()
+                .filter(|&&(_, len)| len as usize >= HEADER_LEN)
                 .map(|&(id, len)| {
                     let at = 0x30_0000 + u64::from(id) * 0x1000;
                     let mut b = vec![0u8; len as usize];
@@ -691,5 +723,59 @@ mod tests {
         }
         assert!(e.received().iter().any(|(h, _)| h.op == op::RST), "overrunning buf_alloc resets the connection");
         assert_eq!(e.dev.connections(), 0);
+    }
+
+    #[test]
+    fn an_avail_index_beyond_the_queue_size_does_not_hang_rx() {
+        let mut e = env("badidx");
+        e.send(guest_header(40000, 7777, op::REQUEST, 0), &[]); // an RST waits for a buffer
+        let mem = e.mem();
+        let avail = e.dev.core.queues[RX].avail_ring();
+        mem.write_obj(QS + 5, GuestAddress(avail + 2)).unwrap();
+        drop(mem);
+        e.dev.queue_notified(RX); // used to spin here for ever
+        assert_eq!(e.received().len(), 0);
+    }
+
+    #[test]
+    fn a_header_sized_rx_buffer_does_not_end_the_connection() {
+        let mut e = env("tiny");
+        let host = UnixListener::bind(e.dir.join("v.sock_5001")).unwrap();
+        e.offer_rx(1);
+        e.send(guest_header(49153, 5001, op::REQUEST, 0), &[]);
+        let (mut conn, _) = host.accept().unwrap();
+        conn.write_all(b"data").unwrap();
+        // Only room for a header: nothing can be delivered, and nothing must look like EOF.
+        add_chain(&e.dev.core, RX, &[(0x30_0000 + 0x1000, HEADER_LEN as u32, F_WRITE)], e.next_rx);
+        e.next_rx += 1;
+        e.dev.queue_notified(RX);
+        e.pump();
+        assert!(e.received().iter().all(|(h, _)| h.op != op::SHUTDOWN), "{:?}", e.received());
+        e.offer_rx(1);
+        e.pump();
+        let data = e.received().into_iter().find(|(h, _)| h.op == op::RW).expect("the data arrives later");
+        assert_eq!(data.1, b"data");
+    }
+
+    #[test]
+    fn guest_state_is_bounded() {
+        let mut e = env("bounds");
+        // No RX buffers: RSTs for junk queue up, but only so many.
+        for port in 0..(MAX_STRAY_RESETS as u32 + 50) {
+            e.send(guest_header(40000 + port, 9, op::RW, 0), &[]);
+            e.next_tx %= 32;
+        }
+        assert_eq!(e.dev.stray_resets.len(), MAX_STRAY_RESETS);
+        e.dev.stray_resets.clear();
+        // Credit requests are answered by one pending update, however many arrive.
+        let host = UnixListener::bind(e.dir.join("v.sock_6001")).unwrap();
+        e.send(guest_header(50001, 6001, op::REQUEST, 0), &[]);
+        let (_conn, _) = host.accept().unwrap();
+        for _ in 0..100 {
+            e.send(guest_header(50001, 6001, op::CREDIT_REQUEST, 0), &[]);
+            e.next_tx %= 32;
+        }
+        let conn = e.dev.conns.values().next().unwrap();
+        assert_eq!(conn.control.iter().filter(|c| c.0 == op::CREDIT_UPDATE).count(), 1);
     }
 }

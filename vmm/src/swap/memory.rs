@@ -116,6 +116,10 @@ impl MemorySwap<'_> {
             }
         };
         if let Err(e) = self.vcpus.pause() {
+            // Some vCPUs may have parked: let them all run again, as they were.
+            if self.resume_vcpus {
+                let _ = self.vcpus.resume();
+            }
             resume_devices();
             return Err(e.into());
         }
@@ -207,15 +211,25 @@ impl MemorySwap<'_> {
         self.kvm.remove_memslot(slot).map_err(kvm_err)?;
         let new_slot = MemSlot { slot, guest_addr: old.guest_addr, size: old.size, host_addr: new.host_addr() };
         // SAFETY: the new mapping is owned by GuestRam from `install` on, for the VM's life.
-        if let Err(source) = unsafe { self.kvm.set_memslot(&new_slot) } {
-            let back = MemSlot { slot, guest_addr: old.guest_addr, size: old.size, host_addr: old.host_addr };
+        let back = MemSlot { slot, guest_addr: old.guest_addr, size: old.size, host_addr: old.host_addr };
+        let restore = || {
             // SAFETY: the old mapping is still installed in GuestRam.
-            let _ = unsafe { self.kvm.set_memslot(&back) };
+            if let Err(e) = unsafe { self.kvm.set_memslot(&back) } {
+                log::error!("memory slot {slot}: cannot put the old backing back in KVM: {e}");
+            }
+        };
+        if let Err(source) = unsafe { self.kvm.set_memslot(&new_slot) } {
+            restore();
             return Err(kvm_err(source));
         }
         // The old mapping goes back to the caller: unmapping it frees every page it held,
         // which takes long enough to belong after the guest resumes.
-        let replaced = self.ram.install(new)?;
+        let replaced = self.ram.install(new).inspect_err(|_| {
+            // The new mapping is gone with the error: KVM must not keep pointing at it. The
+            // guest is still paused, so nothing touched it meanwhile.
+            let _ = self.kvm.remove_memslot(slot);
+            restore();
+        })?;
         let memslot_us = memslot_started.elapsed().as_micros() as u64;
         Ok(Replaced { bytes_copied: copied, copy_us, memslot_us, old: replaced })
     }

@@ -64,7 +64,7 @@ pub fn run(
             drop(dev.replace_backend(source));
             e
         });
-        dev.resume();
+        target.resume_locked(&mut dev);
         attached
     };
     target.resync.resync();

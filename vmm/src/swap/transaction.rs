@@ -73,12 +73,22 @@ impl<D: Lifecycle> SwapTarget<D> {
     /// would leave the backend unwatched, and nothing else makes the event loop look again
     /// once the guest has stopped kicking (it waits for frames that are never read).
     pub fn resume(&self) {
-        let mut device = self.lock();
+        self.resume_locked(&mut self.lock());
+        self.resync.resync();
+    }
+
+    /// Releases this swap's hold on `device` (the target's device, already locked) without
+    /// waking the event loop: for a caller that changes more in the same critical section,
+    /// and resyncs after.
+    pub fn resume_locked(&self, device: &mut D) {
         if self.holds.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
             device.resume();
         }
-        drop(device);
-        self.resync.resync();
+    }
+
+    /// Quiesce holds this swap still has.
+    pub fn holds(&self) -> u32 {
+        self.holds.load(Ordering::Relaxed)
     }
 }
 
