@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use devices::blk::{BlockBackend, Half, MirrorBackend, MirrorControl, VirtioBlock};
-use devices::lifecycle::{BackendSlot, Lifecycle};
+use devices::lifecycle::BackendSlot;
 use serde::{Deserialize, Serialize};
 
 use super::record::{CopyStats, Phase, SwapHandle, SwapState};
