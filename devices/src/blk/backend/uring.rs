@@ -20,6 +20,12 @@ struct Pending {
     /// Must stay at a fixed address until the kernel is done with it.
     iovecs: Box<[libc::iovec]>,
     expected: u64,
+    /// Where the transfer starts in the image, and how much of it is done (a short read or
+    /// write is continued from there).
+    offset: u64,
+    done: u64,
+    /// Bytes of the original buffers before `iovecs` (once a short transfer is continued).
+    skipped: u64,
     is_read: bool,
 }
 
@@ -62,6 +68,36 @@ impl UringBackend {
         self.pending.insert(token, pending);
         Ok(())
     }
+
+    /// Resubmits what a short read or write left, from where it stopped.
+    fn continue_transfer(&mut self, token: u64, mut p: Pending) -> io::Result<()> {
+        p.iovecs = remaining(&p.iovecs, p.done - p.skipped);
+        p.skipped = p.done;
+        let fd = types::Fd(self.file.as_raw_fd());
+        let (iov, n, at) = (p.iovecs.as_ptr(), p.iovecs.len() as u32, p.offset + p.done);
+        let entry = match p.is_read {
+            true => opcode::Readv::new(fd, iov, n).offset(at).build(),
+            false => opcode::Writev::new(fd, iov, n).offset(at).build(),
+        };
+        self.push(token, entry, p)
+    }
+}
+
+/// The part of `iovecs` after its first `skip` bytes.
+fn remaining(iovecs: &[libc::iovec], mut skip: u64) -> Box<[libc::iovec]> {
+    let mut rest = Vec::with_capacity(iovecs.len());
+    for iov in iovecs {
+        let len = iov.iov_len as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        // SAFETY: `skip` < the iovec's length, so the pointer stays within its buffer.
+        let base = unsafe { iov.iov_base.cast::<u8>().add(skip as usize) };
+        rest.push(libc::iovec { iov_base: base.cast(), iov_len: (len - skip) as usize });
+        skip = 0;
+    }
+    rest.into_boxed_slice()
 }
 
 impl Drop for UringBackend {
@@ -111,12 +147,13 @@ impl BlockBackend for UringBackend {
 
     fn submit(&mut self, token: u64, op: BlockOp) -> io::Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
-        let none = || Pending { iovecs: Box::new([]), expected: 0, is_read: false };
+        let none = || Pending { iovecs: Box::new([]), expected: 0, offset: 0, done: 0, skipped: 0, is_read: false };
         match op {
             BlockOp::Read { offset, bufs } => {
                 let iovecs: Box<[libc::iovec]> = bufs.iter().map(|b| b.to_iovec()).collect();
                 let entry = opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32).offset(offset).build();
-                self.push(token, entry, Pending { expected: total_len(&bufs), iovecs, is_read: true })
+                let expected = total_len(&bufs);
+                self.push(token, entry, Pending { expected, iovecs, offset, done: 0, skipped: 0, is_read: true })
             }
             BlockOp::Write { offset, bufs } => {
                 if self.info.read_only {
@@ -124,7 +161,8 @@ impl BlockBackend for UringBackend {
                 }
                 let iovecs: Box<[libc::iovec]> = bufs.iter().map(|b| b.to_iovec()).collect();
                 let entry = opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32).offset(offset).build();
-                self.push(token, entry, Pending { expected: total_len(&bufs), iovecs, is_read: false })
+                let expected = total_len(&bufs);
+                self.push(token, entry, Pending { expected, iovecs, offset, done: 0, skipped: 0, is_read: false })
             }
             BlockOp::Flush => {
                 let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
@@ -155,23 +193,33 @@ impl BlockBackend for UringBackend {
         let _ = self.eventfd.read();
         let finished: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (token, res) in finished {
-            let Some(p) = self.pending.remove(&token) else {
+            let Some(mut p) = self.pending.remove(&token) else {
                 continue;
             };
             let result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
-            } else if (res as u64) < p.expected {
-                if p.is_read {
-                    zero_tail(&p.iovecs, res as u64);
-                    Ok(p.expected)
-                } else {
-                    Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
-                }
             } else {
-                Ok(res as u64)
+                p.done += res as u64;
+                if p.done >= p.expected {
+                    Ok(p.expected)
+                } else if res == 0 && p.is_read {
+                    // End of file (an image whose size is not a whole number of sectors).
+                    zero_tail(&p.iovecs, p.done - p.skipped);
+                    Ok(p.expected)
+                } else if res == 0 {
+                    Err(io::Error::new(io::ErrorKind::WriteZero, "write made no progress"))
+                } else {
+                    // A short transfer (a signal, memory pressure): carry on with the rest.
+                    match self.continue_transfer(token, p) {
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
+                    }
+                }
             };
             out.push((token, result));
         }
+        // Continuations are submitted at once: nothing else would.
+        let _ = self.ring.submit();
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
@@ -238,5 +286,21 @@ mod tests {
         assert!(matches!(done[0].1, Ok(8192)));
         assert!(tail.iter().all(|&x| x == 0));
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_short_transfer_continues_where_it_stopped() {
+        let mut a = [0u8; 100];
+        let mut b = [0u8; 50];
+        let iov = |buf: &mut [u8]| libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let iovecs = [iov(&mut a), iov(&mut b)];
+        let rest = remaining(&iovecs, 30);
+        assert_eq!(rest.len(), 2);
+        assert_eq!((rest[0].iov_base as usize - a.as_ptr() as usize, rest[0].iov_len), (30, 70));
+        assert_eq!(rest[1].iov_len, 50);
+        let rest = remaining(&iovecs, 110);
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].iov_base as usize - b.as_ptr() as usize, rest[0].iov_len), (10, 40));
+        assert!(remaining(&iovecs, 150).is_empty());
     }
 }
