@@ -82,8 +82,7 @@ pub fn run(
     let copy_started = Instant::now();
     let deadline = copy_started + Duration::from_millis(options.timeout_ms);
     let abort = |reason: String| {
-        let mirror = roll_back_mirror(target, &control, params, record, &reason);
-        drop(mirror);
+        roll_back_mirror(target, &control, params, record, &reason);
         record.finish(SwapState::RolledBack, Some(reason));
     };
     loop {
@@ -210,7 +209,7 @@ fn roll_back_mirror(
     params: &SwapParams,
     record: &SwapHandle,
     reason: &str,
-) -> Option<Box<dyn BlockBackend>> {
+) {
     // The source has every write: while copying it served them, in write-through it got them.
     // Copies in flight read from the source and write to the target: stop them and wait, or
     // the source would go back in the slot still busy. Before the blackout: the guest's own
@@ -218,7 +217,6 @@ fn roll_back_mirror(
     if let Err(n) = control.stop_copying(params.drain_timeout) {
         record.phase(Phase::Rollback, Some(format!("{n} chunk copies did not finish; abandoned")));
     }
-    let mirror = roll_back(target, || control.take(Half::Source), params.drain_timeout, record, reason);
+    roll_back(target, || control.take(Half::Source), params.drain_timeout, record, reason);
     drop(control.take(Half::Target));
-    mirror
 }

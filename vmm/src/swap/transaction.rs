@@ -270,8 +270,7 @@ where
             record.finish(SwapState::Committed, None);
         }
         Err(reason) => {
-            let failed = roll_back(target, || Some(old), ROLLBACK_DRAIN, record, &reason);
-            drop(failed);
+            roll_back(target, || Some(old), ROLLBACK_DRAIN, record, &reason);
             record.finish(SwapState::RolledBack, Some(reason));
         }
     }
@@ -313,33 +312,39 @@ fn settle_previous<D: BackendSlot>(
 /// How often the requests handed over to the old backend are looked at while settling.
 const SETTLE_POLL: Duration = Duration::from_micros(250);
 
-/// Puts the old backend back and returns the one it replaces. `old` is called once the
-/// device is quiesced and drained (a mirror can only give up its source then). Requests the
-/// failed backend still holds are abandoned to it and retried on the old one, so the guest
-/// sees no error.
+/// Puts the old backend back in place of the failed one, which is closed. `old` is called
+/// once the device is quiesced and drained (a mirror can only give up its source then).
+/// Requests the failed backend still holds are abandoned and retried on the old one, so the
+/// guest sees no error; requests handed over to the old backend at the switch just carry on
+/// there, so the drain does not wait for them.
 pub fn roll_back<D>(
     target: &SwapTarget<D>,
     old: impl FnOnce() -> Option<Box<D::Backend>>,
     drain_timeout: Duration,
     record: &SwapHandle,
     reason: &str,
-) -> Option<Box<D::Backend>>
-where
+) where
     D: BackendSlot,
 {
     record.phase(Phase::Rollback, Some(reason.to_string()));
     let _urgent = Urgent::enter();
     let (blackout, _) = target.quiesce();
-    if drain(&target.device, drain_timeout).is_err() {
+    if let Err(left) = drain_until(&target.device, drain_timeout, on_current) {
+        record.phase(Phase::Rollback, Some(format!("{left} request(s) abandoned on the failed backend, retried")));
         target.lock().abandon_in_flight();
     }
-    let failed = old().map(|old| {
-        let mut dev = target.lock();
-        let failed = dev.replace_backend(old);
-        dev.set_probation(false);
-        failed
-    });
+    if let Some(old) = old() {
+        let failed = {
+            let mut dev = target.lock();
+            let failed = dev.replace_backend(old);
+            dev.set_probation(false);
+            failed
+        };
+        // Closed before the disk runs again: what it abandoned is retried on the old backend
+        // then, and must be finished or cancelled on the failed one by that time (closing
+        // waits a bounded time for its own I/O), or a late write could land over a newer one.
+        drop(failed);
+    }
     target.resume();
     record.add_blackout(blackout.elapsed());
-    failed
 }
