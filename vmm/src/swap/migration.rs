@@ -166,9 +166,13 @@ fn commit(
     params: &SwapParams,
     record: &SwapHandle,
 ) -> Result<(), String> {
+    // The source goes at commit: the target must be durable first (off the blackout; from
+    // here on, guest flushes reach both halves anyway).
+    control.flush_target(params.drain_timeout).map_err(|e| format!("cannot flush the target: {e}"))?;
     record.phase(Phase::Commit, None);
     let _urgent = Urgent::enter();
     let mut attempt = 0;
+    let mut source_dropped = false;
     let blackout = loop {
         attempt += 1;
         let (blackout, drained) = quiesce_and_drain(target, params.drain_timeout, record);
@@ -176,8 +180,26 @@ fn commit(
             Ok(()) => break blackout,
             Err(pending) => {
                 record.add_blackout(blackout.elapsed());
-                if attempt == COMMIT_ATTEMPTS {
-                    return Err(format!("{pending} request(s) still in flight at commit, {attempt} tries"));
+                if source_dropped {
+                    // The target itself does not finish its requests, and the source no longer
+                    // has every write: the disk stays as it is, on the target through the mirror.
+                    let note =
+                        format!("{pending} request(s) never finished on the target; it serves through the mirror");
+                    record.finish(SwapState::Committed, Some(note));
+                    return Ok(());
+                }
+                if attempt >= COMMIT_ATTEMPTS {
+                    // Stuck on the source? It was only kept for a rollback; the target has
+                    // everything and passed its health check, so it carries on without it.
+                    let dropped = control.drop_source();
+                    if dropped == 0 {
+                        return Err(format!("{pending} request(s) still in flight at commit, {attempt} tries"));
+                    }
+                    source_dropped = true;
+                    let note =
+                        format!("the source did not finish {dropped} request(s): dropped, no rollback from here");
+                    record.phase(Phase::Commit, Some(note));
+                    continue;
                 }
                 // Let the disk serve (and the slow half catch up) before the next try.
                 std::thread::sleep(params.drain_timeout.min(Duration::from_millis(100)));

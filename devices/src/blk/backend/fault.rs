@@ -20,6 +20,8 @@ pub enum Fault {
     ErrorAfter(u64),
     /// Requests are accepted and never completed.
     Stall,
+    /// The first `n` requests are served, later ones are accepted and never completed.
+    StallAfter(u64),
 }
 
 pub struct FaultyBackend {
@@ -52,11 +54,13 @@ impl BlockBackend for FaultyBackend {
         let fail = match self.fault {
             Fault::Error => true,
             Fault::ErrorAfter(n) => self.submitted > n,
-            Fault::Stall => {
-                self.stalled += 1;
-                return Ok(());
-            }
+            Fault::Stall => true,
+            Fault::StallAfter(n) => self.submitted > n,
         };
+        if fail && matches!(self.fault, Fault::Stall | Fault::StallAfter(_)) {
+            self.stalled += 1;
+            return Ok(());
+        }
         if fail {
             self.failed.push((token, Err(io::Error::from_raw_os_error(libc::EIO))));
             self.ready.signal();

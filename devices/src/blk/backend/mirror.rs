@@ -63,6 +63,9 @@ enum Origin {
     GuestMirror(u64),
     CopyRead(u64),
     CopyWrite(u64),
+    /// The mirror's own flush of the target before the source goes (see
+    /// [`MirrorControl::flush_target`]).
+    TargetFlush,
 }
 
 struct GuestOp {
@@ -99,6 +102,9 @@ struct State {
     /// No new copies: the migration is ending (rollback), and the halves can only be taken
     /// out once no copy uses them.
     stopped: bool,
+    /// Write-through without the source: it stalled at commit, and the target (verified,
+    /// holding everything) carries on alone.
+    source_dropped: bool,
     guest: HashMap<u64, GuestOp>,
     origins: HashMap<(Side, u64), Origin>,
     next_token: u64,
@@ -106,6 +112,8 @@ struct State {
     bytes_copied: u64,
     failed: bool,
     scratch: Vec<Completion>,
+    /// The outcome of the mirror's own target flush, once it finished.
+    target_flushed: Option<io::Result<()>>,
 }
 
 impl State {
@@ -223,6 +231,7 @@ impl State {
                     self.done.push((outer, op.result));
                 }
             }
+            Origin::TargetFlush => self.target_flushed = Some(result.map(|_| ())),
             Origin::CopyRead(c) => {
                 if result.is_err() {
                     return self.copy_failed(c);
@@ -330,12 +339,14 @@ impl MirrorBackend {
             guest: HashMap::new(),
             cursor: 0,
             stopped: false,
+            source_dropped: false,
             origins: HashMap::new(),
             next_token: FIRST_TOKEN,
             done: Vec::new(),
             bytes_copied: 0,
             failed: false,
             scratch: Vec::new(),
+            target_flushed: None,
         };
         let state = Arc::new(Mutex::new(state));
         Ok((Self { state: state.clone(), ready: ready.clone(), info }, MirrorControl { state, ready }))
@@ -366,7 +377,7 @@ impl BlockBackend for MirrorBackend {
         };
         // Writes go to both halves in either mode; flushes matter only for the half whose
         // data the guest relies on being durable, which in write-through is both.
-        let mirrored = chunks.is_some() || (matches!(op, BlockOp::Flush) && !copying);
+        let mirrored = (chunks.is_some() || (matches!(op, BlockOp::Flush) && !copying)) && !s.source_dropped;
         let parts = if mirrored { 2 } else { 1 };
         let tracked = if copying { chunks } else { None };
         if let Some((first, last)) = tracked {
@@ -535,6 +546,58 @@ impl MirrorControl {
         }
     }
 
+    /// Makes everything written to the target durable, waiting up to `timeout`; call in
+    /// write-through, before the source goes. A guest flush during the copy reached only the
+    /// source, so until this the source may be the only durable copy of what it covered.
+    pub fn flush_target(&self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        {
+            let mut s = lock(&self.state);
+            s.target_flushed = None;
+            s.send(Side::Target, Origin::TargetFlush, BlockOp::Flush)?;
+            s.flush_inner();
+        }
+        loop {
+            {
+                let mut s = lock(&self.state);
+                s.pump();
+                if !s.done.is_empty() {
+                    // Guest completions collected here: the device must come and take them.
+                    self.ready.signal();
+                }
+                if let Some(result) = s.target_flushed.take() {
+                    return result;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "flushing the target did not finish in time"));
+            }
+            self.ready.wait(1);
+        }
+    }
+
+    /// Gives up on the source in write-through: the guest's requests no longer wait for their
+    /// part on it, and new ones are not sent there. For a commit that finds the source stalled:
+    /// the target already holds every byte, the source was only kept for a rollback, which is
+    /// no longer possible afterwards. Returns how many of the source's requests were abandoned.
+    pub fn drop_source(&self) -> usize {
+        let mut s = lock(&self.state);
+        if s.mode != Mode::WriteThrough {
+            return 0;
+        }
+        s.source_dropped = true;
+        let stalled: Vec<(Side, u64)> = s.origins.keys().filter(|(side, _)| *side == Side::Source).copied().collect();
+        for key in &stalled {
+            if let Some(origin) = s.origins.remove(key) {
+                s.complete(origin, Ok(0));
+            }
+        }
+        if !s.done.is_empty() {
+            self.ready.signal();
+        }
+        stalled.len()
+    }
+
     /// Takes one half out of a mirror that is no longer in use (after commit or rollback the
     /// disk holds the chosen half again): the disk quiesced and drained, copies stopped. A
     /// request of the mirror's still in flight on the half (it stalled) completes later with a
@@ -650,6 +713,7 @@ mod tests {
         let mut pending = 1;
         pump_until(&mut m, &mut pending, &mut done);
         assert!(control.idle());
+        control.flush_target(Duration::from_secs(10)).unwrap();
         let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         assert!(a == b, "source and target differ after the migration");
         assert_eq!(&b[..4096], &last[..]);
@@ -684,6 +748,7 @@ mod tests {
         pump_until(&mut m, &mut pending, &mut done);
         assert!(done.iter().all(|(_, r)| r.is_ok()), "the guest's write succeeded: {done:?}");
         assert!(control.progress().failed);
+        assert!(control.flush_target(Duration::from_secs(10)).is_err(), "nor can the target be flushed");
         assert_eq!(std::fs::read(&src).unwrap()[8192], 7);
         std::fs::remove_file(src).unwrap();
         std::fs::remove_file(dst).unwrap();
@@ -716,6 +781,46 @@ mod tests {
             let range = chunk * CHUNK as usize..(chunk + 1) * CHUNK as usize;
             assert!(b[range.clone()] == a[range.clone()] || b[range].iter().all(|&x| x == 0), "chunk {chunk} torn");
         }
+        std::fs::remove_file(src).unwrap();
+        std::fs::remove_file(dst).unwrap();
+    }
+
+    #[test]
+    fn a_source_that_stalls_in_write_through_can_be_dropped() {
+        use crate::blk::{Fault, FaultyBackend};
+        const SIZE: usize = 4 << 20;
+        let src = file("drop-src", |_| 1, SIZE);
+        let dst = file("drop-dst", |_| 0, SIZE);
+        // The source serves the copy's reads, then stalls.
+        let reads = (SIZE as u64).div_ceil(CHUNK);
+        let source = FaultyBackend::new(Box::new(FileBackend::open(&src, false).unwrap()), Fault::StallAfter(reads));
+        let target = Box::new(FileBackend::open(&dst, false).unwrap());
+        let (mut m, control) = MirrorBackend::new(Box::new(source.unwrap()), target).unwrap();
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while control.dirty_chunks() > 0 || control.progress().copies_in_flight > 0 {
+            assert!(Instant::now() < deadline, "copy made no progress: {:?}", control.progress());
+            m.ready.wait(5);
+            m.poll_completions(&mut done);
+        }
+        control.finish_copy(Duration::from_secs(10)).unwrap();
+        let mut buf = vec![9u8; 4096];
+        m.submit(1, BlockOp::Write { offset: 0, bufs: vec![IoBuf { addr: buf.as_mut_ptr(), len: 4096 }] }).unwrap();
+        m.flush().unwrap();
+        m.poll_completions(&mut done);
+        assert!(done.is_empty(), "the write waits for the stalled source");
+        assert_eq!(control.drop_source(), 1);
+        m.poll_completions(&mut done);
+        assert!(matches!(done.as_slice(), [(1, Ok(_))]), "{done:?}");
+        // From now on the target alone serves.
+        m.submit(2, BlockOp::Flush).unwrap();
+        m.flush().unwrap();
+        let mut pending = 1;
+        done.clear();
+        pump_until(&mut m, &mut pending, &mut done);
+        assert_eq!(std::fs::read(&dst).unwrap()[..4096], buf[..]);
+        drop(m);
+        drop(control);
         std::fs::remove_file(src).unwrap();
         std::fs::remove_file(dst).unwrap();
     }

@@ -100,7 +100,7 @@ pub struct SwapArgs {
     /// Health check: largest tolerated mean latency.
     #[arg(long, value_name = "US")]
     pub verify_max_mean_latency_us: Option<u64>,
-    /// Testing rollback (disks): make the new backend fail (error, stall or error-after=N).
+    /// Testing rollback (disks): make the new backend fail (error, stall, error-after=N or stall-after=N).
     #[arg(long, value_parser = parse_fault)]
     pub fault: Option<Value>,
     /// Wait for the swap to end; exit 1 unless it committed.
@@ -142,8 +142,11 @@ fn parse_fault(s: &str) -> Result<Value, String> {
         Some(("error-after", n)) => {
             n.parse::<u64>().map(|n| json!({"error_after": n})).map_err(|_| format!("error-after={n:?}: not a number"))
         }
+        Some(("stall-after", n)) => {
+            n.parse::<u64>().map(|n| json!({"stall_after": n})).map_err(|_| format!("stall-after={n:?}: not a number"))
+        }
         None if matches!(s, "error" | "stall") => Ok(Value::from(s)),
-        _ => Err(format!("{s:?}: expected error, stall or error-after=N")),
+        _ => Err(format!("{s:?}: expected error, stall, error-after=N or stall-after=N")),
     }
 }
 
