@@ -505,9 +505,10 @@ fn vmm_ctl_wraps_every_call() {
         "50",
         "--wait",
     ]);
-    // The idle guest sends no request, so a failing backend passes a window that needs none...
-    assert_eq!(out.status, Some(0), "{out:?}");
-    // ...and fails one that needs a request: nothing arrives, so it rolls back.
+    // A dead backend fails its probe: refused before anything changes.
+    assert_eq!((out.status, json(&out)["state"].as_str()), (Some(1), Some("failed")), "{out:?}");
+    assert!(json(&out)["reason"].as_str().unwrap_or_default().contains("probe"), "{out:?}");
+    // The idle guest sends no request, so a window that needs one is not met: it rolls back.
     let out = vmm.ctl(&[
         "swap",
         "disk0",

@@ -301,10 +301,10 @@ fn memory_swaps_overlap_a_live_migration() {
     assert_eq!(digest, guest_digest, "the migrated image does not hold exactly the writes the guest completed");
 }
 
-/// A failing new backend is caught by the swap's health check and the old one is put back,
-/// with the guest none the wiser: requests the failed backend refused or swallowed are retried
-/// on the old one. Three ways to fail: every request errors, requests stall, and requests
-/// error after a number of good ones.
+/// A dead or hung new backend is refused by its probe before anything changes. One that fails
+/// later, under the guest's load, is caught by the swap's health check and the old one is put
+/// back, with the guest none the wiser: requests the failed backend refused or swallowed are
+/// retried on the old one.
 #[test]
 fn failing_backends_roll_back_without_guest_errors() {
     let dir = TempDir::new("swap-rollback");
@@ -322,14 +322,28 @@ fn failing_backends_roll_back_without_guest_errors() {
             "verify": verify,
         }))
     };
+    for (name, fault) in [("error", json!("error")), ("stall", json!("stall"))] {
+        let record = swap(&vm, "disk0", faulty(fault, json!({})));
+        assert_eq!(record.state, SwapState::Failed, "fault {name}: {record:#?}");
+        let reason = record.reason.clone().unwrap_or_default();
+        assert!(reason.contains("failed its probe") && reason.contains("nothing changed"), "fault {name}: {reason}");
+        assert!(record.blackout_us.is_none(), "fault {name}: the disk never stopped: {record:#?}");
+        assert_eq!(backend_of(&vm, "disk0"), original, "fault {name}");
+    }
     let cases = [
-        // Every request fails with EIO: the first failure ends the verification.
-        ("error", json!("error"), json!({ "window_ms": 20_000, "min_requests": 64 }), "failed on the new backend"),
-        // Nothing completes: the window runs out with requests stuck in flight.
-        ("stall", json!("stall"), json!({ "window_ms": 300, "min_requests": 16 }), "stalled"),
-        // 50 good requests, then EIO: caught because 500 good ones are required first.
+        // The probe's two reads pass, then every request fails with EIO: the first failure
+        // ends the verification.
         (
             "error_after",
+            json!({ "error_after": 2 }),
+            json!({ "window_ms": 20_000, "min_requests": 64 }),
+            "failed on the new backend",
+        ),
+        // The probe passes, then nothing completes: the window runs out with requests stuck.
+        ("stall_after", json!({ "stall_after": 2 }), json!({ "window_ms": 300, "min_requests": 16 }), "stalled"),
+        // 50 good requests, then EIO: caught because 500 good ones are required first.
+        (
+            "error_after 50",
             json!({ "error_after": 50 }),
             json!({ "window_ms": 20_000, "min_requests": 500 }),
             "failed on the new backend",
@@ -355,7 +369,8 @@ fn failing_backends_roll_back_without_guest_errors() {
     let target = image(&dir, "target.img", STRESS_BLOCKS * BLOCK_SIZE as u64);
     let migrations = [
         ("error", json!("error"), "copying to the target failed"),
-        ("error_after", json!({ "error_after": 40 }), "copying to the target failed"),
+        // Fewer good requests than the copy needs (16 chunks), whatever the guest writes meanwhile.
+        ("error_after", json!({ "error_after": 8 }), "copying to the target failed"),
         ("stall", json!("stall"), "did not converge"),
     ];
     for (name, fault, why) in migrations {

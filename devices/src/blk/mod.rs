@@ -6,6 +6,6 @@ pub mod request;
 
 pub use backend::{
     BackendError, BlockBackend, BlockInfo, BlockOp, Fault, FaultyBackend, FileBackend, Half, ImageId, IoBuf,
-    MirrorBackend, MirrorControl, MirrorProgress, NbdBackend, NbdTarget, UringBackend,
+    MirrorBackend, MirrorControl, MirrorProgress, NbdBackend, NbdTarget, ProbeError, UringBackend, probe,
 };
 pub use device::{BLOCK_QUEUE_SIZE, Takeover, VirtioBlock};

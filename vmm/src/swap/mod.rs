@@ -303,8 +303,19 @@ impl SwapManager {
                 let target = self.swap_target(entry, device);
                 let (thread_record, mode, migrate) = (record.clone(), request.mode, request.migrate);
                 spawn(id, &record, move || match mode {
+                    // The copy itself tries the target at once, and rolls back if it fails.
                     SwapMode::Migrate => migration::run(&target, backend, &params, &migrate, &thread_record),
-                    _ => transaction::run(&target, backend, &params, &thread_record),
+                    _ => {
+                        let mut backend = backend;
+                        // Off the API thread, and before the disk stops: a dead or hung backend
+                        // is refused here rather than switched in and rolled back.
+                        let patience = params.drain_timeout.max(PROBE_MIN_TIMEOUT);
+                        if let Err(e) = devices::blk::probe(&mut *backend, patience) {
+                            let reason = format!("the new backend failed its probe: {e}; nothing changed");
+                            return thread_record.finish(SwapState::Failed, Some(reason));
+                        }
+                        transaction::run(&target, backend, &params, &thread_record)
+                    }
                 });
             }
             DeviceHandle::Net(device) => {
@@ -345,6 +356,10 @@ impl SwapManager {
         Ok(record)
     }
 }
+
+/// The least time a new disk backend gets to answer its probe reads (a drain timeout may be
+/// set much shorter than a network round trip to an NBD server).
+const PROBE_MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the rest of a swap on its own thread. If no thread can be had, nothing has changed
 /// yet (the new backend is dropped with the closure) and the swap ends as failed. A swap

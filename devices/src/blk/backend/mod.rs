@@ -10,6 +10,7 @@ mod fault;
 mod file;
 mod mirror;
 mod nbd;
+mod probe;
 mod ready;
 mod uring;
 
@@ -21,6 +22,7 @@ pub use fault::{Fault, FaultyBackend};
 pub use file::FileBackend;
 pub use mirror::{Half, MirrorBackend, MirrorControl, MirrorProgress};
 pub use nbd::{NbdBackend, NbdTarget};
+pub use probe::{ProbeError, probe};
 pub use uring::UringBackend;
 
 /// A piece of guest memory a request reads from or writes into, as a host address.

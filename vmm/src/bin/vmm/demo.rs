@@ -277,11 +277,19 @@ fn swap_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
     failures += usize::from(record.state != SwapState::Committed);
 
     // The same image the disk now serves (a switch must keep the data), through a fault injector.
-    let failing =
-        json!({ "backend": { "path": copy }, "fault": "error", "verify": { "min_requests": 50, "window_ms": 500 } });
-    let record = swap(failing)?;
+    let dead = json!({ "backend": { "path": copy }, "fault": "error" });
+    let record = swap(dead)?;
     say(format!(
         "   -> a backend that fails every request: {:?} ({})",
+        record.state,
+        record.reason.as_deref().unwrap_or("no reason")
+    ));
+    failures += usize::from(record.state != SwapState::Failed);
+    let failing = json!({ "backend": { "path": copy }, "fault": { "error_after": 2 },
+                          "verify": { "min_requests": 50, "window_ms": 500 } });
+    let record = swap(failing)?;
+    say(format!(
+        "   -> a backend that passes its probe, then fails under load: {:?} ({})",
         record.state,
         record.reason.as_deref().unwrap_or("no reason")
     ));
