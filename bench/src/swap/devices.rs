@@ -215,6 +215,8 @@ pub fn run(vmm: &Path, kernel: &Path, swaps: usize) -> Results {
 
     let mut nics = Vec::new();
     let mut notes = Vec::new();
+    let (sock_a, sock_b) = (dir.join("echo-a.sock"), dir.join("echo-b.sock"));
+    let _echoes = (DatagramEcho::start(&sock_a), DatagramEcho::start(&sock_b));
     if is_root() {
         let id = std::process::id() % 100_000;
         let (tap_a, tap_b) = (Tap::create(&format!("bsa{id}")), Tap::create(&format!("bsb{id}")));
@@ -226,11 +228,17 @@ pub fn run(vmm: &Path, kernel: &Path, swaps: usize) -> Results {
             start: ["--net".into(), format!("tap={}", tap_a.name)],
         };
         nics.extend(nic_pair(vmm, kernel, &dir, &pair, swaps));
+        // Across kinds: a real tap and the userspace backend.
+        let pair = Pair {
+            device: "net0",
+            a: ("tap A".into(), json!({ "tap": tap_a.name })),
+            b: ("unix A".into(), json!({ "unix": sock_a })),
+            start: ["--net".into(), format!("tap={}", tap_a.name)],
+        };
+        nics.extend(nic_pair(vmm, kernel, &dir, &pair, swaps));
     } else {
         notes.push("tap rows skipped: creating taps needs root".into());
     }
-    let (sock_a, sock_b) = (dir.join("echo-a.sock"), dir.join("echo-b.sock"));
-    let _echoes = (DatagramEcho::start(&sock_a), DatagramEcho::start(&sock_b));
     let pair = Pair {
         device: "net0",
         a: ("unix A".into(), json!({ "unix": sock_a })),

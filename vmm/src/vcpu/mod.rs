@@ -148,11 +148,17 @@ fn run_loop(mut vcpu: KvmVcpu, ctx: &ExitContext, control: &RunControl) -> KvmVc
             }
             Target::Stop => break,
         }
-        match ctx.run_once(&mut vcpu) {
-            Next::Continue => {}
+        // A panic while handling an exit (a VMM bug, in a device the guest reached) ends the
+        // VM with an error; unwinding past here would leave `Vm::wait` waiting for ever.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run_once(&mut vcpu))) {
+            Ok(Next::Continue) => {}
             // Clear the kick before looking at the target again (see the module docs).
-            Next::Kicked => vcpu.clear_immediate_exit(),
-            Next::Stop => break,
+            Ok(Next::Kicked) => vcpu.clear_immediate_exit(),
+            Ok(Next::Stop) => break,
+            Err(panic) => {
+                ctx.vmm_panicked(&vcpu, &*panic);
+                break;
+            }
         }
     }
     control.exited();

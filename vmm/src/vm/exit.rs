@@ -22,10 +22,12 @@ pub enum VmExit {
 }
 
 impl VmExit {
-    /// The status a `vmm` process exits with: the guest's debug-exit status (low 8 bits), 0 for
-    /// a clean shutdown, 1 for a crash.
+    /// The status a `vmm` process exits with: the guest's debug-exit status (low 8 bits; 255
+    /// for a non-zero status whose low 8 bits are zero, never success), 0 for a clean
+    /// shutdown, 1 for a crash.
     pub fn process_status(&self) -> i32 {
         match self {
+            VmExit::Guest(status) if *status != 0 && status & 0xff == 0 => 255,
             VmExit::Guest(status) => (status & 0xff) as i32,
             VmExit::Reset | VmExit::PowerOff | VmExit::Stopped => 0,
             VmExit::Crashed(_) => 1,
@@ -68,12 +70,18 @@ pub enum CrashKind {
     Hypervisor(String),
     /// An exit the VMM does not handle.
     UnexpectedExit(String),
+    /// The VMM itself failed while handling an exit (a bug: the vCPU thread panicked).
+    VmmPanic(String),
 }
 
 impl fmt::Display for Crash {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if let CrashKind::VmmPanic(what) = &self.kind {
+            return write!(f, "internal error in the VMM on vCPU {} ({what}); this is a bug", self.vcpu);
+        }
         write!(f, "guest crashed on vCPU {}: ", self.vcpu)?;
         match &self.kind {
+            CrashKind::VmmPanic(_) => {}
             CrashKind::TripleFault => write!(f, "triple fault (the guest hit an unhandled exception)")?,
             CrashKind::InternalError(1) => write!(f, "KVM could not emulate an instruction (internal error 1)")?,
             CrashKind::InternalError(code) => write!(f, "KVM internal error {code}")?,
@@ -154,6 +162,7 @@ mod tests {
     #[test]
     fn process_status_mapping() {
         assert_eq!(VmExit::Guest(0x105).process_status(), 5);
+        assert_eq!(VmExit::Guest(0x100).process_status(), 255, "a failure never reads as success");
         assert_eq!(VmExit::Reset.process_status(), 0);
         let crash = Crash { vcpu: 1, kind: CrashKind::TripleFault, rip: Some(0x1000) };
         assert_eq!(VmExit::Crashed(crash.clone()).process_status(), 1);
