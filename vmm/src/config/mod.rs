@@ -26,9 +26,10 @@ pub const MAX_VCPUS: u32 = 254;
 
 pub const DEFAULT_MEM_MIB: u64 = 128;
 pub const DEFAULT_VCPUS: u32 = 1;
-/// A serial console, reboots through the keyboard controller (which ends the VMM cleanly) and
-/// a reboot one second after a panic.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// A serial console, reboots through the keyboard controller (which ends the VMM cleanly), a
+/// reboot one second after a panic, and no probing of the keyboard controller beyond its reset
+/// line (the only part of an i8042 we model).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! The CPUID a vCPU sees: KVM's supported leaves, made consistent with this VM's topology, plus
 //! the hypervisor timing leaf. Pure data, unit-tested without KVM.
 
-use kvm_bindings::{CpuId, kvm_cpuid_entry2};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 
 /// What varies per vCPU and per VM.
 #[derive(Clone, Copy, Debug)]
@@ -70,13 +70,22 @@ pub fn shape_cpuid(base: &CpuId, shape: CpuidShape) -> CpuId {
     }
 
     entries.retain(|e| e.function != LEAF_HYPERVISOR_TIMING);
-    entries.push(kvm_cpuid_entry2 {
-        function: LEAF_HYPERVISOR_TIMING,
-        eax: shape.tsc_khz,
-        ebx: APIC_TIMER_KHZ,
-        ..Default::default()
-    });
-    // `entries` comes from a valid CpuId plus one entry, so it always fits.
+    if entries.len() < KVM_MAX_CPUID_ENTRIES {
+        entries.push(kvm_cpuid_entry2 {
+            function: LEAF_HYPERVISOR_TIMING,
+            eax: shape.tsc_khz,
+            ebx: APIC_TIMER_KHZ,
+            ..Default::default()
+        });
+    } else {
+        // KVM filled the whole table: no room for the timing leaf (guests then calibrate
+        // their clocks themselves), so do not announce it; the topology above still holds.
+        let announced = base.as_slice().iter().find(|e| e.function == LEAF_HYPERVISOR_BASE).map(|e| e.eax);
+        for entry in entries.iter_mut().filter(|e| e.function == LEAF_HYPERVISOR_BASE) {
+            entry.eax = announced.unwrap_or(entry.eax);
+        }
+    }
+    // At most KVM_MAX_CPUID_ENTRIES entries, as checked: this cannot fail.
     CpuId::from_entries(&entries).unwrap_or_else(|_| base.clone())
 }
 
@@ -120,5 +129,19 @@ mod tests {
         let timing = find(&c, 0x4000_0010, 0);
         assert_eq!((timing.eax, timing.ebx), (2_500_000, 1_000_000));
         assert_eq!(find(&c, 1, 0).edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn a_full_table_keeps_its_topology_and_drops_the_timing_leaf() {
+        let mut entries = base().as_slice().to_vec();
+        entries.extend(
+            (0..KVM_MAX_CPUID_ENTRIES - 4)
+                .map(|i| kvm_cpuid_entry2 { function: 0x8000_0000 + i as u32, ..Default::default() }),
+        );
+        let full = CpuId::from_entries(&entries).unwrap();
+        let c = shape_cpuid(&full, CpuidShape { apic_id: 2, vcpu_count: 4, tsc_khz: 2_500_000 });
+        assert_eq!(find(&c, 1, 0).ebx >> 24, 2, "each vCPU keeps its own APIC id");
+        assert_eq!(find(&c, 0x4000_0000, 0).eax, 0x4000_0001, "no timing leaf announced");
+        assert!(c.as_slice().iter().all(|e| e.function != 0x4000_0010));
     }
 }

@@ -10,7 +10,7 @@ mod control;
 mod exits;
 
 use std::sync::Arc;
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,14 +32,12 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     // Nothing to do: delivering the signal is what interrupts KVM_RUN.
 }
 
+/// Installs the kick handler once per process; a failure is remembered, so no VM ever starts
+/// without it (the first kick would kill the process).
 fn install_kick_handler() -> std::io::Result<()> {
-    static INSTALL: Once = Once::new();
-    let mut result = Ok(());
-    INSTALL.call_once(|| {
-        result =
-            register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
-    });
-    result
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()));
+    result.map_err(std::io::Error::from_raw_os_error)
 }
 
 /// How long `pause`/`resume` wait for every vCPU before reporting a stuck one.
