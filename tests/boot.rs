@@ -38,6 +38,19 @@ fn memtouch_one_and_four_vcpus() {
     }
 }
 
+/// More RAM than fits below the MMIO gap: the rest lives in a second region from 4 GiB, which
+/// both entry protocols' memory maps must report (memtouch uses the largest free range, which
+/// is then that one).
+#[test]
+fn memory_above_the_mmio_gap_through_both_entry_protocols() {
+    for protocol in ["pvh", "linux"] {
+        run_microguest("prog=memtouch mib=64", &["--boot-protocol", protocol, "--mem-mib", "6144"])
+            .expect_status(0)
+            .expect_stdout("memtouch: 64 MiB at 0x100000000")
+            .expect_stdout("written and verified");
+    }
+}
+
 #[test]
 fn memtouch_more_than_the_guest_has_is_a_usage_error() {
     run_microguest("prog=memtouch mib=512", &["--mem-mib", "64"]).expect_status(2).expect_stdout("does not fit");
