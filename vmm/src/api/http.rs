@@ -164,6 +164,12 @@ fn read_body(
     if let Some(te) = header(headers, "transfer-encoding") {
         return Err(HttpError::Unsupported(format!("Transfer-Encoding {te}")));
     }
+    // Two lengths that disagree make the message's end ambiguous (request smuggling): refused.
+    let lengths: Vec<&String> =
+        headers.iter().filter(|(name, _)| name.eq_ignore_ascii_case("content-length")).map(|(_, v)| v).collect();
+    if lengths.windows(2).any(|pair| pair[0] != pair[1]) {
+        return Err(HttpError::Malformed("conflicting Content-Length headers".into()));
+    }
     let length = match header(headers, "content-length") {
         Some(v) => v.parse::<usize>().map_err(|_| HttpError::Malformed(format!("invalid Content-Length {v:?}")))?,
         None if required => return Err(HttpError::LengthRequired),
@@ -315,6 +321,10 @@ mod tests {
         assert_eq!(status(b"POST /vm HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Some(400));
         assert_eq!(status(b"POST /vm HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"), Some(413));
         assert_eq!(status(b"POST /vm HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}"), Some(400));
+        let conflicting = b"POST /vm HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 3\r\n\r\n{}x";
+        assert_eq!(status(conflicting), Some(400));
+        let repeated = b"POST /vm HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}";
+        assert!(parse(repeated).is_ok(), "the same length twice is fine");
         assert_eq!(status(b"POST /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(501));
         let huge = format!("GET /vm HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(status(huge.as_bytes()), Some(431));

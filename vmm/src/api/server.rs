@@ -127,11 +127,15 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
     }
 }
 
+/// Pause after a failed accept (out of descriptors, say) before the next try.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 fn accept_loop(listener: &UnixListener, stop: &EventFd, connections: &Arc<Connections>, vm: &Arc<Vm>) {
     let mut fds = [
         libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
     ];
+    let accept_failures = devices::ratelimit::LogOnce::new(16);
     loop {
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -147,7 +151,14 @@ fn accept_loop(listener: &UnixListener, stop: &EventFd, connections: &Arc<Connec
         }
         match listener.accept() {
             Ok((stream, _)) => admit(stream, connections, vm),
-            Err(e) => log::warn!("API: accept failed: {e}"),
+            Err(e) => {
+                // Out of descriptors (or memory): the listener stays readable, so without a
+                // pause this would spin and flood the log until something closes.
+                if accept_failures.first(e.raw_os_error().unwrap_or(0)) {
+                    log::warn!("API: accept failed: {e} (retrying; reported once per kind)");
+                }
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
         }
     }
 }
