@@ -269,7 +269,11 @@ where
             drop(old);
             record.finish(SwapState::Committed, None);
         }
-        Err(reason) => {
+        Err(mut reason) => {
+            if record.snapshot().mode == "new_image" {
+                // Two different disks: nothing carries the guest's writes from one to the other.
+                reason.push_str("; writes the guest made to the new image while it was checked stay on it");
+            }
             roll_back(target, || Some(old), ROLLBACK_DRAIN, record, &reason);
             record.finish(SwapState::RolledBack, Some(reason));
         }
