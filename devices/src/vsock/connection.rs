@@ -96,6 +96,15 @@ impl Connection {
         }
     }
 
+    /// Ends the connection with an RST to the guest; once only, however many more bad
+    /// packets the guest sends before it takes that RST.
+    pub fn reset(&mut self) {
+        if self.state != State::Closing {
+            self.state = State::Closing;
+            self.control.push_back((op::RST, 0));
+        }
+    }
+
     pub fn wants_host_read(&self) -> bool {
         self.state == State::Established && !self.host_eof && self.guest_credit() > 0
     }

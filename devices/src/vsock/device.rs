@@ -224,8 +224,7 @@ impl VirtioVsock {
                 if conn.tx_buf.len() + payload.len() > CONN_BUF as usize {
                     // The guest ignored our credit: a protocol violation.
                     self.core.guest_error("vsock peer exceeded its credit", format_args!("port {}", hdr.src_port));
-                    conn.state = State::Closing;
-                    conn.control.push_back((op::RST, 0));
+                    conn.reset();
                     return;
                 }
                 conn.tx_buf.extend(payload);
@@ -249,8 +248,7 @@ impl VirtioVsock {
                 return;
             }
             _ => {
-                conn.state = State::Closing;
-                conn.control.push_back((op::RST, 0));
+                conn.reset();
                 return;
             }
         }
@@ -262,15 +260,13 @@ impl VirtioVsock {
     fn flush_connection(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
         if conn.flush_to_host().is_err() {
-            conn.state = State::Closing;
-            conn.control.push_back((op::RST, 0));
+            conn.reset();
             return;
         }
         if conn.guest_done && conn.tx_buf.is_empty() && conn.state == State::Established {
             let _ = conn.stream.shutdown(std::net::Shutdown::Write);
             if conn.host_eof {
-                conn.state = State::Closing;
-                conn.control.push_back((op::RST, 0));
+                conn.reset();
             }
         }
     }
@@ -777,5 +773,12 @@ mod tests {
         }
         let conn = e.dev.conns.values().next().unwrap();
         assert_eq!(conn.control.iter().filter(|c| c.0 == op::CREDIT_UPDATE).count(), 1);
+        // Bad packets on a connection being reset queue one RST, not one each.
+        for _ in 0..100 {
+            e.send(guest_header(50001, 6001, 99, 0), &[]);
+            e.next_tx %= 32;
+        }
+        let conn = e.dev.conns.values().next().unwrap();
+        assert_eq!(conn.control.iter().filter(|c| c.0 == op::RST).count(), 1);
     }
 }

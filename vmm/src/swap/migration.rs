@@ -185,6 +185,8 @@ fn commit(
                     // has every write: the disk stays as it is, on the target through the mirror.
                     let note =
                         format!("{pending} request(s) never finished on the target; it serves through the mirror");
+                    // No more holding back failures for a rollback that cannot happen.
+                    target.lock().set_probation(false);
                     record.finish(SwapState::Committed, Some(note));
                     return Ok(());
                 }

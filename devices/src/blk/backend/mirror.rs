@@ -579,10 +579,13 @@ impl MirrorControl {
     /// Gives up on the source in write-through: the guest's requests no longer wait for their
     /// part on it, and new ones are not sent there. For a commit that finds the source stalled:
     /// the target already holds every byte, the source was only kept for a rollback, which is
-    /// no longer possible afterwards. Returns how many of the source's requests were abandoned.
+    /// no longer possible afterwards. Only when every unfinished guest request waits on the
+    /// source alone (a target that is stuck too keeps the source, for the rollback). Returns
+    /// how many of the source's requests were abandoned; the source is closed.
     pub fn drop_source(&self) -> usize {
         let mut s = lock(&self.state);
-        if s.mode != Mode::WriteThrough {
+        let target_busy = s.origins.iter().any(|((side, _), o)| *side == Side::Target && matches!(o, Origin::Guest(_)));
+        if s.mode != Mode::WriteThrough || target_busy {
             return 0;
         }
         s.source_dropped = true;
@@ -592,9 +595,14 @@ impl MirrorControl {
                 s.complete(origin, Ok(0));
             }
         }
+        let source = s.source.take();
         if !s.done.is_empty() {
             self.ready.signal();
         }
+        drop(s);
+        // Out of the lock: closing a stalled engine may wait for it a while.
+        self.ready.unwatch(source.as_ref().and_then(|b| b.completion_fd()));
+        drop(source);
         stalled.len()
     }
 

@@ -29,19 +29,28 @@ pub fn probe(backend: &mut dyn BlockBackend, timeout: Duration) -> Result<(), Pr
         offsets.push((capacity / SECTOR - 1) * SECTOR);
     }
     let mut buffers: Vec<Vec<u8>> = offsets.iter().map(|_| vec![0u8; SECTOR as usize]).collect();
-    for (token, (offset, buf)) in offsets.iter().zip(&mut buffers).enumerate() {
+    // On a failure with reads submitted, the buffers must outlive what the engine may still
+    // carry out (two sectors, only on that failure path).
+    let abandon = |buffers: Vec<Vec<u8>>, e| {
+        buffers.into_iter().for_each(std::mem::forget);
+        e
+    };
+    for (token, offset) in offsets.iter().enumerate() {
+        let buf = &mut buffers[token];
         let bufs = vec![IoBuf { addr: buf.as_mut_ptr(), len: buf.len() }];
-        backend.submit(token as u64, BlockOp::Read { offset: *offset, bufs }).map_err(ProbeError::Submit)?;
+        if let Err(e) = backend.submit(token as u64, BlockOp::Read { offset: *offset, bufs }) {
+            return Err(abandon(buffers, ProbeError::Submit(e)));
+        }
     }
-    backend.flush().map_err(ProbeError::Submit)?;
+    if let Err(e) = backend.flush() {
+        return Err(abandon(buffers, ProbeError::Submit(e)));
+    }
     let deadline = Instant::now() + timeout;
     let mut done: Vec<Completion> = Vec::new();
     while done.len() < offsets.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            // The buffers must outlive requests the engine may still carry out.
-            buffers.into_iter().for_each(std::mem::forget);
-            return Err(ProbeError::TimedOut(timeout));
+            return Err(abandon(buffers, ProbeError::TimedOut(timeout)));
         }
         match backend.completion_fd() {
             Some(fd) => {

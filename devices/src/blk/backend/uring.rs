@@ -192,6 +192,7 @@ impl BlockBackend for UringBackend {
     fn poll_completions(&mut self, out: &mut Vec<Completion>) {
         let _ = self.eventfd.read();
         let finished: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let mut continued = false;
         for (token, res) in finished {
             let Some(mut p) = self.pending.remove(&token) else {
                 continue;
@@ -211,7 +212,10 @@ impl BlockBackend for UringBackend {
                 } else {
                     // A short transfer (a signal, memory pressure): carry on with the rest.
                     match self.continue_transfer(token, p) {
-                        Ok(()) => continue,
+                        Ok(()) => {
+                            continued = true;
+                            continue;
+                        }
                         Err(e) => Err(e),
                     }
                 }
@@ -219,7 +223,9 @@ impl BlockBackend for UringBackend {
             out.push((token, result));
         }
         // Continuations are submitted at once: nothing else would.
-        let _ = self.ring.submit();
+        if continued {
+            let _ = self.ring.submit();
+        }
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
