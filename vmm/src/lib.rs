@@ -38,3 +38,13 @@ pub use config::{SerialConfig, VmConfig};
 pub use devices::legacy::SerialOutput;
 pub use memory::RamBacking;
 pub use vm::{SerialInput, Vm, VmError, VmExit, VmInfo, VmState};
+
+/// What a caught panic said, for an error report (threads that must not take the VM down
+/// with them catch their panics: vCPUs, swaps).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}

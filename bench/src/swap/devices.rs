@@ -181,7 +181,8 @@ fn check_guest_end(end: &GuestEnd, program: &str) {
 /// One guest per pair: net-stream through an echo on each side while the pair is swapped.
 fn nic_pair(vmm: &Path, kernel: &Path, dir: &TempDir, pair: &Pair, swaps: usize) -> Vec<(Direction, GuestEnd)> {
     eprintln!("nic: {} <-> {}, {swaps} swaps each way under net-stream...", pair.a.0, pair.b.0);
-    let socket = dir.join(&format!("api-{}.sock", pair.a.0.replace(' ', "-")));
+    // Named by both ends: one backend takes part in more than one pair.
+    let socket = dir.join(&format!("api-{}-{}.sock", pair.a.0.replace(' ', "-"), pair.b.0.replace(' ', "-")));
     // Frames not echoed within 100 ms count as lost, so frames lost in a swap free the guest's
     // window quickly and the stream keeps flowing for the next swap's health check.
     let cmdline = "prog=net-stream until_input=1 timeout_ms=100 progress_ms=0";

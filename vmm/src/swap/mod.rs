@@ -326,13 +326,8 @@ impl SwapManager {
                 }
                 net.check().map_err(|e| fail(FieldError::new("backend", e).into()))?;
                 let backend = backends::open_net(&net, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
-                lock_device(&device)
-                    .check_compatible(&*backend)
-                    .map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
-                record.set_target(backend.description());
-                let target = self.swap_target(entry, device);
-                let thread_record = record.clone();
-                spawn(id, &record, move || transaction::run(&target, backend, &params, &thread_record));
+                let description = backend.description();
+                self.launch_switch(entry, device, backend, description, params, &record).map_err(fail)?;
             }
             DeviceHandle::Vsock(device) => {
                 let spec: VsockBackendSpec = parse(&request.backend).map_err(fail)?;
@@ -344,16 +339,34 @@ impl SwapManager {
                 let backend =
                     backends::open_vsock(&spec.socket, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
                 let backend: Box<dyn devices::vsock::VsockBackend> = Box::new(backend);
-                lock_device(&device)
-                    .check_compatible(&*backend)
-                    .map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
-                record.set_target(backend.description());
-                let target = self.swap_target(entry, device);
-                let thread_record = record.clone();
-                spawn(id, &record, move || transaction::run(&target, backend, &params, &thread_record));
+                let description = backend.description();
+                self.launch_switch(entry, device, backend, description, params, &record).map_err(fail)?;
             }
         }
         Ok(record)
+    }
+
+    /// The end of a switch to `backend`, the same for every device: refused unless the device
+    /// says it can take over, otherwise the transaction runs on its own thread.
+    fn launch_switch<D>(
+        &self,
+        entry: &DeviceEntry,
+        device: Arc<Mutex<D>>,
+        backend: Box<D::Backend>,
+        description: String,
+        params: SwapParams,
+        record: &SwapHandle,
+    ) -> Result<(), SwapError>
+    where
+        D: BackendSlot + Send + 'static,
+        D::Backend: Send,
+    {
+        lock_device(&device).check_compatible(&*backend).map_err(|e| SwapError::Incompatible(e.to_string()))?;
+        record.set_target(description);
+        let target = self.swap_target(entry, device);
+        let thread_record = record.clone();
+        spawn(&entry.id, record, move || transaction::run(&target, backend, &params, &thread_record));
+        Ok(())
     }
 }
 
@@ -369,11 +382,7 @@ fn spawn(device: &str, record: &SwapHandle, f: impl FnOnce() + Send + 'static) {
     let thread_record = record.clone();
     let guarded = move || {
         if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = crate::panic_message(&*panic);
             if thread_record.is_running() {
                 let reason = format!("internal error: the swap thread panicked ({what}); the device keeps running");
                 thread_record.finish(SwapState::Failed, Some(reason));

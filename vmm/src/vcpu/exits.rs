@@ -115,12 +115,7 @@ impl ExitContext {
     /// Ends the VM because handling an exit panicked (a VMM bug): the VM stops with a clear
     /// error instead of waiting for ever on a vCPU thread that is gone.
     pub fn vmm_panicked(&self, vcpu: &KvmVcpu, panic: &(dyn std::any::Any + Send)) {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".into());
-        self.crash(vcpu, CrashKind::VmmPanic(what));
+        self.crash(vcpu, CrashKind::VmmPanic(crate::panic_message(panic)));
     }
 
     fn crash(&self, vcpu: &KvmVcpu, kind: CrashKind) -> Next {

@@ -102,9 +102,6 @@ struct State {
     /// No new copies: the migration is ending (rollback), and the halves can only be taken
     /// out once no copy uses them.
     stopped: bool,
-    /// Write-through without the source: it stalled at commit, and the target (verified,
-    /// holding everything) carries on alone.
-    source_dropped: bool,
     guest: HashMap<u64, GuestOp>,
     origins: HashMap<(Side, u64), Origin>,
     next_token: u64,
@@ -339,7 +336,6 @@ impl MirrorBackend {
             guest: HashMap::new(),
             cursor: 0,
             stopped: false,
-            source_dropped: false,
             origins: HashMap::new(),
             next_token: FIRST_TOKEN,
             done: Vec::new(),
@@ -377,7 +373,9 @@ impl BlockBackend for MirrorBackend {
         };
         // Writes go to both halves in either mode; flushes matter only for the half whose
         // data the guest relies on being durable, which in write-through is both.
-        let mirrored = (chunks.is_some() || (matches!(op, BlockOp::Flush) && !copying)) && !s.source_dropped;
+        // In write-through without a source (dropped at commit), the target serves alone.
+        let source_gone = !copying && s.source.is_none();
+        let mirrored = (chunks.is_some() || (matches!(op, BlockOp::Flush) && !copying)) && !source_gone;
         let parts = if mirrored { 2 } else { 1 };
         let tracked = if copying { chunks } else { None };
         if let Some((first, last)) = tracked {
@@ -588,7 +586,6 @@ impl MirrorControl {
         if s.mode != Mode::WriteThrough || target_busy {
             return 0;
         }
-        s.source_dropped = true;
         let stalled: Vec<(Side, u64)> = s.origins.keys().filter(|(side, _)| *side == Side::Source).copied().collect();
         for key in &stalled {
             if let Some(origin) = s.origins.remove(key) {
