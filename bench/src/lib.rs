@@ -34,7 +34,8 @@ pub fn microguest_file() -> PathBuf {
     path
 }
 
-/// Debian's QEMU, installed with apt-get if missing. `None` if it cannot be had.
+/// Debian's QEMU, installed by `scripts/install-deps.sh` (QEMU 10, from the suite that matches
+/// the host's qemu-utils) if missing. `None` if it cannot be had.
 pub fn qemu_binary() -> Option<PathBuf> {
     let find = || {
         ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"]
@@ -45,20 +46,12 @@ pub fn qemu_binary() -> Option<PathBuf> {
     if let Some(p) = find() {
         return Some(p);
     }
-    eprintln!("qemu-system-x86_64 not found; installing Debian's qemu-system-x86...");
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends", "qemu-system-x86"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let _ = Command::new("apt-get").args(["update", "-q"]).stdout(Stdio::null()).status();
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "qemu-system-x86"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-deps.sh");
+    eprintln!("qemu-system-x86_64 not found; running {}...", script.display());
+    match Command::new("bash").arg(&script).status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => eprintln!("{} failed ({status})", script.display()),
+        Err(e) => eprintln!("cannot run {}: {e}", script.display()),
     }
     find()
 }

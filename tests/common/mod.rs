@@ -96,9 +96,16 @@ impl Output {
 /// Runs `vmm` with `args` to completion (killed after `timeout`).
 pub fn vmm_with(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
     let mut cmd = Command::new(vmm_bin());
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args);
+    run_to_completion(cmd, stdin, timeout)
+}
+
+/// Runs `cmd` to completion with its output captured (killed, and the test failed, after
+/// `timeout`).
+pub fn run_to_completion(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = Reaped(cmd.spawn().expect("spawn vmm"));
+    let mut child = Reaped(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")));
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.0.stdin.take()) {
         pipe.write_all(bytes).expect("write stdin");
     }
@@ -121,10 +128,10 @@ pub fn vmm_with(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outpu
         match rx.recv_timeout(left) {
             Ok((true, text)) => stdout = Some(text),
             Ok((false, text)) => stderr = Some(text),
-            Err(_) => panic!("vmm {args:?} did not finish within {timeout:?}"),
+            Err(_) => panic!("{cmd:?} did not finish within {timeout:?}"),
         }
     }
-    let status = child.0.wait().expect("wait vmm").code();
+    let status = child.0.wait().expect("wait for the child").code();
     Output { status, stdout: stdout.unwrap(), stderr: stderr.unwrap() }
 }
 

@@ -311,7 +311,7 @@ pub fn image(args: &ImageArgs) -> Result<u8, Failure> {
     eprintln!("Run the Linux boot test with it:");
     eprintln!(
         "  VMM_TEST_LINUX_KERNEL={} VMM_TEST_LINUX_INITRD={} VMM_TEST_LINUX_EXPECT=\"{}\" \
-         cargo test -p vmm --test linux",
+         cargo test -p vmm --test linux -- --ignored",
         kernel.display(),
         initrd.display(),
         vmm::image::READY_MARKER
