@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
+use crate::virtio::Selectors;
 use crate::virtio::VirtioDevice;
 
 /// One virtqueue's transferable state.
@@ -62,6 +63,14 @@ impl From<QueueSnapshot> for QueueState {
 }
 
 /// A device's transferable state: what a new instance needs to continue where this one stopped.
+///
+/// Whole by these rules: the driver-visible registers (features, status, selectors, queue
+/// setup, interrupt status, configuration generation) are carried and imported; the
+/// configuration space is derived from the device's settings and backend (capacity, MAC, CID),
+/// so it is carried to be *checked*: a new instance that would show the guest another one is
+/// refused. Requests in flight are never carried: every holder drains them before exporting
+/// (a quiesced, drained device has none). What a backend keeps of its own (a vsock
+/// connection's host socket) is the backend's rule, written where it lives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     pub device_type: u32,
@@ -70,6 +79,8 @@ pub struct DeviceState {
     pub status: u32,
     pub activated: bool,
     pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub selectors: Selectors,
     pub queues: Vec<QueueSnapshot>,
     /// The configuration space as the driver sees it.
     pub config: Vec<u8>,
@@ -87,6 +98,10 @@ pub enum StateError {
     Queue(usize),
     #[error("state can only be imported while the device is quiesced with nothing in flight")]
     Busy,
+    #[error(
+        "the guest saw a different configuration space ({found} bytes) than this device shows ({expected} bytes{differs})"
+    )]
+    Config { expected: usize, found: usize, differs: String },
 }
 
 /// Quiesce, drain, hand over, resume: the same for every device.
@@ -158,6 +173,8 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
             status: core.status,
             activated: core.activated,
             interrupt_status: core.interrupt.status(),
+            config_generation: core.config_generation,
+            selectors: core.selectors,
             queues: core.queues.iter().map(|q| q.state().into()).collect(),
             config: self.config_space(),
         }
@@ -177,6 +194,14 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
         if state.acked_features & !core.avail_features != 0 {
             return Err(StateError::Features { acked: state.acked_features, avail: core.avail_features });
         }
+        let config = self.config_space();
+        if config != state.config {
+            let differs = match config.iter().zip(&state.config).position(|(a, b)| a != b) {
+                Some(at) => format!(", first difference at byte {at}"),
+                None => String::new(),
+            };
+            return Err(StateError::Config { expected: config.len(), found: state.config.len(), differs });
+        }
         let queues = state
             .queues
             .iter()
@@ -188,6 +213,8 @@ impl<D: VirtioDevice + ?Sized> Lifecycle for D {
         core.acked_features = state.acked_features;
         core.status = state.status;
         core.activated = state.activated;
+        core.config_generation = state.config_generation;
+        core.selectors = state.selectors;
         core.interrupt.acknowledge(u32::MAX);
         if state.interrupt_status != 0 {
             core.interrupt.signal(state.interrupt_status);

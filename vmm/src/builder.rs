@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use devices::blk::VirtioBlock;
 use devices::bus::{Bus, BusError, BusRange};
 use devices::interrupt::EventFdInterrupt;
-use devices::legacy::{DebugExit, I8042, SerialConsole, SerialOutput, ports};
+use devices::legacy::{DebugExit, I8042, SerialConsole, SerialOutput, SerialSnapshot, ports};
 use devices::net::{NetSettings, VirtioNet};
 use devices::vsock::VirtioVsock;
 use vm_memory::GuestAddressSpace;
@@ -19,9 +19,10 @@ use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder, backends};
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
+use crate::snapshot::{self, MemoryMode, SnapshotError, VmSnapshot};
 use crate::vcpu::{ExitContext, Vcpus};
 use crate::vm::exit::ExitState;
-use crate::vm::{Vm, VmInfo};
+use crate::vm::{Vm, VmInfo, VmParts};
 
 /// Why a VM could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum BuildError {
     Device(#[from] DeviceError),
     #[error("cannot build ACPI tables: {0}")]
     Acpi(#[from] AcpiError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
     #[error("cannot set up {what}: {source}")]
     Io {
         what: &'static str,
@@ -70,6 +73,8 @@ pub enum BuildError {
 pub struct VmBuilder {
     config: VmConfig,
     serial_output: Option<SerialOutput>,
+    /// Continue the VM saved in this snapshot directory instead of booting.
+    restore: Option<(PathBuf, MemoryMode)>,
 }
 
 impl VmBuilder {
@@ -79,7 +84,15 @@ impl VmBuilder {
     }
 
     pub fn from_config(config: VmConfig) -> Self {
-        Self { config, serial_output: None }
+        Self { config, serial_output: None, restore: None }
+    }
+
+    /// A VM that continues where the one saved in snapshot directory `dir` stopped, on the same
+    /// machine configuration and backends, with RAM filled as `memory` says. The serial output
+    /// can still be chosen ([`serial`](Self::serial), [`serial_output`](Self::serial_output));
+    /// nothing else applies.
+    pub fn restore(dir: impl Into<PathBuf>, memory: MemoryMode) -> Self {
+        Self { config: VmConfig::new(""), serial_output: None, restore: Some((dir.into(), memory)) }
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -116,6 +129,12 @@ impl VmBuilder {
         self
     }
 
+    /// Where serial output goes (stdout by default).
+    pub fn serial(mut self, serial: SerialConfig) -> Self {
+        self.config.serial = serial;
+        self
+    }
+
     /// Sends serial output to an arbitrary writer (overrides the configured `serial`).
     pub fn serial_output(mut self, output: SerialOutput) -> Self {
         self.serial_output = Some(output);
@@ -124,10 +143,24 @@ impl VmBuilder {
 
     /// Creates the VM and starts its vCPUs.
     pub fn start(self) -> Result<Vm, BuildError> {
-        let config = self.config;
-        config.validate(None)?;
+        let saved = match &self.restore {
+            Some((dir, mode)) => Some((snapshot::load(dir)?, *mode)),
+            None => None,
+        };
+        // Checked before and after opening KVM: a bad configuration is reported as such even
+        // where KVM is missing.
+        let validate = |config: &VmConfig, max_vcpus| match saved {
+            Some(_) => config.validate_machine(max_vcpus),
+            None => config.validate(max_vcpus),
+        };
+        let config = match &saved {
+            // The saved machine, with the serial output chosen now.
+            Some(((snapshot, _), _)) => VmConfig { serial: self.config.serial, ..snapshot.config.clone() },
+            None => self.config,
+        };
+        validate(&config, None)?;
         let hv = Hypervisor::open()?;
-        config.validate(Some(hv.max_vcpus() as u32))?;
+        validate(&config, Some(hv.max_vcpus() as u32))?;
         if config.vcpus as usize > hv.recommended_vcpus() {
             log::info!(
                 "{} vCPUs is more than the {} this host recommends; they will share host CPUs",
@@ -136,7 +169,10 @@ impl VmBuilder {
             );
         }
 
-        let ram = GuestRam::new(config.mem_mib << 20, &config.ram_backing)?;
+        let ram = match &saved {
+            Some(((snapshot, memory), mode)) => snapshot::restore::guest_ram(snapshot, memory, *mode)?,
+            None => GuestRam::new(config.mem_mib << 20, &config.ram_backing)?,
+        };
         let kvm = hv.create_vm()?;
         for region in ram.regions() {
             let slot = MemSlot {
@@ -150,80 +186,109 @@ impl VmBuilder {
             unsafe { kvm.set_memslot(&slot)? };
         }
 
-        let mut devices = DeviceManagerBuilder::new(ram.memory())
-            .map_err(|source| BuildError::Io { what: "device event loop", source })?;
-        let ids = config.device_ids();
-        for (disk, id) in config.disks.iter().zip(&ids) {
-            let backend = backends::open_disk(disk, id)?;
-            devices.add(&kvm, id, |irq, mem| VirtioBlock::new(backend, id, irq, mem), DeviceHandle::Block)?;
-        }
-        for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
-            let settings = NetSettings { mac: backends::nic_mac(net, id)?, mtu: net.mtu };
-            let backend = backends::open_net(net, id)?;
-            devices.add(&kvm, id, |irq, mem| VirtioNet::new(backend, settings, irq, mem), DeviceHandle::Net)?;
-        }
-        if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
-            let backend = backends::open_vsock(&vsock.socket, id)?;
-            let cid = vsock.cid;
-            devices.add(
-                &kvm,
-                id,
-                |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem),
-                DeviceHandle::Vsock,
-            )?;
-        }
-
-        // Devices are announced on the command line (the microguest, kernels with
-        // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI DSDT (distribution kernels).
-        let mut cmdline = config.cmdline.clone();
-        for entry in devices.cmdline_entries() {
-            cmdline.push(' ');
-            cmdline.push_str(&entry);
-        }
-        let guest_mem = ram.memory().memory();
-        let acpi_config = AcpiConfig {
-            vcpus: config.vcpus,
-            virtio_mmio: devices
-                .slots()
-                .iter()
-                .map(|s| MmioDevice { base: s.base, size: s.size, irq: s.irq })
-                .collect(),
-        };
-        let rsdp = acpi::write(&guest_mem, &acpi_config)?;
-
-        let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.guest_addr, r.size)).collect();
-        let spec = BootSpec {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &cmdline,
-            protocol: config.boot_protocol,
-            vcpus: config.vcpus,
-            rsdp: Some(rsdp),
-        };
-        let booted = boot::load(&guest_mem, &ranges, &spec)?;
-        drop(guest_mem);
-
+        let devices = add_devices(&kvm, &ram, &config)?;
         let exit = Arc::new(ExitState::new());
         let serial_output = match self.serial_output {
             Some(output) => output,
             None => serial_output(&config.serial)?,
         };
-        let (pio, serial) = legacy_devices(&kvm, &exit, serial_output)?;
+        let snapshot = saved.as_ref().map(|((snapshot, _), _)| snapshot);
+        let (pio, serial) = legacy_devices(&kvm, &exit, serial_output, snapshot.map(|s| &s.serial))?;
 
-        let vcpus = create_vcpus(&hv, &kvm, config.vcpus, &booted.cpu)?;
+        let (vcpus, info) = match snapshot {
+            None => boot(&hv, &kvm, &ram, &config, &devices)?,
+            Some(snapshot) => {
+                let vcpus = restore_machine(&hv, &kvm, snapshot)?;
+                snapshot::restore::import_devices(devices.entries(), snapshot).map_err(SnapshotError::from)?;
+                (vcpus, snapshot.info.clone())
+            }
+        };
         let (mmio, devices) = devices.start().map_err(|source| BuildError::Io { what: "device event loop", source })?;
         let ctx = Arc::new(ExitContext::new(Arc::new(pio), Arc::new(mmio), exit.clone()));
         let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io { what: "vCPU threads", source })?;
-
-        let info = VmInfo {
-            vcpus: config.vcpus,
-            mem_bytes: ram.size(),
-            boot_protocol: booted.protocol,
-            kernel_format: booted.kernel.format,
-            entry_point: booted.cpu.regs.rip,
-        };
-        Ok(Vm::new(vcpus, exit, serial, devices, info, kvm, ram))
+        Ok(Vm::new(VmParts { vcpus, exit, serial, devices, info, config, kvm, ram }))
     }
+}
+
+/// The virtio devices, in the configuration's order (which fixes their MMIO slots: a restore
+/// relies on it).
+fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceManagerBuilder, BuildError> {
+    let mut devices = DeviceManagerBuilder::new(ram.memory())
+        .map_err(|source| BuildError::Io { what: "device event loop", source })?;
+    let ids = config.device_ids();
+    for (disk, id) in config.disks.iter().zip(&ids) {
+        let backend = backends::open_disk(disk, id)?;
+        devices.add(kvm, id, |irq, mem| VirtioBlock::new(backend, id, irq, mem), DeviceHandle::Block)?;
+    }
+    for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
+        let settings = NetSettings { mac: backends::nic_mac(net, id)?, mtu: net.mtu };
+        let backend = backends::open_net(net, id)?;
+        devices.add(kvm, id, |irq, mem| VirtioNet::new(backend, settings, irq, mem), DeviceHandle::Net)?;
+    }
+    if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
+        let backend = backends::open_vsock(&vsock.socket, id)?;
+        let cid = vsock.cid;
+        devices.add(kvm, id, |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem), DeviceHandle::Vsock)?;
+    }
+    Ok(devices)
+}
+
+/// A fresh boot: ACPI tables and the kernel in RAM, vCPU 0 at the kernel's entry.
+fn boot(
+    hv: &Hypervisor,
+    kvm: &KvmVm,
+    ram: &GuestRam,
+    config: &VmConfig,
+    devices: &DeviceManagerBuilder,
+) -> Result<(Vec<KvmVcpu>, VmInfo), BuildError> {
+    // Devices are announced on the command line (the microguest, kernels with
+    // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI DSDT (distribution kernels).
+    let mut cmdline = config.cmdline.clone();
+    for entry in devices.cmdline_entries() {
+        cmdline.push(' ');
+        cmdline.push_str(&entry);
+    }
+    let guest_mem = ram.memory().memory();
+    let acpi_config = AcpiConfig {
+        vcpus: config.vcpus,
+        virtio_mmio: devices.slots().iter().map(|s| MmioDevice { base: s.base, size: s.size, irq: s.irq }).collect(),
+    };
+    let rsdp = acpi::write(&guest_mem, &acpi_config)?;
+
+    let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.guest_addr, r.size)).collect();
+    let spec = BootSpec {
+        kernel: &config.kernel,
+        initrd: config.initrd.as_deref(),
+        cmdline: &cmdline,
+        protocol: config.boot_protocol,
+        vcpus: config.vcpus,
+        rsdp: Some(rsdp),
+    };
+    let booted = boot::load(&guest_mem, &ranges, &spec)?;
+    let vcpus = create_vcpus(hv, kvm, config.vcpus, Some(&booted.cpu))?;
+    let info = VmInfo {
+        vcpus: config.vcpus,
+        mem_bytes: ram.size(),
+        boot_protocol: booted.protocol,
+        kernel_format: booted.kernel.format,
+        entry_point: booted.cpu.regs.rip,
+    };
+    Ok((vcpus, info))
+}
+
+/// A restore: the in-kernel irqchip, PIT and clock, then every vCPU, as the snapshot has them.
+fn restore_machine(hv: &Hypervisor, kvm: &KvmVm, snapshot: &VmSnapshot) -> Result<Vec<KvmVcpu>, BuildError> {
+    let count = snapshot.config.vcpus;
+    if snapshot.vcpus.len() != count as usize {
+        let e = format!("the snapshot holds {} vCPU states for {count} vCPUs", snapshot.vcpus.len());
+        return Err(SnapshotError::State(e).into());
+    }
+    kvm.restore_state(&snapshot.vm)?;
+    let vcpus = create_vcpus(hv, kvm, count, None)?;
+    for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+        vcpu.restore_state(state)?;
+    }
+    Ok(vcpus)
 }
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
@@ -245,10 +310,16 @@ fn legacy_devices(
     kvm: &KvmVm,
     exit: &Arc<ExitState>,
     serial_output: SerialOutput,
+    saved_serial: Option<&SerialSnapshot>,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), BuildError> {
     let irq = EventFdInterrupt::new().map_err(|source| BuildError::Io { what: "serial interrupt", source })?;
     kvm.register_irqfd(irq.eventfd(), ports::COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(Box::new(irq), serial_output)));
+    let serial = match saved_serial {
+        Some(state) => SerialConsole::restore(Box::new(irq), serial_output, state)
+            .map_err(|source| BuildError::Io { what: "serial port", source })?,
+        None => SerialConsole::new(Box::new(irq), serial_output),
+    };
+    let serial = Arc::new(Mutex::new(serial));
 
     let mut pio = Bus::new();
     pio.insert(BusRange::new(ports::COM1, ports::COM1_LEN), "serial", serial.clone())?;
@@ -261,13 +332,13 @@ fn legacy_devices(
     Ok((pio, serial))
 }
 
-/// Creates and configures every vCPU; vCPU 0 gets the boot state, the others wait for
-/// INIT/SIPI from the guest as on real hardware.
+/// Creates and configures every vCPU; with `boot`, vCPU 0 gets the boot state and the others
+/// wait for INIT/SIPI from the guest as on real hardware (a restore sets all of them after).
 fn create_vcpus(
     hv: &Hypervisor,
     kvm: &KvmVm,
     count: u32,
-    boot: &boot::CpuBootState,
+    boot: Option<&boot::CpuBootState>,
 ) -> Result<Vec<KvmVcpu>, BuildError> {
     let mut vcpus = Vec::with_capacity(count as usize);
     for id in 0..count {
@@ -277,7 +348,7 @@ fn create_vcpus(
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu_defaults()?;
         vcpu.set_lapic_lint()?;
-        if id == 0 {
+        if let Some(boot) = boot.filter(|_| id == 0) {
             vcpu.set_regs(&boot.regs)?;
             vcpu.update_sregs(|sregs| boot.apply_sregs(sregs))?;
         }

@@ -28,6 +28,7 @@ pub mod device_manager;
 pub mod hv;
 pub mod image;
 pub mod memory;
+pub mod snapshot;
 pub mod swap;
 pub mod vcpu;
 pub mod vm;

@@ -7,7 +7,7 @@ mod serial;
 
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
-pub use serial::{SerialConsole, SerialOutput};
+pub use serial::{SerialConsole, SerialOutput, SerialSnapshot};
 
 /// Standard I/O locations.
 pub mod ports {

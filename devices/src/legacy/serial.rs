@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{self, Write};
 
 use vm_superio::Serial;
+use vm_superio::serial::SerialState;
 
 use crate::bus::BusDevice;
 use crate::interrupt::{InterruptLine, SuperioTrigger};
@@ -68,10 +69,72 @@ pub struct SerialConsole {
     errors: LogOnce<&'static str>,
 }
 
+/// The UART's whole state: every register and the bytes the guest has yet to read. Bytes the
+/// guest wrote are already out (transmission is synchronous), so none are pending.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 impl SerialConsole {
     pub fn new(irq: Box<dyn InterruptLine>, output: SerialOutput) -> Self {
         let out = Batched { pending: Vec::with_capacity(256), out: output.into_writer() };
         Self { uart: Serial::new(SuperioTrigger(irq), out), errors: LogOnce::new(4) }
+    }
+
+    /// A UART continuing from `state` (an interrupt the guest had yet to take is raised again).
+    pub fn restore(irq: Box<dyn InterruptLine>, output: SerialOutput, state: &SerialSnapshot) -> io::Result<Self> {
+        let out = Batched { pending: Vec::with_capacity(256), out: output.into_writer() };
+        let uart = Serial::from_state(&state.into(), SuperioTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(Self { uart, errors: LogOnce::new(4) })
+    }
+
+    pub fn export_state(&self) -> SerialSnapshot {
+        self.uart.state().into()
     }
 
     fn transmit(&mut self, offset: u64, byte: u8) {

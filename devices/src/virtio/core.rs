@@ -69,6 +69,14 @@ pub struct EventSource {
 
 /// State shared by every virtio device: negotiated features, queues and their notification
 /// eventfds, the interrupt, and whether the device is taking requests.
+/// Which half of the feature words and which queue the driver's next register accesses mean.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Selectors {
+    pub device_features: u32,
+    pub driver_features: u32,
+    pub queue: u32,
+}
+
 pub struct VirtioCore {
     pub device_type: DeviceType,
     pub avail_features: u64,
@@ -80,6 +88,9 @@ pub struct VirtioCore {
     pub interrupt: Arc<VirtioInterrupt>,
     /// Bumped whenever the device changes its configuration space.
     pub config_generation: u32,
+    /// The transport's selector registers: device state the driver set, so they live here
+    /// (and move with [`Lifecycle::export_state`](crate::lifecycle::Lifecycle::export_state)).
+    pub selectors: Selectors,
     pub memory: SharedGuestMem,
     /// Set once the driver wrote DRIVER_OK and the queues checked out.
     pub activated: bool,
@@ -115,6 +126,7 @@ impl VirtioCore {
             queue_events,
             interrupt: Arc::new(VirtioInterrupt::new(interrupt)),
             config_generation: 0,
+            selectors: Selectors::default(),
             memory,
             activated: false,
             quiesce_holds: 0,

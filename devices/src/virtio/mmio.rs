@@ -57,14 +57,11 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 /// The MMIO window of one virtio device.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    queue_sel: u32,
 }
 
 impl MmioTransport {
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        Self { device, device_features_sel: 0, driver_features_sel: 0, queue_sel: 0 }
+        Self { device }
     }
 
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
@@ -73,13 +70,13 @@ impl MmioTransport {
 
     fn read_register(&self, dev: &dyn VirtioDevice, offset: u64) -> u32 {
         let core = dev.core();
-        let queue = core.queues.get(self.queue_sel as usize);
+        let queue = core.queues.get(core.selectors.queue as usize);
         match offset {
             reg::MAGIC => MAGIC_VALUE,
             reg::VERSION => VERSION,
             reg::DEVICE_ID => core.device_type as u32,
             reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
+            reg::DEVICE_FEATURES => match core.selectors.device_features {
                 0 => core.avail_features as u32,
                 1 => (core.avail_features >> 32) as u32,
                 _ => 0,
@@ -103,8 +100,8 @@ impl MmioTransport {
         // Queue and feature setup is only allowed before the driver says it is done.
         let configuring = core_status & status::DRIVER_OK == 0;
         match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DEVICE_FEATURES_SEL => dev.core_mut().selectors.device_features = value,
+            reg::DRIVER_FEATURES_SEL => dev.core_mut().selectors.driver_features = value,
             reg::DRIVER_FEATURES => {
                 if core_status & status::DRIVER == 0 || core_status & status::FEATURES_OK != 0 {
                     dev.core()
@@ -112,14 +109,14 @@ impl MmioTransport {
                     return;
                 }
                 let core = dev.core_mut();
-                let (shift, mask) = match self.driver_features_sel {
+                let (shift, mask) = match core.selectors.driver_features {
                     0 => (0, 0xffff_ffffu64),
                     1 => (32, 0xffff_ffff_0000_0000u64),
                     _ => return,
                 };
                 core.acked_features = (core.acked_features & !mask) | ((u64::from(value) << shift) & mask);
             }
-            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_SEL => dev.core_mut().selectors.queue = value,
             reg::QUEUE_NOTIFY => {
                 if let Some(evt) = dev.core().queue_events.get(value as usize) {
                     let _ = evt.write(1);
@@ -137,7 +134,7 @@ impl MmioTransport {
             | reg::QUEUE_DRIVER_HIGH
             | reg::QUEUE_DEVICE_LOW
             | reg::QUEUE_DEVICE_HIGH => {
-                let sel = self.queue_sel as usize;
+                let sel = dev.core().selectors.queue as usize;
                 let core = dev.core_mut();
                 let Some(q) = core.queues.get_mut(sel).filter(|_| configuring) else {
                     dev.core().guest_error(
@@ -168,9 +165,7 @@ impl MmioTransport {
         if value == 0 {
             dev.reset();
             dev.core_mut().reset();
-            self.device_features_sel = 0;
-            self.driver_features_sel = 0;
-            self.queue_sel = 0;
+            dev.core_mut().selectors = Default::default();
             return;
         }
         if value & old != old {

@@ -13,7 +13,9 @@ mod mmio;
 pub(crate) mod testing;
 mod worker;
 
-pub use self::core::{ActivateError, EventSource, QueueProcessor, VirtioCore, VirtioDevice, VirtioInterrupt};
+pub use self::core::{
+    ActivateError, EventSource, QueueProcessor, Selectors, VirtioCore, VirtioDevice, VirtioInterrupt,
+};
 pub use mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
 pub use worker::{DeviceWorker, ResyncHandle};
 

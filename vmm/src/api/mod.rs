@@ -21,9 +21,11 @@ pub use server::{ApiServer, ServerError};
 
 use crate::config::json::FieldError;
 use crate::memory::MemoryError;
+use crate::snapshot::SnapshotError;
 use crate::swap::{MemorySwapError, SwapError};
 use crate::vcpu::ControlError;
 use crate::vm::VmError;
+use crate::vm::quiesce::QuiesceError;
 use http::Response;
 
 /// The OpenAPI 3.1 description of the API.
@@ -88,11 +90,26 @@ impl From<MemorySwapError> for ApiError {
     }
 }
 
+impl From<SnapshotError> for ApiError {
+    fn from(e: SnapshotError) -> Self {
+        let (status, field) = match &e {
+            SnapshotError::Request { field, .. } => (400, Some(*field)),
+            SnapshotError::Directory { .. } => (409, Some("path")),
+            SnapshotError::Exited(_) | SnapshotError::SwappedDevice { .. } => (409, None),
+            SnapshotError::Quiesce(QuiesceError::Drain { .. }) => (503, None),
+            SnapshotError::Quiesce(QuiesceError::Pause(ControlError::Stopped)) => (409, None),
+            _ => (500, None),
+        };
+        Self { status, error: e.to_string(), field: field.map(String::from) }
+    }
+}
+
 impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
         let status = match e {
             VmError::Exited(_) | VmError::Control(ControlError::Stopped) => 409,
-            VmError::Control(ControlError::Timeout { .. }) => 500,
+            VmError::Control(ControlError::NotPaused) => 409,
+            VmError::Control(ControlError::Timeout { .. } | ControlError::NoAnswer(_)) => 500,
         };
         Self::new(status, e.to_string())
     }

@@ -10,6 +10,7 @@ use super::http::{Request, Response};
 use super::{ApiError, metrics};
 use crate::config::json::{self, FieldError};
 use crate::device_manager::DeviceEntry;
+use crate::snapshot::SnapshotRequest;
 use crate::swap::{MemorySwapRequest, SwapRecord, SwapRequest};
 use crate::{Vm, VmState};
 
@@ -24,6 +25,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/swaps/{id}"),
     ("GET", "/memory/regions"),
     ("POST", "/memory/regions/{slot}/swap"),
+    ("POST", "/snapshots"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
@@ -95,6 +97,10 @@ fn dispatch(vm: &Vm, request: &Request, method: &str, template: &str, params: &[
             let slot = params[0].parse::<u32>().map_err(|_| no_region(params[0]))?;
             let swap: MemorySwapRequest = body(request)?;
             Ok(Response::json(200, &vm.swap_memory(slot, &swap)?))
+        }
+        ("POST", "/snapshots") => {
+            let request: SnapshotRequest = body(request)?;
+            Ok(Response::json(201, &vm.snapshot(&request)?))
         }
         ("GET", "/metrics") => Ok(Response::new(200, "text/plain; version=0.0.4", metrics::render(vm).into_bytes())),
         ("GET", "/openapi.json") => Ok(Response::new(200, "application/json", super::OPENAPI.as_bytes().to_vec())),

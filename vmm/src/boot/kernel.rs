@@ -23,7 +23,7 @@ const BZ_ENTRY64_OFFSET: u64 = 0x200;
 /// Highest initrd address for boot protocols older than 2.03.
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelFormat {
     Elf,
     BzImage,

@@ -172,6 +172,16 @@ impl VmConfig {
     /// Checks everything that can be checked without the hypervisor; `max_vcpus` is the
     /// host's limit when known.
     pub fn validate(&self, max_vcpus: Option<u32>) -> Result<(), ConfigError> {
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        self.validate_machine(max_vcpus)
+    }
+
+    /// Everything [`validate`](Self::validate) checks but the kernel and initrd: what a VM
+    /// restored from a snapshot (which boots nothing) must still get right.
+    pub fn validate_machine(&self, max_vcpus: Option<u32>) -> Result<(), ConfigError> {
         if self.mem_mib < MIN_MEM_MIB {
             return Err(ConfigError::TooLittleMemory(self.mem_mib));
         }
@@ -181,10 +191,6 @@ impl VmConfig {
         let max = max_vcpus.map_or(MAX_VCPUS, |m| m.min(MAX_VCPUS));
         if self.vcpus == 0 || self.vcpus > max {
             return Err(ConfigError::VcpuCount { got: self.vcpus, max });
-        }
-        check_file("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
-            check_file("initrd", initrd)?;
         }
         for disk in &self.disks {
             disk.check().map_err(|e| ConfigError::Device(format!("disk: {e}")))?;

@@ -183,6 +183,11 @@ impl DeviceManagerBuilder {
     }
 
     /// Command-line announcements of every device.
+    /// The devices added so far, in order.
+    pub fn entries(&self) -> &[DeviceEntry] {
+        &self.entries
+    }
+
     pub fn cmdline_entries(&self) -> Vec<String> {
         self.entries.iter().map(|e| e.slot.cmdline_entry()).collect()
     }

@@ -76,7 +76,8 @@ impl Hypervisor {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).op("KVM_CREATE_PIT2")?;
         let run_size = self.kvm.get_vcpu_mmap_size().op("KVM_GET_VCPU_MMAP_SIZE")?;
-        Ok(KvmVm { fd, run_size })
+        let saveable_msrs = self.kvm.get_msr_index_list().op("KVM_GET_MSR_INDEX_LIST")?.as_slice().into();
+        Ok(KvmVm { fd, run_size, saveable_msrs })
     }
 }
 
@@ -91,8 +92,10 @@ pub struct MemSlot {
 
 /// A KVM virtual machine.
 pub struct KvmVm {
-    fd: VmFd,
+    pub(super) fd: VmFd,
     run_size: usize,
+    /// The MSRs KVM says a snapshot must carry (KVM_GET_MSR_INDEX_LIST), for every vCPU.
+    saveable_msrs: std::sync::Arc<[u32]>,
 }
 
 impl KvmVm {
@@ -147,6 +150,6 @@ impl KvmVm {
     /// Creates vCPU `id` (its local APIC id too).
     pub fn create_vcpu(&self, id: u32) -> Result<KvmVcpu> {
         let fd = self.fd.create_vcpu(u64::from(id)).op("KVM_CREATE_VCPU")?;
-        Ok(KvmVcpu::new(fd, id, self.run_size))
+        Ok(KvmVcpu::new(fd, id, self.run_size, self.saveable_msrs.clone()))
     }
 }

@@ -1,15 +1,18 @@
 //! The hypervisor layer: the only code that calls kvm-ioctls.
 //!
 //! [`Hypervisor`] is the opened `/dev/kvm`, [`KvmVm`] one VM (memory slots, in-kernel irqchip
-//! and PIT, irqfds), [`KvmVcpu`] one vCPU (state setup, `KVM_RUN` decoded into [`Exit`]).
+//! and PIT, irqfds), [`KvmVcpu`] one vCPU (state setup, `KVM_RUN` decoded into [`Exit`]);
+//! [`VcpuState`] and [`VmState`] are their whole state, for snapshots.
 //! Everything above works with these types and plain data, never with raw ioctls.
 
 mod cpuid;
 mod kvm;
+mod state;
 mod vcpu;
 
 pub use cpuid::{CpuidShape, shape_cpuid};
 pub use kvm::{Hypervisor, KvmVm, MemSlot};
+pub use state::{VcpuState, VmState};
 pub use vcpu::{Exit, KvmVcpu, SystemEvent, VcpuKicker};
 
 /// A failed KVM operation, naming the operation.
@@ -29,6 +32,8 @@ pub enum HvError {
     },
     #[error("{op}: KVM accepted {done} of {wanted} MSRs")]
     PartialMsrs { op: &'static str, done: usize, wanted: usize },
+    #[error("{op}: KVM refused MSR {index:#x} (was the state taken on a host with other CPU features?)")]
+    MsrRefused { op: &'static str, index: u32 },
 }
 
 pub type Result<T> = std::result::Result<T, HvError>;

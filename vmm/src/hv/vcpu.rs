@@ -77,10 +77,12 @@ impl VcpuKicker {
 }
 
 pub struct KvmVcpu {
-    fd: VcpuFd,
-    id: u32,
+    pub(super) fd: VcpuFd,
+    pub(super) id: u32,
     run: *mut kvm_run,
     run_size: usize,
+    /// What [`capture_state`](Self::capture_state) reads as MSRs.
+    pub(super) saveable_msrs: std::sync::Arc<[u32]>,
 }
 
 // SAFETY: `run` points into the mmap owned by `fd`, which moves with it.
@@ -107,9 +109,9 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 impl KvmVcpu {
-    pub(super) fn new(mut fd: VcpuFd, id: u32, run_size: usize) -> Self {
+    pub(super) fn new(mut fd: VcpuFd, id: u32, run_size: usize, saveable_msrs: std::sync::Arc<[u32]>) -> Self {
         let run = fd.get_kvm_run() as *mut kvm_run;
-        Self { fd, id, run, run_size }
+        Self { fd, id, run, run_size, saveable_msrs }
     }
 
     pub fn id(&self) -> u32 {

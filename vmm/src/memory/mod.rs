@@ -86,6 +86,9 @@ pub struct RamRegion {
     pub slot: u32,
     pub backing: RamBacking,
     mapping: Arc<GuestRegionMmap>,
+    /// A private (copy-on-write) mapping of a snapshot's memory file: pages the guest wrote are
+    /// anonymous and the file's holes say nothing about them.
+    copy_on_write_file: bool,
 }
 
 impl RamRegion {
@@ -100,7 +103,33 @@ impl RamRegion {
         let mmap = map_backing(backing, size, file_offset)?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
             .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
-        Ok(Self { slot, backing: backing.clone(), mapping: Arc::new(mapping) })
+        Ok(Self { slot, backing: backing.clone(), mapping: Arc::new(mapping), copy_on_write_file: false })
+    }
+
+    /// Maps `size` bytes of `file` from `file_offset`, privately: the guest reads the file's
+    /// pages as they are needed (page cache, shared with other restores of the same file) and
+    /// its writes go to private anonymous pages, never to the file. Reported as anonymous.
+    pub fn map_file_private(
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        file: &File,
+        file_offset: u64,
+    ) -> Result<Self, MemoryError> {
+        let backing = RamBacking::Anonymous;
+        let mmap_err = |source| MemoryError::Mmap { size, backing: backing.clone(), source };
+        let file = file.try_clone().map_err(|e| MemoryError::Mmap {
+            size,
+            backing: backing.clone(),
+            source: vm_memory::mmap::MmapRegionError::Mmap(e),
+        })?;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+        let mmap = MmapRegion::build(Some(FileOffset::new(file, file_offset)), size as usize, prot, flags)
+            .map_err(mmap_err)?;
+        let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
+            .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
+        Ok(Self { slot, backing, mapping: Arc::new(mapping), copy_on_write_file: true })
     }
 
     pub fn guest_addr(&self) -> u64 {
@@ -122,6 +151,9 @@ impl RamRegion {
     /// When the kernel cannot tell, the whole region is returned.
     pub fn populated_ranges(&self) -> Vec<(u64, u64)> {
         let size = self.size();
+        if self.copy_on_write_file {
+            return vec![(0, size)];
+        }
         let found = match self.mapping.file_offset() {
             Some(fo) => data_extents(fo.file(), fo.start(), size),
             None => resident_pages(self.host_addr(), size),
@@ -185,6 +217,22 @@ impl GuestRam {
         let mut file_offset = 0;
         for (slot, (guest_addr, len)) in layout::ram_ranges(size).into_iter().enumerate() {
             regions.push(RamRegion::map(slot as u32, guest_addr, len, backing, file_offset)?);
+            file_offset += len;
+        }
+        let memory = GuestMemoryAtomic::new(collection(&regions)?);
+        Ok(Self { regions: Mutex::new(regions), memory })
+    }
+
+    /// RAM laid out as [`new`](Self::new) lays it out, each region a private mapping of `file`
+    /// at consecutive offsets (a snapshot's memory file; see [`RamRegion::map_file_private`]).
+    pub fn map_file_private(size: u64, file: &File) -> Result<Self, MemoryError> {
+        if size < (1 << 20) || !size.is_multiple_of(4096) {
+            return Err(MemoryError::BadSize(size));
+        }
+        let mut regions = Vec::new();
+        let mut file_offset = 0;
+        for (slot, (guest_addr, len)) in layout::ram_ranges(size).into_iter().enumerate() {
+            regions.push(RamRegion::map_file_private(slot as u32, guest_addr, len, file, file_offset)?);
             file_offset += len;
         }
         let memory = GuestMemoryAtomic::new(collection(&regions)?);
@@ -405,7 +453,7 @@ fn pagemap_read(pagemap: &File, addr: u64, size: u64) -> std::io::Result<Vec<(u6
 }
 
 /// Data extents of `file` in `[start, start + size)`, relative to `start` (SEEK_DATA/SEEK_HOLE).
-fn data_extents(file: &File, start: u64, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(file: &File, start: u64, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     let end = start + size;

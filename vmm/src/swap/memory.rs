@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::device_manager::{DeviceEntry, DeviceManager};
+use crate::device_manager::DeviceManager;
 use crate::hv::{HvError, KvmVm, MemSlot};
 use crate::memory::{GuestRam, MemoryError, RamBacking, RamRegion, RegionInfo};
 use crate::vcpu::{ControlError, Vcpus};
-
-use super::transaction::{DRAIN_POLL, wait_readable};
+use crate::vm::quiesce::{QuiesceError, Quiesced};
 
 const COPY_CHUNK: usize = 2 << 20;
 
@@ -107,34 +106,23 @@ impl MemorySwap<'_> {
         // pages of the new backing in beforehand, while the guest runs.
         new.prefault(&self.ram.populated_ranges(slot)?);
 
-        let quiesce_started = Instant::now();
-        self.quiesce_devices(Duration::from_millis(request.drain_timeout_ms))?;
-        let devices_quiesce_us = quiesce_started.elapsed().as_micros() as u64;
-        let resume_devices = || {
-            for entry in self.devices.devices() {
-                resume(entry);
+        // Devices writing guest memory during the copy would write into the old mapping.
+        let drain = Duration::from_millis(request.drain_timeout_ms);
+        let quiesced = Quiesced::new(self.vcpus, self.devices, drain, self.resume_vcpus).map_err(|e| match e {
+            QuiesceError::Drain { device, pending, timeout_ms } => {
+                MemorySwapError::Drain { device, pending, timeout_ms }
             }
-        };
-        if let Err(e) = self.vcpus.pause() {
-            // Some vCPUs may have parked: let them all run again, as they were.
-            if self.resume_vcpus {
-                let _ = self.vcpus.resume();
-            }
-            resume_devices();
-            return Err(e.into());
-        }
-        let paused = Instant::now();
+            QuiesceError::Pause(e) => MemorySwapError::Pause(e),
+        })?;
+        let devices_quiesce_us = quiesced.devices_quiesce.as_micros() as u64;
         // Only now: a page the guest or a device touched before the pause must be copied.
         let result = self
             .ram
             .populated_ranges(slot)
             .map_err(MemorySwapError::from)
             .and_then(|populated| self.replace(&old, new, &populated, request.verify));
-        let pause_us = paused.elapsed().as_micros() as u64;
-        if self.resume_vcpus {
-            let _ = self.vcpus.resume();
-        }
-        resume_devices();
+        let pause_us = quiesced.paused_for().as_micros() as u64;
+        drop(quiesced);
         let Replaced { bytes_copied, copy_us, memslot_us, old: old_mapping } = result?;
         drop(old_mapping);
         Ok(MemorySwapReport {
@@ -150,37 +138,6 @@ impl MemorySwap<'_> {
             verified: request.verify,
             pause_us_per_gib: (pause_us as f64 / (old.size as f64 / (1u64 << 30) as f64)) as u64,
         })
-    }
-
-    /// Stops every device at a request boundary and waits for its in-flight I/O: a device
-    /// writing guest memory during the copy would write into the old mapping.
-    fn quiesce_devices(&self, timeout: Duration) -> Result<(), MemorySwapError> {
-        let entries = self.devices.devices();
-        for entry in entries {
-            entry.handle.lifecycle(|d| d.quiesce());
-        }
-        let deadline = Instant::now() + timeout;
-        for entry in entries {
-            loop {
-                let (pending, fds) = entry.handle.lifecycle(|d| {
-                    d.drive();
-                    (d.pending_requests(), d.progress_fds())
-                });
-                if pending == 0 {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    entries.iter().for_each(resume);
-                    return Err(MemorySwapError::Drain {
-                        device: entry.id.clone(),
-                        pending,
-                        timeout_ms: timeout.as_millis() as u64,
-                    });
-                }
-                wait_readable(&fds, DRAIN_POLL);
-            }
-        }
-        Ok(())
     }
 
     /// With everything stopped: copy, swap the memory slot and the devices' view.
@@ -233,13 +190,6 @@ impl MemorySwap<'_> {
         let memslot_us = memslot_started.elapsed().as_micros() as u64;
         Ok(Replaced { bytes_copied: copied, copy_us, memslot_us, old: replaced })
     }
-}
-
-/// Lets a device take requests again, then has the event loop re-read its descriptors (see
-/// [`SwapTarget::resume`](super::transaction::SwapTarget::resume) for why in that order).
-fn resume(entry: &DeviceEntry) {
-    entry.handle.lifecycle(|d| d.resume());
-    entry.resync.resync();
 }
 
 /// Copies the `populated` ranges of `src` into the zero-filled `dst` on every core, skipping

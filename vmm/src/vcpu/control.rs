@@ -1,5 +1,6 @@
 //! The rendezvous between the VM controller and its vCPU threads: what every vCPU should be
-//! doing, and how many have got there.
+//! doing, and how many have got there. While paused, a vCPU thread also runs work handed to it
+//! (reading its state for a snapshot): the vCPU is owned by its thread, and this keeps it so.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -14,18 +15,22 @@ pub enum Target {
     Stop = 2,
 }
 
-#[derive(Default)]
-struct Counts {
+/// Work for one parked vCPU thread, given its vCPU (`V`: `KvmVcpu` outside tests).
+pub type ParkedJob<V> = Box<dyn FnOnce(&mut V) + Send>;
+
+struct Counts<V> {
     /// vCPU threads waiting in `park`.
     parked: usize,
     /// vCPU threads that left their run loop for good.
     exited: usize,
+    /// Per vCPU index: work to run the next time its thread is parked.
+    jobs: Vec<Option<ParkedJob<V>>>,
 }
 
-pub struct RunControl {
+pub struct RunControl<V> {
     /// Read on every loop iteration without the lock.
     target: AtomicU8,
-    counts: Mutex<Counts>,
+    counts: Mutex<Counts<V>>,
     changed: Condvar,
     vcpus: usize,
 }
@@ -34,13 +39,18 @@ pub struct RunControl {
 pub enum ControlError {
     #[error("the VM has stopped")]
     Stopped,
+    #[error("the vCPUs must be paused first")]
+    NotPaused,
+    #[error("vCPU {0} did not answer while paused")]
+    NoAnswer(u32),
     #[error("only {arrived} of {total} vCPUs reached the requested state within {timeout:?}")]
     Timeout { arrived: usize, total: usize, timeout: Duration },
 }
 
-impl RunControl {
+impl<V> RunControl<V> {
     pub fn new(vcpus: usize) -> Self {
-        Self { target: AtomicU8::new(Target::Run as u8), counts: Mutex::default(), changed: Condvar::new(), vcpus }
+        let counts = Counts { parked: 0, exited: 0, jobs: (0..vcpus).map(|_| None).collect() };
+        Self { target: AtomicU8::new(Target::Run as u8), counts: Mutex::new(counts), changed: Condvar::new(), vcpus }
     }
 
     pub fn target(&self) -> Target {
@@ -51,7 +61,7 @@ impl RunControl {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Counts> {
+    fn lock(&self) -> MutexGuard<'_, Counts<V>> {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -76,7 +86,7 @@ impl RunControl {
         self.wait_until(timeout, |c, _| c.parked == 0)
     }
 
-    fn wait_until(&self, timeout: Duration, done: impl Fn(&Counts, usize) -> bool) -> Result<(), ControlError> {
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Counts<V>, usize) -> bool) -> Result<(), ControlError> {
         let deadline = Instant::now() + timeout;
         let mut counts = self.lock();
         while !done(&counts, self.vcpus) {
@@ -93,14 +103,35 @@ impl RunControl {
         Ok(())
     }
 
-    /// Called by a vCPU thread: waits while the target is `Pause`; returns the new target.
-    pub fn park(&self) -> Target {
+    /// Hands `job` to the thread of vCPU `index`, which runs it while parked. Only while
+    /// paused; a job not yet run when the target changes is dropped unrun (its result channel
+    /// closes, which the poster sees).
+    pub fn post(&self, index: usize, job: ParkedJob<V>) -> Result<(), ControlError> {
+        let mut counts = self.lock();
+        if self.target() != Target::Pause {
+            return Err(ControlError::NotPaused);
+        }
+        counts.jobs[index] = Some(job);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Called by the thread of vCPU `index`: waits while the target is `Pause`, running the
+    /// jobs posted for it; returns the new target.
+    pub fn park(&self, index: usize, vcpu: &mut V) -> Target {
         let mut counts = self.lock();
         counts.parked += 1;
         self.changed.notify_all();
         while self.target() == Target::Pause {
+            if let Some(job) = counts.jobs[index].take() {
+                drop(counts);
+                job(vcpu);
+                counts = self.lock();
+                continue;
+            }
             counts = self.changed.wait(counts).unwrap_or_else(|p| p.into_inner());
         }
+        counts.jobs[index] = None;
         counts.parked -= 1;
         self.changed.notify_all();
         self.target()
@@ -121,18 +152,20 @@ mod tests {
 
     #[test]
     fn pause_resume_stop_rendezvous() {
-        let control = Arc::new(RunControl::new(3));
+        let control = Arc::new(RunControl::<u32>::new(3));
         let threads: Vec<_> = (0..3)
-            .map(|_| {
+            .map(|index| {
                 let c = control.clone();
                 std::thread::spawn(move || {
                     let mut parks = 0;
+                    // What the parked jobs see as "the vCPU": its index.
+                    let mut vcpu = index as u32;
                     loop {
                         match c.target() {
                             Target::Run => std::thread::yield_now(),
                             Target::Pause => {
                                 parks += 1;
-                                if c.park() == Target::Stop {
+                                if c.park(index, &mut vcpu) == Target::Stop {
                                     break;
                                 }
                             }
@@ -145,9 +178,19 @@ mod tests {
             })
             .collect();
         let t = Duration::from_secs(10);
+        assert_eq!(control.post(0, Box::new(|_| {})), Err(ControlError::NotPaused));
         for _ in 0..3 {
             control.set_target(Target::Pause).unwrap();
             control.wait_all_parked(t).unwrap();
+            // Each parked thread runs the job posted for it, on its own vCPU.
+            let (tx, rx) = std::sync::mpsc::channel();
+            for index in 0..3 {
+                let tx = tx.clone();
+                control.post(index, Box::new(move |vcpu: &mut u32| tx.send(*vcpu).unwrap())).unwrap();
+            }
+            let mut seen: Vec<u32> = (0..3).map(|_| rx.recv_timeout(t).unwrap()).collect();
+            seen.sort();
+            assert_eq!(seen, [0, 1, 2]);
             control.set_target(Target::Run).unwrap();
             control.wait_none_parked(t).unwrap();
         }
@@ -161,7 +204,7 @@ mod tests {
 
     #[test]
     fn times_out_when_a_vcpu_never_arrives() {
-        let control = RunControl::new(1);
+        let control = RunControl::<()>::new(1);
         control.set_target(Target::Pause).unwrap();
         let err = control.wait_all_parked(Duration::from_millis(10)).unwrap_err();
         assert!(matches!(err, ControlError::Timeout { arrived: 0, total: 1, .. }));

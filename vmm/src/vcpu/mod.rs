@@ -3,8 +3,12 @@
 //! Pausing is a rendezvous: the controller sets the target to `Pause`, sets each vCPU's
 //! `immediate_exit` and signals its thread. A vCPU inside `KVM_RUN` is thrown out by the
 //! signal; one about to enter finds `immediate_exit` set and returns at once (KVM still
-//! completes a pending port or MMIO access first, so device state stays consistent). Every
-//! vCPU then parks until the target changes, and `pause` returns when all are parked.
+//! completes a pending port or MMIO access first, so device state stays consistent). A vCPU
+//! that has just served an exit in user space enters `KVM_RUN` once more, with
+//! `immediate_exit` set, before it parks: the result of a port or MMIO read reaches the guest's
+//! registers only then, and a snapshot taken meanwhile would lose it. Every vCPU then parks
+//! until the target changes, and `pause` returns when all are parked. Parked vCPU threads run
+//! the work posted to them ([`Vcpus::capture_state`]).
 
 mod control;
 mod exits;
@@ -19,7 +23,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 pub use control::{ControlError, Target};
 pub use exits::ExitContext;
 
-use crate::hv::{KvmVcpu, VcpuKicker};
+use crate::hv::{HvError, KvmVcpu, VcpuKicker, VcpuState};
 use control::RunControl;
 use exits::Next;
 
@@ -52,7 +56,20 @@ struct VcpuThread {
 /// The running vCPU threads of one VM.
 pub struct Vcpus {
     threads: Vec<VcpuThread>,
-    control: Arc<RunControl>,
+    control: Arc<RunControl<KvmVcpu>>,
+}
+
+/// Why the vCPUs' state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("vCPU {vcpu}: {source}")]
+    Hv {
+        vcpu: u32,
+        #[source]
+        source: HvError,
+    },
 }
 
 impl Vcpus {
@@ -61,12 +78,12 @@ impl Vcpus {
         install_kick_handler()?;
         let control = Arc::new(RunControl::new(vcpus.len()));
         let mut threads = Vec::with_capacity(vcpus.len());
-        for vcpu in vcpus {
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
             let kicker = vcpu.kicker();
             let (ctx, control_for_thread) = (ctx.clone(), control.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || run_loop(vcpu, &ctx, &control_for_thread));
+                .spawn(move || run_loop(index, vcpu, &ctx, &control_for_thread));
             match spawned {
                 Ok(handle) => threads.push(VcpuThread { handle: Some(handle), kicker }),
                 Err(e) => {
@@ -112,6 +129,27 @@ impl Vcpus {
         self.control.wait_none_parked(RENDEZVOUS_TIMEOUT)
     }
 
+    /// Reads every vCPU's state, in vCPU order, on the vCPU threads. Only while paused.
+    pub fn capture_state(&self) -> Result<Vec<VcpuState>, CaptureError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for index in 0..self.threads.len() {
+            let tx = tx.clone();
+            let job = Box::new(move |vcpu: &mut KvmVcpu| {
+                let _ = tx.send((index, vcpu.id(), vcpu.capture_state()));
+            });
+            self.control.post(index, job)?;
+        }
+        drop(tx);
+        let mut states: Vec<Option<VcpuState>> = (0..self.threads.len()).map(|_| None).collect();
+        for _ in 0..self.threads.len() {
+            let (index, vcpu, state) = rx
+                .recv_timeout(RENDEZVOUS_TIMEOUT)
+                .map_err(|_| ControlError::NoAnswer(states.iter().position(Option::is_none).unwrap_or(0) as u32))?;
+            states[index] = Some(state.map_err(|source| CaptureError::Hv { vcpu, source })?);
+        }
+        Ok(states.into_iter().flatten().collect())
+    }
+
     /// Ends every vCPU thread and waits for them.
     pub fn stop(&mut self) {
         let _ = self.control.set_target(Target::Stop);
@@ -132,14 +170,19 @@ impl Drop for Vcpus {
     }
 }
 
-fn run_loop(mut vcpu: KvmVcpu, ctx: &ExitContext, control: &RunControl) -> KvmVcpu {
+fn run_loop(index: usize, mut vcpu: KvmVcpu, ctx: &ExitContext, control: &RunControl<KvmVcpu>) -> KvmVcpu {
     // The creating thread may block signals; the kick must get through.
     let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+    // Whether the last KVM_RUN ended in an exit served here, whose result KVM has yet to apply.
+    let mut exit_served = false;
     loop {
         match control.target() {
             Target::Run => {}
+            // Completes the served access first (see the module docs): with immediate_exit
+            // set, KVM_RUN applies it and returns without running the guest.
+            Target::Pause if exit_served => vcpu.kicker().set_immediate_exit(),
             Target::Pause => {
-                if control.park() == Target::Stop {
+                if control.park(index, &mut vcpu) == Target::Stop {
                     break;
                 }
                 continue;
@@ -148,7 +191,9 @@ fn run_loop(mut vcpu: KvmVcpu, ctx: &ExitContext, control: &RunControl) -> KvmVc
         }
         // A panic while handling an exit (a VMM bug, in a device the guest reached) ends the
         // VM with an error; unwinding past here would leave `Vm::wait` waiting for ever.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run_once(&mut vcpu))) {
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run_once(&mut vcpu)));
+        exit_served = matches!(next, Ok(Next::Continue));
+        match next {
             Ok(Next::Continue) => {}
             // Clear the kick before looking at the target again (see the module docs).
             Ok(Next::Kicked) => vcpu.clear_immediate_exit(),

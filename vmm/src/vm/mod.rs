@@ -1,6 +1,7 @@
 //! A running VM: the handle the builder returns and embedders drive.
 
 pub mod exit;
+pub mod quiesce;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,9 +12,11 @@ use devices::legacy::SerialConsole;
 pub use exit::{Crash, CrashKind, VmExit};
 
 use crate::boot::{BootProtocol, KernelFormat};
+use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
 use crate::hv::KvmVm;
 use crate::memory::GuestRam;
+use crate::snapshot::{SnapshotError, SnapshotReport, SnapshotRequest, SnapshotSource};
 use crate::swap::memory::MemorySwap;
 use crate::swap::{
     MemorySwapError, MemorySwapReport, MemorySwapRequest, SwapError, SwapHandle, SwapManager, SwapRequest,
@@ -30,7 +33,7 @@ pub enum VmState {
 }
 
 /// Facts about how the VM was put together.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmInfo {
     pub vcpus: u32,
     pub mem_bytes: u64,
@@ -71,20 +74,27 @@ pub struct Vm {
     devices: Mutex<DeviceManager>,
     swaps: SwapManager,
     info: VmInfo,
+    /// What the VM was built from: a snapshot rebuilds the same machine from it.
+    config: VmConfig,
     kvm: KvmVm,
     ram: GuestRam,
 }
 
+/// What the builder assembled, handed to [`Vm::new`].
+pub(crate) struct VmParts {
+    pub vcpus: Vcpus,
+    pub exit: Arc<ExitState>,
+    pub serial: Arc<Mutex<SerialConsole>>,
+    pub devices: DeviceManager,
+    pub info: VmInfo,
+    pub config: VmConfig,
+    pub kvm: KvmVm,
+    pub ram: GuestRam,
+}
+
 impl Vm {
-    pub(crate) fn new(
-        vcpus: Vcpus,
-        exit: Arc<ExitState>,
-        serial: Arc<Mutex<SerialConsole>>,
-        devices: DeviceManager,
-        info: VmInfo,
-        kvm: KvmVm,
-        ram: GuestRam,
-    ) -> Self {
+    pub(crate) fn new(parts: VmParts) -> Self {
+        let VmParts { vcpus, exit, serial, devices, info, config, kvm, ram } = parts;
         Self {
             vcpus: Mutex::new(vcpus),
             exit,
@@ -92,6 +102,7 @@ impl Vm {
             devices: Mutex::new(devices),
             swaps: SwapManager::default(),
             info,
+            config,
             kvm,
             ram,
         }
@@ -199,6 +210,28 @@ impl Vm {
             .run(slot, request);
         self.swaps.record_memory_swap(&outcome);
         outcome
+    }
+
+    /// Writes a snapshot of the running VM (see [`crate::snapshot`]); the guest is paused only
+    /// while its state and RAM are read, and a guest its user paused stays paused.
+    pub fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotReport, SnapshotError> {
+        if let Some(exit) = self.exit.get() {
+            return Err(SnapshotError::Exited(exit.to_string()));
+        }
+        let vcpus = self.vcpus();
+        let devices = self.devices();
+        SnapshotSource {
+            config: &self.config,
+            info: &self.info,
+            ram: &self.ram,
+            kvm: &self.kvm,
+            vcpus: &vcpus,
+            devices: &devices,
+            serial: &self.serial,
+            swaps: &self.swaps,
+            resume_vcpus: vcpus.target() != Target::Pause,
+        }
+        .take(request)
     }
 
     /// A handle for feeding the guest's serial input.

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 use vmm::api::ApiServer;
 use vmm::config::{DiskConfig, NetConfig, VsockConfig};
+use vmm::snapshot::MemoryMode;
 use vmm::{BootProtocol, BuildError, SerialConfig, SerialInput, VmBuilder, VmConfig};
 
 /// Exit status for bad input (flags, config file, kernel image).
@@ -96,6 +97,23 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Continue the VM saved in this snapshot directory (`vmm ctl snapshot create`) instead of
+    /// booting; the machine and its backends come from the snapshot, so only --serial,
+    /// --api-sock and --memory apply.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "boot_protocol", "disks", "nets", "vsock", "config"]
+    )]
+    pub restore: Option<PathBuf>,
+    /// With --restore, how guest RAM is filled: eager (read before the guest runs) or mmap
+    /// (the memory file mapped privately: the guest runs at once, pages come in as touched).
+    #[arg(long, value_name = "MODE", requires = "restore", default_value = "eager", value_parser = parse_memory_mode)]
+    pub memory: MemoryMode,
+}
+
+fn parse_memory_mode(s: &str) -> Result<MemoryMode, String> {
+    s.parse()
 }
 
 #[derive(Args)]
@@ -148,7 +166,9 @@ impl Failure {
 impl From<BuildError> for Failure {
     fn from(e: BuildError) -> Self {
         let status = match e {
-            BuildError::Config(_) | BuildError::Boot(_) | BuildError::SerialFile { .. } => STATUS_BAD_INPUT,
+            BuildError::Config(_) | BuildError::Boot(_) | BuildError::SerialFile { .. } | BuildError::Snapshot(_) => {
+                STATUS_BAD_INPUT
+            }
             _ => STATUS_FAILURE,
         };
         Failure { status, error: anyhow!(e) }
@@ -212,12 +232,19 @@ fn read_config_file(path: &Path) -> anyhow::Result<Map<String, Value>> {
 /// `vmm run`.
 pub fn run(args: &RunArgs) -> Result<u8, Failure> {
     let started = std::time::Instant::now();
-    let config = resolve_config(args)?;
-    let forward_stdin = config.serial == SerialConfig::Stdout;
-    let vm = Arc::new(VmBuilder::from_config(config).start()?);
+    let builder = match &args.restore {
+        Some(dir) => {
+            let serial = args.serial.clone().unwrap_or_default();
+            VmBuilder::restore(dir, args.memory).serial(serial)
+        }
+        None => VmBuilder::from_config(resolve_config(args)?),
+    };
+    let forward_stdin = builder.config().serial == SerialConfig::Stdout;
+    let vm = Arc::new(builder.start()?);
     let info = vm.info();
     log::info!(
-        "started {} kernel via {} at {:#x}: {} vCPUs, {} MiB; setup took {:.2} ms wall, {:.2} ms CPU",
+        "{} {} kernel via {} at {:#x}: {} vCPUs, {} MiB; setup took {:.2} ms wall, {:.2} ms CPU",
+        if args.restore.is_some() { "restored" } else { "started" },
         info.kernel_format,
         info.boot_protocol,
         info.entry_point,

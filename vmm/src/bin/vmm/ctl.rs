@@ -25,6 +25,19 @@ pub struct CtlArgs {
 }
 
 #[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Write a snapshot into a new (or empty) directory; prints what it cost.
+    Create {
+        /// The snapshot directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Only what changed since the last snapshot (not available yet: refused).
+        #[arg(long)]
+        diff: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum CtlCommand {
     /// The VM's state (GET /vm).
     Status,
@@ -57,6 +70,9 @@ pub enum CtlCommand {
         #[arg(long)]
         verify: bool,
     },
+    /// Snapshots of the running VM (POST /snapshots); continue one with `vmm run --restore DIR`.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Counters in the Prometheus text format (GET /metrics).
     Metrics,
     /// The API's OpenAPI document (GET /openapi.json).
@@ -191,6 +207,12 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
         CtlCommand::MemorySwap { slot, backing, verify } => {
             let body = json!({ "backing": backing, "verify": verify });
             call("POST", &format!("/memory/regions/{slot}/swap"), Some(body))?
+        }
+        CtlCommand::Snapshot(SnapshotCommand::Create { out, diff }) => {
+            // The server resolves relative paths against its own directory, not ours.
+            let out = std::path::absolute(out).unwrap_or_else(|_| out.clone());
+            let body = json!({ "path": out, "kind": if *diff { "diff" } else { "full" } });
+            call("POST", "/snapshots", Some(body))?
         }
         CtlCommand::Metrics => call("GET", "/metrics", None)?,
         CtlCommand::Openapi => call("GET", "/openapi.json", None)?,

@@ -1,0 +1,152 @@
+//! The snapshot's files and their checks.
+//!
+//! A snapshot is a directory with two files:
+//! - `state`: a 32-byte header (magic, format version, payload length, CRC-64 of the payload)
+//!   followed by the payload, the [`VmSnapshot`](super::VmSnapshot) in CBOR (serde, through
+//!   ciborium: self-describing, so tagged enums in the configuration round-trip).
+//! - `memory`: guest RAM, regions at consecutive offsets; pages that are all zeros are holes,
+//!   so the file takes only the disk space of the data and reading it skips them.
+//!
+//! A file that is truncated, corrupted, of another format version or not a snapshot at all is
+//! refused with the reason before anything is built from it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
+const MAGIC: [u8; 8] = *b"VMMSNAP\0";
+/// Bumped whenever the payload's meaning changes; older files are refused, not guessed at.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 32;
+/// A state file is a few hundred KiB at most (vCPU state is ~6 KiB each); anything far bigger
+/// is not ours, and must not make us allocate it.
+const MAX_PAYLOAD: u64 = 256 << 20;
+
+const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a snapshot state file (bad magic)")]
+    Magic { path: PathBuf },
+    #[error("{path} has snapshot format version {found}; this vmm reads version {FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} is truncated: {what}")]
+    Truncated { path: PathBuf, what: String },
+    #[error("{path} is corrupted: checksum {found:#018x}, expected {expected:#018x}")]
+    Checksum { path: PathBuf, expected: u64, found: u64 },
+    #[error("{path}: cannot decode the state: {reason}")]
+    Decode { path: PathBuf, reason: String },
+    #[error("cannot encode the state: {0}")]
+    Encode(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FormatError + '_ {
+    move |source| FormatError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes `value` as a state file at `path` (through a temporary file and a rename, so a crash
+/// never leaves a half-written state file under the final name).
+pub fn write_state<T: Serialize>(path: &Path, value: &T) -> Result<u64, FormatError> {
+    let mut payload = Vec::new();
+    ciborium::into_writer(value, &mut payload).map_err(|e| FormatError::Encode(e.to_string()))?;
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[24..32].copy_from_slice(&CRC.checksum(&payload).to_le_bytes());
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(&header).and_then(|()| file.write_all(&payload)).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok((HEADER_LEN + payload.len()) as u64)
+}
+
+/// Reads and checks the state file at `path`.
+pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let truncated = |what: String| FormatError::Truncated { path: path.to_path_buf(), what };
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match file.read(&mut header[got..]).map_err(io_err(path))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got < MAGIC.len() || header[..8] != MAGIC {
+        if got < MAGIC.len() && MAGIC.starts_with(&header[..got]) {
+            return Err(truncated(format!("{got} bytes, shorter than the header")));
+        }
+        return Err(FormatError::Magic { path: path.to_path_buf() });
+    }
+    if got < HEADER_LEN {
+        return Err(truncated(format!("{got} bytes, shorter than the {HEADER_LEN}-byte header")));
+    }
+    let field = |range: std::ops::Range<usize>| header[range].iter().rev().fold(0u64, |v, b| v << 8 | u64::from(*b));
+    let version = field(8..12) as u32;
+    if version != FORMAT_VERSION {
+        return Err(FormatError::Version { path: path.to_path_buf(), found: version });
+    }
+    let (len, expected) = (field(16..24), field(24..32));
+    let actual_len = file.metadata().map_err(io_err(path))?.len().saturating_sub(HEADER_LEN as u64);
+    if len > MAX_PAYLOAD || actual_len < len {
+        return Err(truncated(format!("the header announces {len} bytes of state, the file holds {actual_len}")));
+    }
+    let mut payload = vec![0u8; len as usize];
+    file.read_exact(&mut payload).map_err(io_err(path))?;
+    let found = CRC.checksum(&payload);
+    if found != expected || actual_len != len {
+        return Err(FormatError::Checksum { path: path.to_path_buf(), expected, found });
+    }
+    ciborium::from_reader(payload.as_slice())
+        .map_err(|e| FormatError::Decode { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// The size of a page as the memory file stores it: holes are made page by page.
+pub const PAGE: usize = 4096;
+
+/// Writes the non-zero pages of `data` at `offset` in `file`, leaving holes for the rest.
+/// Returns the bytes written.
+pub fn write_sparse(file: &File, offset: u64, data: &[u8]) -> std::io::Result<u64> {
+    let mut written = 0;
+    let mut at = 0;
+    while at < data.len() {
+        // Runs of non-zero pages go out in one write.
+        let start = at;
+        while at < data.len() && !is_zero(&data[at..(at + PAGE).min(data.len())]) {
+            at += PAGE;
+        }
+        let end = at.min(data.len());
+        if end > start {
+            file.write_all_at(&data[start..end], offset + start as u64)?;
+            written += (end - start) as u64;
+        }
+        while at < data.len() && is_zero(&data[at..(at + PAGE).min(data.len())]) {
+            at += PAGE;
+        }
+    }
+    Ok(written)
+}
+
+/// Whether `bytes` are all zero (eight bytes at a time, which the compiler vectorises: the
+/// whole of guest RAM passes here).
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    let ored = words.fold(0u64, |acc, w| acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]));
+    ored == 0 && tail.iter().all(|&b| b == 0)
+}

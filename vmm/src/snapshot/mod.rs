@@ -1,0 +1,248 @@
+//! Snapshots: the VM's whole state, written to a directory, and VMs continued from one.
+//!
+//! Taking one is the same for every VM and never names a device type: quiesce everything
+//! ([`Quiesced`]), read the vCPUs (on their own threads), the in-kernel irqchip, PIT and clock,
+//! the serial port and every virtio device through [`Lifecycle`], write guest RAM (zero pages
+//! as holes), resume; the state file is written after the guest runs again. The i8042 and the
+//! debug-exit port have no state to carry (vm-superio's i8042 keeps only its reset line).
+//!
+//! Rules for what cannot move, written once here: requests in flight are drained before the
+//! state is read (the quiesce waits for them); the serial port's output has already been
+//! written; a device whose backend was swapped live is refused for now (its configuration
+//! no longer says which backend serves it).
+//!
+//! Restoring ([`crate::VmBuilder::restore`]) builds the same machine from the snapshot's
+//! configuration, fills RAM by the chosen [`MemoryMode`], loads the state and runs.
+
+mod create;
+pub mod format;
+pub mod restore;
+
+pub use create::SnapshotSource;
+pub use restore::RestoreError;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use devices::legacy::SerialSnapshot;
+use devices::lifecycle::DeviceState;
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::hv::{VcpuState, VmState};
+use crate::vm::VmInfo;
+use crate::vm::quiesce::QuiesceError;
+use format::FormatError;
+
+/// The state file's payload.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// Random, to tell snapshots apart.
+    pub id: u64,
+    pub created_unix_ms: u64,
+    /// The machine to rebuild: memory size, vCPUs, devices in their order.
+    pub config: VmConfig,
+    pub info: VmInfo,
+    pub regions: Vec<RegionSnapshot>,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialSnapshot,
+    /// Every virtio device, in the order they were added (which fixes their MMIO slots).
+    pub devices: Vec<DeviceSnapshot>,
+}
+
+/// Where one RAM region's bytes are in the memory file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionSnapshot {
+    pub slot: u32,
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSnapshot {
+    pub id: String,
+    pub state: DeviceState,
+}
+
+/// `POST /snapshots`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// A directory that does not exist yet or is empty.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub kind: SnapshotKind,
+    #[serde(default = "default_drain_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_drain_ms() -> u64 {
+    2000
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    #[default]
+    Full,
+    /// Only what changed since a parent snapshot (not built yet: refused with a clear error).
+    Diff,
+}
+
+/// How a restore fills guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryMode {
+    /// Read the memory file's data into fresh RAM before the guest runs.
+    #[default]
+    Eager,
+    /// Map the memory file privately: the guest runs at once, pages come in as it touches them
+    /// and its writes never reach the file.
+    Mmap,
+}
+
+impl std::str::FromStr for MemoryMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "eager" => Ok(Self::Eager),
+            "mmap" => Ok(Self::Mmap),
+            _ => Err(format!("memory mode {s:?}: expected eager or mmap")),
+        }
+    }
+}
+
+/// What taking a snapshot did and cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotReport {
+    pub path: PathBuf,
+    pub id: String,
+    pub kind: SnapshotKind,
+    /// How long the vCPUs were paused.
+    pub pause_us: u64,
+    /// Draining the devices' requests before the pause (the guest ran meanwhile).
+    pub devices_quiesce_us: u64,
+    pub total_us: u64,
+    pub memory_bytes: u64,
+    /// Bytes of guest RAM written (zero pages are holes).
+    pub memory_written_bytes: u64,
+    pub state_bytes: u64,
+    pub vcpus: usize,
+    pub devices: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM has exited ({0})")]
+    Exited(String),
+    #[error("{field}: {reason}")]
+    Request { field: &'static str, reason: String },
+    #[error("snapshot directory {path}: {reason}")]
+    Directory { path: PathBuf, reason: String },
+    #[error("{0}; nothing was written")]
+    Quiesce(#[from] QuiesceError),
+    #[error("cannot read the VM's state: {0}")]
+    State(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("cannot restore: {0}")]
+    Restore(#[from] RestoreError),
+    #[error(
+        "device {device} had its backend swapped live; its configuration no longer names the backend that serves \
+         it, so it cannot be snapshotted yet"
+    )]
+    SwappedDevice { device: String },
+}
+
+impl SnapshotRequest {
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        crate::swap::check_ms("drain_timeout_ms", self.drain_timeout_ms, crate::swap::MAX_DRAIN_MS)
+            .map_err(|e| SnapshotError::Request { field: "drain_timeout_ms", reason: e.to_string() })?;
+        if self.kind == SnapshotKind::Diff {
+            let reason = "diff snapshots are not available yet; take a full one".to_string();
+            return Err(SnapshotError::Request { field: "kind", reason });
+        }
+        Ok(())
+    }
+
+    /// Creates the snapshot directory (it may exist if empty) and opens the memory file.
+    pub fn prepare_directory(&self) -> Result<File, SnapshotError> {
+        let dir_err = |reason: String| SnapshotError::Directory { path: self.path.clone(), reason };
+        match std::fs::read_dir(&self.path) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(dir_err("is not empty (a snapshot never overwrites files)".into()));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&self.path).map_err(|e| dir_err(e.to_string()))?
+            }
+            Err(e) => return Err(dir_err(e.to_string())),
+        }
+        let path = self.path.join(format::MEMORY_FILE);
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| SnapshotError::Write { path, source })
+    }
+}
+
+/// A new random snapshot id (the kernel's random pool; no crate needed for 8 bytes).
+pub fn new_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Never fails for 8 bytes once the pool is initialised; fall back to the clock.
+        return SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    }
+    u64::from_ne_bytes(bytes)
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Loads a snapshot directory's state file, checked (see [`format`]).
+pub fn load(dir: &Path) -> Result<(VmSnapshot, File), SnapshotError> {
+    let snapshot: VmSnapshot = format::read_state(&dir.join(format::STATE_FILE))?;
+    let path = dir.join(format::MEMORY_FILE);
+    let read_err = |source| SnapshotError::Read { path: path.clone(), source };
+    let memory = File::open(&path).map_err(read_err)?;
+    let len = memory.metadata().map_err(read_err)?.len();
+    let needed = snapshot.regions.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
+    if len < needed {
+        return Err(FormatError::Truncated {
+            path,
+            what: format!("{len} bytes, the state describes {needed} bytes of guest RAM"),
+        }
+        .into());
+    }
+    Ok((snapshot, memory))
+}
+
+/// Time since `start`, in microseconds.
+pub(crate) fn us_since(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+pub(crate) fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}

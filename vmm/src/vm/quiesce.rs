@@ -1,0 +1,112 @@
+//! "Stop every device at a request boundary, drain what is in flight, then pause every vCPU",
+//! written once: the memory swap, snapshots and (next) the switchover to a shadow all need the
+//! whole VM still. [`Quiesced`] is a guard; dropping it lets the VM run again, on every path.
+
+use std::time::{Duration, Instant};
+
+use crate::device_manager::{DeviceEntry, DeviceManager};
+use crate::swap::transaction::{DRAIN_POLL, wait_readable};
+use crate::vcpu::{ControlError, Vcpus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    #[error("device {device} still has {pending} request(s) in flight after {timeout_ms} ms")]
+    Drain { device: String, pending: usize, timeout_ms: u64 },
+    #[error(transparent)]
+    Pause(#[from] ControlError),
+}
+
+/// A VM whose devices are drained and whose vCPUs are parked, until dropped.
+pub struct Quiesced<'a> {
+    vcpus: &'a Vcpus,
+    devices: &'a DeviceManager,
+    /// False when the guest was paused by its user before, and must stay paused after.
+    resume_vcpus: bool,
+    paused_at: Instant,
+    /// How long draining the devices took (the guest ran meanwhile).
+    pub devices_quiesce: Duration,
+}
+
+impl<'a> Quiesced<'a> {
+    /// Quiesces and drains every device (waiting at most `drain_timeout` for in-flight
+    /// requests: a device writing guest memory must be done with it), then pauses the vCPUs.
+    /// On error everything runs again as it did.
+    pub fn new(
+        vcpus: &'a Vcpus,
+        devices: &'a DeviceManager,
+        drain_timeout: Duration,
+        resume_vcpus: bool,
+    ) -> Result<Self, QuiesceError> {
+        let started = Instant::now();
+        drain_devices(devices.devices(), drain_timeout)?;
+        let devices_quiesce = started.elapsed();
+        if let Err(e) = vcpus.pause() {
+            // Some vCPUs may have parked: let them all run again, as they were.
+            if resume_vcpus {
+                let _ = vcpus.resume();
+            }
+            devices.devices().iter().for_each(resume);
+            return Err(e.into());
+        }
+        Ok(Self { vcpus, devices, resume_vcpus, paused_at: Instant::now(), devices_quiesce })
+    }
+
+    /// How long the vCPUs have been paused.
+    pub fn paused_for(&self) -> Duration {
+        self.paused_at.elapsed()
+    }
+
+    pub fn vcpus(&self) -> &Vcpus {
+        self.vcpus
+    }
+
+    pub fn devices(&self) -> &DeviceManager {
+        self.devices
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        if self.resume_vcpus {
+            let _ = self.vcpus.resume();
+        }
+        self.devices.devices().iter().for_each(resume);
+    }
+}
+
+/// Quiesces every device, then waits until none has a request in flight; on timeout resumes
+/// them all and names the one still busy.
+fn drain_devices(entries: &[DeviceEntry], timeout: Duration) -> Result<(), QuiesceError> {
+    for entry in entries {
+        entry.handle.lifecycle(|d| d.quiesce());
+    }
+    let deadline = Instant::now() + timeout;
+    for entry in entries {
+        loop {
+            let (pending, fds) = entry.handle.lifecycle(|d| {
+                d.drive();
+                (d.pending_requests(), d.progress_fds())
+            });
+            if pending == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                entries.iter().for_each(resume);
+                return Err(QuiesceError::Drain {
+                    device: entry.id.clone(),
+                    pending,
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            wait_readable(&fds, DRAIN_POLL);
+        }
+    }
+    Ok(())
+}
+
+/// Lets a device take requests again, then has the event loop re-read its descriptors (see
+/// [`SwapTarget::resume`](crate::swap::transaction::SwapTarget::resume) for why in that order).
+fn resume(entry: &DeviceEntry) {
+    entry.handle.lifecycle(|d| d.resume());
+    entry.resync.resync();
+}
