@@ -19,6 +19,9 @@ pub mod virtio;
 pub mod vsock;
 
 /// The guest memory type used throughout the VMM.
-pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+pub type GuestMem = vm_memory::GuestMemoryMmap<DirtyBitmap>;
+/// Pages the VMM itself wrote into guest memory (virtio DMA, used rings), one bit per page:
+/// KVM's dirty log sees only the guest's writes, and a diff snapshot needs both.
+pub type DirtyBitmap = vm_memory::bitmap::AtomicBitmap;
 /// A live view of guest memory that follows region replacements.
 pub type SharedGuestMem = vm_memory::GuestMemoryAtomic<GuestMem>;

@@ -155,7 +155,7 @@ impl VmBuilder {
         };
         let config = match &saved {
             // The saved machine, with the serial output chosen now.
-            Some(((snapshot, _), _)) => VmConfig { serial: self.config.serial, ..snapshot.config.clone() },
+            Some((loaded, _)) => VmConfig { serial: self.config.serial, ..loaded.state.config.clone() },
             None => self.config,
         };
         validate(&config, None)?;
@@ -170,7 +170,7 @@ impl VmBuilder {
         }
 
         let ram = match &saved {
-            Some(((snapshot, memory), mode)) => snapshot::restore::guest_ram(snapshot, memory, *mode)?,
+            Some((loaded, mode)) => snapshot::restore::guest_ram(loaded, *mode)?,
             None => GuestRam::new(config.mem_mib << 20, &config.ram_backing)?,
         };
         let kvm = hv.create_vm()?;
@@ -192,7 +192,7 @@ impl VmBuilder {
             Some(output) => output,
             None => serial_output(&config.serial)?,
         };
-        let snapshot = saved.as_ref().map(|((snapshot, _), _)| snapshot);
+        let snapshot = saved.as_ref().map(|(loaded, _)| &loaded.state);
         let (pio, serial) = legacy_devices(&kvm, &exit, serial_output, snapshot.map(|s| &s.serial))?;
 
         let (vcpus, info) = match snapshot {

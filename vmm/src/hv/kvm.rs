@@ -1,6 +1,9 @@
 //! `/dev/kvm` and VM-level objects.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+    kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -105,9 +108,31 @@ impl KvmVm {
     /// `host_addr..host_addr + size` must stay mapped and owned by the caller for as long as the
     /// slot exists: the guest reads and writes it.
     pub unsafe fn set_memslot(&self, slot: &MemSlot) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.set_memslot_flags(slot, 0) }
+    }
+
+    /// Turns KVM's dirty page log for memory slot `slot` (already mapped as given) on or off.
+    /// Turning it on starts with an empty log.
+    ///
+    /// # Safety
+    /// As for [`set_memslot`](Self::set_memslot): `slot` must describe the mapping in use.
+    pub unsafe fn set_dirty_logging(&self, slot: &MemSlot, on: bool) -> Result<()> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        // SAFETY: forwarded from the caller; only the flags of the existing slot change.
+        unsafe { self.set_memslot_flags(slot, flags) }
+    }
+
+    /// The pages of slot `slot` (`size` bytes) the guest wrote since the last call (or since
+    /// logging was turned on), one bit per 4 KiB page; reading clears the log.
+    pub fn take_dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>> {
+        self.fd.get_dirty_log(slot, size as usize).op("KVM_GET_DIRTY_LOG")
+    }
+
+    unsafe fn set_memslot_flags(&self, slot: &MemSlot, flags: u32) -> Result<()> {
         let region = kvm_userspace_memory_region {
             slot: slot.slot,
-            flags: 0,
+            flags,
             guest_phys_addr: slot.guest_addr,
             memory_size: slot.size,
             userspace_addr: slot.host_addr,

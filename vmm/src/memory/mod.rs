@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
+use devices::DirtyBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryRegion, GuestRegionMmap};
 
@@ -85,7 +86,7 @@ pub struct RamRegion {
     /// KVM memory slot number.
     pub slot: u32,
     pub backing: RamBacking,
-    mapping: Arc<GuestRegionMmap>,
+    mapping: Arc<GuestRegionMmap<DirtyBitmap>>,
     /// A private (copy-on-write) mapping of a snapshot's memory file: pages the guest wrote are
     /// anonymous and the file's holes say nothing about them.
     copy_on_write_file: bool,
@@ -270,6 +271,15 @@ impl GuestRam {
             .ok_or(MemoryError::NoSuchRegion(slot))
     }
 
+    /// The pages of region `slot` the VMM wrote (device DMA, used rings) since the last call,
+    /// one bit per 4 KiB page like KVM's dirty log; reading clears them.
+    pub fn take_vmm_dirty(&self, slot: u32) -> Result<Vec<u64>, MemoryError> {
+        let regions = self.lock();
+        let region = regions.iter().find(|r| r.slot == slot).ok_or(MemoryError::NoSuchRegion(slot))?;
+        let mmap: &MmapRegion<DirtyBitmap> = &region.mapping;
+        Ok(mmap.bitmap().get_and_reset())
+    }
+
     /// Maps a replacement for region `slot` with `backing`, not yet in use.
     pub fn prepare_replacement(&self, slot: u32, backing: &RamBacking) -> Result<RamRegion, MemoryError> {
         let info = self.region(slot).ok_or(MemoryError::NoSuchRegion(slot))?;
@@ -301,7 +311,7 @@ fn collection(regions: &[RamRegion]) -> Result<GuestMem, MemoryError> {
         .map_err(|e| MemoryError::Layout(e.to_string()))
 }
 
-fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<MmapRegion, MemoryError> {
+fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<MmapRegion<DirtyBitmap>, MemoryError> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let (file, flags) = match backing {
         RamBacking::Anonymous => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),

@@ -15,14 +15,16 @@
 //! configuration, fills RAM by the chosen [`MemoryMode`], loads the state and runs.
 
 mod create;
+pub mod dirty;
 pub mod format;
 pub mod restore;
 
 pub use create::SnapshotSource;
-pub use restore::RestoreError;
+pub use dirty::{DirtyTracker, ParentRef};
+pub use restore::{LoadedSnapshot, RestoreError, load};
 
 use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use devices::legacy::SerialSnapshot;
@@ -41,6 +43,9 @@ pub struct VmSnapshot {
     /// Random, to tell snapshots apart.
     pub id: u64,
     pub created_unix_ms: u64,
+    pub kind: SnapshotKind,
+    /// For a diff: the snapshot whose memory it changes (checked by id when restoring).
+    pub parent: Option<ParentRef>,
     /// The machine to rebuild: memory size, vCPUs, devices in their order.
     pub config: VmConfig,
     pub info: VmInfo,
@@ -59,6 +64,9 @@ pub struct RegionSnapshot {
     pub guest_addr: u64,
     pub size: u64,
     pub file_offset: u64,
+    /// For a diff: the pages it holds (one bit per 4 KiB page); the rest are the parent's.
+    /// A set page in a hole of the memory file is a page of zeros.
+    pub dirty: Option<Vec<u64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +96,7 @@ fn default_drain_ms() -> u64 {
 pub enum SnapshotKind {
     #[default]
     Full,
-    /// Only what changed since a parent snapshot (not built yet: refused with a clear error).
+    /// Only the pages that changed since the VM's last snapshot, which it names as its parent.
     Diff,
 }
 
@@ -167,16 +175,19 @@ pub enum SnapshotError {
          it, so it cannot be snapshotted yet"
     )]
     SwappedDevice { device: String },
+    #[error(
+        "a diff snapshot needs a parent: this VM has no snapshot since it started, its last one failed, or a memory \
+         swap came after it; take a full snapshot first"
+    )]
+    NoParent,
+    #[error(transparent)]
+    Dirty(#[from] dirty::DirtyError),
 }
 
 impl SnapshotRequest {
     pub fn check(&self) -> Result<(), SnapshotError> {
         crate::swap::check_ms("drain_timeout_ms", self.drain_timeout_ms, crate::swap::MAX_DRAIN_MS)
             .map_err(|e| SnapshotError::Request { field: "drain_timeout_ms", reason: e.to_string() })?;
-        if self.kind == SnapshotKind::Diff {
-            let reason = "diff snapshots are not available yet; take a full one".to_string();
-            return Err(SnapshotError::Request { field: "kind", reason });
-        }
         Ok(())
     }
 
@@ -218,24 +229,6 @@ pub fn new_id() -> u64 {
 
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Loads a snapshot directory's state file, checked (see [`format`]).
-pub fn load(dir: &Path) -> Result<(VmSnapshot, File), SnapshotError> {
-    let snapshot: VmSnapshot = format::read_state(&dir.join(format::STATE_FILE))?;
-    let path = dir.join(format::MEMORY_FILE);
-    let read_err = |source| SnapshotError::Read { path: path.clone(), source };
-    let memory = File::open(&path).map_err(read_err)?;
-    let len = memory.metadata().map_err(read_err)?.len();
-    let needed = snapshot.regions.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
-    if len < needed {
-        return Err(FormatError::Truncated {
-            path,
-            what: format!("{len} bytes, the state describes {needed} bytes of guest RAM"),
-        }
-        .into());
-    }
-    Ok((snapshot, memory))
 }
 
 /// Time since `start`, in microseconds.

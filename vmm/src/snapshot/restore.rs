@@ -1,12 +1,82 @@
-//! The pieces of a restore the builder composes: guest RAM from the memory file, and the
-//! state of the virtio devices.
+//! The pieces of a restore the builder composes: the snapshot chain (a diff names its parent,
+//! back to a full snapshot), guest RAM from the memory files, and the virtio devices' state.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
-use super::{MemoryMode, SnapshotError, VmSnapshot};
+use super::dirty::dirty_ranges;
+use super::format::{self, FormatError};
+use super::{MemoryMode, RegionSnapshot, SnapshotError, SnapshotKind, VmSnapshot};
 use crate::device_manager::DeviceEntry;
 use crate::memory::{GuestRam, RamBacking, data_extents};
+
+/// Longest diff chain followed (a loop of parents must end somewhere).
+const MAX_CHAIN: usize = 1024;
+
+/// A snapshot ready to restore: the newest state, and the memory layers from the full
+/// snapshot up to it.
+pub struct LoadedSnapshot {
+    pub state: VmSnapshot,
+    /// Base (full) first, then each diff in order.
+    pub layers: Vec<MemoryLayer>,
+}
+
+pub struct MemoryLayer {
+    pub path: PathBuf,
+    pub file: File,
+    pub regions: Vec<RegionSnapshot>,
+}
+
+/// Loads the snapshot in `dir` and, for a diff, its parents back to a full snapshot; every
+/// file is checked (see [`format`]) and every parent must be the one the child names.
+pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let (state, newest) = load_one(dir)?;
+    let mut layers = vec![newest];
+    let (mut kind, mut parent) = (state.kind, state.parent.clone());
+    let mut child_dir = dir.to_path_buf();
+    while kind == SnapshotKind::Diff {
+        let Some(wanted) = parent else {
+            return Err(RestoreError::Chain { path: child_dir, reason: "a diff without a parent".into() }.into());
+        };
+        if layers.len() > MAX_CHAIN {
+            return Err(RestoreError::Chain { path: child_dir, reason: format!("more than {MAX_CHAIN} links") }.into());
+        }
+        let (older, layer) = load_one(&wanted.path)?;
+        if older.id != wanted.id {
+            let reason = format!(
+                "its parent {} holds snapshot {:016x}, not {:016x} (was it replaced?)",
+                wanted.path.display(),
+                older.id,
+                wanted.id
+            );
+            return Err(RestoreError::Chain { path: child_dir, reason }.into());
+        }
+        if older.config.mem_mib != state.config.mem_mib {
+            let reason = format!("its parent {} has another RAM size", wanted.path.display());
+            return Err(RestoreError::Chain { path: child_dir, reason }.into());
+        }
+        layers.push(layer);
+        (kind, parent, child_dir) = (older.kind, older.parent, wanted.path);
+    }
+    layers.reverse();
+    Ok(LoadedSnapshot { state, layers })
+}
+
+fn load_one(dir: &Path) -> Result<(VmSnapshot, MemoryLayer), SnapshotError> {
+    let snapshot: VmSnapshot = format::read_state(&dir.join(format::STATE_FILE))?;
+    let path = dir.join(format::MEMORY_FILE);
+    let read_err = |source| SnapshotError::Read { path: path.clone(), source };
+    let file = File::open(&path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
+    let needed = snapshot.regions.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
+    if len < needed {
+        let what = format!("{len} bytes, the state describes {needed} bytes of guest RAM");
+        return Err(FormatError::Truncated { path, what }.into());
+    }
+    let layer = MemoryLayer { path, file, regions: snapshot.regions.clone() };
+    Ok((snapshot, layer))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -18,46 +88,68 @@ pub enum RestoreError {
     DeviceOrder { expected: String, found: String },
     #[error("device {device}: {reason}")]
     Device { device: String, reason: String },
-    #[error("cannot read guest RAM from the memory file: {0}")]
-    Read(#[source] std::io::Error),
+    #[error("cannot read guest RAM from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot {path}: {reason}")]
+    Chain { path: PathBuf, reason: String },
 }
 
-/// Guest RAM holding the snapshot's memory, as `mode` says.
-pub fn guest_ram(snapshot: &VmSnapshot, memory: &File, mode: MemoryMode) -> Result<GuestRam, SnapshotError> {
-    let size = snapshot.config.mem_mib << 20;
+/// Guest RAM holding the snapshot's memory, as `mode` says: the full snapshot's memory file
+/// read or mapped, then each diff's pages copied over it.
+pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode) -> Result<GuestRam, SnapshotError> {
+    let config = &snapshot.state.config;
+    let size = config.mem_mib << 20;
+    let (base, diffs) = snapshot.layers.split_first().ok_or(SnapshotError::State("no memory layers".into()))?;
     let ram = match mode {
-        MemoryMode::Mmap => GuestRam::map_file_private(size, memory),
+        MemoryMode::Mmap => GuestRam::map_file_private(size, &base.file),
         // The pages must be new: a file backing would be refused (it holds the old VM's RAM,
         // or another restore's), so file-backed guests come back anonymous.
-        MemoryMode::Eager => match &snapshot.config.ram_backing {
+        MemoryMode::Eager => match &config.ram_backing {
             RamBacking::File { .. } => GuestRam::new(size, &RamBacking::Anonymous),
             backing => GuestRam::new(size, backing),
         },
     }
     .map_err(|e| SnapshotError::State(e.to_string()))?;
     let regions = ram.regions();
-    let matches = regions.len() == snapshot.regions.len()
-        && regions.iter().zip(&snapshot.regions).all(|(r, s)| {
-            (r.slot, r.guest_addr, r.size) == (s.slot, s.guest_addr, s.size)
-                && (mode == MemoryMode::Eager || s.file_offset == offset_of(&snapshot.regions, s.slot))
-        });
-    if !matches {
-        let detail = format!("snapshot regions {:?}", snapshot.regions);
-        return Err(RestoreError::Layout { mem_mib: snapshot.config.mem_mib, detail }.into());
+    for layer in &snapshot.layers {
+        let mut offset = 0;
+        let matches = regions.len() == layer.regions.len()
+            && regions.iter().zip(&layer.regions).all(|(r, s)| {
+                let same = (r.slot, r.guest_addr, r.size, offset) == (s.slot, s.guest_addr, s.size, s.file_offset);
+                offset += s.size;
+                same
+            });
+        if !matches {
+            let detail = format!("{} describes regions {:?}", layer.path.display(), layer.regions);
+            return Err(RestoreError::Layout { mem_mib: config.mem_mib, detail }.into());
+        }
     }
-    if mode == MemoryMode::Eager {
-        for (region, saved) in regions.iter().zip(&snapshot.regions) {
-            // SAFETY: the mapping is GuestRam's, alive, and no vCPU or device runs yet.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(region.host_addr as *mut u8, region.size as usize) };
-            read_data(memory, saved.file_offset, bytes).map_err(RestoreError::Read)?;
+    let read_err = |layer: &MemoryLayer| {
+        let path = layer.path.clone();
+        move |source| RestoreError::Read { path, source }
+    };
+    for (index, region) in regions.iter().enumerate() {
+        // SAFETY: the mapping is GuestRam's, alive, and no vCPU or device runs yet.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(region.host_addr as *mut u8, region.size as usize) };
+        if mode == MemoryMode::Eager {
+            let saved = &base.regions[index];
+            read_data(&base.file, saved.file_offset, bytes).map_err(read_err(base))?;
+        }
+        for diff in diffs {
+            let saved = &diff.regions[index];
+            let dirty = saved.dirty.as_deref().unwrap_or_default();
+            for (start, len) in dirty_ranges(dirty, format::PAGE as u64, region.size) {
+                // A hole in the diff's file is a page of zeros: pread returns zeros there.
+                let range = start as usize..(start + len) as usize;
+                diff.file.read_exact_at(&mut bytes[range], saved.file_offset + start).map_err(read_err(diff))?;
+            }
         }
     }
     Ok(ram)
-}
-
-/// Where [`GuestRam::map_file_private`] maps region `slot`: regions back to back.
-fn offset_of(regions: &[super::RegionSnapshot], slot: u32) -> u64 {
-    regions.iter().take_while(|r| r.slot != slot).map(|r| r.size).sum()
 }
 
 /// Reads the data extents of `file` at `offset` into `out` (holes stay as the zeros fresh RAM

@@ -16,7 +16,7 @@ use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
 use crate::hv::KvmVm;
 use crate::memory::GuestRam;
-use crate::snapshot::{SnapshotError, SnapshotReport, SnapshotRequest, SnapshotSource};
+use crate::snapshot::{DirtyTracker, SnapshotError, SnapshotReport, SnapshotRequest, SnapshotSource};
 use crate::swap::memory::MemorySwap;
 use crate::swap::{
     MemorySwapError, MemorySwapReport, MemorySwapRequest, SwapError, SwapHandle, SwapManager, SwapRequest,
@@ -73,6 +73,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     devices: Mutex<DeviceManager>,
     swaps: SwapManager,
+    /// Pages changed since the last snapshot, for diff snapshots.
+    dirty: DirtyTracker,
     info: VmInfo,
     /// What the VM was built from: a snapshot rebuilds the same machine from it.
     config: VmConfig,
@@ -101,6 +103,7 @@ impl Vm {
             serial,
             devices: Mutex::new(devices),
             swaps: SwapManager::default(),
+            dirty: DirtyTracker::default(),
             info,
             config,
             kvm,
@@ -208,6 +211,9 @@ impl Vm {
         let devices = self.devices();
         let outcome = MemorySwap { ram: &self.ram, kvm: &self.kvm, vcpus: &vcpus, devices: &devices, resume_vcpus }
             .run(slot, request);
+        // The slot may have been re-created without its dirty log (on success, and on some
+        // failures): the next diff snapshot has no base.
+        self.dirty.forget(false);
         self.swaps.record_memory_swap(&outcome);
         outcome
     }
@@ -229,6 +235,7 @@ impl Vm {
             devices: &devices,
             serial: &self.serial,
             swaps: &self.swaps,
+            dirty: &self.dirty,
             resume_vcpus: vcpus.target() != Target::Pause,
         }
         .take(request)

@@ -10,6 +10,7 @@ mod blk;
 mod blk_stress;
 mod hello;
 mod idle;
+mod memdirty;
 mod memtouch;
 mod net;
 mod net_stream;
@@ -45,6 +46,7 @@ pub static PROGRAMS: &[Program] = &[
     hello::PROGRAM,
     idle::PROGRAM,
     memtouch::PROGRAM,
+    memdirty::PROGRAM,
     smp::PROGRAM,
     platform::RESET,
     platform::UNHANDLED,
