@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use devices::bus::lock_device;
 use devices::legacy::SerialConsole;
 
-use super::format::{self, write_sparse};
 use super::dirty::dirty_ranges;
+use super::format::{self, write_sparse};
 use super::{
     DeviceSnapshot, DirtyTracker, ParentRef, RegionSnapshot, SnapshotError, SnapshotKind, SnapshotReport,
     SnapshotRequest, VmSnapshot, new_id, unix_ms, us, us_since,
@@ -102,9 +102,7 @@ impl SnapshotSource<'_> {
             // guest memory while the VM is quiesced.
             let bytes = unsafe { std::slice::from_raw_parts(region.host_addr as *const u8, region.size as usize) };
             let ranges = match request.kind {
-                SnapshotKind::Full => {
-                    self.ram.populated_ranges(region.slot).unwrap_or_else(|_| vec![(0, region.size)])
-                }
+                SnapshotKind::Full => self.ram.populated_ranges(region.slot).unwrap_or_else(|_| vec![(0, region.size)]),
                 SnapshotKind::Diff => dirty_ranges(&dirty, format::PAGE as u64, region.size),
             };
             for (start, len) in ranges {
