@@ -22,7 +22,7 @@ use crate::memory::{GuestRam, MemoryError, RamBacking};
 use crate::snapshot::{self, MemoryMode, SnapshotError, VmSnapshot};
 use crate::vcpu::{ExitContext, Vcpus};
 use crate::vm::exit::ExitState;
-use crate::vm::{Vm, VmInfo, VmParts};
+use crate::vm::{Crash, CrashKind, Vm, VmExit, VmInfo, VmParts};
 
 /// Why a VM could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -169,8 +169,15 @@ impl VmBuilder {
             );
         }
 
+        let exit = Arc::new(ExitState::new());
         let ram = match &saved {
-            Some((loaded, mode)) => snapshot::restore::guest_ram(loaded, *mode)?,
+            Some((loaded, mode)) => {
+                let exit = exit.clone();
+                let on_fatal = Box::new(move |what| {
+                    exit.report(VmExit::Crashed(Crash { vcpu: 0, kind: CrashKind::Memory(what), rip: None }));
+                });
+                snapshot::restore::guest_ram(loaded, *mode, on_fatal)?
+            }
             None => GuestRam::new(config.mem_mib << 20, &config.ram_backing)?,
         };
         let kvm = hv.create_vm()?;
@@ -187,7 +194,6 @@ impl VmBuilder {
         }
 
         let devices = add_devices(&kvm, &ram, &config)?;
-        let exit = Arc::new(ExitState::new());
         let serial_output = match self.serial_output {
             Some(output) => output,
             None => serial_output(&config.serial)?,

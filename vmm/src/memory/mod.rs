@@ -6,6 +6,7 @@
 //! runs without devices holding stale pointers.
 
 pub mod layout;
+pub mod uffd;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
@@ -87,9 +88,10 @@ pub struct RamRegion {
     pub slot: u32,
     pub backing: RamBacking,
     mapping: Arc<GuestRegionMmap<DirtyBitmap>>,
-    /// A private (copy-on-write) mapping of a snapshot's memory file: pages the guest wrote are
-    /// anonymous and the file's holes say nothing about them.
-    copy_on_write_file: bool,
+    /// The page tables and the file say nothing about what the region holds: a private
+    /// (copy-on-write) mapping of a snapshot's memory file (pages the guest wrote are anonymous,
+    /// and may sit over the file's holes), or RAM filled on first touch (a lazy restore).
+    contents_elsewhere: bool,
 }
 
 impl RamRegion {
@@ -104,7 +106,7 @@ impl RamRegion {
         let mmap = map_backing(backing, size, file_offset)?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
             .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
-        Ok(Self { slot, backing: backing.clone(), mapping: Arc::new(mapping), copy_on_write_file: false })
+        Ok(Self { slot, backing: backing.clone(), mapping: Arc::new(mapping), contents_elsewhere: false })
     }
 
     /// Maps `size` bytes of `file` from `file_offset`, privately: the guest reads the file's
@@ -130,7 +132,7 @@ impl RamRegion {
             .map_err(mmap_err)?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
             .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
-        Ok(Self { slot, backing, mapping: Arc::new(mapping), copy_on_write_file: true })
+        Ok(Self { slot, backing, mapping: Arc::new(mapping), contents_elsewhere: true })
     }
 
     pub fn guest_addr(&self) -> u64 {
@@ -152,7 +154,7 @@ impl RamRegion {
     /// When the kernel cannot tell, the whole region is returned.
     pub fn populated_ranges(&self) -> Vec<(u64, u64)> {
         let size = self.size();
-        if self.copy_on_write_file {
+        if self.contents_elsewhere {
             return vec![(0, size)];
         }
         let found = match self.mapping.file_offset() {
@@ -204,6 +206,9 @@ pub struct RegionInfo {
 
 /// All of the guest's RAM.
 pub struct GuestRam {
+    /// What serves this RAM's pages (a lazy restore's fault handler): dropped, and so stopped,
+    /// before the mappings below go away.
+    fillers: Mutex<Vec<Box<dyn Send>>>,
     regions: Mutex<Vec<RamRegion>>,
     memory: SharedGuestMem,
 }
@@ -221,7 +226,7 @@ impl GuestRam {
             file_offset += len;
         }
         let memory = GuestMemoryAtomic::new(collection(&regions)?);
-        Ok(Self { regions: Mutex::new(regions), memory })
+        Ok(Self { fillers: Mutex::default(), regions: Mutex::new(regions), memory })
     }
 
     /// RAM laid out as [`new`](Self::new) lays it out, each region a private mapping of `file`
@@ -237,7 +242,14 @@ impl GuestRam {
             file_offset += len;
         }
         let memory = GuestMemoryAtomic::new(collection(&regions)?);
-        Ok(Self { regions: Mutex::new(regions), memory })
+        Ok(Self { fillers: Mutex::default(), regions: Mutex::new(regions), memory })
+    }
+
+    /// Hands the RAM something that fills its pages on first touch (see `fillers`), and marks
+    /// every region as holding more than its page tables show.
+    pub fn attach_filler(&self, filler: Box<dyn Send>) {
+        self.lock().iter_mut().for_each(|r| r.contents_elsewhere = true);
+        self.fillers.lock().unwrap_or_else(|p| p.into_inner()).push(filler);
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<RamRegion>> {

@@ -17,10 +17,12 @@
 mod create;
 pub mod dirty;
 pub mod format;
+mod lazy;
 pub mod restore;
 
 pub use create::SnapshotSource;
 pub use dirty::{DirtyTracker, ParentRef};
+pub use lazy::{LazyFiller, OnFatal};
 pub use restore::{LoadedSnapshot, RestoreError, load};
 
 use std::fs::{File, OpenOptions};
@@ -110,6 +112,9 @@ pub enum MemoryMode {
     /// Map the memory file privately: the guest runs at once, pages come in as it touches them
     /// and its writes never reach the file.
     Mmap,
+    /// Start with empty RAM and fill each page on first touch from a userfaultfd handler
+    /// (zero pages without I/O); diff chains need no copying up front.
+    Uffd,
 }
 
 impl std::str::FromStr for MemoryMode {
@@ -118,7 +123,8 @@ impl std::str::FromStr for MemoryMode {
         match s {
             "eager" => Ok(Self::Eager),
             "mmap" => Ok(Self::Mmap),
-            _ => Err(format!("memory mode {s:?}: expected eager or mmap")),
+            "uffd" => Ok(Self::Uffd),
+            _ => Err(format!("memory mode {s:?}: expected eager, mmap or uffd")),
         }
     }
 }

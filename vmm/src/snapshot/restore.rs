@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::dirty::dirty_ranges;
 use super::format::{self, FormatError};
-use super::{MemoryMode, RegionSnapshot, SnapshotError, SnapshotKind, VmSnapshot};
+use super::{MemoryMode, OnFatal, RegionSnapshot, SnapshotError, SnapshotKind, VmSnapshot};
 use crate::device_manager::DeviceEntry;
 use crate::memory::{GuestRam, RamBacking, data_extents};
 
@@ -99,8 +99,9 @@ pub enum RestoreError {
 }
 
 /// Guest RAM holding the snapshot's memory, as `mode` says: the full snapshot's memory file
-/// read or mapped, then each diff's pages copied over it.
-pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode) -> Result<GuestRam, SnapshotError> {
+/// read or mapped, then each diff's pages copied over it; or empty RAM whose pages a fault
+/// handler fills on first touch (`on_fatal` ends the VM if it cannot).
+pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode, on_fatal: OnFatal) -> Result<GuestRam, SnapshotError> {
     let config = &snapshot.state.config;
     let size = config.mem_mib << 20;
     let (base, diffs) = snapshot.layers.split_first().ok_or(SnapshotError::State("no memory layers".into()))?;
@@ -112,6 +113,8 @@ pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode) -> Result<GuestRam
             RamBacking::File { .. } => GuestRam::new(size, &RamBacking::Anonymous),
             backing => GuestRam::new(size, backing),
         },
+        // userfaultfd's MISSING mode serves private anonymous memory.
+        MemoryMode::Uffd => GuestRam::new(size, &RamBacking::Anonymous),
     }
     .map_err(|e| SnapshotError::State(e.to_string()))?;
     let regions = ram.regions();
@@ -127,6 +130,11 @@ pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode) -> Result<GuestRam
             let detail = format!("{} describes regions {:?}", layer.path.display(), layer.regions);
             return Err(RestoreError::Layout { mem_mib: config.mem_mib, detail }.into());
         }
+    }
+    if mode == MemoryMode::Uffd {
+        let filler = super::lazy::start(&ram, snapshot, on_fatal)?;
+        ram.attach_filler(Box::new(filler));
+        return Ok(ram);
     }
     let read_err = |layer: &MemoryLayer| {
         let path = layer.path.clone();

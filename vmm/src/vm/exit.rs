@@ -72,6 +72,8 @@ pub enum CrashKind {
     UnexpectedExit(String),
     /// The VMM itself failed while handling an exit (a bug: the vCPU thread panicked).
     VmmPanic(String),
+    /// Guest RAM could not be filled (a lazy restore could not read its snapshot).
+    Memory(String),
 }
 
 impl fmt::Display for Crash {
@@ -79,9 +81,12 @@ impl fmt::Display for Crash {
         if let CrashKind::VmmPanic(what) = &self.kind {
             return write!(f, "internal error in the VMM on vCPU {} ({what}); this is a bug", self.vcpu);
         }
+        if let CrashKind::Memory(what) = &self.kind {
+            return write!(f, "guest RAM could not be filled: {what}");
+        }
         write!(f, "guest crashed on vCPU {}: ", self.vcpu)?;
         match &self.kind {
-            CrashKind::VmmPanic(_) => {}
+            CrashKind::VmmPanic(_) | CrashKind::Memory(_) => {}
             CrashKind::TripleFault => write!(f, "triple fault (the guest hit an unhandled exception)")?,
             CrashKind::InternalError(1) => write!(f, "KVM could not emulate an instruction (internal error 1)")?,
             CrashKind::InternalError(code) => write!(f, "KVM internal error {code}")?,

@@ -106,8 +106,9 @@ pub struct RunArgs {
         conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "boot_protocol", "disks", "nets", "vsock", "config"]
     )]
     pub restore: Option<PathBuf>,
-    /// With --restore, how guest RAM is filled: eager (read before the guest runs) or mmap
-    /// (the memory file mapped privately: the guest runs at once, pages come in as touched).
+    /// With --restore, how guest RAM is filled: eager (read before the guest runs), mmap (the
+    /// memory file mapped privately: the guest runs at once, pages come in as touched) or uffd
+    /// (empty RAM, each page filled on first touch by a userfaultfd handler).
     #[arg(long, value_name = "MODE", requires = "restore", default_value = "eager", value_parser = parse_memory_mode)]
     pub memory: MemoryMode,
 }
