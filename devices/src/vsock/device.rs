@@ -1,6 +1,11 @@
 //! The virtio-vsock device: guest packets (TX queue) drive a table of connections to host Unix
 //! streams; host data and control packets go back through the RX queue as the guest's credit
 //! and buffers allow.
+//!
+//! Connections do not move with the device's state (a snapshot, a restore): each one is a host
+//! socket held by this process. A device continuing from exported state starts with no
+//! connections, and the guest's next packet on one it still thinks open is answered with RST,
+//! as after a host-side close; new connections work at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};

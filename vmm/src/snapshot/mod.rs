@@ -8,8 +8,11 @@
 //!
 //! Rules for what cannot move, written once here: requests in flight are drained before the
 //! state is read (the quiesce waits for them); the serial port's output has already been
-//! written; a device whose backend was swapped live is refused for now (its configuration
-//! no longer says which backend serves it).
+//! written; disk contents are not part of a snapshot (a restore opens the same images: pause
+//! the guest before snapshotting it and do not run the source on after, or copy the images);
+//! frames on the wire are lost as on a real network; vsock connections are reset (see
+//! `devices::vsock`); a device whose backend was swapped live is refused for now (its
+//! configuration no longer says which backend serves it).
 //!
 //! Restoring ([`crate::VmBuilder::restore`]) builds the same machine from the snapshot's
 //! configuration, fills RAM by the chosen [`MemoryMode`], loads the state and runs.
