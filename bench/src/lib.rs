@@ -8,6 +8,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod qmp;
 pub mod swap;
 
 /// The `vmm` binary built alongside this benchmark. Under `cargo run` it is (re)built first,

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::qmp::Qmp;
 use super::{ApiGuest, GUEST_TIMEOUT, GuestEnd, TempDir, median, report_failures, wait_exit};
+use crate::qmp::Qmp;
 use crate::{GuestProcess, Samples, Table, qemu_args};
 
 /// Migrations per disk size and VMM.

@@ -8,7 +8,6 @@
 pub mod devices;
 pub mod memory;
 pub mod migration;
-pub mod qmp;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
