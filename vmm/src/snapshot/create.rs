@@ -1,6 +1,7 @@
 //! Taking a snapshot of a running VM.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use devices::bus::lock_device;
 use devices::legacy::SerialConsole;
 
 use super::dirty::dirty_ranges;
-use super::format::{self, write_sparse};
+use super::format::{self, LiveMemory};
 use super::{
     DeviceSnapshot, DirtyTracker, ParentRef, RegionSnapshot, SnapshotError, SnapshotKind, SnapshotReport,
     SnapshotRequest, VmSnapshot, new_id, unix_ms, us, us_since,
@@ -38,8 +39,8 @@ pub struct SnapshotSource<'a> {
 }
 
 impl SnapshotSource<'_> {
-    /// Writes a full snapshot into `request.path`. The guest is paused while its state and RAM
-    /// are read, and runs again before the state file is written.
+    /// Writes a snapshot into `request.path`. The guest is paused while its state and the
+    /// pages it changed during the first pass are read (see [`take_into`](Self::take_into)).
     pub fn take(&self, request: &SnapshotRequest) -> Result<SnapshotReport, SnapshotError> {
         let started = Instant::now();
         request.check()?;
@@ -58,6 +59,11 @@ impl SnapshotSource<'_> {
         result
     }
 
+    /// Three passes, so the guest pauses only for what it changes meanwhile: with the guest
+    /// running, read (and clear) the dirty log and write what the snapshot needs (every
+    /// populated page for a full one, the pages changed since the parent for a diff); then,
+    /// paused, read the log again and copy just the pages changed during the first pass, with
+    /// the vCPU and device state; then, running again, write those copies over the first pass.
     fn take_into(
         &self,
         request: &SnapshotRequest,
@@ -65,27 +71,55 @@ impl SnapshotSource<'_> {
         memory_file: &File,
         started: Instant,
     ) -> Result<SnapshotReport, SnapshotError> {
-        let drain = Duration::from_millis(request.drain_timeout_ms);
-        let quiesced = Quiesced::new(self.vcpus, self.devices, drain, self.resume_vcpus)?;
-        // From here on the log may have been read: a failure breaks the chain.
-        let result = self.write_paused(request, parent, memory_file, quiesced, started);
+        // From the first read of the log on, a failure breaks the chain.
+        let result = self.take_passes(request, parent, memory_file, started);
         if result.is_err() {
             self.dirty.forget(true);
         }
         result
     }
 
-    fn write_paused(
+    fn take_passes(
         &self,
         request: &SnapshotRequest,
         parent: Option<ParentRef>,
         memory_file: &File,
-        quiesced: Quiesced<'_>,
         started: Instant,
     ) -> Result<SnapshotReport, SnapshotError> {
         let write_err = |source| SnapshotError::Write { path: request.path.join(format::MEMORY_FILE), source };
-        // Read (and cleared) for a full snapshot too: the next diff starts from this one.
-        let dirty = self.dirty.take(self.ram, self.kvm)?;
+        let regions = self.ram.regions();
+        let live = |region: &crate::memory::RegionInfo| {
+            // SAFETY: GuestRam owns the mapping for the VM's life; a memory swap (which could
+            // replace it) needs the vCPU lock our caller holds.
+            unsafe { LiveMemory::new(region.host_addr as *const u8, region.size as usize) }
+        };
+        let file_offsets: Vec<u64> =
+            regions.iter().scan(0, |at, r| Some(std::mem::replace(at, *at + r.size))).collect();
+
+        // First pass, the guest running.
+        let before = self.dirty.take(self.ram, self.kvm)?;
+        let mut written = 0;
+        for ((region, dirty), offset) in regions.iter().zip(&before).zip(&file_offsets) {
+            let ranges = match request.kind {
+                SnapshotKind::Full => self.ram.populated_ranges(region.slot).unwrap_or_else(|_| vec![(0, region.size)]),
+                SnapshotKind::Diff => dirty_ranges(dirty, format::PAGE as u64, region.size),
+            };
+            for (start, len) in ranges {
+                let range = start as usize..(start + len) as usize;
+                written += live(region).write_sparse(memory_file, *offset, range).map_err(write_err)?;
+            }
+        }
+
+        // Second pass, paused.
+        let drain = Duration::from_millis(request.drain_timeout_ms);
+        let quiesced = Quiesced::new(self.vcpus, self.devices, drain, self.resume_vcpus)?;
+        let during = self.dirty.take(self.ram, self.kvm)?;
+        let mut changed = Vec::new();
+        for ((region, dirty), offset) in regions.iter().zip(&during).zip(&file_offsets) {
+            for (start, len) in dirty_ranges(dirty, format::PAGE as u64, region.size) {
+                changed.push((offset + start, live(region).copy_out(start as usize..(start + len) as usize)));
+            }
+        }
         let vcpus = quiesced.vcpus().capture_state().map_err(|e| SnapshotError::State(e.to_string()))?;
         let vm = self.kvm.capture_state().map_err(|e| SnapshotError::State(e.to_string()))?;
         let serial = lock_device(self.serial).export_state();
@@ -95,33 +129,30 @@ impl SnapshotSource<'_> {
             .iter()
             .map(|entry| DeviceSnapshot { id: entry.id.clone(), state: entry.handle.lifecycle(|d| d.export_state()) })
             .collect();
-        let mut regions = Vec::new();
-        let (mut file_offset, mut written) = (0, 0);
-        for (region, dirty) in self.ram.regions().into_iter().zip(dirty) {
-            // SAFETY: the region's mapping stays alive (GuestRam owns it) and nothing writes
-            // guest memory while the VM is quiesced.
-            let bytes = unsafe { std::slice::from_raw_parts(region.host_addr as *const u8, region.size as usize) };
-            let ranges = match request.kind {
-                SnapshotKind::Full => self.ram.populated_ranges(region.slot).unwrap_or_else(|_| vec![(0, region.size)]),
-                SnapshotKind::Diff => dirty_ranges(&dirty, format::PAGE as u64, region.size),
-            };
-            for (start, len) in ranges {
-                let range = start as usize..(start + len).min(region.size) as usize;
-                written += write_sparse(memory_file, file_offset + start, &bytes[range]).map_err(write_err)?;
-            }
-            regions.push(RegionSnapshot {
-                slot: region.slot,
-                guest_addr: region.guest_addr,
-                size: region.size,
-                file_offset,
-                dirty: (request.kind == SnapshotKind::Diff).then_some(dirty),
-            });
-            file_offset += region.size;
-        }
         let pause_us = us(quiesced.paused_for());
         let devices_quiesce_us = us(quiesced.devices_quiesce);
         drop(quiesced);
 
+        // Third pass, running again: the pages changed during the first, as they were when
+        // paused (zeros included: the first pass may have written older data there).
+        for (at, bytes) in &changed {
+            memory_file.write_all_at(bytes, *at).map_err(write_err)?;
+            written += bytes.len() as u64;
+        }
+        let regions: Vec<RegionSnapshot> = regions
+            .iter()
+            .zip(before.into_iter().zip(during))
+            .zip(&file_offsets)
+            .map(|((region, (before, during)), &file_offset)| RegionSnapshot {
+                slot: region.slot,
+                guest_addr: region.guest_addr,
+                size: region.size,
+                file_offset,
+                dirty: (request.kind == SnapshotKind::Diff)
+                    .then(|| before.iter().zip(&during).map(|(a, b)| a | b).collect()),
+            })
+            .collect();
+        let file_offset = regions.last().map_or(0, |r| r.file_offset + r.size);
         memory_file.set_len(file_offset).map_err(write_err)?;
         memory_file.sync_all().map_err(write_err)?;
         let id = new_id();

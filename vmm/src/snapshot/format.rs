@@ -12,7 +12,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -119,34 +118,79 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
 /// The size of a page as the memory file stores it: holes are made page by page.
 pub const PAGE: usize = 4096;
 
-/// Writes the non-zero pages of `data` at `offset` in `file`, leaving holes for the rest.
-/// Returns the bytes written.
-pub fn write_sparse(file: &File, offset: u64, data: &[u8]) -> std::io::Result<u64> {
-    let mut written = 0;
-    let mut at = 0;
-    while at < data.len() {
-        // Runs of non-zero pages go out in one write.
-        let start = at;
-        while at < data.len() && !is_zero(&data[at..(at + PAGE).min(data.len())]) {
-            at += PAGE;
-        }
-        let end = at.min(data.len());
-        if end > start {
-            file.write_all_at(&data[start..end], offset + start as u64)?;
-            written += (end - start) as u64;
-        }
-        while at < data.len() && is_zero(&data[at..(at + PAGE).min(data.len())]) {
-            at += PAGE;
-        }
-    }
-    Ok(written)
+/// Guest memory that may change while it is read (the guest runs during a snapshot's first
+/// pass): read only through volatile loads and system calls, never as a Rust slice.
+#[derive(Clone, Copy)]
+pub struct LiveMemory {
+    ptr: *const u8,
+    len: usize,
 }
 
-/// Whether `bytes` are all zero (eight bytes at a time, which the compiler vectorises: the
-/// whole of guest RAM passes here).
-pub fn is_zero(bytes: &[u8]) -> bool {
-    let words = bytes.chunks_exact(8);
-    let tail = words.remainder();
-    let ored = words.fold(0u64, |acc, w| acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]));
-    ored == 0 && tail.iter().all(|&b| b == 0)
+impl LiveMemory {
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped while the value is used.
+    pub unsafe fn new(ptr: *const u8, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
+    fn page_is_zero(&self, at: usize) -> bool {
+        let end = (at + PAGE).min(self.len);
+        (at..end).step_by(8).all(|i| {
+            // SAFETY: inside the mapping (see `new`); guest RAM is page aligned, so `i` is too.
+            unsafe { std::ptr::read_volatile(self.ptr.add(i).cast::<u64>()) == 0 }
+        })
+    }
+
+    /// Writes `range` to `file` at `offset + range.start`, as is.
+    pub fn write_to(&self, file: &File, offset: u64, range: std::ops::Range<usize>) -> std::io::Result<u64> {
+        use std::os::fd::AsRawFd;
+        let (mut at, end) = (range.start, range.end.min(self.len));
+        while at < end {
+            // SAFETY: the kernel reads `end - at` bytes of the mapping (see `new`).
+            let n = unsafe {
+                libc::pwrite(file.as_raw_fd(), self.ptr.add(at).cast(), end - at, (offset + at as u64) as libc::off_t)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            at += n as usize;
+        }
+        Ok((range.end.min(self.len) - range.start) as u64)
+    }
+
+    /// Writes the non-zero pages of `range` to `file` at `offset + page`, leaving holes for the
+    /// rest (runs of non-zero pages go out in one write). Returns the bytes written.
+    pub fn write_sparse(&self, file: &File, offset: u64, range: std::ops::Range<usize>) -> std::io::Result<u64> {
+        let (mut at, end) = (range.start, range.end.min(self.len));
+        let mut written = 0;
+        while at < end {
+            while at < end && self.page_is_zero(at) {
+                at += PAGE;
+            }
+            let start = at;
+            while at < end && !self.page_is_zero(at) {
+                at += PAGE;
+            }
+            if at.min(end) > start {
+                written += self.write_to(file, offset, start..at.min(end))?;
+            }
+        }
+        Ok(written)
+    }
+
+    /// A copy of `range` (call with the guest paused, or the copy may tear).
+    pub fn copy_out(&self, range: std::ops::Range<usize>) -> Vec<u8> {
+        let range = range.start.min(self.len)..range.end.min(self.len);
+        let mut out = vec![0u8; range.len()];
+        // SAFETY: inside the mapping (see `new`), into a buffer of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(range.start), out.as_mut_ptr(), out.len()) };
+        out
+    }
 }
