@@ -20,6 +20,7 @@ const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+const PAGE: usize = 4096;
 
 #[repr(C)]
 #[derive(Default)]
@@ -80,6 +81,17 @@ struct UffdMsg {
     feat: u64,
 }
 
+/// What [`Userfault::next_fault`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// A thread touched the missing page at this address.
+    Fault(u64),
+    /// Nothing within the timeout.
+    Idle,
+    /// The stop descriptor became readable.
+    Stop,
+}
+
 /// An open userfaultfd.
 pub struct Userfault {
     fd: OwnedFd,
@@ -125,16 +137,16 @@ impl Userfault {
         check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut register) })
     }
 
-    /// Waits for the next page fault; returns the faulting address, or `None` if `stop`
-    /// became readable first.
-    pub fn next_fault(&self, stop: RawFd) -> std::io::Result<Option<u64>> {
+    /// Waits up to `timeout_ms` (-1: for ever) for the next page fault or for `stop` to
+    /// become readable.
+    pub fn next_fault(&self, stop: RawFd, timeout_ms: i32) -> std::io::Result<Wait> {
         loop {
             let mut fds = [
                 libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
             ];
-            // SAFETY: poll on two descriptors we own, for as long as it takes.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            // SAFETY: poll on two descriptors we own.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -143,7 +155,10 @@ impl Userfault {
                 return Err(e);
             }
             if fds[1].revents != 0 {
-                return Ok(None);
+                return Ok(Wait::Stop);
+            }
+            if n == 0 {
+                return Ok(Wait::Idle);
             }
             let mut msg = UffdMsg::default();
             let size = std::mem::size_of::<UffdMsg>();
@@ -157,32 +172,54 @@ impl Userfault {
                 return Err(e);
             }
             if got as usize == size && msg.event == UFFD_EVENT_PAGEFAULT {
-                return Ok(Some(msg.address));
+                return Ok(Wait::Fault(msg.address));
             }
         }
     }
 
-    /// Fills the missing page(s) at `dst` with `src` and wakes whoever waits on them. A page
-    /// filled meanwhile (EEXIST) is fine.
+    /// Fills the missing pages at `dst` with `src` and wakes whoever waits on them. Pages
+    /// present already (EEXIST: the whole call stops at the first) are left as they are, and
+    /// the others filled one by one.
     pub fn copy(&self, dst: u64, src: &[u8]) -> std::io::Result<()> {
-        let mut copy = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
-        // SAFETY: the kernel reads `len` bytes from `src` (a live slice) into the registered
-        // range at `dst`.
-        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut copy) };
-        eexist_is_fine(ret)
+        let copy_one = |dst: u64, src: &[u8]| {
+            let mut copy = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
+            // SAFETY: the kernel reads `len` bytes from `src` (a live slice) into the
+            // registered range at `dst`.
+            check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut copy) })
+        };
+        match copy_one(dst, src) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                for (i, page) in src.chunks(PAGE).enumerate() {
+                    eexist_is_fine(copy_one(dst + (i * PAGE) as u64, page))?;
+                }
+                Ok(())
+            }
+            other => other,
+        }
     }
 
-    /// Maps zero page(s) at `dst..dst + len` and wakes whoever waits on them.
+    /// Maps zero pages at `dst..dst + len` and wakes whoever waits on them; like
+    /// [`copy`](Self::copy) for pages present already.
     pub fn zero(&self, dst: u64, len: u64) -> std::io::Result<()> {
-        let mut zero = UffdioZeropage { range: UffdioRange { start: dst, len }, mode: 0, zeropage: 0 };
-        // SAFETY: UFFDIO_ZEROPAGE reads and writes the struct we pass.
-        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut zero) };
-        eexist_is_fine(ret)
+        let zero_one = |start: u64, len: u64| {
+            let mut zero = UffdioZeropage { range: UffdioRange { start, len }, mode: 0, zeropage: 0 };
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes the struct we pass.
+            check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut zero) })
+        };
+        match zero_one(dst, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                for at in (dst..dst + len).step_by(PAGE) {
+                    eexist_is_fine(zero_one(at, PAGE as u64))?;
+                }
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 
-fn eexist_is_fine(ret: libc::c_int) -> std::io::Result<()> {
-    match check(ret) {
+fn eexist_is_fine(result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         other => other,
     }

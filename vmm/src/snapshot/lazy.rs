@@ -1,7 +1,8 @@
 //! Lazy restore: the guest runs before its memory is read. Guest RAM starts empty and
 //! registered with userfaultfd; a handler thread serves each first touch (by a vCPU, by KVM,
-//! by a device) with that page from the newest snapshot layer that holds it, or with the zero
-//! page (no I/O) where none does.
+//! by a device) with the pages around it from the newest snapshot layer that holds them, or
+//! with zero pages (no I/O) where none does. Between faults it fills the rest in the
+//! background, so the guest soon stops faulting at all.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -14,7 +15,7 @@ use super::SnapshotError;
 use super::dirty::dirty_ranges;
 use super::format::PAGE;
 use super::restore::LoadedSnapshot;
-use crate::memory::uffd::Userfault;
+use crate::memory::uffd::{Userfault, Wait};
 use crate::memory::{GuestRam, data_extents};
 
 /// Where a page comes from: 0 for zeros, else 1 + the index of the layer holding it.
@@ -25,9 +26,17 @@ struct Region {
     size: u64,
     /// Per page.
     sources: Vec<Source>,
+    /// Per page: filled by us (only we fill pages: every first touch comes to us).
+    filled: Vec<bool>,
     /// Per layer: where this region starts in its memory file.
     file_offsets: Vec<u64>,
 }
+
+/// Pages filled per fault, around the faulting one (one I/O and one ioctl for the lot): the
+/// guest usually touches its neighbours next.
+const FAULT_CHUNK: usize = 32;
+/// Pages filled per background step, between looks at the fault queue.
+const PREFETCH_CHUNK: usize = 256;
 
 /// The running fault handler; stops when dropped.
 pub struct LazyFiller {
@@ -74,7 +83,8 @@ pub fn start(ram: &GuestRam, snapshot: &LoadedSnapshot, on_fatal: OnFatal) -> Re
         uffd.register(region.host_addr, region.size)
             .map_err(|e| SnapshotError::State(format!("userfaultfd register: {e}")))?;
         let file_offsets = snapshot.layers.iter().map(|l| l.regions[index].file_offset).collect();
-        regions.push(Region { host_addr: region.host_addr, size: region.size, sources, file_offsets });
+        let filled = vec![false; pages];
+        regions.push(Region { host_addr: region.host_addr, size: region.size, sources, filled, file_offsets });
     }
     let files = snapshot
         .layers
@@ -83,42 +93,90 @@ pub fn start(ram: &GuestRam, snapshot: &LoadedSnapshot, on_fatal: OnFatal) -> Re
         .collect::<Result<Vec<_>, _>>()?;
     let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| SnapshotError::State(format!("eventfd: {e}")))?;
     let stop_fd = stop.try_clone().map_err(|e| SnapshotError::State(format!("eventfd: {e}")))?;
+    let mut regions = regions;
     let thread = std::thread::Builder::new()
         .name("uffd".into())
         .spawn(move || {
-            if let Err(e) = serve(&uffd, &regions, &files, &stop_fd) {
+            if let Err(e) = serve(&uffd, &mut regions, &files, &stop_fd) {
                 log::error!("lazy restore: {e}");
                 on_fatal(e);
                 // Keep the descriptor open until told to stop: closing it would turn the
                 // missing pages into zeros under a guest that may still be running.
-                let _ = uffd.next_fault(stop_fd.as_raw_fd());
+                let _ = uffd.next_fault(stop_fd.as_raw_fd(), -1);
             }
         })
         .map_err(|e| SnapshotError::State(format!("fault handler thread: {e}")))?;
     Ok(LazyFiller { stop, thread: Some(thread) })
 }
 
-/// Serves faults until stopped; an error means a page could not be served.
-fn serve(uffd: &Userfault, regions: &[Region], files: &[File], stop: &EventFd) -> Result<(), String> {
-    let mut page = vec![0u8; PAGE];
+/// Serves faults, and fills the rest between them, until stopped; an error means a page could
+/// not be served.
+fn serve(uffd: &Userfault, regions: &mut [Region], files: &[File], stop: &EventFd) -> Result<(), String> {
+    let mut buffer = vec![0u8; PREFETCH_CHUNK * PAGE];
+    // The background fill's position: (region, page).
+    let mut cursor = (0usize, 0usize);
     loop {
-        let address = match uffd.next_fault(stop.as_raw_fd()) {
-            Ok(Some(address)) => address & !(PAGE as u64 - 1),
-            Ok(None) => return Ok(()),
+        let done = cursor.0 >= regions.len();
+        let address = match uffd.next_fault(stop.as_raw_fd(), if done { -1 } else { 0 }) {
+            Ok(Wait::Fault(address)) => address & !(PAGE as u64 - 1),
+            Ok(Wait::Stop) => return Ok(()),
+            Ok(Wait::Idle) => {
+                let (r, page) = cursor;
+                let end = (page + PREFETCH_CHUNK).min(regions[r].sources.len());
+                fill(uffd, &mut regions[r], files, page..end, &mut buffer)?;
+                cursor = if end == regions[r].sources.len() { (r + 1, 0) } else { (r, end) };
+                continue;
+            }
             Err(e) => return Err(format!("reading page faults failed: {e}")),
         };
-        let Some(region) = regions.iter().find(|r| (r.host_addr..r.host_addr + r.size).contains(&address)) else {
+        let Some(region) = regions.iter_mut().find(|r| (r.host_addr..r.host_addr + r.size).contains(&address)) else {
             return Err(format!("a fault at {address:#x}, outside guest RAM"));
         };
-        let index = ((address - region.host_addr) / PAGE as u64) as usize;
-        let served = match region.sources[index] {
-            0 => uffd.zero(address, PAGE as u64),
+        let page = ((address - region.host_addr) / PAGE as u64) as usize;
+        if region.filled[page] {
+            // Filled, yet missing: should not happen (every first touch comes here), but the
+            // thread waiting on it must not wait for ever. Fill it again.
+            region.filled[page] = false;
+        }
+        let first = page - page % FAULT_CHUNK;
+        let end = (first + FAULT_CHUNK).min(region.sources.len());
+        fill(uffd, region, files, first..end, &mut buffer)?;
+    }
+}
+
+/// Fills the pages of `pages` not filled yet, a run of pages from one source at a time.
+fn fill(
+    uffd: &Userfault,
+    region: &mut Region,
+    files: &[File],
+    pages: std::ops::Range<usize>,
+    buffer: &mut [u8],
+) -> Result<(), String> {
+    let mut page = pages.start;
+    while page < pages.end {
+        if region.filled[page] {
+            page += 1;
+            continue;
+        }
+        let source = region.sources[page];
+        let mut end = page + 1;
+        while end < pages.end && !region.filled[end] && region.sources[end] == source {
+            end += 1;
+        }
+        let address = region.host_addr + (page * PAGE) as u64;
+        let len = (end - page) * PAGE;
+        let served = match source {
+            0 => uffd.zero(address, len as u64),
             source => {
                 let layer = usize::from(source - 1);
-                let offset = region.file_offsets[layer] + (address - region.host_addr);
-                files[layer].read_exact_at(&mut page, offset).and_then(|()| uffd.copy(address, &page))
+                let offset = region.file_offsets[layer] + (page * PAGE) as u64;
+                let bytes = &mut buffer[..len];
+                files[layer].read_exact_at(bytes, offset).and_then(|()| uffd.copy(address, bytes))
             }
         };
-        served.map_err(|e| format!("cannot fill the page at {address:#x}: {e}"))?;
+        served.map_err(|e| format!("cannot fill {len} bytes at {address:#x}: {e}"))?;
+        region.filled[page..end].fill(true);
+        page = end;
     }
+    Ok(())
 }

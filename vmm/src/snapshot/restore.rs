@@ -136,6 +136,9 @@ pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode, on_fatal: OnFatal)
         ram.attach_filler(Box::new(filler));
         return Ok(ram);
     }
+    if mode == MemoryMode::Eager {
+        ram.advise_huge_pages();
+    }
     let read_err = |layer: &MemoryLayer| {
         let path = layer.path.clone();
         move |source| RestoreError::Read { path, source }
@@ -161,13 +164,46 @@ pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode, on_fatal: OnFatal)
 }
 
 /// Reads the data extents of `file` at `offset` into `out` (holes stay as the zeros fresh RAM
-/// already holds).
+/// already holds), on every core: page faults in fresh RAM cost more than the copies.
 fn read_data(file: &File, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+    const PIECE: u64 = 8 << 20;
+    let mut pieces: Vec<(u64, u64)> = Vec::new();
     for (start, len) in data_extents(file, offset, out.len() as u64)? {
-        let range = start as usize..(start + len) as usize;
-        file.read_exact_at(&mut out[range], offset + start)?;
+        let mut at = start;
+        while at < start + len {
+            let n = PIECE.min(start + len - at);
+            pieces.push((at, n));
+            at += n;
+        }
     }
-    Ok(())
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let per_thread = pieces.len().div_ceil(threads).max(1);
+    // Disjoint destinations, handed out as separate slices.
+    let mut rest: &mut [u8] = out;
+    let mut consumed = 0u64;
+    let mut jobs: Vec<Vec<(u64, &mut [u8])>> = Vec::new();
+    for batch in pieces.chunks(per_thread) {
+        let mut job = Vec::new();
+        for &(start, len) in batch {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - consumed) as usize);
+            let (piece, tail) = tail.split_at_mut(len as usize);
+            rest = tail;
+            consumed = start + len;
+            job.push((start, piece));
+        }
+        jobs.push(job);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
+                scope.spawn(move || {
+                    job.into_iter().try_for_each(|(start, piece)| file.read_exact_at(piece, offset + start))
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("reader panicked"))))
+    })
 }
 
 /// Loads each device's saved state into the device built in its place (same order, same id).
