@@ -93,7 +93,6 @@ pub fn start(ram: &GuestRam, snapshot: &LoadedSnapshot, on_fatal: OnFatal) -> Re
         .collect::<Result<Vec<_>, _>>()?;
     let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| SnapshotError::State(format!("eventfd: {e}")))?;
     let stop_fd = stop.try_clone().map_err(|e| SnapshotError::State(format!("eventfd: {e}")))?;
-    let mut regions = regions;
     let thread = std::thread::Builder::new()
         .name("uffd".into())
         .spawn(move || {
