@@ -87,7 +87,6 @@ fn drop_check_in_this_process() {
     // The baseline must be able to see what the VM holds, or the check below proves nothing.
     assert_eq!(running.fds_to("anon_inode:kvm-vcpu"), 4, "{running:#?}");
     assert_eq!(running.fds_to("anon_inode:kvm-vm"), 1, "{running:#?}");
-    assert!(running.threads.iter().any(|(_, name)| name == "vcpu3"), "{running:#?}");
     assert!(running.threads.len() >= before.threads.len() + 4, "{before:#?}\n{running:#?}");
 
     drop(vm);

@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use common::peers::NbdServer;
 use common::{Capture, TempDir};
-use devices::bus::lock_device;
 use microguest_protocol::blk_stress::{BLOCK_SIZE, Digest, image_block_seq};
 use serde_json::json;
 use vmm::config::DiskConfig;
-use vmm::device_manager::DeviceHandle;
 use vmm::swap::{MemorySwapRequest, SwapError, SwapRecord, SwapRequest, SwapState};
 use vmm::{RamBacking, SerialOutput, Vm, VmBuilder, VmConfig, VmExit};
 
@@ -446,8 +444,9 @@ fn net_stream_config(backend: serde_json::Value) -> VmConfig {
 /// The MAC the guest reads from the NIC's configuration space.
 fn guest_visible_mac(vm: &Vm) -> String {
     let devices = vm.devices();
-    let DeviceHandle::Net(nic) = &devices.find("net0").expect("no net0").handle else { panic!("net0 is not a NIC") };
-    let config = devices::virtio::VirtioDevice::config_space(&*lock_device(nic));
+    let nic = &devices.find("net0").expect("no net0").handle;
+    assert_eq!(nic.kind(), "net");
+    let config = nic.config_space();
     config[..6].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
@@ -653,13 +652,10 @@ fn memtouch_pattern_survives_memory_backing_swaps() {
 /// disk0's capacity as the guest sees it (virtio-blk config space: 512-byte sectors), in bytes.
 fn disk_capacity(vm: &Vm) -> u64 {
     let devices = vm.devices();
-    let DeviceHandle::Block(disk) = &devices.find("disk0").expect("no disk0").handle else {
-        panic!("disk0 is not a disk")
-    };
-    let disk = lock_device(disk);
-    let config = devices::virtio::VirtioDevice::config_space(&*disk);
+    let disk = &devices.find("disk0").expect("no disk0").handle;
+    assert_eq!(disk.kind(), "block");
+    let config = disk.config_space();
     let sectors = u64::from_le_bytes(config[..8].try_into().unwrap());
-    assert_eq!(sectors * 512, disk.backend().info().capacity, "config space and backend disagree");
     sectors * 512
 }
 

@@ -16,7 +16,9 @@ use vm_memory::GuestAddressSpace;
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder, backends};
+use crate::device_manager::{
+    BlockDevice, DeviceError, DeviceHandle, DeviceManagerBuilder, NetDevice, VsockDevice, backends,
+};
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
 use crate::snapshot::{self, MemoryMode, SnapshotError, VmSnapshot};
@@ -224,17 +226,28 @@ fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceM
     let ids = config.device_ids();
     for (disk, id) in config.disks.iter().zip(&ids) {
         let backend = backends::open_disk(disk, id)?;
-        devices.add(kvm, id, |irq, mem| VirtioBlock::new(backend, id, irq, mem), DeviceHandle::Block)?;
+        devices.add(
+            kvm,
+            id,
+            |irq, mem| VirtioBlock::new(backend, id, irq, mem),
+            |d| DeviceHandle::new(BlockDevice(d)),
+        )?;
     }
     for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
         let settings = NetSettings { mac: backends::nic_mac(net, id)?, mtu: net.mtu };
         let backend = backends::open_net(net, id)?;
-        devices.add(kvm, id, |irq, mem| VirtioNet::new(backend, settings, irq, mem), DeviceHandle::Net)?;
+        devices.add(
+            kvm,
+            id,
+            |irq, mem| VirtioNet::new(backend, settings, irq, mem),
+            |d| DeviceHandle::new(NetDevice(d)),
+        )?;
     }
     if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
         let backend = backends::open_vsock(&vsock.socket, id)?;
         let cid = vsock.cid;
-        devices.add(kvm, id, |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem), DeviceHandle::Vsock)?;
+        let make = |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem);
+        devices.add(kvm, id, make, |d| DeviceHandle::new(VsockDevice(d)))?;
     }
     Ok(devices)
 }

@@ -3,20 +3,23 @@
 //! control API walks.
 
 pub mod backends;
+mod block;
 mod event_loop;
+mod net;
+mod registry;
+mod vsock;
 
 use std::sync::{Arc, Mutex};
 
-use devices::blk::VirtioBlock;
 use devices::bus::{Bus, BusRange, lock_device};
 use devices::interrupt::{EventFdInterrupt, InterruptLine};
-use devices::lifecycle::Lifecycle;
-use devices::metrics::RequestMetrics;
-use devices::net::VirtioNet;
 use devices::virtio::{DeviceWorker, MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, ResyncHandle, VirtioDevice};
-use devices::vsock::VirtioVsock;
 
+pub use block::BlockDevice;
 pub use event_loop::{EventLoop, EventLoopBuilder};
+pub use net::NetDevice;
+pub use registry::{DeviceHandle, VmDevice};
+pub use vsock::VsockDevice;
 
 use crate::hv::{HvError, KvmVm};
 use crate::memory::SharedGuestMem;
@@ -40,57 +43,6 @@ impl MmioSlot {
     /// the microguest read.
     pub fn cmdline_entry(&self) -> String {
         format!("virtio_mmio.device={}K@{:#x}:{}", self.size >> 10, self.base, self.irq)
-    }
-}
-
-/// A device by type, so generic code (listing, swaps) can reach it without downcasts.
-#[derive(Clone)]
-pub enum DeviceHandle {
-    Block(Arc<Mutex<VirtioBlock>>),
-    Net(Arc<Mutex<VirtioNet>>),
-    Vsock(Arc<Mutex<VirtioVsock>>),
-}
-
-impl DeviceHandle {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DeviceHandle::Block(_) => "block",
-            DeviceHandle::Net(_) => "net",
-            DeviceHandle::Vsock(_) => "vsock",
-        }
-    }
-
-    /// What the device's backend currently is, in words.
-    pub fn backend_description(&self) -> String {
-        match self {
-            DeviceHandle::Block(d) => lock_device(d).backend().info().description.clone(),
-            DeviceHandle::Net(d) => lock_device(d).backend().description(),
-            DeviceHandle::Vsock(d) => lock_device(d).backend().description(),
-        }
-    }
-
-    /// Runs `f` on the device as a [`Lifecycle`], whatever its type.
-    pub fn lifecycle<R>(&self, f: impl FnOnce(&mut dyn Lifecycle) -> R) -> R {
-        match self {
-            DeviceHandle::Block(d) => f(&mut *lock_device(d)),
-            DeviceHandle::Net(d) => f(&mut *lock_device(d)),
-            DeviceHandle::Vsock(d) => f(&mut *lock_device(d)),
-        }
-    }
-
-    /// Request counters by direction ("io" for block, "rx"/"tx" for net).
-    pub fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
-        match self {
-            DeviceHandle::Block(d) => vec![("io", lock_device(d).metrics())],
-            DeviceHandle::Net(d) => {
-                let (rx, tx) = lock_device(d).metrics();
-                vec![("rx", rx), ("tx", tx)]
-            }
-            DeviceHandle::Vsock(d) => {
-                let (rx, tx) = lock_device(d).metrics();
-                vec![("rx", rx), ("tx", tx)]
-            }
-        }
     }
 }
 

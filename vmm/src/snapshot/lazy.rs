@@ -34,9 +34,9 @@ struct Region {
 
 /// Pages filled per fault, around the faulting one (one I/O and one ioctl for the lot): the
 /// guest usually touches its neighbours next.
-const FAULT_CHUNK: usize = 32;
+const FAULT_CHUNK: usize = 256;
 /// Pages filled per background step, between looks at the fault queue.
-const PREFETCH_CHUNK: usize = 256;
+const PREFETCH_CHUNK: usize = 512;
 
 /// The running fault handler; stops when dropped.
 pub struct LazyFiller {

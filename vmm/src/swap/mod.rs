@@ -11,6 +11,7 @@
 //! region swaps ([`memory`]) reuse the same pieces. [`SwapManager`] runs swaps on their own
 //! threads and keeps their records.
 
+mod launch;
 pub mod memory;
 pub mod migration;
 mod record;
@@ -20,16 +21,13 @@ mod urgent;
 mod verify;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use devices::blk::{Fault, FaultyBackend, Takeover};
-use devices::bus::lock_device;
-use devices::lifecycle::{BackendSlot, Lifecycle};
+use devices::blk::Fault;
 use serde::{Deserialize, Serialize};
 
+pub use launch::SwapLauncher;
 pub use memory::{MemorySwapError, MemorySwapReport, MemorySwapRequest};
 pub use migration::MigrateOptions;
 pub use record::{CopyStats, Phase, SwapHandle, SwapRecord, SwapState, TimelineEntry};
@@ -37,9 +35,8 @@ pub use tally::{SWAP_BUCKETS_S, SwapTally, TimeHistogram};
 pub use transaction::{SwapParams, SwapTarget};
 pub use verify::VerifyPolicy;
 
-use crate::config::json::{self, FieldError};
-use crate::config::{DiskConfig, NetConfig};
-use crate::device_manager::{DeviceEntry, DeviceHandle, backends};
+use crate::config::json::FieldError;
+use crate::device_manager::DeviceEntry;
 
 /// What kind of swap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,13 +107,6 @@ impl SwapRequest {
     }
 }
 
-/// The vsock backend in a swap request.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VsockBackendSpec {
-    socket: PathBuf,
-}
-
 /// Why a swap was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
@@ -159,10 +149,6 @@ pub struct MemorySwapHistory {
     pub pauses: TimeHistogram,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, SwapError> {
-    json::from_value(value.clone()).map_err(|e| SwapError::Invalid(e.nested_in("backend")))
-}
-
 impl SwapManager {
     fn lock(&self) -> MutexGuard<'_, Vec<SwapHandle>> {
         self.swaps.lock().unwrap_or_else(|p| p.into_inner())
@@ -170,11 +156,6 @@ impl SwapManager {
 
     pub fn list(&self) -> Vec<SwapRecord> {
         self.lock().iter().map(SwapHandle::snapshot).collect()
-    }
-
-    fn swap_target<D: Lifecycle>(&self, entry: &DeviceEntry, device: Arc<Mutex<D>>) -> SwapTarget<D> {
-        let metrics = entry.handle.metrics().into_iter().map(|(_, m)| m).collect();
-        SwapTarget::new(device, entry.resync.clone(), metrics, self.vm_stopping.clone())
     }
 
     /// Tells swaps in progress that the VM is stopping: they roll back rather than wait.
@@ -227,17 +208,10 @@ impl SwapManager {
     /// failed to open or is incompatible) stays in the list, as failed.
     pub fn start(&self, entry: &DeviceEntry, request: SwapRequest) -> Result<SwapHandle, SwapError> {
         let id = entry.id.as_str();
-        let kind = entry.handle.kind();
-        if request.mode != SwapMode::Switch && kind != "block" {
-            let e = format!("mode {:?} applies to disks, {id} is a {kind} device", request.mode);
-            return Err(FieldError::new("mode", e).into());
-        }
+        entry.handle.check_swap(id, &request)?;
         if request.mode == SwapMode::NewImage && !request.allow_new_image {
             let e = "mode new_image replaces the guest's disk contents: set allow_new_image to true to confirm";
             return Err(FieldError::new("allow_new_image", e).into());
-        }
-        if request.fault.is_some() && kind != "block" {
-            return Err(FieldError::new("fault", "fault injection applies to disks").into());
         }
         request.check_limits()?;
         let mode =
@@ -270,128 +244,9 @@ impl SwapManager {
             }
             swaps.push(record.clone());
         }
-        let fail = |e: SwapError| {
-            record.finish(SwapState::Failed, Some(e.to_string()));
-            e
-        };
-        let params =
-            SwapParams { drain_timeout: Duration::from_millis(request.drain_timeout_ms), verify: request.verify };
-        match entry.handle.clone() {
-            DeviceHandle::Block(device) => {
-                let disk: DiskConfig = parse(&request.backend).map_err(fail)?;
-                if disk.id.is_some() {
-                    return Err(fail(FieldError::new("backend.id", "the device id cannot change in a swap").into()));
-                }
-                disk.check().map_err(|e| fail(FieldError::new("backend", e).into()))?;
-                let mut backend =
-                    backends::open_disk(&disk, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
-                if let Some(fault) = request.fault {
-                    backend = Box::new(
-                        FaultyBackend::new(backend, fault).map_err(|e| fail(SwapError::Prepare(e.to_string())))?,
-                    );
-                }
-                // A switch must serve the same data, a migration target be as big as the disk
-                // (and writable, which the mirror checks); a new image may be anything.
-                let takeover = match request.mode {
-                    SwapMode::Switch => Takeover::SameData,
-                    SwapMode::Migrate => Takeover::CopiedData,
-                    SwapMode::NewImage => Takeover::NewImage,
-                };
-                let compatible = lock_device(&device).check_takeover(&*backend, takeover);
-                compatible.map_err(|e| fail(SwapError::Incompatible(e.to_string())))?;
-                record.set_target(backend.info().description.clone());
-                let target = self.swap_target(entry, device);
-                let (thread_record, mode, migrate) = (record.clone(), request.mode, request.migrate);
-                spawn(id, &record, move || match mode {
-                    // The copy itself tries the target at once, and rolls back if it fails.
-                    SwapMode::Migrate => migration::run(&target, backend, &params, &migrate, &thread_record),
-                    _ => {
-                        let mut backend = backend;
-                        // Off the API thread, and before the disk stops: a dead or hung backend
-                        // is refused here rather than switched in and rolled back.
-                        let patience = params.drain_timeout.max(PROBE_MIN_TIMEOUT);
-                        if let Err(e) = devices::blk::probe(&mut *backend, patience) {
-                            let reason = format!("the new backend failed its probe: {e}; nothing changed");
-                            return thread_record.finish(SwapState::Failed, Some(reason));
-                        }
-                        transaction::run(&target, backend, &params, &thread_record)
-                    }
-                });
-            }
-            DeviceHandle::Net(device) => {
-                let net: NetConfig = parse(&request.backend).map_err(fail)?;
-                if net.id.is_some() || net.mac.is_some() || net.mtu.is_some() {
-                    let e = "id, mac and mtu belong to the NIC and do not change in a swap";
-                    return Err(fail(FieldError::new("backend", e).into()));
-                }
-                net.check().map_err(|e| fail(FieldError::new("backend", e).into()))?;
-                let backend = backends::open_net(&net, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
-                let description = backend.description();
-                self.launch_switch(entry, device, backend, description, params, &record).map_err(fail)?;
-            }
-            DeviceHandle::Vsock(device) => {
-                let spec: VsockBackendSpec = parse(&request.backend).map_err(fail)?;
-                // Checked first for a clear answer; binding would refuse the live socket anyway.
-                let current = lock_device(&device).backend_description();
-                if current == format!("unix {}", spec.socket.display()) {
-                    return Err(fail(SwapError::Incompatible(format!("already using {}", spec.socket.display()))));
-                }
-                let backend =
-                    backends::open_vsock(&spec.socket, id).map_err(|e| fail(SwapError::Prepare(e.to_string())))?;
-                let backend: Box<dyn devices::vsock::VsockBackend> = Box::new(backend);
-                let description = backend.description();
-                self.launch_switch(entry, device, backend, description, params, &record).map_err(fail)?;
-            }
-        }
+        let launcher = SwapLauncher { entry, request: &request, record: &record, vm_stopping: &self.vm_stopping };
+        entry.handle.start_swap(&launcher).inspect_err(|e| record.finish(SwapState::Failed, Some(e.to_string())))?;
         Ok(record)
-    }
-
-    /// The end of a switch to `backend`, the same for every device: refused unless the device
-    /// says it can take over, otherwise the transaction runs on its own thread.
-    fn launch_switch<D>(
-        &self,
-        entry: &DeviceEntry,
-        device: Arc<Mutex<D>>,
-        backend: Box<D::Backend>,
-        description: String,
-        params: SwapParams,
-        record: &SwapHandle,
-    ) -> Result<(), SwapError>
-    where
-        D: BackendSlot + Send + 'static,
-        D::Backend: Send,
-    {
-        lock_device(&device).check_compatible(&*backend).map_err(|e| SwapError::Incompatible(e.to_string()))?;
-        record.set_target(description);
-        let target = self.swap_target(entry, device);
-        let thread_record = record.clone();
-        spawn(&entry.id, record, move || transaction::run(&target, backend, &params, &thread_record));
-        Ok(())
-    }
-}
-
-/// The least time a new disk backend gets to answer its probe reads (a drain timeout may be
-/// set much shorter than a network round trip to an NBD server).
-const PROBE_MIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Runs the rest of a swap on its own thread. If no thread can be had, nothing has changed
-/// yet (the new backend is dropped with the closure) and the swap ends as failed. A swap
-/// whose thread panics ends as failed too (its [`SwapTarget`] resumes the device as it
-/// unwinds), so the device is not left marked busy.
-fn spawn(device: &str, record: &SwapHandle, f: impl FnOnce() + Send + 'static) {
-    let thread_record = record.clone();
-    let guarded = move || {
-        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-            let what = crate::panic_message(&*panic);
-            if thread_record.is_running() {
-                let reason = format!("internal error: the swap thread panicked ({what}); the device keeps running");
-                thread_record.finish(SwapState::Failed, Some(reason));
-            }
-        }
-    };
-    if let Err(e) = std::thread::Builder::new().name(format!("swap-{device}")).spawn(guarded) {
-        log::error!("cannot start the swap thread for {device}: {e}");
-        record.finish(SwapState::Failed, Some(format!("cannot start the swap thread: {e}; nothing changed")));
     }
 }
 
@@ -399,11 +254,16 @@ fn spawn(device: &str, record: &SwapHandle, f: impl FnOnce() + Send + 'static) {
 mod tests {
     use std::io::Write;
 
+    use std::time::Duration;
+
     use devices::blk::{FileBackend, VirtioBlock};
+    use devices::bus::lock_device;
     use devices::interrupt::InterruptLine;
+    use devices::lifecycle::Lifecycle;
     use devices::virtio::DeviceWorker;
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
+    use super::launch::spawn_swap;
     use super::*;
 
     struct NoIrq;
@@ -446,7 +306,7 @@ mod tests {
     fn a_panicking_swap_thread_fails_the_swap_and_resumes_the_device() {
         let (disk, target, path) = disk_target("panic");
         let record = SwapHandle::new(1, "guard", "switch", "file".into());
-        spawn("guard", &record, move || {
+        spawn_swap("guard", &record, move || {
             target.quiesce();
             panic!("injected");
         });

@@ -1,0 +1,92 @@
+//! The virtio-blk device in the registry: its backends are disks (`{"path", "engine"}`,
+//! `{"nbd", "export"}`), swapped by a switch, a live migration or a new image.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::blk::{FaultyBackend, Takeover, VirtioBlock};
+use devices::bus::lock_device;
+use devices::lifecycle::Lifecycle;
+use devices::metrics::RequestMetrics;
+use devices::virtio::VirtioDevice;
+
+use super::backends;
+use super::registry::VmDevice;
+use crate::config::DiskConfig;
+use crate::config::json::FieldError;
+use crate::swap::{SwapError, SwapLauncher, SwapMode, SwapRequest, SwapState, migration, transaction};
+
+/// The least time a new disk backend gets to answer its probe reads (a drain timeout may be
+/// set much shorter than a network round trip to an NBD server).
+const PROBE_MIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct BlockDevice(pub Arc<Mutex<VirtioBlock>>);
+
+impl VmDevice for BlockDevice {
+    fn kind(&self) -> &'static str {
+        "block"
+    }
+
+    fn backend_description(&self) -> String {
+        lock_device(&self.0).backend().info().description.clone()
+    }
+
+    fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
+        f(&mut *lock_device(&self.0))
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
+        vec![("io", lock_device(&self.0).metrics())]
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        lock_device(&self.0).config_space()
+    }
+
+    fn check_swap(&self, _id: &str, _request: &SwapRequest) -> Result<(), FieldError> {
+        // Every mode and fault injection apply to disks.
+        Ok(())
+    }
+
+    fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {
+        let (id, request) = (launcher.id(), launcher.request());
+        let disk: DiskConfig = launcher.backend()?;
+        if disk.id.is_some() {
+            return Err(FieldError::new("backend.id", "the device id cannot change in a swap").into());
+        }
+        disk.check().map_err(|e| FieldError::new("backend", e))?;
+        let mut backend = backends::open_disk(&disk, id).map_err(|e| SwapError::Prepare(e.to_string()))?;
+        if let Some(fault) = request.fault {
+            backend = Box::new(FaultyBackend::new(backend, fault).map_err(|e| SwapError::Prepare(e.to_string()))?);
+        }
+        // A switch must serve the same data, a migration target be as big as the disk (and
+        // writable, which the mirror checks); a new image may be anything.
+        let takeover = match request.mode {
+            SwapMode::Switch => Takeover::SameData,
+            SwapMode::Migrate => Takeover::CopiedData,
+            SwapMode::NewImage => Takeover::NewImage,
+        };
+        let compatible = lock_device(&self.0).check_takeover(&*backend, takeover);
+        compatible.map_err(|e| SwapError::Incompatible(e.to_string()))?;
+        launcher.record().set_target(backend.info().description.clone());
+        let target = launcher.target(self.0.clone());
+        let (record, params, mode, migrate) =
+            (launcher.record().clone(), launcher.params(), request.mode, request.migrate);
+        launcher.spawn(move || match mode {
+            // The copy itself tries the target at once, and rolls back if it fails.
+            SwapMode::Migrate => migration::run(&target, backend, &params, &migrate, &record),
+            _ => {
+                let mut backend = backend;
+                // Off the API thread, and before the disk stops: a dead or hung backend is
+                // refused here rather than switched in and rolled back.
+                let patience = params.drain_timeout.max(PROBE_MIN_TIMEOUT);
+                if let Err(e) = devices::blk::probe(&mut *backend, patience) {
+                    let reason = format!("the new backend failed its probe: {e}; nothing changed");
+                    return record.finish(SwapState::Failed, Some(reason));
+                }
+                transaction::run(&target, backend, &params, &record)
+            }
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,69 @@
+//! The virtio-net device in the registry: its backends are a tap (`{"tap"}`) or a Unix
+//! datagram socket (`{"unix"}`); the MAC and MTU belong to the NIC and never change.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock_device;
+use devices::lifecycle::Lifecycle;
+use devices::metrics::RequestMetrics;
+use devices::net::VirtioNet;
+use devices::virtio::VirtioDevice;
+
+use super::backends;
+use super::registry::VmDevice;
+use crate::config::NetConfig;
+use crate::config::json::FieldError;
+use crate::swap::{SwapError, SwapLauncher, SwapRequest};
+
+pub struct NetDevice(pub Arc<Mutex<VirtioNet>>);
+
+/// Modes and options only disks have, refused for the other kinds with the field named.
+pub(super) fn switch_only(request: &SwapRequest, kind: &str, id: &str) -> Result<(), FieldError> {
+    if request.mode != crate::swap::SwapMode::Switch {
+        let e = format!("mode {:?} applies to disks, {id} is a {kind} device", request.mode);
+        return Err(FieldError::new("mode", e));
+    }
+    if request.fault.is_some() {
+        return Err(FieldError::new("fault", "fault injection applies to disks"));
+    }
+    Ok(())
+}
+
+impl VmDevice for NetDevice {
+    fn kind(&self) -> &'static str {
+        "net"
+    }
+
+    fn backend_description(&self) -> String {
+        lock_device(&self.0).backend().description()
+    }
+
+    fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
+        f(&mut *lock_device(&self.0))
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
+        let (rx, tx) = lock_device(&self.0).metrics();
+        vec![("rx", rx), ("tx", tx)]
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        lock_device(&self.0).config_space()
+    }
+
+    fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError> {
+        switch_only(request, self.kind(), id)
+    }
+
+    fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {
+        let net: NetConfig = launcher.backend()?;
+        if net.id.is_some() || net.mac.is_some() || net.mtu.is_some() {
+            let e = "id, mac and mtu belong to the NIC and do not change in a swap";
+            return Err(FieldError::new("backend", e).into());
+        }
+        net.check().map_err(|e| FieldError::new("backend", e))?;
+        let backend = backends::open_net(&net, launcher.id()).map_err(|e| SwapError::Prepare(e.to_string()))?;
+        let description = backend.description();
+        launcher.launch_switch(self.0.clone(), backend, description)
+    }
+}

@@ -1,0 +1,59 @@
+//! The one registry of devices: everything generic code (the control API, swaps, snapshots,
+//! the quiesce guard) needs of a device, behind one trait, so none of it names a device type
+//! or downcasts. Each device kind implements it once, in its own file next to this one.
+
+use std::sync::Arc;
+
+use devices::lifecycle::Lifecycle;
+use devices::metrics::RequestMetrics;
+
+use crate::config::json::FieldError;
+use crate::swap::{SwapError, SwapLauncher, SwapRequest};
+
+/// A device of the VM, whatever its type.
+pub trait VmDevice: Send + Sync {
+    /// "block", "net", "vsock": what the API shows.
+    fn kind(&self) -> &'static str;
+    /// What the device's backend currently is, in words.
+    fn backend_description(&self) -> String;
+    /// Runs `f` on the device as a [`Lifecycle`] (under its lock).
+    fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle));
+    /// Request counters by direction ("io" for block, "rx"/"tx" for net and vsock).
+    fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)>;
+    /// The configuration space as the driver reads it.
+    fn config_space(&self) -> Vec<u8>;
+    /// Refuses, before anything starts, the swap modes and options this kind of device does
+    /// not have (naming the field).
+    fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError>;
+    /// Opens the backend the request describes (in the fields of this device's flag), checks
+    /// it can take over and launches the swap. Errors mean nothing changed.
+    fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError>;
+}
+
+/// A shared handle on a registered device.
+#[derive(Clone)]
+pub struct DeviceHandle(Arc<dyn VmDevice>);
+
+impl DeviceHandle {
+    pub fn new(device: impl VmDevice + 'static) -> Self {
+        Self(Arc::new(device))
+    }
+
+    /// Runs `f` on the device as a [`Lifecycle`], whatever its type.
+    pub fn lifecycle<R>(&self, f: impl FnOnce(&mut dyn Lifecycle) -> R) -> R {
+        let (mut f, mut result) = (Some(f), None);
+        self.0.with_lifecycle(&mut |device| {
+            if let Some(f) = f.take() {
+                result = Some(f(device));
+            }
+        });
+        result.expect("with_lifecycle calls back exactly once")
+    }
+}
+
+impl std::ops::Deref for DeviceHandle {
+    type Target = dyn VmDevice;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}

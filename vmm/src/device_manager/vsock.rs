@@ -1,0 +1,67 @@
+//! The virtio-vsock device in the registry: its backend is the Unix socket host connections
+//! go to (`{"socket"}`); swapping it moves new connections to another socket.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock_device;
+use devices::lifecycle::Lifecycle;
+use devices::metrics::RequestMetrics;
+use devices::virtio::VirtioDevice;
+use devices::vsock::{VirtioVsock, VsockBackend};
+use serde::Deserialize;
+
+use super::backends;
+use super::net::switch_only;
+use super::registry::VmDevice;
+use crate::config::json::FieldError;
+use crate::swap::{SwapError, SwapLauncher, SwapRequest};
+
+pub struct VsockDevice(pub Arc<Mutex<VirtioVsock>>);
+
+/// The vsock backend in a swap request.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsockBackendSpec {
+    socket: PathBuf,
+}
+
+impl VmDevice for VsockDevice {
+    fn kind(&self) -> &'static str {
+        "vsock"
+    }
+
+    fn backend_description(&self) -> String {
+        lock_device(&self.0).backend().description()
+    }
+
+    fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
+        f(&mut *lock_device(&self.0))
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
+        let (rx, tx) = lock_device(&self.0).metrics();
+        vec![("rx", rx), ("tx", tx)]
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        lock_device(&self.0).config_space()
+    }
+
+    fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError> {
+        switch_only(request, self.kind(), id)
+    }
+
+    fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {
+        let spec: VsockBackendSpec = launcher.backend()?;
+        // Checked first for a clear answer; binding would refuse the live socket anyway.
+        if self.backend_description() == format!("unix {}", spec.socket.display()) {
+            return Err(SwapError::Incompatible(format!("already using {}", spec.socket.display())));
+        }
+        let backend =
+            backends::open_vsock(&spec.socket, launcher.id()).map_err(|e| SwapError::Prepare(e.to_string()))?;
+        let backend: Box<dyn VsockBackend> = Box::new(backend);
+        let description = backend.description();
+        launcher.launch_switch(self.0.clone(), backend, description)
+    }
+}
