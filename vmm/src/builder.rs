@@ -19,11 +19,11 @@ use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::device_manager::{
     BlockDevice, DeviceError, DeviceHandle, DeviceManagerBuilder, NetDevice, VsockDevice, backends,
 };
+use crate::exit::ExitState;
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
 use crate::snapshot::{self, MemoryMode, SnapshotError, VmSnapshot};
 use crate::vcpu::{ExitContext, Vcpus};
-use crate::vm::exit::ExitState;
 use crate::vm::{Crash, CrashKind, Vm, VmExit, VmInfo, VmParts};
 
 /// Why a VM could not be built.

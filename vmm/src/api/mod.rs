@@ -21,11 +21,11 @@ pub use server::{ApiServer, ServerError};
 
 use crate::config::json::FieldError;
 use crate::memory::MemoryError;
+use crate::quiesce::QuiesceError;
 use crate::snapshot::SnapshotError;
 use crate::swap::{MemorySwapError, SwapError};
 use crate::vcpu::ControlError;
 use crate::vm::VmError;
-use crate::vm::quiesce::QuiesceError;
 use http::Response;
 
 /// The OpenAPI 3.1 description of the API.

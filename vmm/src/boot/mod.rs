@@ -189,6 +189,16 @@ pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootO
     Ok(BootOutcome { cpu, protocol, kernel, initrd })
 }
 
+/// Facts about how the VM was put together (kept in snapshots).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmInfo {
+    pub vcpus: u32,
+    pub mem_bytes: u64,
+    pub boot_protocol: BootProtocol,
+    pub kernel_format: KernelFormat,
+    pub entry_point: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;

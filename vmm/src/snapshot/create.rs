@@ -14,14 +14,14 @@ use super::{
     DeviceSnapshot, DirtyTracker, ParentRef, RegionSnapshot, SnapshotError, SnapshotKind, SnapshotReport,
     SnapshotRequest, VmSnapshot, new_id, unix_ms, us, us_since,
 };
+use crate::boot::VmInfo;
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
 use crate::hv::KvmVm;
 use crate::memory::GuestRam;
+use crate::quiesce::Quiesced;
 use crate::swap::{SwapManager, SwapState, SwapTally};
 use crate::vcpu::Vcpus;
-use crate::vm::VmInfo;
-use crate::vm::quiesce::Quiesced;
 
 /// The pieces of a running VM a snapshot reads.
 pub struct SnapshotSource<'a> {

@@ -36,10 +36,10 @@ use devices::legacy::SerialSnapshot;
 use devices::lifecycle::DeviceState;
 use serde::{Deserialize, Serialize};
 
+use crate::boot::VmInfo;
 use crate::config::VmConfig;
 use crate::hv::{VcpuState, VmState};
-use crate::vm::VmInfo;
-use crate::vm::quiesce::QuiesceError;
+use crate::quiesce::QuiesceError;
 use format::FormatError;
 
 /// The state file's payload.

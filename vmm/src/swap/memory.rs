@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::device_manager::DeviceManager;
 use crate::hv::{HvError, KvmVm, MemSlot};
 use crate::memory::{GuestRam, MemoryError, RamBacking, RamRegion, RegionInfo};
+use crate::quiesce::{QuiesceError, Quiesced};
 use crate::vcpu::{ControlError, Vcpus};
-use crate::vm::quiesce::{QuiesceError, Quiesced};
 
 const COPY_CHUNK: usize = 2 << 20;
 

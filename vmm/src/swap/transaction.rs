@@ -16,6 +16,7 @@ use devices::virtio::ResyncHandle;
 use super::record::{Phase, SwapHandle, SwapState};
 use super::urgent::Urgent;
 use super::verify::{Observed, VerifyPolicy, verify};
+use crate::quiesce::drain_with;
 
 /// A device being swapped, with what the transaction needs around it. Dropping it releases
 /// any quiesce hold it still has, so a swap that ends abnormally (a panic in its thread)
@@ -132,15 +133,8 @@ pub struct SwapParams {
     pub verify: VerifyPolicy,
 }
 
-/// Longest a drain waits on the device's descriptors before looking at the device again. The
-/// event loop reaps completions from the same descriptors: when it takes the last ones just
-/// before the drain polls, nothing is left to wake the drain, which would then sleep its whole
-/// timeout with the device quiesced. This bounds what that race adds to a blackout; it is also
-/// how often a device waiting to write (a NIC with a frame stuck) is retried.
-pub const DRAIN_POLL: Duration = Duration::from_micros(100);
-
 /// Waits until the device has nothing in flight, making progress by polling the device's own
-/// readiness descriptors (at most [`DRAIN_POLL`] at a time). Returns the number still in
+/// readiness descriptors (see [`drain_with`]). Returns the number still in
 /// flight on timeout.
 pub fn drain<D: Lifecycle>(device: &Mutex<D>, timeout: Duration) -> Result<(), usize> {
     drain_until(device, timeout, D::pending_requests)
@@ -148,34 +142,11 @@ pub fn drain<D: Lifecycle>(device: &Mutex<D>, timeout: Duration) -> Result<(), u
 
 /// [`drain`], counting what `outstanding` says is still to wait for.
 fn drain_until<D: Lifecycle>(device: &Mutex<D>, timeout: Duration, outstanding: fn(&D) -> usize) -> Result<(), usize> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (pending, fds) = {
-            let mut d = lock_device(device);
-            d.drive();
-            (outstanding(&d), d.progress_fds())
-        };
-        if pending == 0 {
-            return Ok(());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(pending);
-        }
-        wait_readable(&fds, left.min(DRAIN_POLL));
-    }
-}
-
-/// Waits until one of `fds` is readable, or `timeout` (to the microsecond: `poll` would round
-/// a sub-millisecond timeout up to a whole millisecond). Readable only: completion eventfds are
-/// always writable, so waiting for POLLOUT as well would return at once and turn every drain
-/// into a busy loop that competes for the CPU with the very I/O it waits for.
-pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) {
-    let mut pfds: Vec<libc::pollfd> =
-        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-    let timeout = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos().into() };
-    // SAFETY: a valid array of pollfds and a valid timespec; no signal mask.
-    unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &timeout, std::ptr::null()) };
+    drain_with(Instant::now() + timeout, || {
+        let mut d = lock_device(device);
+        d.drive();
+        (outstanding(&d), d.progress_fds())
+    })
 }
 
 /// Stops the device at a request boundary and waits for its in-flight requests. Returns when

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use devices::bus::Bus;
 use devices::ratelimit::LogOnce;
 
+use crate::exit::{Crash, CrashKind, ExitState, VmExit};
 use crate::hv::{Exit, KvmVcpu, SystemEvent};
-use crate::vm::exit::{Crash, CrashKind, ExitState, VmExit};
 
 /// What the run loop does after an exit.
 #[derive(Debug, PartialEq, Eq)]

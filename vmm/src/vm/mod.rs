@@ -1,19 +1,17 @@
 //! A running VM: the handle the builder returns and embedders drive.
 
-pub mod exit;
-pub mod quiesce;
-
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use devices::bus::lock_device;
 use devices::legacy::SerialConsole;
 
-pub use exit::{Crash, CrashKind, VmExit};
+pub use crate::boot::VmInfo;
+pub use crate::exit::{Crash, CrashKind, VmExit};
 
-use crate::boot::{BootProtocol, KernelFormat};
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
+use crate::exit::ExitState;
 use crate::hv::KvmVm;
 use crate::memory::GuestRam;
 use crate::snapshot::{DirtyTracker, SnapshotError, SnapshotReport, SnapshotRequest, SnapshotSource};
@@ -22,7 +20,6 @@ use crate::swap::{
     MemorySwapError, MemorySwapReport, MemorySwapRequest, SwapError, SwapHandle, SwapManager, SwapRequest,
 };
 use crate::vcpu::{ControlError, Target, Vcpus};
-use exit::ExitState;
 
 /// Whether the guest is running.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,16 +27,6 @@ pub enum VmState {
     Running,
     Paused,
     Exited(VmExit),
-}
-
-/// Facts about how the VM was put together.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct VmInfo {
-    pub vcpus: u32,
-    pub mem_bytes: u64,
-    pub boot_protocol: BootProtocol,
-    pub kernel_format: KernelFormat,
-    pub entry_point: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

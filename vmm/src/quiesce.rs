@@ -2,10 +2,11 @@
 //! written once: the memory swap, snapshots and (next) the switchover to a shadow all need the
 //! whole VM still. [`Quiesced`] is a guard; dropping it lets the VM run again, on every path.
 
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::device_manager::{DeviceEntry, DeviceManager};
-use crate::swap::transaction::{DRAIN_POLL, wait_readable};
+
 use crate::vcpu::{ControlError, Vcpus};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,26 +83,60 @@ fn drain_devices(entries: &[DeviceEntry], timeout: Duration) -> Result<(), Quies
     }
     let deadline = Instant::now() + timeout;
     for entry in entries {
-        loop {
-            let (pending, fds) = entry.handle.lifecycle(|d| {
+        let drained = drain_with(deadline, || {
+            entry.handle.lifecycle(|d| {
                 d.drive();
                 (d.pending_requests(), d.progress_fds())
+            })
+        });
+        if let Err(pending) = drained {
+            entries.iter().for_each(resume);
+            return Err(QuiesceError::Drain {
+                device: entry.id.clone(),
+                pending,
+                timeout_ms: timeout.as_millis() as u64,
             });
-            if pending == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                entries.iter().for_each(resume);
-                return Err(QuiesceError::Drain {
-                    device: entry.id.clone(),
-                    pending,
-                    timeout_ms: timeout.as_millis() as u64,
-                });
-            }
-            wait_readable(&fds, DRAIN_POLL);
         }
     }
     Ok(())
+}
+
+/// Longest a drain waits on a device's descriptors before looking at the device again. The
+/// event loop reaps completions from the same descriptors: when it takes the last ones just
+/// before the drain polls, nothing is left to wake the drain, which would then sleep its whole
+/// timeout with the device quiesced. This bounds what that race adds to a blackout; it is also
+/// how often a device waiting to write (a NIC with a frame stuck) is retried.
+pub const DRAIN_POLL: Duration = Duration::from_micros(100);
+
+/// The drain loop, written once for every holder (a swap drains one device, the quiesce guard
+/// all of them): `step` makes progress on the device and says how many requests are still in
+/// flight and which descriptors become ready when that may have changed; the loop waits on
+/// those (at most [`DRAIN_POLL`] at a time) until none is in flight or `deadline` passes,
+/// when it returns the number left.
+pub fn drain_with(deadline: Instant, mut step: impl FnMut() -> (usize, Vec<RawFd>)) -> Result<(), usize> {
+    loop {
+        let (pending, fds) = step();
+        if pending == 0 {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(pending);
+        }
+        wait_readable(&fds, left.min(DRAIN_POLL));
+    }
+}
+
+/// Waits until one of `fds` is readable, or `timeout` (to the microsecond: `poll` would round
+/// a sub-millisecond timeout up to a whole millisecond). Readable only: completion eventfds are
+/// always writable, so waiting for POLLOUT as well would return at once and turn every drain
+/// into a busy loop that competes for the CPU with the very I/O it waits for.
+pub fn wait_readable(fds: &[RawFd], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let timeout = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos().into() };
+    // SAFETY: a valid array of pollfds and a valid timespec; no signal mask.
+    unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &timeout, std::ptr::null()) };
 }
 
 /// Lets a device take requests again, then has the event loop re-read its descriptors (see
