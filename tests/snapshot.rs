@@ -184,6 +184,34 @@ fn net_stream_goes_on_after_restore() {
     assert!(lost <= 32, "at most a window of frames is lost: {}", out.stdout);
 }
 
+/// A disk live-migrated to another image before the snapshot: the restore opens the image the
+/// disk was served from at the snapshot (the original is gone), and blk-stress finds every
+/// block it wrote.
+#[test]
+fn a_vm_whose_disk_was_migrated_restores_on_the_new_image() {
+    let dir = TempDir::new("snap-migrated");
+    let (old, new) = (dir.join("old.img"), dir.join("new.img"));
+    for image in [&old, &new] {
+        std::fs::File::create(image).unwrap().set_len(16 << 20).unwrap();
+    }
+    let mut config = microguest("prog=blk-stress blocks=4096 qd=16 until_input=1 progress_ms=0", 1);
+    config.disks = vec![serde_json::from_value(json!({ "path": old, "engine": "io_uring" })).unwrap()];
+    let (vm, serial) = boot(config);
+    serial.wait_for("blk-stress: running", WAIT);
+    let request = serde_json::from_value(json!({ "backend": { "path": new, "engine": "sync" }, "mode": "migrate" }));
+    let swap = vm.swap_device("disk0", request.unwrap()).unwrap();
+    let record = swap.wait(WAIT);
+    assert_eq!(record.state, vmm::swap::SwapState::Committed, "{record:?}");
+    vm.pause().unwrap();
+    snapshot(&vm, &dir.join("s"), SnapshotKind::Full);
+    drop(vm);
+    std::fs::remove_file(&old).unwrap();
+    let state: VmSnapshot = format::read_state(&dir.join("s").join("state")).unwrap();
+    assert_eq!(state.config.disks[0].path.as_deref(), Some(new.as_path()), "{:?}", state.config.disks);
+    let out = restore(&dir.join("s"), "eager");
+    out.expect_status(0).expect_stdout("errors=0 mismatches=0 final_verify=4096/4096");
+}
+
 #[test]
 fn a_vm_whose_ram_backing_was_swapped_snapshots_and_restores() {
     let dir = TempDir::new("snap-swapped");

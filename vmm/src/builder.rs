@@ -230,7 +230,7 @@ fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceM
             kvm,
             id,
             |irq, mem| VirtioBlock::new(backend, id, irq, mem),
-            |d| DeviceHandle::new(BlockDevice(d)),
+            |d| DeviceHandle::new(BlockDevice::new(d, disk.clone())),
         )?;
     }
     for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
@@ -240,14 +240,15 @@ fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceM
             kvm,
             id,
             |irq, mem| VirtioNet::new(backend, settings, irq, mem),
-            |d| DeviceHandle::new(NetDevice(d)),
+            |d| DeviceHandle::new(NetDevice::new(d, net.clone())),
         )?;
     }
     if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
         let backend = backends::open_vsock(&vsock.socket, id)?;
         let cid = vsock.cid;
         let make = |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem);
-        devices.add(kvm, id, make, |d| DeviceHandle::new(VsockDevice(d)))?;
+        let config = vsock.clone();
+        devices.add(kvm, id, make, move |d| DeviceHandle::new(VsockDevice::new(d, config)))?;
     }
     Ok(devices)
 }

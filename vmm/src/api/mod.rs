@@ -95,7 +95,7 @@ impl From<SnapshotError> for ApiError {
         let (status, field) = match &e {
             SnapshotError::Request { field, .. } => (400, Some(*field)),
             SnapshotError::Directory { .. } => (409, Some("path")),
-            SnapshotError::Exited(_) | SnapshotError::SwappedDevice { .. } => (409, None),
+            SnapshotError::Exited(_) | SnapshotError::SwapRunning { .. } | SnapshotError::NoParent => (409, None),
             SnapshotError::Quiesce(QuiesceError::Drain { .. }) => (503, None),
             SnapshotError::Quiesce(QuiesceError::Pause(ControlError::Stopped)) => (409, None),
             _ => (500, None),

@@ -91,6 +91,14 @@ fn default_vcpus() -> u32 {
     DEFAULT_VCPUS
 }
 
+/// One device's configuration, whatever its kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceConfig {
+    Disk(DiskConfig),
+    Net(NetConfig),
+    Vsock(VsockConfig),
+}
+
 /// A complete VM description.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +170,20 @@ impl VmConfig {
     }
 
     /// Device ids, with defaults (`disk0`, `net0`, `vsock`) filled in, in device order.
+    /// This configuration with its device lists replaced by `devices` (in the order the VM
+    /// built them: disks, NICs, vsock), such as the devices' current backends after swaps.
+    pub fn with_devices(mut self, devices: impl IntoIterator<Item = DeviceConfig>) -> Self {
+        (self.disks, self.nets, self.vsock) = (Vec::new(), Vec::new(), None);
+        for device in devices {
+            match device {
+                DeviceConfig::Disk(disk) => self.disks.push(disk),
+                DeviceConfig::Net(net) => self.nets.push(net),
+                DeviceConfig::Vsock(vsock) => self.vsock = Some(vsock),
+            }
+        }
+        self
+    }
+
     pub fn device_ids(&self) -> Vec<String> {
         let disks = self.disks.iter().enumerate().map(|(i, d)| d.id.clone().unwrap_or(format!("disk{i}")));
         let nets = self.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or(format!("net{i}")));

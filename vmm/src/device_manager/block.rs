@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::blk::{FaultyBackend, Takeover, VirtioBlock};
+use devices::blk::{BlockBackend, FaultyBackend, Takeover, VirtioBlock};
 use devices::bus::lock_device;
 use devices::lifecycle::Lifecycle;
 use devices::metrics::RequestMetrics;
@@ -12,15 +12,28 @@ use devices::virtio::VirtioDevice;
 
 use super::backends;
 use super::registry::VmDevice;
-use crate::config::DiskConfig;
 use crate::config::json::FieldError;
-use crate::swap::{SwapError, SwapLauncher, SwapMode, SwapRequest, SwapState, migration, transaction};
+use crate::config::{DeviceConfig, DiskConfig};
+use crate::swap::{
+    MigrateOptions, SwapError, SwapHandle, SwapLauncher, SwapMode, SwapParams, SwapRequest, SwapState, SwapTarget,
+    migration, transaction,
+};
 
 /// The least time a new disk backend gets to answer its probe reads (a drain timeout may be
 /// set much shorter than a network round trip to an NBD server).
 const PROBE_MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub struct BlockDevice(pub Arc<Mutex<VirtioBlock>>);
+pub struct BlockDevice {
+    device: Arc<Mutex<VirtioBlock>>,
+    /// The configuration of the backend serving now (updated when a swap commits).
+    config: Arc<Mutex<DiskConfig>>,
+}
+
+impl BlockDevice {
+    pub fn new(device: Arc<Mutex<VirtioBlock>>, config: DiskConfig) -> Self {
+        Self { device, config: Arc::new(Mutex::new(config)) }
+    }
+}
 
 impl VmDevice for BlockDevice {
     fn kind(&self) -> &'static str {
@@ -28,19 +41,23 @@ impl VmDevice for BlockDevice {
     }
 
     fn backend_description(&self) -> String {
-        lock_device(&self.0).backend().info().description.clone()
+        lock_device(&self.device).backend().info().description.clone()
     }
 
     fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
-        f(&mut *lock_device(&self.0))
+        f(&mut *lock_device(&self.device))
     }
 
     fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
-        vec![("io", lock_device(&self.0).metrics())]
+        vec![("io", lock_device(&self.device).metrics())]
     }
 
     fn config_space(&self) -> Vec<u8> {
-        lock_device(&self.0).config_space()
+        lock_device(&self.device).config_space()
+    }
+
+    fn current_config(&self) -> DeviceConfig {
+        DeviceConfig::Disk(lock_device(&self.config).clone())
     }
 
     fn check_swap(&self, _id: &str, _request: &SwapRequest) -> Result<(), FieldError> {
@@ -66,27 +83,46 @@ impl VmDevice for BlockDevice {
             SwapMode::Migrate => Takeover::CopiedData,
             SwapMode::NewImage => Takeover::NewImage,
         };
-        let compatible = lock_device(&self.0).check_takeover(&*backend, takeover);
+        let compatible = lock_device(&self.device).check_takeover(&*backend, takeover);
         compatible.map_err(|e| SwapError::Incompatible(e.to_string()))?;
         launcher.record().set_target(backend.info().description.clone());
-        let target = launcher.target(self.0.clone());
+        let target = launcher.target(self.device.clone());
+        let (current, new_config) =
+            (self.config.clone(), DiskConfig { id: lock_device(&self.config).id.clone(), ..disk });
         let (record, params, mode, migrate) =
             (launcher.record().clone(), launcher.params(), request.mode, request.migrate);
-        launcher.spawn(move || match mode {
-            // The copy itself tries the target at once, and rolls back if it fails.
-            SwapMode::Migrate => migration::run(&target, backend, &params, &migrate, &record),
-            _ => {
-                let mut backend = backend;
-                // Off the API thread, and before the disk stops: a dead or hung backend is
-                // refused here rather than switched in and rolled back.
-                let patience = params.drain_timeout.max(PROBE_MIN_TIMEOUT);
-                if let Err(e) = devices::blk::probe(&mut *backend, patience) {
-                    let reason = format!("the new backend failed its probe: {e}; nothing changed");
-                    return record.finish(SwapState::Failed, Some(reason));
-                }
-                transaction::run(&target, backend, &params, &record)
+        launcher.spawn(move || {
+            run_disk_swap(mode, &target, backend, &params, &migrate, &record);
+            if record.snapshot().state == SwapState::Committed {
+                *lock_device(&current) = new_config;
             }
         });
         Ok(())
+    }
+}
+
+/// The rest of a disk swap, on its thread.
+fn run_disk_swap(
+    mode: SwapMode,
+    target: &SwapTarget<VirtioBlock>,
+    backend: Box<dyn BlockBackend>,
+    params: &SwapParams,
+    migrate: &MigrateOptions,
+    record: &SwapHandle,
+) {
+    match mode {
+        // The copy itself tries the target at once, and rolls back if it fails.
+        SwapMode::Migrate => migration::run(target, backend, params, migrate, record),
+        _ => {
+            let mut backend = backend;
+            // Off the API thread, and before the disk stops: a dead or hung backend is
+            // refused here rather than switched in and rolled back.
+            let patience = params.drain_timeout.max(PROBE_MIN_TIMEOUT);
+            if let Err(e) = devices::blk::probe(&mut *backend, patience) {
+                let reason = format!("the new backend failed its probe: {e}; nothing changed");
+                return record.finish(SwapState::Failed, Some(reason));
+            }
+            transaction::run(target, backend, params, record)
+        }
     }
 }

@@ -105,7 +105,7 @@ impl DeviceManagerBuilder {
         kvm: &KvmVm,
         id: &str,
         make: F,
-        handle: fn(Arc<Mutex<D>>) -> DeviceHandle,
+        handle: impl FnOnce(Arc<Mutex<D>>) -> DeviceHandle,
     ) -> Result<MmioSlot, DeviceError>
     where
         D: VirtioDevice + 'static,

@@ -11,11 +11,21 @@ use devices::virtio::VirtioDevice;
 
 use super::backends;
 use super::registry::VmDevice;
-use crate::config::NetConfig;
 use crate::config::json::FieldError;
+use crate::config::{DeviceConfig, NetConfig};
 use crate::swap::{SwapError, SwapLauncher, SwapRequest};
 
-pub struct NetDevice(pub Arc<Mutex<VirtioNet>>);
+pub struct NetDevice {
+    device: Arc<Mutex<VirtioNet>>,
+    /// The configuration of the backend serving now (updated when a swap commits).
+    config: Arc<Mutex<NetConfig>>,
+}
+
+impl NetDevice {
+    pub fn new(device: Arc<Mutex<VirtioNet>>, config: NetConfig) -> Self {
+        Self { device, config: Arc::new(Mutex::new(config)) }
+    }
+}
 
 /// Modes and options only disks have, refused for the other kinds with the field named.
 pub(super) fn switch_only(request: &SwapRequest, kind: &str, id: &str) -> Result<(), FieldError> {
@@ -35,20 +45,24 @@ impl VmDevice for NetDevice {
     }
 
     fn backend_description(&self) -> String {
-        lock_device(&self.0).backend().description()
+        lock_device(&self.device).backend().description()
     }
 
     fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
-        f(&mut *lock_device(&self.0))
+        f(&mut *lock_device(&self.device))
     }
 
     fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
-        let (rx, tx) = lock_device(&self.0).metrics();
+        let (rx, tx) = lock_device(&self.device).metrics();
         vec![("rx", rx), ("tx", tx)]
     }
 
     fn config_space(&self) -> Vec<u8> {
-        lock_device(&self.0).config_space()
+        lock_device(&self.device).config_space()
+    }
+
+    fn current_config(&self) -> DeviceConfig {
+        DeviceConfig::Net(lock_device(&self.config).clone())
     }
 
     fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError> {
@@ -64,6 +78,13 @@ impl VmDevice for NetDevice {
         net.check().map_err(|e| FieldError::new("backend", e))?;
         let backend = backends::open_net(&net, launcher.id()).map_err(|e| SwapError::Prepare(e.to_string()))?;
         let description = backend.description();
-        launcher.launch_switch(self.0.clone(), backend, description)
+        let current = self.config.clone();
+        let new_config = {
+            let now = lock_device(&current);
+            NetConfig { id: now.id.clone(), mac: now.mac.clone(), mtu: now.mtu, ..net }
+        };
+        launcher.launch_switch(self.device.clone(), backend, description, move || {
+            *lock_device(&current) = new_config;
+        })
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use devices::lifecycle::Lifecycle;
 use devices::metrics::RequestMetrics;
 
+use crate::config::DeviceConfig;
 use crate::config::json::FieldError;
 use crate::swap::{SwapError, SwapLauncher, SwapRequest};
 
@@ -22,6 +23,9 @@ pub trait VmDevice: Send + Sync {
     fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)>;
     /// The configuration space as the driver reads it.
     fn config_space(&self) -> Vec<u8>;
+    /// The device's configuration with its current backend (a committed swap changes it), to
+    /// build the same device again (a restore).
+    fn current_config(&self) -> DeviceConfig;
     /// Refuses, before anything starts, the swap modes and options this kind of device does
     /// not have (naming the field).
     fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError>;

@@ -15,9 +15,20 @@ use super::backends;
 use super::net::switch_only;
 use super::registry::VmDevice;
 use crate::config::json::FieldError;
+use crate::config::{DeviceConfig, VsockConfig};
 use crate::swap::{SwapError, SwapLauncher, SwapRequest};
 
-pub struct VsockDevice(pub Arc<Mutex<VirtioVsock>>);
+pub struct VsockDevice {
+    device: Arc<Mutex<VirtioVsock>>,
+    /// The configuration of the backend serving now (updated when a swap commits).
+    config: Arc<Mutex<VsockConfig>>,
+}
+
+impl VsockDevice {
+    pub fn new(device: Arc<Mutex<VirtioVsock>>, config: VsockConfig) -> Self {
+        Self { device, config: Arc::new(Mutex::new(config)) }
+    }
+}
 
 /// The vsock backend in a swap request.
 #[derive(Clone, Debug, Deserialize)]
@@ -32,20 +43,24 @@ impl VmDevice for VsockDevice {
     }
 
     fn backend_description(&self) -> String {
-        lock_device(&self.0).backend().description()
+        lock_device(&self.device).backend().description()
     }
 
     fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
-        f(&mut *lock_device(&self.0))
+        f(&mut *lock_device(&self.device))
     }
 
     fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
-        let (rx, tx) = lock_device(&self.0).metrics();
+        let (rx, tx) = lock_device(&self.device).metrics();
         vec![("rx", rx), ("tx", tx)]
     }
 
     fn config_space(&self) -> Vec<u8> {
-        lock_device(&self.0).config_space()
+        lock_device(&self.device).config_space()
+    }
+
+    fn current_config(&self) -> DeviceConfig {
+        DeviceConfig::Vsock(lock_device(&self.config).clone())
     }
 
     fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError> {
@@ -62,6 +77,9 @@ impl VmDevice for VsockDevice {
             backends::open_vsock(&spec.socket, launcher.id()).map_err(|e| SwapError::Prepare(e.to_string()))?;
         let backend: Box<dyn VsockBackend> = Box::new(backend);
         let description = backend.description();
-        launcher.launch_switch(self.0.clone(), backend, description)
+        let current = self.config.clone();
+        launcher.launch_switch(self.device.clone(), backend, description, move || {
+            lock_device(&current).socket = spec.socket;
+        })
     }
 }

@@ -20,7 +20,7 @@ use crate::device_manager::DeviceManager;
 use crate::hv::KvmVm;
 use crate::memory::GuestRam;
 use crate::quiesce::Quiesced;
-use crate::swap::{SwapManager, SwapState, SwapTally};
+use crate::swap::SwapManager;
 use crate::vcpu::Vcpus;
 
 /// The pieces of a running VM a snapshot reads.
@@ -44,7 +44,7 @@ impl SnapshotSource<'_> {
     pub fn take(&self, request: &SnapshotRequest) -> Result<SnapshotReport, SnapshotError> {
         let started = Instant::now();
         request.check()?;
-        self.refuse_swapped_devices()?;
+        self.refuse_running_swaps()?;
         let parent = match request.kind {
             SnapshotKind::Full => None,
             SnapshotKind::Diff => Some(self.dirty.parent().ok_or(SnapshotError::NoParent)?),
@@ -161,7 +161,8 @@ impl SnapshotSource<'_> {
             created_unix_ms: unix_ms(),
             kind: request.kind,
             parent,
-            config: self.config.clone(),
+            // With each device's current backend: a committed swap changed it.
+            config: self.config.clone().with_devices(self.devices.devices().iter().map(|e| e.handle.current_config())),
             info: self.info.clone(),
             regions,
             vcpus,
@@ -187,12 +188,11 @@ impl SnapshotSource<'_> {
         })
     }
 
-    fn refuse_swapped_devices(&self) -> Result<(), SnapshotError> {
-        let (tallies, running) = self.swaps.tallies();
-        let committed = SwapTally::STATES.iter().position(|s| *s == SwapState::Committed).unwrap_or(0);
-        let swapped = tallies.iter().find(|(_, t)| t.by_state[committed] > 0).map(|(device, _)| device);
-        match swapped.or_else(|| running.keys().next()) {
-            Some(device) => Err(SnapshotError::SwappedDevice { device: device.clone() }),
+    /// A swap in progress moves a device between backends: the snapshot waits for none.
+    fn refuse_running_swaps(&self) -> Result<(), SnapshotError> {
+        let (_, running) = self.swaps.tallies();
+        match running.into_keys().next() {
+            Some(device) => Err(SnapshotError::SwapRunning { device }),
             None => Ok(()),
         }
     }

@@ -11,8 +11,8 @@
 //! written; disk contents are not part of a snapshot (a restore opens the same images: pause
 //! the guest before snapshotting it and do not run the source on after, or copy the images);
 //! frames on the wire are lost as on a real network; vsock connections are reset (see
-//! `devices::vsock`); a device whose backend was swapped live is refused for now (its
-//! configuration no longer says which backend serves it).
+//! `devices::vsock`); devices are rebuilt with the backend serving at the snapshot (a committed
+//! swap updates it), and a swap still running refuses the snapshot.
 //!
 //! Restoring ([`crate::VmBuilder::restore`]) builds the same machine from the snapshot's
 //! configuration, fills RAM by the chosen [`MemoryMode`], loads the state and runs.
@@ -179,11 +179,8 @@ pub enum SnapshotError {
     Format(#[from] FormatError),
     #[error("cannot restore: {0}")]
     Restore(#[from] RestoreError),
-    #[error(
-        "device {device} had its backend swapped live; its configuration no longer names the backend that serves \
-         it, so it cannot be snapshotted yet"
-    )]
-    SwappedDevice { device: String },
+    #[error("device {device} is swapping its backend; take the snapshot once the swap has ended")]
+    SwapRunning { device: String },
     #[error(
         "a diff snapshot needs a parent: this VM has no snapshot since it started, its last one failed, or a memory \
          swap came after it; take a full snapshot first"

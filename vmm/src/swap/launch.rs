@@ -63,12 +63,14 @@ impl SwapLauncher<'_> {
     }
 
     /// The end of a switch to `backend`, the same for every device: refused unless the device
-    /// says it can take over, otherwise the transaction runs on its own thread.
+    /// says it can take over, otherwise the transaction runs on its own thread, and
+    /// `on_commit` runs if it commits.
     pub fn launch_switch<D>(
         &self,
         device: Arc<Mutex<D>>,
         backend: Box<D::Backend>,
         description: String,
+        on_commit: impl FnOnce() + Send + 'static,
     ) -> Result<(), SwapError>
     where
         D: BackendSlot + Send + 'static,
@@ -78,7 +80,12 @@ impl SwapLauncher<'_> {
         self.record.set_target(description);
         let target = self.target(device);
         let (record, params) = (self.record.clone(), self.params());
-        self.spawn(move || transaction::run(&target, backend, &params, &record));
+        self.spawn(move || {
+            transaction::run(&target, backend, &params, &record);
+            if record.snapshot().state == SwapState::Committed {
+                on_commit();
+            }
+        });
         Ok(())
     }
 }
