@@ -730,6 +730,15 @@ mod tests {
     }
 
     #[test]
+    fn whole_state_moves_to_a_new_instance() {
+        let path = image("whole-state", 1);
+        let (mut old, _) = device(&path, false);
+        let (mut new, _) = device(&path, false);
+        crate::virtio::testing::assert_state_moves(&mut old, &mut new);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn queue_state_moves_to_a_new_backend_instance() {
         let old_path = image("old", 1);
         let new_path = image("new", 2);

@@ -125,7 +125,8 @@ impl SerialConsole {
         Self { uart: Serial::new(SuperioTrigger(irq), out), errors: LogOnce::new(4) }
     }
 
-    /// A UART continuing from `state` (an interrupt the guest had yet to take is raised again).
+    /// A UART continuing from `state`. An interrupt the guest had yet to take is not raised
+    /// again here: the interrupt controllers' saved state still holds it.
     pub fn restore(irq: Box<dyn InterruptLine>, output: SerialOutput, state: &SerialSnapshot) -> io::Result<Self> {
         let out = Batched { pending: Vec::with_capacity(256), out: output.into_writer() };
         let uart = Serial::from_state(&state.into(), SuperioTrigger(irq), vm_superio::serial::NoEvents, out)
@@ -270,6 +271,34 @@ mod tests {
         uart.write_units(0, 1, b"hello world\n");
         uart.write(0, b"!");
         assert_eq!(*out.0.lock().unwrap(), vec![12, 1]);
+    }
+
+    #[test]
+    fn whole_state_moves_to_a_new_uart_and_the_guest_reads_on() {
+        let mut old = SerialConsole::new(Box::new(Arc::new(CountingIrq::default())), SerialOutput::Sink);
+        old.write(3, &[0x80]); // DLAB on: the divisor latch
+        old.write(0, &[0x0c]);
+        old.write(3, &[0x03]); // 8N1, DLAB off
+        old.write(7, &[0x5a]); // scratch
+        old.write(1, &[0x01]); // received-data interrupt on
+        assert_eq!(old.push_input(b"ab"), 2);
+        let mut first = [0u8];
+        old.read(0, &mut first);
+        assert_eq!(first, *b"a");
+
+        let state = old.export_state();
+        let back: SerialSnapshot = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        assert_eq!(back, state);
+        let irq = Arc::new(CountingIrq::default());
+        let mut new = SerialConsole::restore(Box::new(irq.clone()), SerialOutput::Sink, &back).unwrap();
+        assert_eq!(new.export_state(), state);
+        // The byte the guest had yet to read.
+        let mut next = [0u8];
+        new.read(0, &mut next);
+        assert_eq!(next, *b"b");
+        let mut scratch = [0u8];
+        new.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
     }
 
     #[test]

@@ -517,6 +517,13 @@ mod tests {
     }
 
     #[test]
+    fn whole_state_moves_to_a_new_instance() {
+        let (mut old, _) = device(true);
+        let (mut new, _) = device(false);
+        crate::virtio::testing::assert_state_moves(&mut old, &mut new);
+    }
+
+    #[test]
     fn tx_strips_the_header_and_sends_the_frame() {
         let (mut dev, wire) = device(true);
         let mem = dev.core.mem();

@@ -84,3 +84,24 @@ pub fn irq() -> (Arc<CountingIrq>, Box<dyn InterruptLine>) {
     let irq = Arc::new(CountingIrq::default());
     (irq.clone(), Box::new(irq))
 }
+
+/// Gives `old` driver-set state that a fresh device does not have (selectors, a config
+/// generation, a status, queue positions), exports it, sends it through serde (JSON), imports
+/// it into `new` and checks that `new` then exports exactly the same state.
+pub fn assert_state_moves<D: super::VirtioDevice>(old: &mut D, new: &mut D) {
+    use crate::lifecycle::{DeviceState, Lifecycle};
+    let core = old.core_mut();
+    core.selectors = super::Selectors { device_features: 1, driver_features: 1, queue: 1 };
+    core.config_generation = 3;
+    core.status = super::status::ACKNOWLEDGE | super::status::DRIVER | super::status::FEATURES_OK;
+    old.quiesce();
+    let state = old.export_state();
+    let back: DeviceState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert_eq!(back, state, "the state survives serde");
+    assert_ne!(new.export_state(), state, "the new device starts elsewhere");
+    new.quiesce();
+    new.import_state(&back).unwrap();
+    assert_eq!(new.export_state(), state, "the new device continues where the old one stopped");
+    new.resume();
+    old.resume();
+}

@@ -560,6 +560,12 @@ mod tests {
         Env { dev, dir, next_tx: 0, next_rx: 0 }
     }
 
+    #[test]
+    fn whole_state_moves_to_a_new_instance() {
+        let (mut old, mut new) = (env("state-old"), env("state-new"));
+        crate::virtio::testing::assert_state_moves(&mut old.dev, &mut new.dev);
+    }
+
     fn guest_header(src_port: u32, dst_port: u32, op: u16, len: u32) -> Header {
         Header {
             src_cid: CID,
