@@ -49,7 +49,7 @@ pub enum BuildError {
     Device(#[from] DeviceError),
     #[error("cannot build ACPI tables: {0}")]
     Acpi(#[from] AcpiError),
-    #[error("snapshot: {0}")]
+    #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot set up {what}: {source}")]
     Io {

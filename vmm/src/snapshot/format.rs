@@ -32,7 +32,7 @@ const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("{path}: {source}")]
+    #[error("snapshot file {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]

@@ -31,7 +31,7 @@ pub enum SnapshotCommand {
         /// The snapshot directory.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Only what changed since the last snapshot (not available yet: refused).
+        /// Only the pages changed since this VM's last snapshot, which it names as its parent.
         #[arg(long)]
         diff: bool,
     },
