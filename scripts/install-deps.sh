@@ -42,7 +42,8 @@ codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
 target=()
 if [ "$codename" = bookworm ]; then
     backports=bookworm-backports
-    if ! grep -rqs --include='*.list' --include='*.sources' -e "$backports" /etc/apt/sources.list /etc/apt/sources.list.d; then
+    # Only lines that are not comments count (a commented-out suite is not enabled).
+    if ! grep -rqsE --include='*.list' --include='*.sources' -e "^[^#]*$backports" /etc/apt/sources.list /etc/apt/sources.list.d; then
         source_file=/etc/apt/sources.list.d/vmm-$backports.sources
         say "enabling $backports for QEMU 10 ($source_file)"
         "${as_root[@]}" tee "$source_file" >/dev/null <<EOF
@@ -70,7 +71,7 @@ if ! install; then
     "${as_root[@]}" apt-get update -q >/dev/null
     install
 fi
-for tool in iasl qemu-system-x86_64 qemu-nbd; do
+for tool in iasl qemu-system-x86_64 qemu-nbd qemu-img; do
     command -v "$tool" >/dev/null || { say "$tool is still missing after the install"; exit 1; }
 done
 say "$(qemu-system-x86_64 --version | head -1); $(qemu-nbd --version | head -1)"

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Capture, TempDir};
 use serde_json::json;
 use vmm::memory::RamBacking;
-use vmm::snapshot::{SnapshotKind, SnapshotReport, SnapshotRequest, VmSnapshot, format};
+use vmm::snapshot::{ParentRef, SnapshotKind, SnapshotReport, SnapshotRequest, VmSnapshot, format};
 use vmm::swap::MemorySwapRequest;
 use vmm::{SerialOutput, Vm, VmBuilder, VmConfig};
 
@@ -278,6 +278,27 @@ fn bad_snapshots_are_refused_with_the_reason() {
     common::vmm(&["run", "--restore", short_memory.to_str().unwrap()])
         .expect_status(2)
         .expect_one_line_error("is truncated");
+    // Diffs whose state is consistent on the surface but not inside: a parent chain that
+    // loops, a page map shorter than the region.
+    let edited = |name: &str, edit: &dyn Fn(&mut VmSnapshot, &Path)| {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::copy(child.join("memory"), to.join("memory")).unwrap();
+        let mut state: VmSnapshot = format::read_state(&child.join("state")).unwrap();
+        edit(&mut state, &to);
+        format::write_state(&to.join("state"), &state).unwrap();
+        to
+    };
+    let looping = edited("loop", &|state, to| {
+        state.parent = Some(ParentRef { id: state.id, path: to.to_path_buf() });
+    });
+    let short_map = edited("short-map", &|state, _| {
+        state.regions[0].dirty.as_mut().unwrap().pop();
+    });
+    for (reason, path) in [("loop back", &looping), ("page map has", &short_map)] {
+        let out = common::vmm(&["run", "--restore", path.to_str().unwrap()]);
+        out.expect_status(2).expect_one_line_error(reason);
+    }
     // The child's parent replaced by another snapshot: refused, naming both.
     std::fs::copy(other.join("state"), good.join("state")).unwrap();
     common::vmm(&["run", "--restore", child.to_str().unwrap()])

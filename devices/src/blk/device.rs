@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use event_manager::EventSet;
 use virtio_queue::QueueT;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard};
 
 use super::backend::{BlockBackend, BlockOp, Completion, IoBuf};
@@ -255,6 +256,10 @@ impl VirtioBlock {
             if let Err(e) = &result {
                 self.core.guest_error("backend I/O error", format_args!("{e}"));
             }
+            if done.req.kind == RequestKind::Read {
+                // Even a failed read may have written part of its buffers.
+                mark_written(&done._mem, &done.req.data);
+            }
             let code = if ok { request::status::OK } else { request::status::IOERR };
             let used_len = if ok { done.used_len } else { 1 };
             let _ = done._mem.write_obj(code, done.status);
@@ -287,6 +292,18 @@ fn host_buffers(mem: &GuestMem, segs: &[Segment]) -> Option<Vec<IoBuf>> {
             Some(IoBuf { addr: slice.ptr_guard_mut().as_ptr(), len: s.len as usize })
         })
         .collect()
+}
+
+/// Records that `segs` were written into guest memory: backends fill read buffers through raw
+/// pointers (`preadv`, io_uring, a socket), which vm-memory's dirty bitmap cannot see, and
+/// dirty tracking (diff snapshots, replication) must. Called on completion, so the page is
+/// marked after its last write.
+fn mark_written(mem: &GuestMem, segs: &[Segment]) {
+    for seg in segs {
+        if let Ok(slice) = mem.get_slice(seg.addr, seg.len as usize) {
+            slice.bitmap().mark_dirty(0, seg.len as usize);
+        }
+    }
 }
 
 /// Completes a request that never reached the backend.
@@ -541,6 +558,7 @@ mod tests {
     use crate::blk::{BlockInfo, FileBackend};
     use crate::lifecycle::Lifecycle;
     use crate::virtio::testing::{F_WRITE, add_chain, install, irq, memory, used};
+    use vm_memory::GuestMemoryRegion;
 
     const QS: u16 = BLOCK_QUEUE_SIZE;
 
@@ -727,6 +745,29 @@ mod tests {
         assert!(count.0.load(std::sync::atomic::Ordering::SeqCst) > 0);
         std::fs::remove_file(old_path).unwrap();
         std::fs::remove_file(new_path).unwrap();
+    }
+
+    #[test]
+    fn reads_mark_the_guest_pages_they_fill_dirty() {
+        let path = image("dirty", 7);
+        let (mut dev, _) = device(&path, false);
+        let mem = dev.core.mem();
+        let dirty_at = |addr: u64| {
+            let region = mem.find_region(GuestAddress(addr)).unwrap();
+            region.bitmap().dirty_at((addr - region.start_addr().0) as usize)
+        };
+        // Marks from setting the queue up are not what this test is about.
+        for region in mem.iter() {
+            let mmap: &vm_memory::mmap::MmapRegion<crate::DirtyBitmap> = region;
+            mmap.bitmap().reset();
+        }
+        header(&mem, 0x8_0000, request_type::IN, 0);
+        add_chain(&dev.core, 0, &[(0x8_0000, 16, 0), (0xa_1000, 512, F_WRITE), (0x8_2000, 1, F_WRITE)], 0);
+        assert!(!dirty_at(0xa_1000));
+        dev.queue_notified(0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0xa_1000)).unwrap(), 7, "the read landed");
+        assert!(dirty_at(0xa_1000), "a page the backend filled is marked");
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

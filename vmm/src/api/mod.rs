@@ -82,7 +82,7 @@ impl From<MemorySwapError> for ApiError {
             MemorySwapError::Same { .. } | MemorySwapError::Memory(MemoryError::FileNotEmpty { .. }) => {
                 (409, Some("backing"))
             }
-            MemorySwapError::Pause(ControlError::Stopped) => (409, None),
+            MemorySwapError::Pause(ControlError::Stopped) | MemorySwapError::StillFilling => (409, None),
             MemorySwapError::Drain { .. } => (503, None),
             _ => (500, None),
         };

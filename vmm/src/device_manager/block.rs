@@ -91,12 +91,8 @@ impl VmDevice for BlockDevice {
             (self.config.clone(), DiskConfig { id: lock_device(&self.config).id.clone(), ..disk });
         let (record, params, mode, migrate) =
             (launcher.record().clone(), launcher.params(), request.mode, request.migrate);
-        launcher.spawn(move || {
-            run_disk_swap(mode, &target, backend, &params, &migrate, &record);
-            if record.snapshot().state == SwapState::Committed {
-                *lock_device(&current) = new_config;
-            }
-        });
+        record.on_commit(move || *lock_device(&current) = new_config);
+        launcher.spawn(move || run_disk_swap(mode, &target, backend, &params, &migrate, &record));
         Ok(())
     }
 }

@@ -204,11 +204,17 @@ pub struct RegionInfo {
     pub host_addr: u64,
 }
 
+/// Something filling guest RAM's pages on first touch (a lazy restore); stopped when dropped.
+pub trait RamFiller: Send {
+    /// Some pages are still missing.
+    fn filling(&self) -> bool;
+}
+
 /// All of the guest's RAM.
 pub struct GuestRam {
     /// What serves this RAM's pages (a lazy restore's fault handler): dropped, and so stopped,
     /// before the mappings below go away.
-    fillers: Mutex<Vec<Box<dyn Send>>>,
+    fillers: Mutex<Vec<Box<dyn RamFiller>>>,
     regions: Mutex<Vec<RamRegion>>,
     memory: SharedGuestMem,
 }
@@ -261,9 +267,15 @@ impl GuestRam {
         }
     }
 
+    /// Whether pages are still missing, to be filled on first touch: the mappings must stay
+    /// (a memory swap would pull them from under the filler).
+    pub fn still_filling(&self) -> bool {
+        self.fillers.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|f| f.filling())
+    }
+
     /// Hands the RAM something that fills its pages on first touch (see `fillers`), and marks
     /// every region as holding more than its page tables show.
-    pub fn attach_filler(&self, filler: Box<dyn Send>) {
+    pub fn attach_filler(&self, filler: Box<dyn RamFiller>) {
         self.lock().iter_mut().for_each(|r| r.contents_elsewhere = true);
         self.fillers.lock().unwrap_or_else(|p| p.into_inner()).push(filler);
     }

@@ -177,9 +177,9 @@ impl Userfault {
         }
     }
 
-    /// Fills the missing pages at `dst` with `src` and wakes whoever waits on them. Pages
-    /// present already (EEXIST: the whole call stops at the first) are left as they are, and
-    /// the others filled one by one.
+    /// Fills the missing pages at `dst` with `src` and wakes whoever waits on them. If the
+    /// call stops partway (a page present already, a mapping change), the rest is filled page
+    /// by page and present pages are left as they are.
     pub fn copy(&self, dst: u64, src: &[u8]) -> std::io::Result<()> {
         let copy_one = |dst: u64, src: &[u8]| {
             let mut copy = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
@@ -188,9 +188,9 @@ impl Userfault {
             check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut copy) })
         };
         match copy_one(dst, src) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            Err(e) if partial(&e) => {
                 for (i, page) in src.chunks(PAGE).enumerate() {
-                    eexist_is_fine(copy_one(dst + (i * PAGE) as u64, page))?;
+                    one_page(|| copy_one(dst + (i * PAGE) as u64, page))?;
                 }
                 Ok(())
             }
@@ -207,9 +207,9 @@ impl Userfault {
             check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut zero) })
         };
         match zero_one(dst, len) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            Err(e) if partial(&e) => {
                 for at in (dst..dst + len).step_by(PAGE) {
-                    eexist_is_fine(zero_one(at, PAGE as u64))?;
+                    one_page(|| zero_one(at, PAGE as u64))?;
                 }
                 Ok(())
             }
@@ -218,9 +218,21 @@ impl Userfault {
     }
 }
 
-fn eexist_is_fine(result: std::io::Result<()>) -> std::io::Result<()> {
-    match result {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        other => other,
+/// A multi-page fill that stopped partway: EEXIST (a page present already) or EAGAIN (the
+/// kernel filled some pages, then met a present one or a mapping change). Either way the rest
+/// is done page by page.
+fn partial(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EAGAIN))
+}
+
+/// One page's fill: done when the page is present (EEXIST), retried while the mapping changes
+/// under it (EAGAIN).
+fn one_page(mut fill: impl FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
+    loop {
+        match fill() {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+            other => return other,
+        }
     }
 }

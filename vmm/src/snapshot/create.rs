@@ -49,12 +49,17 @@ impl SnapshotSource<'_> {
             SnapshotKind::Full => None,
             SnapshotKind::Diff => Some(self.dirty.parent().ok_or(SnapshotError::NoParent)?),
         };
-        let memory_file = request.prepare_directory()?;
+        let (memory_file, created) = request.prepare_directory()?;
         let result = self.take_into(request, parent, &memory_file, started);
         if result.is_err() {
-            // Leave nothing that could pass for a snapshot.
-            let _ = std::fs::remove_file(request.path.join(format::MEMORY_FILE));
-            let _ = std::fs::remove_file(request.path.join(format::STATE_FILE));
+            // Leave nothing that could pass for a snapshot, nor block a retry into the same
+            // directory.
+            for name in [format::MEMORY_FILE, format::STATE_FILE, format::STATE_TMP_FILE] {
+                let _ = std::fs::remove_file(request.path.join(name));
+            }
+            if created {
+                let _ = std::fs::remove_dir(&request.path);
+            }
         }
         result
     }

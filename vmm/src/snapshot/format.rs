@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
+/// The state file while it is written (renamed into place when complete).
+pub const STATE_TMP_FILE: &str = "state.tmp";
 
 const MAGIC: [u8; 8] = *b"VMMSNAP\0";
 /// Bumped whenever the payload's meaning changes; older files are refused, not guessed at.
@@ -66,7 +68,7 @@ pub fn write_state<T: Serialize>(path: &Path, value: &T) -> Result<u64, FormatEr
     header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     header[24..32].copy_from_slice(&CRC.checksum(&payload).to_le_bytes());
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_file_name(STATE_TMP_FILE);
     let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
     file.write_all(&header).and_then(|()| file.write_all(&payload)).map_err(io_err(&tmp))?;
     file.sync_all().map_err(io_err(&tmp))?;

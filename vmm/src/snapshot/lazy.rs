@@ -7,6 +7,8 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -16,7 +18,7 @@ use super::dirty::dirty_ranges;
 use super::format::PAGE;
 use super::restore::LoadedSnapshot;
 use crate::memory::uffd::{Userfault, Wait};
-use crate::memory::{GuestRam, data_extents};
+use crate::memory::{GuestRam, RamFiller, data_extents};
 
 /// Where a page comes from: 0 for zeros, else 1 + the index of the layer holding it.
 type Source = u16;
@@ -42,6 +44,14 @@ const PREFETCH_CHUNK: usize = 512;
 pub struct LazyFiller {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Every page has been filled.
+    complete: Arc<AtomicBool>,
+}
+
+impl RamFiller for LazyFiller {
+    fn filling(&self) -> bool {
+        !self.complete.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for LazyFiller {
@@ -93,29 +103,49 @@ pub fn start(ram: &GuestRam, snapshot: &LoadedSnapshot, on_fatal: OnFatal) -> Re
         .collect::<Result<Vec<_>, _>>()?;
     let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| SnapshotError::State(format!("eventfd: {e}")))?;
     let stop_fd = stop.try_clone().map_err(|e| SnapshotError::State(format!("eventfd: {e}")))?;
+    let complete = Arc::new(AtomicBool::new(false));
+    let done = complete.clone();
     let thread = std::thread::Builder::new()
         .name("uffd".into())
         .spawn(move || {
-            if let Err(e) = serve(&uffd, &mut regions, &files, &stop_fd) {
+            if let Err(e) = serve(&uffd, &mut regions, &files, &stop_fd, &done) {
                 log::error!("lazy restore: {e}");
                 on_fatal(e);
-                // Keep the descriptor open until told to stop: closing it would turn the
-                // missing pages into zeros under a guest that may still be running.
-                let _ = uffd.next_fault(stop_fd.as_raw_fd(), -1);
+                release(&uffd, &stop_fd);
             }
         })
         .map_err(|e| SnapshotError::State(format!("fault handler thread: {e}")))?;
-    Ok(LazyFiller { stop, thread: Some(thread) })
+    Ok(LazyFiller { stop, thread: Some(thread), complete })
+}
+
+/// After a page could not be served the VM has been ended (`on_fatal`), but threads may be
+/// waiting on missing pages, some where no signal reaches them (KVM reading guest memory):
+/// they get zero pages until the VM is gone, so that they can see the VM stop and leave. The
+/// descriptor stays open meanwhile: closing it would let the guest itself, if it still ran,
+/// read zeros for every page not yet filled.
+fn release(uffd: &Userfault, stop: &EventFd) {
+    while let Ok(Wait::Fault(address)) = uffd.next_fault(stop.as_raw_fd(), -1) {
+        let _ = uffd.zero(address & !(PAGE as u64 - 1), PAGE as u64);
+    }
 }
 
 /// Serves faults, and fills the rest between them, until stopped; an error means a page could
 /// not be served.
-fn serve(uffd: &Userfault, regions: &mut [Region], files: &[File], stop: &EventFd) -> Result<(), String> {
+fn serve(
+    uffd: &Userfault,
+    regions: &mut [Region],
+    files: &[File],
+    stop: &EventFd,
+    complete: &AtomicBool,
+) -> Result<(), String> {
     let mut buffer = vec![0u8; PREFETCH_CHUNK * PAGE];
     // The background fill's position: (region, page).
     let mut cursor = (0usize, 0usize);
     loop {
         let done = cursor.0 >= regions.len();
+        if done {
+            complete.store(true, Ordering::Release);
+        }
         let address = match uffd.next_fault(stop.as_raw_fd(), if done { -1 } else { 0 }) {
             Ok(Wait::Fault(address)) => address & !(PAGE as u64 - 1),
             Ok(Wait::Stop) => return Ok(()),

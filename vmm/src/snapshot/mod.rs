@@ -194,30 +194,37 @@ impl SnapshotRequest {
     pub fn check(&self) -> Result<(), SnapshotError> {
         crate::swap::check_ms("drain_timeout_ms", self.drain_timeout_ms, crate::swap::MAX_DRAIN_MS)
             .map_err(|e| SnapshotError::Request { field: "drain_timeout_ms", reason: e.to_string() })?;
+        if self.path.as_os_str().is_empty() {
+            return Err(SnapshotError::Request { field: "path", reason: "must name a directory".into() });
+        }
         Ok(())
     }
 
-    /// Creates the snapshot directory (it may exist if empty) and opens the memory file.
-    pub fn prepare_directory(&self) -> Result<File, SnapshotError> {
+    /// Creates the snapshot directory (it may exist if empty) and opens the memory file;
+    /// returns whether it created the directory.
+    pub fn prepare_directory(&self) -> Result<(File, bool), SnapshotError> {
         let dir_err = |reason: String| SnapshotError::Directory { path: self.path.clone(), reason };
-        match std::fs::read_dir(&self.path) {
+        let created = match std::fs::read_dir(&self.path) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
                     return Err(dir_err("is not empty (a snapshot never overwrites files)".into()));
                 }
+                false
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(&self.path).map_err(|e| dir_err(e.to_string()))?
+                std::fs::create_dir_all(&self.path).map_err(|e| dir_err(e.to_string()))?;
+                true
             }
             Err(e) => return Err(dir_err(e.to_string())),
-        }
+        };
         let path = self.path.join(format::MEMORY_FILE);
-        OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(|source| SnapshotError::Write { path, source })
+            .map_err(|source| SnapshotError::Write { path, source })?;
+        Ok((file, created))
     }
 }
 

@@ -32,29 +32,32 @@ pub struct MemoryLayer {
 /// file is checked (see [`format`]) and every parent must be the one the child names.
 pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let (state, newest) = load_one(dir)?;
+    let mut seen = std::collections::HashSet::from([state.id]);
     let mut layers = vec![newest];
     let (mut kind, mut parent) = (state.kind, state.parent.clone());
     let mut child_dir = dir.to_path_buf();
     while kind == SnapshotKind::Diff {
+        let chain = |reason: String| SnapshotError::from(RestoreError::Chain { path: child_dir.clone(), reason });
         let Some(wanted) = parent else {
-            return Err(RestoreError::Chain { path: child_dir, reason: "a diff without a parent".into() }.into());
+            return Err(chain("a diff without a parent".into()));
         };
-        if layers.len() > MAX_CHAIN {
-            return Err(RestoreError::Chain { path: child_dir, reason: format!("more than {MAX_CHAIN} links") }.into());
+        if layers.len() >= MAX_CHAIN {
+            return Err(chain(format!("more than {MAX_CHAIN} links")));
+        }
+        if !seen.insert(wanted.id) {
+            return Err(chain(format!("its parents loop back to snapshot {:016x}", wanted.id)));
         }
         let (older, layer) = load_one(&wanted.path)?;
         if older.id != wanted.id {
-            let reason = format!(
+            return Err(chain(format!(
                 "its parent {} holds snapshot {:016x}, not {:016x} (was it replaced?)",
                 wanted.path.display(),
                 older.id,
                 wanted.id
-            );
-            return Err(RestoreError::Chain { path: child_dir, reason }.into());
+            )));
         }
         if older.config.mem_mib != state.config.mem_mib {
-            let reason = format!("its parent {} has another RAM size", wanted.path.display());
-            return Err(RestoreError::Chain { path: child_dir, reason }.into());
+            return Err(chain(format!("its parent {} has another RAM size", wanted.path.display())));
         }
         layers.push(layer);
         (kind, parent, child_dir) = (older.kind, older.parent, wanted.path);
@@ -66,9 +69,11 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
 fn load_one(dir: &Path) -> Result<(VmSnapshot, MemoryLayer), SnapshotError> {
     let snapshot: VmSnapshot = format::read_state(&dir.join(format::STATE_FILE))?;
     let path = dir.join(format::MEMORY_FILE);
+    check_regions(&path, &snapshot)?;
     let read_err = |source| SnapshotError::Read { path: path.clone(), source };
     let file = File::open(&path).map_err(read_err)?;
     let len = file.metadata().map_err(read_err)?.len();
+    // Checked in check_regions: no sum overflows.
     let needed = snapshot.regions.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
     if len < needed {
         let what = format!("{len} bytes, the state describes {needed} bytes of guest RAM");
@@ -76,6 +81,36 @@ fn load_one(dir: &Path) -> Result<(VmSnapshot, MemoryLayer), SnapshotError> {
     }
     let layer = MemoryLayer { path, file, regions: snapshot.regions.clone() };
     Ok((snapshot, layer))
+}
+
+/// What a state file says of its memory must hold together before anything relies on it:
+/// sizes that fit in a file, a page map of the right length on every region of a diff and on
+/// none of a full snapshot, a parent for a diff only.
+fn check_regions(path: &Path, snapshot: &VmSnapshot) -> Result<(), SnapshotError> {
+    let bad = |what: String| SnapshotError::from(FormatError::Decode { path: path.to_path_buf(), reason: what });
+    let diff = snapshot.kind == SnapshotKind::Diff;
+    if diff != snapshot.parent.is_some() {
+        return Err(bad(format!("a {:?} snapshot {} a parent", snapshot.kind, if diff { "without" } else { "with" })));
+    }
+    for region in &snapshot.regions {
+        if region.file_offset.checked_add(region.size).is_none() || region.size % format::PAGE as u64 != 0 {
+            return Err(bad(format!(
+                "region {} has offset {} and size {}",
+                region.slot, region.file_offset, region.size
+            )));
+        }
+        let words = (region.size / format::PAGE as u64).div_ceil(64) as usize;
+        match (&region.dirty, diff) {
+            (None, false) => {}
+            (Some(map), true) if map.len() == words => {}
+            (map, _) => {
+                let found = map.as_ref().map_or("none".to_string(), |m| format!("{} words", m.len()));
+                let wanted = if diff { format!("{words} words") } else { "none".into() };
+                return Err(bad(format!("region {}'s page map has {found}, expected {wanted}", region.slot)));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +187,7 @@ pub fn guest_ram(snapshot: &LoadedSnapshot, mode: MemoryMode, on_fatal: OnFatal)
         }
         for diff in diffs {
             let saved = &diff.regions[index];
+            // Present and of the right length on every diff (checked when loading).
             let dirty = saved.dirty.as_deref().unwrap_or_default();
             for (start, len) in dirty_ranges(dirty, format::PAGE as u64, region.size) {
                 // A hole in the diff's file is a page of zeros: pread returns zeros there.

@@ -80,12 +80,8 @@ impl SwapLauncher<'_> {
         self.record.set_target(description);
         let target = self.target(device);
         let (record, params) = (self.record.clone(), self.params());
-        self.spawn(move || {
-            transaction::run(&target, backend, &params, &record);
-            if record.snapshot().state == SwapState::Committed {
-                on_commit();
-            }
-        });
+        record.on_commit(on_commit);
+        self.spawn(move || transaction::run(&target, backend, &params, &record));
         Ok(())
     }
 }

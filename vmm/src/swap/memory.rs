@@ -58,6 +58,10 @@ pub enum MemorySwapError {
     Invalid(#[from] crate::config::json::FieldError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(
+        "guest RAM is still being filled from the snapshot it was restored from (--memory uffd); swap once that is done"
+    )]
+    StillFilling,
     #[error("region {slot} already uses {backing}")]
     Same { slot: u32, backing: RamBacking },
     #[error("device {device} still has {pending} request(s) in flight after {timeout_ms} ms; nothing changed")]
@@ -96,6 +100,9 @@ pub struct MemorySwap<'a> {
 impl MemorySwap<'_> {
     pub fn run(&self, slot: u32, request: &MemorySwapRequest) -> Result<MemorySwapReport, MemorySwapError> {
         super::check_ms("drain_timeout_ms", request.drain_timeout_ms, super::MAX_DRAIN_MS)?;
+        if self.ram.still_filling() {
+            return Err(MemorySwapError::StillFilling);
+        }
         let old = self.ram.region(slot).ok_or(MemoryError::NoSuchRegion(slot))?;
         if old.backing == request.backing {
             return Err(MemorySwapError::Same { slot, backing: old.backing });

@@ -91,7 +91,11 @@ pub struct SwapRecord {
 #[derive(Clone)]
 pub struct SwapHandle {
     inner: Arc<(Mutex<SwapRecord>, Condvar)>,
+    /// Runs when the swap commits, before anyone can see it committed.
+    on_commit: Arc<Mutex<Option<CommitHook>>>,
 }
+
+type CommitHook = Box<dyn FnOnce() + Send>;
 
 impl SwapHandle {
     pub fn new(id: u64, device: &str, mode: &str, from: String) -> Self {
@@ -110,7 +114,7 @@ impl SwapHandle {
             duration_us: None,
             started: Some(Instant::now()),
         };
-        Self { inner: Arc::new((Mutex::new(record), Condvar::new())) }
+        Self { inner: Arc::new((Mutex::new(record), Condvar::new())), on_commit: Arc::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, SwapRecord> {
@@ -154,8 +158,19 @@ impl SwapHandle {
         self.lock().copy = Some(stats);
     }
 
+    /// Has `hook` run when the swap commits, before the record says so (a device records its
+    /// new backend there, so nothing that sees the swap committed sees the old one).
+    pub fn on_commit(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.on_commit.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
+    }
+
     /// Ends the swap.
     pub fn finish(&self, state: SwapState, reason: Option<String>) {
+        if state == SwapState::Committed
+            && let Some(hook) = self.on_commit.lock().unwrap_or_else(|p| p.into_inner()).take()
+        {
+            hook();
+        }
         let mut r = self.lock();
         r.state = state;
         r.reason = reason;
