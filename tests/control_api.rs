@@ -194,6 +194,19 @@ fn every_endpoint_answers_in_the_documented_shape() {
     let (_, regions) = call("GET", "/memory/regions", "/memory/regions", None);
     assert_eq!(regions[0]["backing"], json!({"kind": "memfd"}));
 
+    // The memory swap left no base for a diff; a full snapshot starts one (after the disk
+    // swap above: the snapshot names the backend serving now).
+    let snapshots = rig.dir.join("snapshots");
+    let diff = json!({"path": snapshots.join("early"), "kind": "diff"});
+    let (refused, _) = call("POST", "/snapshots", "/snapshots", Some(diff));
+    assert_eq!(refused.status, 409);
+    let (created, report) = call("POST", "/snapshots", "/snapshots", Some(json!({"path": snapshots.join("full")})));
+    assert_eq!((created.status, report["kind"].as_str(), report["devices"].as_u64()), (201, Some("full"), Some(3)));
+    let diff = json!({"path": snapshots.join("diff"), "kind": "diff"});
+    let (created, report) = call("POST", "/snapshots", "/snapshots", Some(diff));
+    assert_eq!((created.status, report["kind"].as_str()), (201, Some("diff")));
+    assert!(report["memory_written_bytes"].as_u64() < Some(report["memory_bytes"].as_u64().unwrap()), "{report}");
+
     let (metrics, _) = call("GET", "/metrics", "/metrics", None);
     let text = String::from_utf8(metrics.body).unwrap();
     check_prometheus(&text);
@@ -297,6 +310,10 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
         ),
         ("a NIC backend for a disk", swap(r#"{"backend": {"tap": "x"}}"#.into()), 400, Some("backend.tap")),
         ("no backend", swap("{}".into()), 400, Some("backend")),
+        ("snapshot without a path", post("/snapshots", "{}"), 400, Some("path")),
+        ("snapshot to an empty path", post("/snapshots", r#"{"path": ""}"#), 400, Some("path")),
+        ("unknown snapshot kind", post("/snapshots", r#"{"path": "/tmp/x", "kind": "partial"}"#), 400, Some("kind")),
+        ("unknown snapshot field", post("/snapshots", r#"{"path": "/tmp/x", "zip": true}"#), 400, Some("zip")),
         (
             "bad verify window",
             swap(format!(r#"{{"backend": {good_backend}, "verify": {{"window_ms": "soon"}}}}"#)),
