@@ -27,18 +27,6 @@ impl NetDevice {
     }
 }
 
-/// Modes and options only disks have, refused for the other kinds with the field named.
-pub(super) fn switch_only(request: &SwapRequest, kind: &str, id: &str) -> Result<(), FieldError> {
-    if request.mode != crate::swap::SwapMode::Switch {
-        let e = format!("mode {:?} applies to disks, {id} is a {kind} device", request.mode);
-        return Err(FieldError::new("mode", e));
-    }
-    if request.fault.is_some() {
-        return Err(FieldError::new("fault", "fault injection applies to disks"));
-    }
-    Ok(())
-}
-
 impl VmDevice for NetDevice {
     fn kind(&self) -> &'static str {
         "net"
@@ -66,7 +54,7 @@ impl VmDevice for NetDevice {
     }
 
     fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError> {
-        switch_only(request, self.kind(), id)
+        request.switch_only(id, self.kind())
     }
 
     fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {

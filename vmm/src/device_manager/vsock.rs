@@ -12,7 +12,6 @@ use devices::vsock::{VirtioVsock, VsockBackend};
 use serde::Deserialize;
 
 use super::backends;
-use super::net::switch_only;
 use super::registry::VmDevice;
 use crate::config::json::FieldError;
 use crate::config::{DeviceConfig, VsockConfig};
@@ -64,7 +63,7 @@ impl VmDevice for VsockDevice {
     }
 
     fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError> {
-        switch_only(request, self.kind(), id)
+        request.switch_only(id, self.kind())
     }
 
     fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {

@@ -95,6 +95,18 @@ pub(crate) fn check_ms(field: &str, value: u64, max: u64) -> Result<(), FieldErr
 }
 
 impl SwapRequest {
+    /// Refuses the modes and options only disks have (for devices of another `kind`).
+    pub fn switch_only(&self, id: &str, kind: &str) -> Result<(), FieldError> {
+        if self.mode != SwapMode::Switch {
+            let e = format!("mode {:?} applies to disks, {id} is a {kind} device", self.mode);
+            return Err(FieldError::new("mode", e));
+        }
+        if self.fault.is_some() {
+            return Err(FieldError::new("fault", "fault injection applies to disks"));
+        }
+        Ok(())
+    }
+
     /// Timeouts a client may ask for: a typo must not park a device or a swap thread for days.
     fn check_limits(&self) -> Result<(), FieldError> {
         check_ms("drain_timeout_ms", self.drain_timeout_ms, MAX_DRAIN_MS)?;
