@@ -176,8 +176,12 @@ const ETHERTYPE_TEST: u16 = 0x88b5;
 
 impl TapEcho {
     pub fn start(ifname: &str) -> Self {
+        // Protocol 0: the socket receives nothing until bound to our interface below. Created
+        // with the test ethertype it would take that ethertype from every interface until the
+        // bind, and later echo those frames out of the interface each came from: another
+        // test's NIC would see its frames twice.
         // SAFETY: creating a socket; ownership is taken right away.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETHERTYPE_TEST.to_be())) };
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
         assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
         // SAFETY: `fd` is a fresh descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -209,7 +213,7 @@ impl TapEcho {
                         &mut len,
                     )
                 };
-                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING || from.sll_ifindex != index as i32 {
                     continue;
                 }
                 // SAFETY: sending the bytes just received out of the same interface.
