@@ -16,9 +16,7 @@ use vm_memory::GuestAddressSpace;
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::device_manager::{
-    BlockDevice, DeviceError, DeviceHandle, DeviceManagerBuilder, NetDevice, VsockDevice, backends,
-};
+use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder, Registered, backends};
 use crate::exit::ExitState;
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
 use crate::memory::{GuestRam, MemoryError, RamBacking};
@@ -230,7 +228,7 @@ fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceM
             kvm,
             id,
             |irq, mem| VirtioBlock::new(backend, id, irq, mem),
-            |d| DeviceHandle::new(BlockDevice::new(d, disk.clone())),
+            |d| DeviceHandle::new(Registered::new(d, disk.clone())),
         )?;
     }
     for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
@@ -240,7 +238,7 @@ fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceM
             kvm,
             id,
             |irq, mem| VirtioNet::new(backend, settings, irq, mem),
-            |d| DeviceHandle::new(NetDevice::new(d, net.clone())),
+            |d| DeviceHandle::new(Registered::new(d, net.clone())),
         )?;
     }
     if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
@@ -248,7 +246,7 @@ fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceM
         let cid = vsock.cid;
         let make = |irq, mem| VirtioVsock::new(cid, Box::new(backend), irq, mem);
         let config = vsock.clone();
-        devices.add(kvm, id, make, move |d| DeviceHandle::new(VsockDevice::new(d, config)))?;
+        devices.add(kvm, id, make, move |d| DeviceHandle::new(Registered::new(d, config)))?;
     }
     Ok(devices)
 }

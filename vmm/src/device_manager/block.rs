@@ -1,17 +1,15 @@
 //! The virtio-blk device in the registry: its backends are disks (`{"path", "engine"}`,
 //! `{"nbd", "export"}`), swapped by a switch, a live migration or a new image.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use devices::blk::{BlockBackend, FaultyBackend, Takeover, VirtioBlock};
 use devices::bus::lock_device;
-use devices::lifecycle::Lifecycle;
 use devices::metrics::RequestMetrics;
-use devices::virtio::VirtioDevice;
 
 use super::backends;
-use super::registry::VmDevice;
+use super::registry::{DeviceKind, Registered};
 use crate::config::json::FieldError;
 use crate::config::{DeviceConfig, DiskConfig};
 use crate::swap::{
@@ -23,49 +21,28 @@ use crate::swap::{
 /// set much shorter than a network round trip to an NBD server).
 const PROBE_MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub struct BlockDevice {
-    device: Arc<Mutex<VirtioBlock>>,
-    /// The configuration of the backend serving now (updated when a swap commits).
-    config: Arc<Mutex<DiskConfig>>,
-}
+impl DeviceKind for VirtioBlock {
+    type Config = DiskConfig;
+    const KIND: &'static str = "block";
 
-impl BlockDevice {
-    pub fn new(device: Arc<Mutex<VirtioBlock>>, config: DiskConfig) -> Self {
-        Self { device, config: Arc::new(Mutex::new(config)) }
-    }
-}
-
-impl VmDevice for BlockDevice {
-    fn kind(&self) -> &'static str {
-        "block"
+    fn describe_backend(&self) -> String {
+        self.backend().info().description.clone()
     }
 
-    fn backend_description(&self) -> String {
-        lock_device(&self.device).backend().info().description.clone()
+    fn request_metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
+        vec![("io", self.metrics())]
     }
 
-    fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
-        f(&mut *lock_device(&self.device))
+    fn device_config(config: DiskConfig) -> DeviceConfig {
+        DeviceConfig::Disk(config)
     }
 
-    fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
-        vec![("io", lock_device(&self.device).metrics())]
-    }
-
-    fn config_space(&self) -> Vec<u8> {
-        lock_device(&self.device).config_space()
-    }
-
-    fn current_config(&self) -> DeviceConfig {
-        DeviceConfig::Disk(lock_device(&self.config).clone())
-    }
-
-    fn check_swap(&self, _id: &str, _request: &SwapRequest) -> Result<(), FieldError> {
+    fn check_swap(_id: &str, _request: &SwapRequest) -> Result<(), FieldError> {
         // Every mode and fault injection apply to disks.
         Ok(())
     }
 
-    fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {
+    fn start_swap(this: &Registered<Self>, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {
         let (id, request) = (launcher.id(), launcher.request());
         let disk: DiskConfig = launcher.backend()?;
         if disk.id.is_some() {
@@ -83,12 +60,12 @@ impl VmDevice for BlockDevice {
             SwapMode::Migrate => Takeover::CopiedData,
             SwapMode::NewImage => Takeover::NewImage,
         };
-        let compatible = lock_device(&self.device).check_takeover(&*backend, takeover);
+        let compatible = lock_device(&this.device).check_takeover(&*backend, takeover);
         compatible.map_err(|e| SwapError::Incompatible(e.to_string()))?;
         launcher.record().set_target(backend.info().description.clone());
-        let target = launcher.target(self.device.clone());
+        let target = launcher.target(this.device.clone());
         let (current, new_config) =
-            (self.config.clone(), DiskConfig { id: lock_device(&self.config).id.clone(), ..disk });
+            (this.config.clone(), DiskConfig { id: lock_device(&this.config).id.clone(), ..disk });
         let (record, params, mode, migrate) =
             (launcher.record().clone(), launcher.params(), request.mode, request.migrate);
         record.on_commit(move || *lock_device(&current) = new_config);

@@ -15,11 +15,8 @@ use devices::bus::{Bus, BusRange, lock_device};
 use devices::interrupt::{EventFdInterrupt, InterruptLine};
 use devices::virtio::{DeviceWorker, MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, ResyncHandle, VirtioDevice};
 
-pub use block::BlockDevice;
 pub use event_loop::{EventLoop, EventLoopBuilder};
-pub use net::NetDevice;
-pub use registry::{DeviceHandle, VmDevice};
-pub use vsock::VsockDevice;
+pub use registry::{DeviceHandle, DeviceKind, Registered, VmDevice};
 
 use crate::hv::{HvError, KvmVm};
 use crate::memory::SharedGuestMem;

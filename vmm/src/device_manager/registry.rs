@@ -1,11 +1,14 @@
 //! The one registry of devices: everything generic code (the control API, swaps, snapshots,
 //! the quiesce guard) needs of a device, behind one trait, so none of it names a device type
-//! or downcasts. Each device kind implements it once, in its own file next to this one.
+//! or downcasts. A device kind brings only what is its own ([`DeviceKind`], in its own file
+//! next to this one); [`Registered`] does the rest for every kind.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use devices::bus::lock_device;
 use devices::lifecycle::Lifecycle;
 use devices::metrics::RequestMetrics;
+use devices::virtio::VirtioDevice;
 
 use crate::config::DeviceConfig;
 use crate::config::json::FieldError;
@@ -32,6 +35,68 @@ pub trait VmDevice: Send + Sync {
     /// Opens the backend the request describes (in the fields of this device's flag), checks
     /// it can take over and launches the swap. Errors mean nothing changed.
     fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError>;
+}
+
+/// What differs from one kind of device to another.
+pub trait DeviceKind: VirtioDevice + Send + Sized + 'static {
+    /// The device's configuration (its flag's fields), kept for its current backend.
+    type Config: Clone + Send + 'static;
+    /// What the API shows as the device's kind.
+    const KIND: &'static str;
+    fn describe_backend(&self) -> String;
+    fn request_metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)>;
+    fn device_config(config: Self::Config) -> DeviceConfig;
+    /// See [`VmDevice::check_swap`].
+    fn check_swap(id: &str, request: &SwapRequest) -> Result<(), FieldError>;
+    /// See [`VmDevice::start_swap`].
+    fn start_swap(device: &Registered<Self>, launcher: &SwapLauncher<'_>) -> Result<(), SwapError>;
+}
+
+/// A device in the registry, with the configuration of the backend serving it now (a
+/// committed swap updates it).
+pub struct Registered<D: DeviceKind> {
+    pub device: Arc<Mutex<D>>,
+    pub config: Arc<Mutex<D::Config>>,
+}
+
+impl<D: DeviceKind> Registered<D> {
+    pub fn new(device: Arc<Mutex<D>>, config: D::Config) -> Self {
+        Self { device, config: Arc::new(Mutex::new(config)) }
+    }
+}
+
+impl<D: DeviceKind> VmDevice for Registered<D> {
+    fn kind(&self) -> &'static str {
+        D::KIND
+    }
+
+    fn backend_description(&self) -> String {
+        lock_device(&self.device).describe_backend()
+    }
+
+    fn with_lifecycle(&self, f: &mut dyn FnMut(&mut dyn Lifecycle)) {
+        f(&mut *lock_device(&self.device))
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, Arc<RequestMetrics>)> {
+        lock_device(&self.device).request_metrics()
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        lock_device(&self.device).config_space()
+    }
+
+    fn current_config(&self) -> DeviceConfig {
+        D::device_config(lock_device(&self.config).clone())
+    }
+
+    fn check_swap(&self, id: &str, request: &SwapRequest) -> Result<(), FieldError> {
+        D::check_swap(id, request)
+    }
+
+    fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {
+        D::start_swap(self, launcher)
+    }
 }
 
 /// A shared handle on a registered device.

@@ -222,29 +222,32 @@ pub struct GuestRam {
 impl GuestRam {
     /// Allocates `size` bytes of RAM laid out around the MMIO gap, all with `backing`.
     pub fn new(size: u64, backing: &RamBacking) -> Result<Self, MemoryError> {
-        if size < (1 << 20) || !size.is_multiple_of(4096) {
-            return Err(MemoryError::BadSize(size));
-        }
-        let mut regions = Vec::new();
-        let mut file_offset = 0;
-        for (slot, (guest_addr, len)) in layout::ram_ranges(size).into_iter().enumerate() {
-            regions.push(RamRegion::map(slot as u32, guest_addr, len, backing, file_offset)?);
-            file_offset += len;
-        }
-        let memory = GuestMemoryAtomic::new(collection(&regions)?);
-        Ok(Self { fillers: Mutex::default(), regions: Mutex::new(regions), memory })
+        Self::laid_out(size, |slot, guest_addr, len, file_offset| {
+            RamRegion::map(slot, guest_addr, len, backing, file_offset)
+        })
     }
 
     /// RAM laid out as [`new`](Self::new) lays it out, each region a private mapping of `file`
     /// at consecutive offsets (a snapshot's memory file; see [`RamRegion::map_file_private`]).
     pub fn map_file_private(size: u64, file: &File) -> Result<Self, MemoryError> {
+        Self::laid_out(size, |slot, guest_addr, len, file_offset| {
+            RamRegion::map_file_private(slot, guest_addr, len, file, file_offset)
+        })
+    }
+
+    /// `size` bytes around the MMIO gap, one region per range, each mapped by `map(slot,
+    /// guest address, length, offset of the region in a file of all of RAM)`.
+    fn laid_out(
+        size: u64,
+        mut map: impl FnMut(u32, u64, u64, u64) -> Result<RamRegion, MemoryError>,
+    ) -> Result<Self, MemoryError> {
         if size < (1 << 20) || !size.is_multiple_of(4096) {
             return Err(MemoryError::BadSize(size));
         }
         let mut regions = Vec::new();
         let mut file_offset = 0;
         for (slot, (guest_addr, len)) in layout::ram_ranges(size).into_iter().enumerate() {
-            regions.push(RamRegion::map_file_private(slot as u32, guest_addr, len, file, file_offset)?);
+            regions.push(map(slot as u32, guest_addr, len, file_offset)?);
             file_offset += len;
         }
         let memory = GuestMemoryAtomic::new(collection(&regions)?);
