@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Capture, TempDir};
 use serde_json::json;
-use vmm::memory::RamBacking;
+use vmm::RamBacking;
 use vmm::snapshot::{ParentRef, SnapshotKind, SnapshotReport, SnapshotRequest, VmSnapshot, format};
 use vmm::swap::MemorySwapRequest;
 use vmm::{SerialOutput, Vm, VmBuilder, VmConfig};

@@ -597,8 +597,8 @@ fn memtouch_pattern_survives_memory_backing_swaps() {
     assert_eq!(region.backing, RamBacking::Anonymous, "{regions:?}");
 
     let mut plan = vec![RamBacking::Memfd, RamBacking::File { path: dir.join("guest-ram") }];
-    let huge_needed = region.size.div_ceil(vmm::memory::HUGE_PAGE);
-    let huge_free = vmm::memory::free_huge_pages();
+    let huge_needed = region.size.div_ceil(vmm::HUGE_PAGE);
+    let huge_free = vmm::free_huge_pages();
     if huge_free >= huge_needed {
         plan.push(RamBacking::Hugetlbfs);
     } else {

@@ -283,6 +283,9 @@ fn boot(
         rsdp: Some(rsdp),
     };
     let booted = boot::load(&guest_mem, &ranges, &spec)?;
+    if let Some((addr, size)) = booted.initrd {
+        log::debug!("initrd: {size} bytes at {addr:#x}");
+    }
     let vcpus = create_vcpus(hv, kvm, config.vcpus, Some(&booted.cpu))?;
     let info = VmInfo {
         vcpus: config.vcpus,

@@ -16,30 +16,28 @@
 //! Layout: [`hv`] owns every KVM object; [`memory`] the guest RAM regions and their
 //! backings; [`boot`] the kernel loaders and boot structures; [`vcpu`] the vCPU threads and
 //! their pause/resume rendezvous; [`vm`] the running-VM handle; [`builder`] composes them from
-//! a [`VmConfig`]. Device models live in the `devices` crate. [`image`] builds a Linux guest
-//! image (kernel and initramfs) from Debian's packages, for the Linux boot test.
+//! a [`VmConfig`]. Device models live in the `devices` crate.
 
-pub mod acpi;
+mod acpi;
 pub mod api;
-pub mod boot;
-pub mod builder;
+mod boot;
+mod builder;
 pub mod config;
-pub mod device_manager;
-pub mod exit;
-pub mod hv;
-pub mod image;
-pub mod memory;
-pub mod quiesce;
+mod device_manager;
+mod exit;
+mod hv;
+mod memory;
+mod quiesce;
 pub mod snapshot;
 pub mod swap;
-pub mod vcpu;
-pub mod vm;
+mod vcpu;
+mod vm;
 
 pub use boot::BootProtocol;
 pub use builder::{BuildError, VmBuilder};
 pub use config::{SerialConfig, VmConfig};
 pub use devices::legacy::SerialOutput;
-pub use memory::RamBacking;
+pub use memory::{HUGE_PAGE, RamBacking, free_huge_pages};
 pub use vm::{SerialInput, Vm, VmError, VmExit, VmInfo, VmState};
 
 /// What a caught panic said, for an error report (threads that must not take the VM down

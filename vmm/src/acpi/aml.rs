@@ -198,7 +198,9 @@ pub mod resource {
     /// for children), it is edge-triggered, active-low, shared.
     pub const INT_CONSUMER: u8 = 1 << 0;
     pub const INT_EDGE: u8 = 1 << 1;
+    #[cfg(test)]
     pub const INT_ACTIVE_LOW: u8 = 1 << 2;
+    #[cfg(test)]
     pub const INT_SHARED: u8 = 1 << 3;
 
     /// `IO (Decode16, base, base, 1, len)`: a fixed range of `len` ports at `base`.

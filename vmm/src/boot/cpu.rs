@@ -16,11 +16,6 @@ const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS bit 1 is reserved and always set.
 const RFLAGS_RESERVED: u64 = 0x2;
 
-/// GDT selectors of the boot GDT.
-pub const SELECTOR_CODE: u16 = 0x08;
-pub const SELECTOR_DATA: u16 = 0x10;
-pub const SELECTOR_TSS: u16 = 0x18;
-
 /// Which kind of code segment the boot GDT carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CodeMode {

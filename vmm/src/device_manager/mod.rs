@@ -16,7 +16,7 @@ use devices::interrupt::{EventFdInterrupt, InterruptLine};
 use devices::virtio::{DeviceWorker, MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, ResyncHandle, VirtioDevice};
 
 pub use event_loop::{EventLoop, EventLoopBuilder};
-pub use registry::{DeviceHandle, DeviceKind, Registered, VmDevice};
+pub use registry::{DeviceHandle, Registered};
 
 use crate::hv::{HvError, KvmVm};
 use crate::memory::SharedGuestMem;

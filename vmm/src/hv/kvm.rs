@@ -59,11 +59,6 @@ impl Hypervisor {
         self.kvm.get_nr_vcpus()
     }
 
-    /// Most memory slots one VM may have.
-    pub fn max_memslots(&self) -> usize {
-        self.kvm.get_nr_memslots()
-    }
-
     /// The CPUID leaves KVM can present to a guest.
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
@@ -160,16 +155,6 @@ impl KvmVm {
             None => self.fd.register_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
         }
         .op("KVM_IOEVENTFD")
-    }
-
-    /// Undoes [`register_mmio_ioevent`](Self::register_mmio_ioevent).
-    pub fn unregister_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: Option<u32>) -> Result<()> {
-        let addr = IoEventAddress::Mmio(addr);
-        match datamatch {
-            Some(value) => self.fd.unregister_ioevent(evt, &addr, value),
-            None => self.fd.unregister_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
-        }
-        .op("KVM_IOEVENTFD (deassign)")
     }
 
     /// Creates vCPU `id` (its local APIC id too).

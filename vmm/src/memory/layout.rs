@@ -12,8 +12,6 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 1 << 32;
 /// Where virtio-mmio device windows are allocated, inside the gap.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Each virtio-mmio window.
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The IOAPIC's MMIO page.
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 /// The local APICs' MMIO page.

@@ -18,15 +18,17 @@
 //! configuration, fills RAM by the chosen [`MemoryMode`], loads the state and runs.
 
 mod create;
-pub mod dirty;
+mod dirty;
 pub mod format;
 mod lazy;
-pub mod restore;
+pub(crate) mod restore;
 
-pub use create::SnapshotSource;
-pub use dirty::{DirtyTracker, ParentRef};
-pub use lazy::{LazyFiller, OnFatal};
-pub use restore::{LoadedSnapshot, RestoreError, load};
+pub(crate) use create::SnapshotSource;
+pub(crate) use dirty::DirtyTracker;
+pub use dirty::ParentRef;
+pub(crate) use lazy::OnFatal;
+pub use restore::RestoreError;
+pub(crate) use restore::load;
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;

@@ -12,11 +12,11 @@
 //! threads and keeps their records.
 
 mod launch;
-pub mod memory;
-pub mod migration;
+pub(crate) mod memory;
+pub(crate) mod migration;
 mod record;
 mod tally;
-pub mod transaction;
+pub(crate) mod transaction;
 mod urgent;
 mod verify;
 
@@ -27,12 +27,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use devices::blk::Fault;
 use serde::{Deserialize, Serialize};
 
-pub use launch::SwapLauncher;
+pub(crate) use launch::SwapLauncher;
 pub use memory::{MemorySwapError, MemorySwapReport, MemorySwapRequest};
 pub use migration::MigrateOptions;
 pub use record::{CopyStats, Phase, SwapHandle, SwapRecord, SwapState, TimelineEntry};
 pub use tally::{SWAP_BUCKETS_S, SwapTally, TimeHistogram};
-pub use transaction::{SwapParams, SwapTarget};
+pub(crate) use transaction::{SwapParams, SwapTarget};
 pub use verify::VerifyPolicy;
 
 use crate::config::json::FieldError;

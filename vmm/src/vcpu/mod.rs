@@ -97,10 +97,6 @@ impl Vcpus {
         Ok(Self { threads, control })
     }
 
-    pub fn count(&self) -> usize {
-        self.threads.len()
-    }
-
     pub fn target(&self) -> Target {
         self.control.target()
     }

@@ -315,9 +315,9 @@ pub fn export_microguest(path: &Path) -> Result<u8, Failure> {
 
 /// `vmm image --output DIR`.
 pub fn image(args: &ImageArgs) -> Result<u8, Failure> {
-    let mut opts = vmm::image::ImageOptions::new(&args.output);
+    let mut opts = guest_image::ImageOptions::new(&args.output);
     opts.kernel_package = args.kernel_package.clone();
-    let image = vmm::image::build_linux_image(&opts, &mut |line| eprintln!("{line}"))
+    let image = guest_image::build_linux_image(&opts, &mut |line| eprintln!("{line}"))
         // The error's message already carries its cause; `{:#}` would print it twice.
         .map_err(|e| Failure::runtime(anyhow!("cannot build the Linux image: {e}")))?;
     // Absolute paths, so the printed commands work from any directory.
@@ -342,7 +342,7 @@ pub fn image(args: &ImageArgs) -> Result<u8, Failure> {
          cargo test -p vmm --test linux -- --ignored",
         kernel.display(),
         initrd.display(),
-        vmm::image::READY_MARKER
+        guest_image::READY_MARKER
     );
     Ok(0)
 }

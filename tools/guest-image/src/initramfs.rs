@@ -174,7 +174,7 @@ impl<W: Write> Tree<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::cpio::HEADER_LEN;
+    use crate::cpio::HEADER_LEN;
 
     const MODULES: &[(&str, &str)] = &[
         ("virtio", "/lib/modules/6.1.0-48-cloud-amd64/kernel/drivers/virtio/virtio.ko"),
