@@ -85,14 +85,14 @@ fn too_many_or_zero_vcpus() {
 
 #[test]
 fn malformed_numbers_and_values() {
-    vmm(&["run", "--kernel", microguest(), "--mem-mib", "lots"]).expect_status(2).expect_one_line_error("--mem-mib");
+    vmm(&["run", "--kernel", microguest(), "--mem-mib", "lots"]).expect_status(2).expect_usage_error("--mem-mib");
     vmm(&["run", "--kernel", microguest(), "--serial", "tty"])
         .expect_status(2)
-        .expect_one_line_error("expected stdout, none or file:PATH");
+        .expect_usage_error("expected stdout, none or file:PATH");
     vmm(&["run", "--kernel", microguest(), "--boot-protocol", "uefi"])
         .expect_status(2)
-        .expect_one_line_error("unknown boot protocol");
-    vmm(&["run", "--kernel", microguest(), "--frobnicate"]).expect_status(2).expect_one_line_error("--frobnicate");
+        .expect_usage_error("unknown boot protocol");
+    vmm(&["run", "--kernel", microguest(), "--frobnicate"]).expect_status(2).expect_usage_error("--frobnicate");
 }
 
 #[test]
@@ -179,4 +179,160 @@ fn help_and_version_succeed() {
     let out = vmm(&["run", "--help"]);
     assert_eq!(out.status, Some(0));
     assert!(out.stdout.contains("--mem-mib"));
+}
+
+/// A flag error is clap's own: the error, one tip, the usage of the subcommand at fault and
+/// which `--help` to read (not the top-level one).
+#[test]
+fn flag_errors_point_at_the_subcommand_help() {
+    let out = vmm(&["run", "--kernell", microguest()]);
+    out.expect_status(2);
+    assert!(out.stderr.starts_with("error: unexpected argument '--kernell'"), "{}", out.stderr);
+    assert_eq!(out.stderr.matches("tip:").count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("Usage: vmm run"), "{}", out.stderr);
+    assert!(out.stderr.contains("For more information, try 'vmm run --help'."), "{}", out.stderr);
+    let out = vmm(&["ctl", "--api-sock", "/nonexistent.sock", "swap", "disk0", "--mode", "sideways", "path=/x"]);
+    out.expect_status(2);
+    assert!(out.stderr.contains("try 'vmm ctl swap --help'"), "{}", out.stderr);
+}
+
+#[test]
+fn a_device_flag_without_keys_suggests_one() {
+    let out = vmm(&["run", "--kernel", microguest(), "--disk", "/var/disk.img"]);
+    out.expect_status(2);
+    assert!(out.stderr.contains("did you mean --disk path=/var/disk.img?"), "{}", out.stderr);
+    let out = vmm(&["run", "--kernel", microguest(), "--net", "vmtap0"]);
+    assert!(out.stderr.contains("did you mean --net tap=vmtap0?"), "{}", out.stderr);
+}
+
+/// `--mode new_image` (the API's spelling) is accepted beside `new-image`.
+#[test]
+fn swap_mode_takes_both_spellings() {
+    for mode in ["new-image", "new_image"] {
+        let out = vmm(&["ctl", "--api-sock", "/nonexistent/api.sock", "swap", "disk0", "path=/x.img", "--mode", mode]);
+        // Parsed: it got as far as connecting.
+        out.expect_status(1).expect_one_line_error("cannot connect to the API socket /nonexistent/api.sock");
+    }
+}
+
+/// The OS error is said once, not again after the hint.
+#[test]
+fn ctl_without_a_vmm_says_so_once() {
+    let out = vmm(&["ctl", "--api-sock", "/nonexistent/api.sock", "status"]);
+    out.expect_status(1).expect_one_line_error("(is `vmm run --api-sock` running?)");
+    assert_eq!(out.stderr.matches("No such file or directory").count(), 1, "{}", out.stderr);
+}
+
+/// A VMM that took the connection but never answers (stopped by job control, say) costs
+/// `vmm ctl` its timeout, not forever.
+#[test]
+fn ctl_against_a_socket_that_never_answers_returns_within_its_timeout() {
+    let dir = TempDir::new("ctl-timeout");
+    let socket = dir.join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let started = std::time::Instant::now();
+    let out = common::vmm_with(
+        &["ctl", "--api-sock", socket.to_str().unwrap(), "--timeout", "1", "status"],
+        None,
+        std::time::Duration::from_secs(30),
+    );
+    out.expect_status(1).expect_one_line_error("no answer from the API socket");
+    assert!(out.stderr.contains("within 1s"), "the error says how long it waited: {}", out.stderr);
+    eprintln!("ctl gave up after {:?}", started.elapsed());
+}
+
+/// The escape key's help line, printed when the console goes raw.
+const CONSOLE_HINT: &str = "Ctrl-A x stops the VM";
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn idle_guest(extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(common::vmm_bin());
+    cmd.args(["run", "--kernel", microguest(), "--cmdline", "prog=idle"]).args(extra);
+    cmd
+}
+
+/// On an interactive terminal the console is raw: one key reaches the guest without Enter
+/// (`idle` exits on the first byte), and the terminal is line-buffered again afterwards.
+#[test]
+fn a_key_reaches_the_guest_at_once_and_the_terminal_is_restored() {
+    let mut pty = common::pty::Pty::new();
+    let mut child = pty.spawn(idle_guest(&[]));
+    let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
+    pty.wait_for(CONSOLE_HINT, WAIT);
+    pty.wait_for("idle: ready", WAIT);
+    pty.write(b"q");
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", pty.text());
+    assert!(pty.is_canonical(), "the terminal was left raw");
+}
+
+/// Ctrl-A x stops the VM from its console, as in QEMU.
+#[test]
+fn ctrl_a_x_stops_the_vm() {
+    let mut pty = common::pty::Pty::new();
+    let mut child = pty.spawn(idle_guest(&[]));
+    let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
+    pty.wait_for("idle: ready", WAIT);
+    pty.write(b"\x01h");
+    pty.wait_for("Ctrl-A Ctrl-A", WAIT);
+    pty.write(b"\x01x");
+    pty.wait_for("stopped from the console", WAIT);
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", pty.text());
+    assert!(pty.is_canonical(), "the terminal was left raw");
+}
+
+/// `vmm run ... &` from an interactive shell: the VMM leaves the terminal alone instead of
+/// being stopped by SIGTTIN (which `wait` would report as status 149), and its guest takes
+/// input through the API instead.
+#[test]
+fn background_run_does_not_stop_on_tty_input() {
+    let dir = TempDir::new("bg-run");
+    let socket = dir.join("api.sock");
+    let mut pty = common::pty::Pty::new();
+    let script = format!(
+        "set -m; '{}' run --kernel '{}' --cmdline prog=idle --api-sock '{}' & wait $!; echo \"vmm-status=$?\"",
+        common::vmm_bin(),
+        microguest(),
+        socket.display()
+    );
+    let mut shell = std::process::Command::new("bash");
+    shell.args(["-c", &script]);
+    let mut child = pty.spawn(shell);
+    let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
+    pty.wait_for("idle: ready", WAIT);
+    assert!(!pty.text().contains(CONSOLE_HINT), "a background VMM took the terminal: {}", pty.text());
+    let out = vmm(&["ctl", "--api-sock", socket.to_str().unwrap(), "serial-input", "q"]);
+    out.expect_status(0).expect_stdout("\"bytes\": 1");
+    pty.wait_for("vmm-status=", WAIT);
+    child.0.wait().unwrap();
+    assert!(pty.text().contains("vmm-status=0"), "{}", pty.text());
+    assert!(!socket.exists(), "the API socket was left behind");
+}
+
+/// SIGINT (Ctrl-C where the terminal is not the guest's) stops the VM cleanly: status 130,
+/// a word on stderr, and the API socket removed.
+#[test]
+fn sigint_stops_the_vm_and_removes_the_socket() {
+    use std::io::BufRead;
+    let dir = TempDir::new("sigint");
+    let socket = dir.join("api.sock");
+    let mut cmd = idle_guest(&["--api-sock", socket.to_str().unwrap()]);
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = common::Reaped(cmd.spawn().unwrap());
+    let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
+    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("idle: ready") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "vmm ended before the guest was ready");
+    }
+    // SAFETY: only sends a signal to our child.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.0.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("SIGINT: stopping the guest"), "{stderr}");
+    assert!(!socket.exists(), "the API socket was left behind");
 }

@@ -356,7 +356,7 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
             "same vsock socket",
             {
                 let body = format!(r#"{{"backend": {{"socket": "{}"}}}}"#, rig.dir.join("vsock.sock").display());
-                post("/devices/vsock/swap", &body)
+                post("/devices/vsock0/swap", &body)
             },
             422,
             Some("backend"),

@@ -227,6 +227,10 @@ fn blk_stress_survives_100_engine_swaps_and_a_live_migration() {
     assert_eq!(copy.bytes_total, disk_bytes, "{record:#?}");
     assert!(copy.bytes_copied >= copy.bytes_total, "not everything was copied: {record:#?}");
     assert!(backend_of(&vm, "disk0").contains(&target.display().to_string()), "{}", backend_of(&vm, "disk0"));
+    // A committed migration ends in `commit`, and nothing of the swap happens after it.
+    assert_eq!(record.phase, vmm::swap::Phase::Commit, "{record:#?}");
+    let commits = record.timeline.iter().filter(|t| t.phase == vmm::swap::Phase::Commit).count();
+    assert_eq!((commits, record.timeline.last().map(|t| t.phase)), (1, Some(vmm::swap::Phase::Commit)), "{record:#?}");
 
     let exit = stop_guest(&vm, &serial);
     let text = serial.text();
@@ -795,9 +799,9 @@ fn vsock_connection_survives_a_backend_socket_swap() {
     let before = pattern(1, 100_000);
     vsock_echo(&mut first, &before);
 
-    let record = swap(&vm, "vsock", request(json!({ "socket": new_socket })));
+    let record = swap(&vm, "vsock0", request(json!({ "socket": new_socket })));
     assert_eq!(record.state, SwapState::Committed, "{record:#?}");
-    assert_eq!(backend_of(&vm, "vsock"), format!("unix {}", new_socket.display()));
+    assert_eq!(backend_of(&vm, "vsock0"), format!("unix {}", new_socket.display()));
 
     // The connection opened through the old socket still carries data both ways.
     let after = pattern(2, 100_000);

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// A device on a bus. `offset` is relative to the base of the range the device was inserted at;
 /// `data.len()` is the access size (1, 2, 4 or 8 bytes).
 pub trait BusDevice: Send {
+    /// A guest read: fills `data` with the register contents at `offset`.
     fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// A guest write of `data` to the register at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
 
     /// A string write (`rep outs`): `data` holds several `unit`-byte writes to one register,
@@ -31,11 +33,14 @@ pub fn lock_device<T: ?Sized>(device: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A half-open address range `[base, base + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BusRange {
+    /// First address (port number or guest physical address).
     pub base: u64,
+    /// Length in bytes; a range on a bus is never empty.
     pub len: u64,
 }
 
 impl BusRange {
+    /// The range `[base, base + len)`.
     pub const fn new(base: u64, len: u64) -> Self {
         Self { base, len }
     }
@@ -55,10 +60,18 @@ impl fmt::Display for BusRange {
     }
 }
 
+/// Why a device cannot be placed on a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
+    /// The range overlaps one already taken.
     #[error("bus range {new} overlaps the device already at {existing}")]
-    Overlap { new: BusRange, existing: BusRange },
+    Overlap {
+        /// The range asked for.
+        new: BusRange,
+        /// The range of the device already there.
+        existing: BusRange,
+    },
+    /// The range has length zero; the value is its base.
     #[error("bus range at {0:#x} is empty")]
     Empty(u64),
 }
@@ -76,6 +89,7 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }

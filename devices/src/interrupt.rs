@@ -6,6 +6,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// An edge-triggered interrupt line into the guest.
 pub trait InterruptLine: Send + Sync {
+    /// Raises the interrupt once.
     fn trigger(&self) -> io::Result<()>;
 }
 
@@ -29,6 +30,7 @@ pub struct EventFdInterrupt {
 }
 
 impl EventFdInterrupt {
+    /// A line backed by a fresh non-blocking eventfd, not yet registered with the hypervisor.
     pub fn new() -> io::Result<Self> {
         Ok(Self { evt: EventFd::new(EFD_NONBLOCK)? })
     }

@@ -6,6 +6,8 @@
 //! keyboard-controller reset). The VMM wires those handles to KVM objects, so every device can
 //! be unit-tested with plain fakes.
 
+#![warn(missing_docs)]
+
 pub mod blk;
 pub mod bus;
 pub mod exit;

@@ -19,14 +19,23 @@ use crate::virtio::VirtioDevice;
 /// One virtqueue's transferable state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSnapshot {
+    /// Largest size the device allows, in descriptors.
     pub max_size: u16,
+    /// Size the driver chose, in descriptors.
     pub size: u16,
+    /// The driver enabled the queue.
     pub ready: bool,
+    /// `VIRTIO_F_EVENT_IDX` notification suppression is in use.
     pub event_idx: bool,
+    /// Guest physical address of the descriptor table.
     pub desc_table: u64,
+    /// Guest physical address of the available (driver) ring.
     pub avail_ring: u64,
+    /// Guest physical address of the used (device) ring.
     pub used_ring: u64,
+    /// Index of the next available-ring entry the device will take.
     pub next_avail: u16,
+    /// Index of the next used-ring entry the device will fill.
     pub next_used: u16,
 }
 
@@ -73,35 +82,73 @@ impl From<QueueSnapshot> for QueueState {
 /// connection's host socket) is the backend's rule, written where it lives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
+    /// Virtio device ID (2 for a block device, for instance); must match on import.
     pub device_type: u32,
+    /// Feature bits the device offered.
     pub avail_features: u64,
+    /// Feature bits the driver accepted; a subset of what the importing device offers.
     pub acked_features: u64,
+    /// The device status register (`ACKNOWLEDGE`, `DRIVER`, `DRIVER_OK`, ... bits).
     pub status: u32,
+    /// The driver set `DRIVER_OK` and the device activated.
     pub activated: bool,
+    /// Pending interrupt reasons, as the interrupt status register shows them.
     pub interrupt_status: u32,
+    /// The configuration generation counter the driver sees.
     pub config_generation: u32,
+    /// The transport's feature and queue selector registers.
     pub selectors: Selectors,
+    /// Every virtqueue's state, in queue order.
     pub queues: Vec<QueueSnapshot>,
     /// The configuration space as the driver sees it.
     pub config: Vec<u8>,
 }
 
+/// Why a [`DeviceState`] cannot be imported.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
+    /// The state belongs to another kind of device.
     #[error("state is for device type {found}, this device is type {expected}")]
-    DeviceType { expected: u32, found: u32 },
+    DeviceType {
+        /// This device's virtio device ID.
+        expected: u32,
+        /// The device ID in the state.
+        found: u32,
+    },
+    /// The state has a different number of queues.
     #[error("state has {found} queues, this device has {expected}")]
-    QueueCount { expected: usize, found: usize },
+    QueueCount {
+        /// Queues this device has.
+        expected: usize,
+        /// Queues in the state.
+        found: usize,
+    },
+    /// The driver accepted features this device does not offer.
     #[error("the negotiated features {acked:#x} are not all offered by this device ({avail:#x})")]
-    Features { acked: u64, avail: u64 },
+    Features {
+        /// Features acknowledged in the state.
+        acked: u64,
+        /// Features this device offers.
+        avail: u64,
+    },
+    /// The queue with this index has a state the queue implementation rejects.
     #[error("queue {0} state is invalid")]
     Queue(usize),
+    /// The device is not quiesced, or still has requests in flight.
     #[error("state can only be imported while the device is quiesced with nothing in flight")]
     Busy,
+    /// The configuration space differs from the one the guest saw.
     #[error(
         "the guest saw a different configuration space ({found} bytes) than this device shows ({expected} bytes{differs})"
     )]
-    Config { expected: usize, found: usize, differs: String },
+    Config {
+        /// Length of this device's configuration space.
+        expected: usize,
+        /// Length of the configuration space in the state.
+        found: usize,
+        /// Where they first differ, as text for the message (empty when one is a prefix of the other).
+        differs: String,
+    },
 }
 
 /// Quiesce, drain, hand over, resume: the same for every device.
@@ -110,6 +157,7 @@ pub trait Lifecycle {
     /// Holds nest: a device quiesced twice (a backend swap during a memory swap) runs again
     /// only after both have called [`resume`](Self::resume).
     fn quiesce(&mut self);
+    /// Whether at least one quiesce hold is in place.
     fn is_quiesced(&self) -> bool;
     /// Requests still held by the backend.
     fn pending_requests(&self) -> usize;
@@ -121,6 +169,7 @@ pub trait Lifecycle {
     /// Releases one quiesce hold; with none left, takes requests again, starting with any that
     /// arrived while quiesced.
     fn resume(&mut self);
+    /// The state another instance needs to take over; meaningful once quiesced and drained.
     fn export_state(&self) -> DeviceState;
     /// Adopts another instance's state; only while quiesced and drained.
     fn import_state(&mut self, state: &DeviceState) -> Result<(), StateError>;
@@ -232,6 +281,7 @@ pub struct Incompatible(pub String);
 /// part of a swap; the transaction around it (quiesce, drain, switch, verify, commit or roll
 /// back) is written once, over this trait and [`Lifecycle`].
 pub trait BackendSlot: Lifecycle {
+    /// The kind of backend the device holds (a trait object such as `dyn BlockBackend`).
     type Backend: ?Sized + Send;
 
     /// What the current backend is, in words.
@@ -265,17 +315,18 @@ pub trait BackendSlot: Lifecycle {
     fn probation_failures(&self) -> u64;
     /// Gives up on requests the current backend still holds (it stalled): they are held and
     /// retried on whatever backend is installed next. Requests on the previous backend (see
-    /// [`hands_over_in_flight`](Self::hands_over_in_flight)) are not touched. The abandoned backend may still finish
-    /// them later (a stale write landing after its retry), so this is only for a backend that
-    /// failed its health check and is about to be dropped; engines that hand buffers to the
-    /// kernel or a thread wait a bounded time for them when dropped.
+    /// [`hands_over_in_flight`](Self::hands_over_in_flight)) are not touched. The abandoned
+    /// backend may still finish them later (a stale write landing after its retry), so this is
+    /// only for a backend that failed its health check and is about to be dropped; engines that
+    /// hand buffers to the kernel or a thread wait a bounded time for them when dropped.
     fn abandon_in_flight(&mut self);
     /// While a new backend is on probation, the replaced one can still receive input that was
     /// in flight when it was replaced (a NIC's peer answering frames sent through it, a disk's
     /// requests handed over in flight). The swap calls this now and then during verification,
     /// and once more (`last`) just before it commits and closes `previous`, so the device can
-    /// take that input. Most devices have none. Returns true when the device's event sources may have changed (this runs off the
-    /// event loop, so the caller then asks the event loop to re-read them).
+    /// take that input. Most devices have none. Returns true when the device's event sources
+    /// may have changed (this runs off the event loop, so the caller then asks the event loop
+    /// to re-read them).
     fn drain_previous(&mut self, _previous: &mut Self::Backend, _last: bool) -> bool {
         false
     }

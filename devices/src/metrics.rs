@@ -10,11 +10,16 @@ pub const LATENCY_BUCKETS_US: [u64; 12] = [10, 25, 50, 100, 250, 500, 1_000, 2_5
 /// Counters for one device.
 #[derive(Default)]
 pub struct RequestMetrics {
+    /// Requests (or frames, packets) handled, failed and rejected ones included.
     pub requests: AtomicU64,
+    /// Requests that failed or were rejected.
     pub errors: AtomicU64,
+    /// Bytes delivered into guest memory (disk reads, received frames).
     pub bytes_read: AtomicU64,
+    /// Bytes taken from guest memory (disk writes, sent frames).
     pub bytes_written: AtomicU64,
-    /// Cumulative count per bucket of [`LATENCY_BUCKETS_US`] plus +Inf.
+    /// Non-cumulative count per bucket of [`LATENCY_BUCKETS_US`] plus +Inf (each request
+    /// counts in the one bucket its latency falls in).
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -22,16 +27,22 @@ pub struct RequestMetrics {
 /// A copy of the counters at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
+    /// Requests handled, failed and rejected ones included.
     pub requests: u64,
+    /// Requests that failed or were rejected.
     pub errors: u64,
+    /// Bytes delivered into guest memory.
     pub bytes_read: u64,
+    /// Bytes taken from guest memory.
     pub bytes_written: u64,
     /// Non-cumulative count per bucket, +Inf last.
     pub latency_buckets: Vec<u64>,
+    /// Sum of all recorded latencies, in microseconds (rejected requests add nothing).
     pub latency_sum_us: u64,
 }
 
 impl RequestMetrics {
+    /// A finished request: its latency, whether it succeeded, and the bytes it read and wrote.
     pub fn record(&self, latency: Duration, ok: bool, read: u64, written: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if !ok {
@@ -51,6 +62,8 @@ impl RequestMetrics {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Reads every counter; each is read on its own, so a snapshot taken while requests finish
+    /// may be off by those requests.
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             requests: self.requests.load(Ordering::Relaxed),

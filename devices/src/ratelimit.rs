@@ -11,6 +11,7 @@ pub struct LogOnce<K> {
 }
 
 impl<K: Eq + Hash> LogOnce<K> {
+    /// Remembers at most `capacity` keys; once that many were seen, nothing more is reported.
     pub fn new(capacity: usize) -> Self {
         Self { seen: Mutex::new(HashSet::new()), capacity }
     }

@@ -2,6 +2,8 @@
 //! always reaped, and captured serial output that can be waited on.
 #![allow(dead_code)]
 
+pub mod pty;
+
 #[allow(unused_imports)]
 pub use test_peers as peers;
 pub use test_peers::Reaped;
@@ -79,6 +81,16 @@ impl Output {
             self.stdout,
             self.stderr
         );
+        self
+    }
+
+    /// Asserts a flag error as clap reports it: `error: ...` naming `needle`, then where to
+    /// read more; no panic.
+    pub fn expect_usage_error(&self, needle: &str) -> &Self {
+        let first = self.stderr.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: ") && first.contains(needle), "stderr lacks {needle:?}: {}", self.stderr);
+        assert!(self.stderr.contains("For more information, try 'vmm "), "{}", self.stderr);
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
         self
     }
 

@@ -27,31 +27,45 @@ use crate::vm::{Crash, CrashKind, Vm, VmExit, VmInfo, VmParts};
 /// Why a VM could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The configuration is invalid (checked before KVM is opened, then against KVM's vCPU limit).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// KVM could not be opened, or refused to create or set up the VM or a vCPU.
     #[error(transparent)]
     Hypervisor(#[from] HvError),
+    /// Guest RAM could not be allocated or mapped with the chosen backing.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The kernel, initrd or command line could not be loaded into guest memory.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The serial output file could not be opened for appending.
     #[error("cannot open serial output file {path}: {source}")]
     SerialFile {
+        /// The configured output file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// A legacy device could not be placed on the port I/O bus.
     #[error("device wiring: {0}")]
     Bus(#[from] BusError),
+    /// A virtio device could not be created or wired up, or its backend opened.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The ACPI tables cannot describe the machine (too many vCPUs or devices) or be written.
     #[error("cannot build ACPI tables: {0}")]
     Acpi(#[from] AcpiError),
+    /// The snapshot to restore could not be loaded or does not fit the rebuilt machine.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A host resource (event loop, interrupt eventfd, thread...) could not be set up.
     #[error("cannot set up {what}: {source}")]
     Io {
+        /// What was being set up.
         what: &'static str,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -83,6 +97,7 @@ impl VmBuilder {
         Self::from_config(VmConfig::new(kernel))
     }
 
+    /// A VM described by `config` (devices included); it is validated by [`start`](Self::start).
     pub fn from_config(config: VmConfig) -> Self {
         Self { config, serial_output: None, restore: None }
     }
@@ -95,35 +110,44 @@ impl VmBuilder {
         Self { config: VmConfig::new(""), serial_output: None, restore: Some((dir.into(), memory)) }
     }
 
+    /// The configuration built so far (for a restore only its `serial` applies: the snapshot
+    /// carries the rest).
     pub fn config(&self) -> &VmConfig {
         &self.config
     }
 
+    /// The kernel command line, replacing the default
+    /// ([`DEFAULT_CMDLINE`](crate::config::DEFAULT_CMDLINE)); virtio devices are appended to it.
     pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
         self.config.cmdline = cmdline.into();
         self
     }
 
+    /// An initial ramdisk to load for the kernel.
     pub fn initrd(mut self, initrd: impl Into<PathBuf>) -> Self {
         self.config.initrd = Some(initrd.into());
         self
     }
 
+    /// Guest RAM size in MiB ([`DEFAULT_MEM_MIB`](crate::config::DEFAULT_MEM_MIB) by default).
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.config.mem_mib = mib;
         self
     }
 
+    /// Number of vCPUs ([`DEFAULT_VCPUS`](crate::config::DEFAULT_VCPUS) by default).
     pub fn vcpus(mut self, vcpus: u32) -> Self {
         self.config.vcpus = vcpus;
         self
     }
 
+    /// How to boot the kernel ([`BootProtocol::Auto`] by default).
     pub fn boot_protocol(mut self, protocol: BootProtocol) -> Self {
         self.config.boot_protocol = protocol;
         self
     }
 
+    /// What guest RAM's pages live in ([`RamBacking::Anonymous`] by default).
     pub fn ram_backing(mut self, backing: RamBacking) -> Self {
         self.config.ram_backing = backing;
         self

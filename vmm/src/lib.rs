@@ -1,22 +1,50 @@
 //! A KVM virtual machine monitor built on the rust-vmm crates, designed around changing a
-//! running VM without stopping it.
+//! running VM without stopping it: device backends and RAM backings swapped under load,
+//! snapshots taken while the guest runs, all driven from the same handle.
 //!
-//! Embedders start a VM with [`VmBuilder`] and drive it through the returned [`Vm`] handle:
+//! Add it to an embedding program's `Cargo.toml` from a checkout of this repository (it is not
+//! on crates.io), with `guest-agent` for the bundled test guest:
 //!
-//! ```no_run
-//! use vmm::{VmBuilder, VmExit};
+//! ```toml
+//! [dependencies]
+//! vmm = { path = "../vmm/vmm" }                 # or { git = "<repository URL>" }
+//! guest-agent = { path = "../vmm/guest-agent" } # the microguest, for trying it out
+//! ```
 //!
-//! let vm = VmBuilder::new("/path/to/microguest").cmdline("prog=smp").vcpus(4).start()?;
-//! vm.pause()?;   // every vCPU stopped at an instruction boundary
+//! Start a VM with [`VmBuilder`], drive it through the returned [`Vm`]:
+//!
+//! ```
+//! use vmm::{SerialOutput, VmBuilder, VmExit};
+//!
+//! // The bundled microguest: `prog=smp` has every vCPU bump a shared counter until a byte
+//! // arrives on its serial port, then checks the count and exits with status 0.
+//! let vm = VmBuilder::new(guest_agent::MICROGUEST_IMAGE)
+//!     .cmdline("prog=smp until_input=1")
+//!     .vcpus(2)
+//!     .memory_mib(32)
+//!     .serial_output(SerialOutput::Sink)
+//!     .start()?;
+//! vm.pause()?; // returns once every vCPU is stopped at an instruction boundary
 //! vm.resume()?;
+//! vm.serial_input().send(b"\n");
 //! assert_eq!(vm.wait(), VmExit::Guest(0));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Layout: [`hv`] owns every KVM object; [`memory`] the guest RAM regions and their
-//! backings; [`boot`] the kernel loaders and boot structures; [`vcpu`] the vCPU threads and
-//! their pause/resume rendezvous; [`vm`] the running-VM handle; [`builder`] composes them from
-//! a [`VmConfig`]. Device models live in the `devices` crate.
+//! What a running VM offers beyond that, each with its own module:
+//! - [`swap`]: replace a device's backend ([`Vm::swap_device`]) or a RAM region's backing
+//!   ([`Vm::swap_memory`]) while the guest runs: drained, verified, rolled back on failure.
+//! - [`snapshot`]: full and diff snapshots of a running VM ([`Vm::snapshot`]), continued with
+//!   [`VmBuilder::restore`].
+//! - [`api`]: the HTTP control API ([`api::ApiServer`]) that `vmm run --api-sock` serves, and
+//!   its client.
+//! - [`config`]: the VM's configuration ([`VmConfig`]), the JSON of `vmm run --config`.
+//!
+//! Device models live in the `devices` crate and never touch KVM; this crate owns KVM (the
+//! `hv` module), guest RAM, the boot path and the vCPU threads, all private: embedders see
+//! the VM through [`Vm`] only.
+
+#![warn(missing_docs)]
 
 mod acpi;
 pub mod api;
@@ -38,7 +66,21 @@ pub use builder::{BuildError, VmBuilder};
 pub use config::{SerialConfig, VmConfig};
 pub use devices::legacy::SerialOutput;
 pub use memory::{HUGE_PAGE, RamBacking, free_huge_pages};
-pub use vm::{SerialInput, Vm, VmError, VmExit, VmInfo, VmState};
+pub use vm::{Crash, CrashKind, SerialInput, Vm, VmError, VmExit, VmInfo, VmState};
+
+/// The errors behind [`BuildError`], [`VmError`] and the swap and snapshot errors, for
+/// embedders that match on causes.
+pub mod error {
+    pub use crate::acpi::AcpiError;
+    pub use crate::boot::BootError;
+    pub use crate::device_manager::DeviceError;
+    pub use crate::hv::HvError;
+    pub use crate::memory::MemoryError;
+    pub use crate::quiesce::QuiesceError;
+    pub use crate::vcpu::ControlError;
+}
+
+pub use boot::KernelFormat;
 
 /// What a caught panic said, for an error report (threads that must not take the VM down
 /// with them catch their panics: vCPUs, swaps).

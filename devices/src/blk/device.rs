@@ -51,6 +51,7 @@ struct InFlight {
     _mem: GuestMemoryLoadGuard<GuestMem>,
 }
 
+/// A virtio-blk device with one request queue, serving a swappable [`BlockBackend`].
 pub struct VirtioBlock {
     core: VirtioCore,
     backend: Box<dyn BlockBackend>,
@@ -126,6 +127,7 @@ impl VirtioBlock {
         })
     }
 
+    /// The backend now serving the disk.
     pub fn backend(&self) -> &dyn BlockBackend {
         &*self.backend
     }
@@ -176,6 +178,7 @@ impl VirtioBlock {
         Ok(())
     }
 
+    /// The device's request counters, shared: they stay the same across backend swaps.
     pub fn metrics(&self) -> Arc<RequestMetrics> {
         self.metrics.clone()
     }

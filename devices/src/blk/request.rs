@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 use crate::GuestMem;
 
+/// Bytes per sector: the unit of the request header's sector field, whatever the image's block size.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the GET_ID string.
 pub const ID_BYTES: usize = 20;
@@ -20,18 +21,29 @@ pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 /// Largest discard / write-zeroes range, in sectors.
 pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
 
+/// Request types: the header's `type` field (`VIRTIO_BLK_T_*`).
 pub mod request_type {
+    /// Read from the disk into the guest's buffers.
     pub const IN: u32 = 0;
+    /// Write the guest's buffers to the disk.
     pub const OUT: u32 = 1;
+    /// Make completed writes durable.
     pub const FLUSH: u32 = 4;
+    /// Return the device's ID string.
     pub const GET_ID: u32 = 8;
+    /// Deallocate a range of sectors.
     pub const DISCARD: u32 = 11;
+    /// Make a range of sectors read as zeros.
     pub const WRITE_ZEROES: u32 = 13;
 }
 
+/// Status byte values the device writes at the end of a request (`VIRTIO_BLK_S_*`).
 pub mod status {
+    /// The request succeeded.
     pub const OK: u8 = 0;
+    /// The request failed (an I/O error, or a malformed or out-of-range request).
     pub const IOERR: u8 = 1;
+    /// The request type or its flags are not supported.
     pub const UNSUPP: u8 = 2;
 }
 
@@ -43,7 +55,9 @@ const FLAG_UNMAP: u32 = 1;
 /// A contiguous piece of guest memory named by a descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    /// Guest physical address of the first byte.
     pub addr: GuestAddress,
+    /// Length in bytes.
     pub len: u64,
 }
 
@@ -83,20 +97,29 @@ fn gather(mem: &GuestMem, segs: &[Segment], start: u64, buf: &mut [u8]) -> bool 
     filled == buf.len()
 }
 
+/// What a validated request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind {
+    /// `VIRTIO_BLK_T_IN`: read sectors into the guest's buffers.
     Read,
+    /// `VIRTIO_BLK_T_OUT`: write the guest's buffers to sectors.
     Write,
+    /// `VIRTIO_BLK_T_FLUSH`: make completed writes durable.
     Flush,
+    /// `VIRTIO_BLK_T_GET_ID`: return the device's ID string.
     GetId,
+    /// `VIRTIO_BLK_T_DISCARD`: deallocate a range of sectors.
     Discard,
+    /// `VIRTIO_BLK_T_WRITE_ZEROES`: make a range of sectors read as zeros.
     WriteZeroes,
 }
 
 /// A validated request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
+    /// Index of the chain's head descriptor, which the used ring returns.
     pub head: u16,
+    /// What the request asks for.
     pub kind: RequestKind,
     /// First sector (Read, Write, Discard, WriteZeroes).
     pub sector: u64,
@@ -106,6 +129,7 @@ pub struct Request {
     pub unmap: bool,
     /// Guest buffers: the data read into (Read, GetId) or written from (Write).
     pub data: Vec<Segment>,
+    /// Total bytes in `data`: a multiple of 512 for Read and Write, at most 20 for GetId.
     pub data_len: u64,
     /// Where the status byte goes.
     pub status: GuestAddress,
@@ -115,18 +139,26 @@ pub struct Request {
 /// driver; without it the chain can only be returned unused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejected {
+    /// Index of the chain's head descriptor.
     pub head: u16,
+    /// Guest physical address of the status byte, if the chain has a usable one.
     pub status: Option<GuestAddress>,
+    /// The status to report (a [`status`](mod@status) value).
     pub code: u8,
+    /// What was wrong, for the log.
     pub reason: &'static str,
 }
 
 /// What the device offers, for range checks.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Disk size in 512-byte sectors.
     pub capacity_sectors: u64,
+    /// Writes, discards and write-zeroes are refused.
     pub read_only: bool,
+    /// Discard requests are accepted.
     pub discard: bool,
+    /// Write-zeroes requests are accepted.
     pub write_zeroes: bool,
 }
 

@@ -5,11 +5,14 @@ use std::sync::Arc;
 use crate::bus::BusDevice;
 use crate::exit::{ExitSink, GuestRequest};
 
+/// The debug-exit port: a write at offset 0 of 1 to 4 bytes asks the VM to exit with that
+/// value (little endian); reads return zeroes.
 pub struct DebugExit {
     sink: Arc<dyn ExitSink>,
 }
 
 impl DebugExit {
+    /// Creates the port, sending exit requests to `sink`.
     pub fn new(sink: Arc<dyn ExitSink>) -> Self {
         Self { sink }
     }

@@ -19,11 +19,13 @@ impl vm_superio::Trigger for ResetTrigger {
     }
 }
 
+/// The i8042 keyboard controller; its CPU-reset command (0xfe) asks the VM to reset.
 pub struct I8042 {
     device: I8042Device<ResetTrigger>,
 }
 
 impl I8042 {
+    /// Creates the controller, sending reset requests to `sink`.
     pub fn new(sink: Arc<dyn ExitSink>) -> Self {
         Self { device: I8042Device::new(ResetTrigger(sink)) }
     }

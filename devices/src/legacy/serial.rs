@@ -13,7 +13,9 @@ use crate::ratelimit::LogOnce;
 
 /// Where the guest's serial output goes.
 pub enum SerialOutput {
+    /// The VMM's standard output.
     Stdout,
+    /// A file, written from its current position.
     File(File),
     /// Any writer (embedders capture output this way).
     Writer(Box<dyn Write + Send>),
@@ -64,6 +66,7 @@ impl Batched {
 
 type Uart = Serial<SuperioTrigger<Box<dyn InterruptLine>>, vm_superio::serial::NoEvents, Batched>;
 
+/// The COM1 UART: guest output goes to a [`SerialOutput`], input is pushed by the VMM.
 pub struct SerialConsole {
     uart: Uart,
     errors: LogOnce<&'static str>,
@@ -73,15 +76,25 @@ pub struct SerialConsole {
 /// guest wrote are already out (transmission is synchronous), so none are pending.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SerialSnapshot {
+    /// Divisor latch, low byte (DLL).
     pub baud_divisor_low: u8,
+    /// Divisor latch, high byte (DLM).
     pub baud_divisor_high: u8,
+    /// Interrupt enable register (IER).
     pub interrupt_enable: u8,
+    /// Interrupt identification register (IIR).
     pub interrupt_identification: u8,
+    /// Line control register (LCR).
     pub line_control: u8,
+    /// Line status register (LSR).
     pub line_status: u8,
+    /// Modem control register (MCR).
     pub modem_control: u8,
+    /// Modem status register (MSR).
     pub modem_status: u8,
+    /// Scratch register (SCR).
     pub scratch: u8,
+    /// Received bytes the guest has not read yet, oldest first.
     pub in_buffer: Vec<u8>,
 }
 
@@ -120,6 +133,7 @@ impl From<&SerialSnapshot> for SerialState {
 }
 
 impl SerialConsole {
+    /// A UART in its power-on state, raising `irq` and writing guest output to `output`.
     pub fn new(irq: Box<dyn InterruptLine>, output: SerialOutput) -> Self {
         let out = Batched { pending: Vec::with_capacity(256), out: output.into_writer() };
         Self { uart: Serial::new(SuperioTrigger(irq), out), errors: LogOnce::new(4) }
@@ -134,6 +148,7 @@ impl SerialConsole {
         Ok(Self { uart, errors: LogOnce::new(4) })
     }
 
+    /// The UART's current state, for [`restore`](Self::restore).
     pub fn export_state(&self) -> SerialSnapshot {
         self.uart.state().into()
     }

@@ -23,6 +23,7 @@ use crate::virtio::{
     ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
 };
 
+/// Maximum size of each of the device's two queues (RX, TX), in descriptors.
 pub const NET_QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
@@ -45,10 +46,14 @@ const LINK_UP: u16 = 1;
 /// Identity of the NIC, kept across backend swaps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetSettings {
+    /// The guest's MAC address.
     pub mac: [u8; 6],
+    /// The MTU announced to the guest, in bytes (VIRTIO_NET_F_MTU); `None` offers no MTU
+    /// feature, and the guest is assumed to use 1500.
     pub mtu: Option<u16>,
 }
 
+/// A virtio-net device: one RX/TX queue pair connected to a swappable [`NetBackend`].
 pub struct VirtioNet {
     core: VirtioCore,
     backend: Box<dyn NetBackend>,
@@ -67,6 +72,7 @@ pub struct VirtioNet {
 }
 
 impl VirtioNet {
+    /// Creates the NIC described by `settings`, its frames going to and from `backend`.
     pub fn new(
         backend: Box<dyn NetBackend>,
         settings: NetSettings,
@@ -93,10 +99,12 @@ impl VirtioNet {
         })
     }
 
+    /// The current backend.
     pub fn backend(&self) -> &dyn NetBackend {
         &*self.backend
     }
 
+    /// The NIC's identity (MAC, MTU), as the guest sees it.
     pub fn settings(&self) -> NetSettings {
         self.settings
     }
@@ -390,9 +398,10 @@ impl BackendSlot for VirtioNet {
         self.backend.description()
     }
 
-    /// Any frame source will do: the NIC's identity (MAC, MTU) belongs to the device.
-    /// The guest keeps its MAC and MTU across a swap, so the new backend must carry packets
-    /// as large as the MTU the device announced.
+    /// The NIC's identity (MAC, MTU) belongs to the device, and the guest keeps it across a
+    /// swap, so the only check is the MTU: a backend reporting an MTU below the one the device
+    /// announced (1500 when none was set) is refused; one reporting none, or at least that, is
+    /// accepted.
     fn check_compatible(&self, new: &dyn NetBackend) -> Result<(), Incompatible> {
         let announced = self.settings.mtu.unwrap_or(1500);
         match new.mtu() {

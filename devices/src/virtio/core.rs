@@ -27,18 +27,22 @@ impl VirtioInterrupt {
     /// Bit 1: the configuration space changed.
     pub const CONFIG_CHANGE: u32 = 2;
 
+    /// Creates the interrupt with no status bits set, raising `line` when signalled.
     pub fn new(line: Box<dyn InterruptLine>) -> Self {
         Self { status: AtomicU32::new(0), line }
     }
 
+    /// The InterruptStatus register: the reasons raised since the driver last acknowledged them.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Clears `bits` from the status (the driver's InterruptACK write).
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets `bits` in the status and raises the interrupt line; a failure to raise it is logged.
     pub fn signal(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.line.trigger() {
@@ -50,10 +54,13 @@ impl VirtioInterrupt {
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// The queue with this index has a bad size or ring addresses outside guest memory.
     #[error("queue {0} is not valid (size or ring addresses outside guest memory)")]
     InvalidQueue(usize),
+    /// The driver did not set QueueReady on the queue with this index.
     #[error("the driver did not enable queue {0}")]
     QueueNotReady(usize),
+    /// A device-specific failure, described by the message.
     #[error("{0}")]
     Device(String),
 }
@@ -62,35 +69,49 @@ pub enum ActivateError {
 /// its events come back with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventSource {
+    /// The descriptor to watch; the device keeps owning it.
     pub fd: RawFd,
+    /// Passed back to [`VirtioDevice::handle_event`] when the descriptor is ready.
     pub token: u32,
+    /// The readiness events to watch for.
     pub events: EventSet,
 }
 
-/// State shared by every virtio device: negotiated features, queues and their notification
-/// eventfds, the interrupt, and whether the device is taking requests.
 /// Which half of the feature words and which queue the driver's next register accesses mean.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Selectors {
+    /// DeviceFeaturesSel: which 32-bit word of the device features DeviceFeatures shows.
     pub device_features: u32,
+    /// DriverFeaturesSel: which 32-bit word of the driver features DriverFeatures sets.
     pub driver_features: u32,
+    /// QueueSel: the queue the Queue* registers refer to.
     pub queue: u32,
 }
 
+/// The state every virtio device embeds and the transport manages (see [`VirtioDevice::core`]):
+/// negotiated features, queues and their notification eventfds, the interrupt, and whether the
+/// device is taking requests.
 pub struct VirtioCore {
+    /// What kind of device this is (the DeviceID register).
     pub device_type: DeviceType,
+    /// Feature bits the device offers.
     pub avail_features: u64,
+    /// Feature bits the driver wrote to DriverFeatures.
     pub acked_features: u64,
+    /// The device status register (bits from [`status`](super::status)).
     pub status: u32,
+    /// The virtqueues, indexed as the driver selects them.
     pub queues: Vec<Queue>,
     /// One per queue; KVM signals them (ioeventfd) when the guest writes QueueNotify.
     pub queue_events: Vec<EventFd>,
+    /// The device's interrupt, shared with whatever completes its requests.
     pub interrupt: Arc<VirtioInterrupt>,
     /// Bumped whenever the device changes its configuration space.
     pub config_generation: u32,
     /// The transport's selector registers: device state the driver set, so they live here
     /// (and move with [`Lifecycle::export_state`](crate::lifecycle::Lifecycle::export_state)).
     pub selectors: Selectors,
+    /// Guest memory, where the rings and buffers live.
     pub memory: SharedGuestMem,
     /// Set once the driver wrote DRIVER_OK and the queues checked out.
     pub activated: bool,
@@ -104,6 +125,8 @@ pub struct VirtioCore {
 }
 
 impl VirtioCore {
+    /// Creates the state of a device in reset, with one queue (and notification eventfd) per
+    /// entry of `queue_sizes`, each entry the queue's maximum size.
     pub fn new(
         device_type: DeviceType,
         avail_features: u64,
@@ -135,6 +158,8 @@ impl VirtioCore {
         })
     }
 
+    /// Whether the driver acknowledged feature `bit` (a mask, e.g.
+    /// [`features::VERSION_1`](super::features::VERSION_1)).
     pub fn has_feature(&self, bit: u64) -> bool {
         self.acked_features & bit != 0
     }
@@ -174,7 +199,8 @@ impl VirtioCore {
         self.quiesce_holds == 0
     }
 
-    /// Records a notification that arrived while quiesced; returns true if it may be processed now.
+    /// Records a notification that arrived while quiesced; returns true if it may be processed now
+    /// (false while quiesced, or when the device is not activated yet).
     pub fn accept_notification(&mut self, queue: usize) -> bool {
         if self.quiesced() {
             self.pending_notifications |= 1 << queue;
@@ -221,7 +247,6 @@ impl VirtioCore {
         self.notify_if_needed(queue);
     }
 
-    /// Raises the used-buffer interrupt if the queue's suppression rules allow it.
     /// For a device that found `queue` out of buffers: asks the driver to kick when it adds
     /// some, and says whether some arrived meanwhile (look again). A broken avail ring (its
     /// index more than a queue's worth ahead, which nothing can be popped from) counts as
@@ -241,6 +266,7 @@ impl VirtioCore {
         }
     }
 
+    /// Raises the used-buffer interrupt unless the driver suppressed notifications for `queue`.
     pub fn notify_if_needed(&mut self, queue: usize) {
         let mem = self.mem();
         let needed = self.queues[queue].needs_notification(&*mem).unwrap_or(true);
@@ -308,7 +334,9 @@ impl QueueProcessor {
 /// A virtio device model. The transport calls the configuration side from vCPU threads; the
 /// [`DeviceWorker`](super::DeviceWorker) calls the processing side from the event loop.
 pub trait VirtioDevice: Send {
+    /// The state shared by every device type.
     fn core(&self) -> &VirtioCore;
+    /// The state shared by every device type, mutably.
     fn core_mut(&mut self) -> &mut VirtioCore;
 
     /// The device-specific configuration space, as the driver reads it.

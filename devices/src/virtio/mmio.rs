@@ -60,10 +60,12 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
+    /// Creates the transport in front of `device`.
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
         Self { device }
     }
 
+    /// The device behind this window.
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
         &self.device
     }

@@ -32,11 +32,17 @@ pub mod features {
 
 /// Device status bits (virtio 1.x section 2.1).
 pub mod status {
+    /// The guest found the device and recognised it as a virtio device.
     pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for the device.
     pub const DRIVER: u32 = 2;
+    /// The driver is set up and ready to drive the device.
     pub const DRIVER_OK: u32 = 4;
+    /// The driver finished feature negotiation; the device clears it to refuse the features.
     pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
     pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The driver gave up on the device.
     pub const FAILED: u32 = 128;
 }
 
@@ -44,12 +50,16 @@ pub mod status {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum DeviceType {
+    /// Network card.
     Net = 1,
+    /// Block device.
     Block = 2,
+    /// Socket device (vsock).
     Vsock = 19,
 }
 
 impl DeviceType {
+    /// Short lowercase name, for logs.
     pub fn name(self) -> &'static str {
         match self {
             DeviceType::Net => "net",

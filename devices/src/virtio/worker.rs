@@ -33,6 +33,7 @@ const MAX_READY: usize = 32;
 pub struct ResyncHandle(Arc<EventFd>);
 
 impl ResyncHandle {
+    /// Asks the worker to re-read the device's event sources; never blocks.
     pub fn resync(&self) {
         let _ = self.0.write(1);
     }
@@ -50,6 +51,7 @@ pub struct DeviceWorker<D: ?Sized> {
 }
 
 impl<D: VirtioDevice + ?Sized> DeviceWorker<D> {
+    /// Creates the worker for `device`; it starts watching once added to an event manager.
     pub fn new(device: Arc<Mutex<D>>) -> std::io::Result<Self> {
         Ok(Self {
             device,
@@ -60,6 +62,7 @@ impl<D: VirtioDevice + ?Sized> DeviceWorker<D> {
         })
     }
 
+    /// A handle that wakes this worker to re-read the device's event sources.
     pub fn resync_handle(&self) -> ResyncHandle {
         ResyncHandle(self.resync.clone())
     }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// The host side of a vsock device.
 pub trait VsockBackend: Send {
+    /// A human-readable description of the backend, for logs.
     fn description(&self) -> String;
     /// Descriptors to watch for host programs connecting in.
     fn event_fds(&self) -> Vec<RawFd>;
@@ -56,6 +57,7 @@ impl UnixVsockBackend {
         Ok(Self { path: path.to_path_buf(), listener, handshakes: HashMap::new() })
     }
 
+    /// The listening socket's path; guest-initiated connections go to `<path>_<port>`.
     pub fn path(&self) -> &Path {
         &self.path
     }

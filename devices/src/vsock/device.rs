@@ -29,6 +29,7 @@ use crate::virtio::{
     ActivateError, DEVICE_TOKEN_BASE, DeviceType, EventSource, QueueProcessor, VirtioCore, VirtioDevice, features,
 };
 
+/// Maximum size of each of the device's three queues (RX, TX, event), in descriptors.
 pub const VSOCK_QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
@@ -48,6 +49,7 @@ const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
 
 type ConnKey = (u32, u32); // (host port, guest port)
 
+/// A virtio-vsock device: stream connections between guest ports and host Unix sockets.
 pub struct VirtioVsock {
     core: VirtioCore,
     guest_cid: u64,
@@ -65,6 +67,8 @@ pub struct VirtioVsock {
 }
 
 impl VirtioVsock {
+    /// Creates the device for a guest with context id `guest_cid`, its host side served by
+    /// `backend`.
     pub fn new(
         guest_cid: u64,
         backend: Box<dyn VsockBackend>,
@@ -88,14 +92,17 @@ impl VirtioVsock {
         })
     }
 
+    /// The current host side.
     pub fn backend(&self) -> &dyn VsockBackend {
         &*self.backend
     }
 
+    /// Number of open connections (including ones awaiting the guest's answer or closing).
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
 
+    /// Packet counters: (RX, host to guest; TX, guest to host).
     pub fn metrics(&self) -> (Arc<RequestMetrics>, Arc<RequestMetrics>) {
         (self.rx_metrics.clone(), self.tx_metrics.clone())
     }

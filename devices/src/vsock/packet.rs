@@ -1,40 +1,63 @@
 //! The virtio-vsock packet header (virtio 1.x 5.10.6), little endian, 44 bytes.
 
+/// Size of the packet header in bytes; the payload follows it.
 pub const HEADER_LEN: usize = 44;
 /// The only socket type supported: streams.
 pub const TYPE_STREAM: u16 = 1;
 
+/// Packet operations (the header's `op` field).
 pub mod op {
+    /// Opens a connection.
     pub const REQUEST: u16 = 1;
+    /// Accepts a connection request.
     pub const RESPONSE: u16 = 2;
+    /// Resets (refuses or aborts) a connection.
     pub const RST: u16 = 3;
+    /// The sender will receive and/or send no more, as the header's shutdown flags say.
     pub const SHUTDOWN: u16 = 4;
+    /// Stream data; the payload follows the header.
     pub const RW: u16 = 5;
+    /// Tells the peer the sender's current `buf_alloc` and `fwd_cnt`.
     pub const CREDIT_UPDATE: u16 = 6;
+    /// Asks the peer for a credit update.
     pub const CREDIT_REQUEST: u16 = 7;
 }
 
 /// SHUTDOWN flags.
 pub mod shutdown {
+    /// The sender will receive no more data.
     pub const RCV: u32 = 1;
+    /// The sender will send no more data.
     pub const SEND: u32 = 2;
 }
 
+/// A decoded packet header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// Sender's context id.
     pub src_cid: u64,
+    /// Receiver's context id.
     pub dst_cid: u64,
+    /// Sender's port.
     pub src_port: u32,
+    /// Receiver's port.
     pub dst_port: u32,
+    /// Payload length in bytes.
     pub len: u32,
+    /// Socket type; only `TYPE_STREAM` is supported.
     pub type_: u16,
+    /// The operation, one of [`op`].
     pub op: u16,
+    /// Operation-specific flags (the shutdown flags for `op::SHUTDOWN`).
     pub flags: u32,
+    /// Sender's receive buffer for this connection, in bytes.
     pub buf_alloc: u32,
+    /// Bytes the sender has consumed from its receive buffer so far (wrapping).
     pub fwd_cnt: u32,
 }
 
 impl Header {
+    /// Decodes a header from its little-endian wire form.
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
@@ -53,6 +76,7 @@ impl Header {
         }
     }
 
+    /// Encodes the header in its little-endian wire form.
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());

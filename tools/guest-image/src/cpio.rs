@@ -39,6 +39,7 @@ struct Entry<'a> {
 }
 
 impl<W: Write> CpioWriter<W> {
+    /// A writer that starts an empty archive on `out`.
     pub fn new(out: W) -> Self {
         Self { out, offset: 0, next_ino: 1 }
     }

@@ -22,15 +22,19 @@ const APPLETS: &[&str] = &[
 
 /// A module as it goes into the initramfs.
 pub struct InitramfsModule<'a> {
+    /// The module's name, as `/init` reports it.
     pub name: &'a str,
     /// Absolute path inside the initramfs.
     pub path: String,
+    /// The module's uncompressed bytes.
     pub contents: &'a [u8],
 }
 
 /// Everything the initramfs holds.
 pub struct Initramfs<'a> {
+    /// The kernel's release (`uname -r`), which names `/lib/modules/<release>/`.
     pub kernel_release: &'a str,
+    /// The statically linked busybox binary, written as `/bin/busybox`.
     pub busybox: &'a [u8],
     /// In load order.
     pub modules: Vec<InitramfsModule<'a>>,

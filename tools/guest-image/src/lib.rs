@@ -7,6 +7,7 @@
 //! busybox-static, fetched with apt-get. The cloud kernel builds its virtio drivers as
 //! modules, and the VMM describes its virtio-mmio devices through ACPI, which only the
 //! `virtio_mmio` module binds; so the initramfs carries those modules and loads them.
+#![warn(missing_docs)]
 
 pub mod cpio;
 pub mod debian;
@@ -25,25 +26,41 @@ use initramfs::{Initramfs, InitramfsModule};
 pub const DEFAULT_MODULES: &[&str] =
     &["virtio_mmio", "virtio_blk", "virtio_net", "vsock", "vmw_vsock_virtio_transport"];
 
+/// Why a guest image could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// A file or directory operation failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
+        /// What was being done, as a verb: `read`, `write`, `create` or `remove`.
         action: &'static str,
+        /// The file or directory it was done to.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// An external tool (apt-get, dpkg-deb, a decompressor) could not be started.
     #[error("cannot run {command}: {source} (the image tool needs Debian's apt-get and dpkg-deb)")]
     Spawn {
+        /// The command line, or the tool's name.
         command: String,
+        /// The error from starting it; `NotFound` when the tool is not installed.
         #[source]
         source: std::io::Error,
     },
+    /// An external tool ran but exited with a failure status.
     #[error("`{command}` failed: {message}")]
-    CommandFailed { command: String, message: String },
+    CommandFailed {
+        /// The command line that failed.
+        command: String,
+        /// The last non-empty line of its stderr.
+        message: String,
+    },
+    /// A package could not be downloaded, or did not hold what was expected.
     #[error("{0}")]
     Package(String),
+    /// The kernel modules could not be indexed or ordered.
     #[error(transparent)]
     Module(#[from] ModuleError),
 }
@@ -72,6 +89,8 @@ pub struct ImageOptions {
 }
 
 impl ImageOptions {
+    /// Options that write into `output_dir` from Debian's cloud kernel and busybox-static,
+    /// loading [`DEFAULT_MODULES`], with a temporary work directory.
     pub fn new(output_dir: impl Into<PathBuf>) -> Self {
         Self {
             output_dir: output_dir.into(),

@@ -9,16 +9,34 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Why the modules to load could not be indexed or ordered.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModuleError {
+    /// A module asked for, or one a module depends on, is not in the index.
     #[error("kernel module {name} is not in the kernel package{}", needed_by_suffix(.needed_by))]
-    Missing { name: String, needed_by: Option<String> },
+    Missing {
+        /// The missing module's name.
+        name: String,
+        /// The module that depends on it; `None` when it was asked for directly.
+        needed_by: Option<String>,
+    },
+    /// The dependencies form a cycle through the named module.
     #[error("kernel modules depend on each other in a cycle through {0}")]
     Cycle(String),
+    /// A line of `modules.dep` has no `:` or no path before it.
     #[error("modules.dep line {line}: expected \"path: dependencies\"")]
-    BadDepLine { line: usize },
+    BadDepLine {
+        /// The line's number, counting from 1.
+        line: usize,
+    },
+    /// A module file is not an ELF64 file with a readable `.modinfo` section.
     #[error("kernel module {name}: {reason}")]
-    BadElf { name: String, reason: &'static str },
+    BadElf {
+        /// The module's name.
+        name: String,
+        /// What is wrong with the file.
+        reason: &'static str,
+    },
 }
 
 fn needed_by_suffix(needed_by: &Option<String>) -> String {
@@ -28,8 +46,11 @@ fn needed_by_suffix(needed_by: &Option<String>) -> String {
 /// One module: its file, relative to `/lib/modules/<version>/`, and the modules it needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModuleInfo {
+    /// The name the kernel knows it by (see [`module_name`]).
     pub name: String,
+    /// The module's file, relative to `/lib/modules/<version>/`, possibly compressed.
     pub path: String,
+    /// The names of the modules it needs, as `modules.dep` or `.modinfo` lists them.
     pub deps: Vec<String>,
 }
 
@@ -96,10 +117,12 @@ impl ModuleIndex {
         Ok((index, contents))
     }
 
+    /// Adds a module, replacing any with the same name.
     pub fn insert(&mut self, info: ModuleInfo) {
         self.modules.insert(info.name.clone(), info);
     }
 
+    /// The module called `name`, with `-` read as `_`.
     pub fn get(&self, name: &str) -> Option<&ModuleInfo> {
         self.modules.get(&name.replace('-', "_"))
     }

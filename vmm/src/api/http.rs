@@ -16,14 +16,19 @@ pub const MAX_RESPONSE_BODY: usize = 64 << 20;
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    /// Reading the connection failed.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The message breaks HTTP syntax, or the connection closed in the middle of it.
     #[error("malformed HTTP message: {0}")]
     Malformed(String),
+    /// `headers` or `body` exceeded its limit ([`MAX_HEAD`], or the body limit of the side reading).
     #[error("{0} is too large")]
     TooLarge(&'static str),
+    /// A POST, PUT or PATCH request came without Content-Length.
     #[error("a request with a body needs a Content-Length header")]
     LengthRequired,
+    /// An HTTP version other than 1.0 or 1.1, or a Transfer-Encoding (none is supported).
     #[error("{0} is not supported")]
     Unsupported(String),
 }
@@ -45,19 +50,25 @@ impl HttpError {
 /// A parsed request.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
+    /// The method, uppercase (`GET`, `PUT`, ...).
     pub method: String,
     /// The path without the query string.
     pub path: String,
+    /// Query parameters in order, not percent-decoded; a parameter without `=` has an empty value.
     pub query: Vec<(String, String)>,
+    /// Headers in order, values trimmed; an HTTP/1.0 request without one gains `Connection: close`.
     pub headers: Vec<(String, String)>,
+    /// The body, as long as Content-Length said (empty without one).
     pub body: Vec<u8>,
 }
 
 impl Request {
+    /// The first header called `name` (compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
     }
 
+    /// The first query parameter called exactly `name`.
     pub fn query(&self, name: &str) -> Option<&str> {
         self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
@@ -71,16 +82,21 @@ impl Request {
 /// A response to send or one received.
 #[derive(Clone, Debug)]
 pub struct Response {
+    /// The status code.
     pub status: u16,
+    /// Headers in order; [`write_response`] adds Content-Length (and `Connection: close`) itself.
     pub headers: Vec<(String, String)>,
+    /// The body.
     pub body: Vec<u8>,
 }
 
 impl Response {
+    /// A response with a Content-Type header and `body`.
     pub fn new(status: u16, content_type: &str, body: Vec<u8>) -> Self {
         Self { status, headers: vec![("Content-Type".into(), content_type.into())], body }
     }
 
+    /// A response whose body is `value` as pretty-printed JSON, ending in a newline.
     pub fn json(status: u16, value: &impl serde::Serialize) -> Self {
         // Serializing our own response types cannot fail; an empty object is the fallback.
         let mut body = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
@@ -88,11 +104,13 @@ impl Response {
         Self::new(status, "application/json", body)
     }
 
+    /// This response with header `name: value` added.
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 
+    /// The first header called `name` (compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
     }
@@ -266,6 +284,7 @@ pub fn read_response(reader: &mut impl BufRead) -> Result<Response, HttpError> {
     Ok(Response { status, headers, body })
 }
 
+/// The reason phrase for the statuses the API uses; empty for any other.
 pub fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",

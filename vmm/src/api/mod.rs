@@ -34,8 +34,10 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// An error answer: a status and a JSON body naming what went wrong.
 #[derive(Debug, Serialize)]
 pub struct ApiError {
+    /// The HTTP status: 4xx for what the caller can fix, 5xx otherwise (not in the body).
     #[serde(skip)]
     pub status: u16,
+    /// What went wrong, in words.
     pub error: String,
     /// The request field at fault, as a dotted path.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,10 +45,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with `status` that names no field.
     pub fn new(status: u16, error: impl Into<String>) -> Self {
         Self { status, error: error.into(), field: None }
     }
 
+    /// The response carrying this error: its status, and `{"error": ..., "field": ...}` as body.
     pub fn response(&self) -> Response {
         Response::json(self.status, self)
     }

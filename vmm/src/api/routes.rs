@@ -2,6 +2,7 @@
 //! table is data, so the OpenAPI test can check the document and the server name the same
 //! endpoints.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use crate::config::json::{self, FieldError};
 use crate::device_manager::DeviceEntry;
 use crate::snapshot::SnapshotRequest;
 use crate::swap::{MemorySwapRequest, SwapRecord, SwapRequest};
-use crate::{Vm, VmState};
+use crate::{RamBacking, Vm, VmState};
 
 /// Every endpoint, as (method, path template). Kept in step with `openapi.json` by a test.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -26,6 +27,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/memory/regions"),
     ("POST", "/memory/regions/{slot}/swap"),
     ("POST", "/snapshots"),
+    ("POST", "/serial/input"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
@@ -86,6 +88,7 @@ fn dispatch(vm: &Vm, request: &Request, method: &str, template: &str, params: &[
         }
         ("POST", "/devices/{id}/swap") => {
             let swap: SwapRequest = body(request)?;
+            absolute_backend_paths(&swap.backend)?;
             let handle = vm.swap_device(params[0], swap)?;
             let record = handle.snapshot();
             Ok(Response::json(202, &record).with_header("Location", format!("/swaps/{}", record.id)))
@@ -96,12 +99,17 @@ fn dispatch(vm: &Vm, request: &Request, method: &str, template: &str, params: &[
         ("POST", "/memory/regions/{slot}/swap") => {
             let slot = params[0].parse::<u32>().map_err(|_| no_region(params[0]))?;
             let swap: MemorySwapRequest = body(request)?;
+            if let RamBacking::File { path } = &swap.backing {
+                absolute("backing.path", path)?;
+            }
             Ok(Response::json(200, &vm.swap_memory(slot, &swap)?))
         }
         ("POST", "/snapshots") => {
             let request: SnapshotRequest = body(request)?;
+            absolute("path", &request.path)?;
             Ok(Response::json(201, &vm.snapshot(&request)?))
         }
+        ("POST", "/serial/input") => serial_input(vm, request),
         ("GET", "/metrics") => Ok(Response::new(200, "text/plain; version=0.0.4", metrics::render(vm).into_bytes())),
         ("GET", "/openapi.json") => Ok(Response::new(200, "application/json", super::OPENAPI.as_bytes().to_vec())),
         _ => Err(ApiError::new(500, format!("route {method} {template} has no handler"))),
@@ -115,6 +123,38 @@ fn body<T: serde::de::DeserializeOwned>(request: &Request) -> Result<T, ApiError
         return Err(ApiError::new(415, format!("expected Content-Type application/json, got {ct:?}")));
     }
     json::from_slice(&request.body).map_err(ApiError::from)
+}
+
+/// Paths in requests must be absolute: the VMM's working directory is not the caller's, and a
+/// relative path would quietly create or open files wherever the VMM happened to start.
+fn absolute(field: &str, path: &Path) -> Result<(), ApiError> {
+    if path.is_absolute() {
+        return Ok(());
+    }
+    let message = format!(
+        "{} is a relative path: give an absolute one (the VMM does not share your working directory)",
+        path.display()
+    );
+    Err(FieldError::new(field, message).into())
+}
+
+/// A backend's path-valued settings, whatever the device kind: `path` (a disk image), `socket`
+/// (vsock), `unix` (a NIC's datagram peer) and `nbd=unix:PATH`.
+fn absolute_backend_paths(backend: &serde_json::Value) -> Result<(), ApiError> {
+    let Some(fields) = backend.as_object() else { return Ok(()) };
+    for (key, value) in fields {
+        let Some(text) = value.as_str() else { continue };
+        let path = match key.as_str() {
+            "path" | "socket" | "unix" => text,
+            "nbd" => match text.strip_prefix("unix:") {
+                Some(path) => path,
+                None => continue,
+            },
+            _ => continue,
+        };
+        absolute(&format!("backend.{key}"), Path::new(path))?;
+    }
+    Ok(())
 }
 
 fn no_device(id: &str) -> ApiError {
@@ -180,6 +220,33 @@ fn patch_vm(vm: &Vm, request: &Request) -> Result<Response, ApiError> {
         }
     }
     Ok(Response::json(200, &vm_status(vm)))
+}
+
+/// `POST /serial/input`: bytes typed at the guest's serial console.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SerialInputRequest {
+    data: String,
+}
+
+/// How long `POST /serial/input` waits for a guest that reads its console slowly.
+const SERIAL_INPUT_WAIT: Duration = Duration::from_secs(2);
+
+fn serial_input(vm: &Vm, request: &Request) -> Result<Response, ApiError> {
+    let input: SerialInputRequest = body(request)?;
+    if let VmState::Exited(exit) = vm.state() {
+        return Err(ApiError::new(409, format!("the VM has exited ({exit})")));
+    }
+    let bytes = input.data.as_bytes();
+    let sent = vm.serial_input().send_all(bytes, SERIAL_INPUT_WAIT);
+    if sent < bytes.len() {
+        let message = format!(
+            "the guest took {sent} of {} bytes within {SERIAL_INPUT_WAIT:?}: it is not reading its serial port",
+            bytes.len()
+        );
+        return Err(ApiError::new(503, message));
+    }
+    Ok(Response::json(200, &serde_json::json!({ "bytes": sent })))
 }
 
 /// `GET /devices/{id}`.

@@ -25,13 +25,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopping server waits for answers being written.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// Why the API server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// A process answers on the socket path already (a stale socket would have been replaced).
     #[error("API socket {0} is in use by a running process")]
     InUse(PathBuf),
+    /// The socket could not be set up: a file that is not a socket is at the path, or removing
+    /// a stale socket, binding, setting mode 0600 or starting the server's thread failed.
     #[error("cannot create API socket {path}: {source}")]
     Bind {
+        /// The socket path.
         path: PathBuf,
+        /// What failed.
         #[source]
         source: std::io::Error,
     },
@@ -98,6 +104,7 @@ impl ApiServer {
         Ok(Self { path: path.to_path_buf(), stop, connections, thread: Some(thread) })
     }
 
+    /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

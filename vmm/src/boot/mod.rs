@@ -192,10 +192,15 @@ pub fn load(mem: &GuestMem, ram: &[(u64, u64)], spec: &BootSpec) -> Result<BootO
 /// Facts about how the VM was put together (kept in snapshots).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmInfo {
+    /// Number of vCPUs.
     pub vcpus: u32,
+    /// Guest RAM size in bytes.
     pub mem_bytes: u64,
+    /// The protocol the kernel was booted with (never [`BootProtocol::Auto`]).
     pub boot_protocol: BootProtocol,
+    /// Whether the kernel was an ELF or a bzImage.
     pub kernel_format: KernelFormat,
+    /// Guest address of the kernel entry point: the boot vCPU's initial RIP.
     pub entry_point: u64,
 }
 

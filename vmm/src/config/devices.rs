@@ -43,8 +43,18 @@ impl fmt::Display for BlockEngine {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum NbdAddress {
-    Tcp { host: String, port: u16 },
-    Unix { path: PathBuf },
+    /// A TCP server, written `HOST:PORT` (an IPv6 host may be bracketed).
+    Tcp {
+        /// Host name or IP address, without brackets.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// A Unix socket, written `unix:PATH`.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+    },
 }
 
 impl FromStr for NbdAddress {
@@ -103,8 +113,10 @@ pub struct DiskConfig {
     /// The NBD export name (default: the server's default export).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<String>,
+    /// Opens the image or export read-only, so the guest cannot write it.
     #[serde(default)]
     pub readonly: bool,
+    /// I/O engine for a `path` disk; not accepted with `nbd` on the command line.
     #[serde(default)]
     pub engine: BlockEngine,
 }
@@ -113,6 +125,7 @@ pub struct DiskConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// Name used by the API; defaults to `net<N>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// A tap interface: attached if it exists, created (and brought up) otherwise.
@@ -124,6 +137,7 @@ pub struct NetConfig {
     /// The guest's MAC address, `aa:bb:cc:dd:ee:ff`; generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// MTU in bytes (68 to 9000) announced to the guest; when absent the guest assumes 1500.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
 }
@@ -132,6 +146,7 @@ pub struct NetConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
+    /// Name used by the API; defaults to `vsock0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The guest's context id (3 or more).
@@ -142,10 +157,19 @@ pub struct VsockConfig {
 }
 
 /// Splits `key=value,key=value` into a map, refusing unknown and repeated keys.
-fn options<'a>(what: &str, s: &'a str, allowed: &[&str]) -> Result<BTreeMap<&'a str, &'a str>, String> {
+/// Splits `key=value,...`. An item without `=` gets a suggestion: `bare_key` says which key
+/// such a value most likely belongs to (`--disk disk.img` means `path=disk.img`).
+fn options<'a>(
+    what: &str,
+    s: &'a str,
+    allowed: &[&str],
+    bare_key: fn(&str) -> &'static str,
+) -> Result<BTreeMap<&'a str, &'a str>, String> {
     let mut map = BTreeMap::new();
     for item in s.split(',').filter(|i| !i.is_empty()) {
-        let (key, value) = item.split_once('=').ok_or_else(|| format!("{what}: {item:?} is not key=value"))?;
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            format!("{what}: {item:?} is not key=value; did you mean {what} {}={item}?", bare_key(item))
+        })?;
         if !allowed.contains(&key) {
             return Err(format!("{what}: unknown option {key:?} (known: {})", allowed.join(", ")));
         }
@@ -167,7 +191,13 @@ fn on_off(what: &str, key: &str, value: &str) -> Result<bool, String> {
 impl FromStr for DiskConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let o = options("--disk", s, &["path", "nbd", "export", "readonly", "engine", "id"])?;
+        let o = options("--disk", s, &["path", "nbd", "export", "readonly", "engine", "id"], |item| {
+            if item.starts_with("unix:") || item.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+                "nbd"
+            } else {
+                "path"
+            }
+        })?;
         let disk = DiskConfig {
             id: o.get("id").map(|v| v.to_string()),
             path: o.get("path").map(PathBuf::from),
@@ -220,7 +250,15 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 impl FromStr for NetConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let o = options("--net", s, &["tap", "unix", "mac", "mtu", "id"])?;
+        let o =
+            options(
+                "--net",
+                s,
+                &["tap", "unix", "mac", "mtu", "id"],
+                |item| {
+                    if item.contains('/') { "unix" } else { "tap" }
+                },
+            )?;
         let net = NetConfig {
             id: o.get("id").map(|v| v.to_string()),
             tap: o.get("tap").map(|v| v.to_string()),
@@ -237,6 +275,8 @@ impl FromStr for NetConfig {
 }
 
 impl NetConfig {
+    /// Checks the combination of options: exactly one of tap and unix, a valid tap name, MAC
+    /// and MTU.
     pub fn check(&self) -> Result<(), String> {
         match (&self.tap, &self.unix) {
             (None, None) => return Err("needs tap=NAME or unix=PATH".into()),
@@ -261,7 +301,9 @@ impl NetConfig {
 impl FromStr for VsockConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let o = options("--vsock", s, &["cid", "socket", "id"])?;
+        let o = options("--vsock", s, &["cid", "socket", "id"], |item| {
+            if item.parse::<u32>().is_ok() { "cid" } else { "socket" }
+        })?;
         let cid = o.get("cid").ok_or("--vsock: needs cid=N")?;
         let cid = cid.parse().map_err(|_| format!("--vsock: cid={cid:?} is not a number"))?;
         let socket = o.get("socket").ok_or("--vsock: needs socket=PATH")?.into();
@@ -272,6 +314,7 @@ impl FromStr for VsockConfig {
 }
 
 impl VsockConfig {
+    /// Checks that the CID is a guest CID (3 to 4294967294) and the socket path is not empty.
     pub fn check(&self) -> Result<(), String> {
         // 0-2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
         if self.cid < 3 || self.cid >= u64::from(u32::MAX) {

@@ -9,10 +9,12 @@ use serde::de::DeserializeOwned;
 pub struct FieldError {
     /// Dotted path of the field at fault (`verify.window_ms`, `backend.engine`), when known.
     pub field: Option<String>,
+    /// What is wrong, without the field's name.
     pub message: String,
 }
 
 impl FieldError {
+    /// An error about the field at dotted path `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self { field: Some(field.into()), message: message.into() }
     }

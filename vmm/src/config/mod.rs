@@ -24,7 +24,9 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Most vCPUs per VM (8-bit xAPIC ids, 0xff reserved); KVM's own limit may be lower.
 pub const MAX_VCPUS: u32 = 254;
 
+/// Guest RAM in MiB when the configuration does not say.
 pub const DEFAULT_MEM_MIB: u64 = 128;
+/// vCPU count when the configuration does not say.
 pub const DEFAULT_VCPUS: u32 = 1;
 /// A serial console, reboots through the keyboard controller (which ends the VMM cleanly), a
 /// reboot one second after a panic, and no probing of the keyboard controller beyond its reset
@@ -35,8 +37,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum SerialConfig {
+    /// The VMM's standard output (the default); written as `stdout`.
     #[default]
     Stdout,
+    /// A file, created if missing and appended to; written as `file:PATH`.
     File(PathBuf),
     /// Discard output.
     None,
@@ -94,8 +98,11 @@ fn default_vcpus() -> u32 {
 /// One device's configuration, whatever its kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceConfig {
+    /// A virtio-blk disk.
     Disk(DiskConfig),
+    /// A virtio-net NIC.
     Net(NetConfig),
+    /// The virtio-vsock device.
     Vsock(VsockConfig),
 }
 
@@ -105,24 +112,34 @@ pub enum DeviceConfig {
 pub struct VmConfig {
     /// Kernel image: a 64-bit ELF (vmlinux, the microguest) or a bzImage.
     pub kernel: PathBuf,
+    /// Initial ramdisk loaded alongside the kernel, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
+    /// Kernel command line; defaults to [`DEFAULT_CMDLINE`].
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
+    /// Guest RAM in MiB, between [`MIN_MEM_MIB`] and [`MAX_MEM_MIB`].
     #[serde(default = "default_mem_mib")]
     pub mem_mib: u64,
+    /// Number of vCPUs, from 1 to [`MAX_VCPUS`] (or the host's lower limit).
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
+    /// Where the guest's serial console goes.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// How the kernel is booted.
     #[serde(default)]
     pub boot_protocol: BootProtocol,
+    /// What guest RAM's pages live in.
     #[serde(default)]
     pub ram_backing: RamBacking,
+    /// virtio-blk disks, in device order (default ids `disk0`, `disk1`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, in device order after the disks (default ids `net0`, `net1`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
+    /// The virtio-vsock device, if any (default id `vsock0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
 }
@@ -130,20 +147,43 @@ pub struct VmConfig {
 /// A configuration that cannot work; the message names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// `mem_mib` (the value given) is below [`MIN_MEM_MIB`].
     #[error("mem_mib (--mem-mib) is {0}: a guest needs at least {MIN_MEM_MIB} MiB")]
     TooLittleMemory(u64),
+    /// `mem_mib` (the value given) is above [`MAX_MEM_MIB`].
     #[error("mem_mib (--mem-mib) is {0}: at most {MAX_MEM_MIB} MiB is accepted")]
     TooMuchMemory(u64),
+    /// `vcpus` is zero or above the limit.
     #[error("vcpus (--vcpus) is {got}: must be between 1 and {max}")]
-    VcpuCount { got: u32, max: u32 },
+    VcpuCount {
+        /// The vCPU count requested.
+        got: u32,
+        /// The most allowed: [`MAX_VCPUS`] or the host's lower limit.
+        max: u32,
+    },
+    /// A file the configuration names does not exist.
     #[error("{what} {path} does not exist")]
-    Missing { what: &'static str, path: PathBuf },
+    Missing {
+        /// What the file is for, such as `kernel` or `disk image`.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The kernel or initrd path exists but is not a regular file.
     #[error("{what} {path} is not a regular file")]
-    NotAFile { what: &'static str, path: PathBuf },
+    NotAFile {
+        /// What the file is for: `kernel` or `initrd`.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A disk, NIC or vsock setting is invalid; the message starts with the device kind.
     #[error("{0}")]
     Device(String),
+    /// Two devices share an id (given or defaulted).
     #[error("device id {0:?} is used twice")]
     DuplicateId(String),
+    /// More virtio devices (the count given) than [`MAX_VIRTIO_DEVICES`].
     #[error("{0} virtio devices requested; at most {max} fit", max = MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
 }
@@ -184,10 +224,11 @@ impl VmConfig {
         self
     }
 
+    /// Device ids, with defaults (`diskN`, `netN`, `vsock0`) filled in, in device order.
     pub fn device_ids(&self) -> Vec<String> {
         let disks = self.disks.iter().enumerate().map(|(i, d)| d.id.clone().unwrap_or(format!("disk{i}")));
         let nets = self.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or(format!("net{i}")));
-        let vsock = self.vsock.iter().map(|v| v.id.clone().unwrap_or("vsock".into()));
+        let vsock = self.vsock.iter().map(|v| v.id.clone().unwrap_or("vsock0".into()));
         disks.chain(nets).chain(vsock).collect()
     }
 

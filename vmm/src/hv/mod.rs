@@ -18,22 +18,42 @@ pub use vcpu::{Exit, KvmVcpu, SystemEvent, VcpuKicker};
 /// A failed KVM operation, naming the operation.
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
+    /// `/dev/kvm` could not be opened (KVM missing, or no permission).
     #[error("cannot open /dev/kvm: {0} (is KVM available and accessible to this user?)")]
     Open(#[source] kvm_ioctls::Error),
+    /// KVM reports an API version (the one given) other than 12.
     #[error("KVM API version {0} is not supported (expected 12)")]
     ApiVersion(i32),
+    /// KVM lacks a capability the VMM needs (named).
     #[error("this KVM lacks a required capability: {0}")]
     MissingCapability(&'static str),
+    /// A KVM ioctl failed.
     #[error("{op} failed: {source}")]
     Ioctl {
+        /// The ioctl, such as `KVM_SET_REGS`.
         op: &'static str,
+        /// The error it returned.
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM set only some of a batch of MSRs, or the batch could not be built (`done` is then 0).
     #[error("{op}: KVM accepted {done} of {wanted} MSRs")]
-    PartialMsrs { op: &'static str, done: usize, wanted: usize },
+    PartialMsrs {
+        /// The ioctl: `KVM_SET_MSRS` or `KVM_GET_MSRS`.
+        op: &'static str,
+        /// How many MSRs KVM took, in order.
+        done: usize,
+        /// How many were in the batch.
+        wanted: usize,
+    },
+    /// KVM refused to set an MSR while restoring a vCPU's state.
     #[error("{op}: KVM refused MSR {index:#x} (was the state taken on a host with other CPU features?)")]
-    MsrRefused { op: &'static str, index: u32 },
+    MsrRefused {
+        /// The ioctl: `KVM_SET_MSRS`.
+        op: &'static str,
+        /// The MSR's index.
+        index: u32,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, HvError>;

@@ -19,17 +19,25 @@ use super::{HvError, IoctlContext, KvmVcpu, KvmVm, Result};
 /// Everything KVM keeps for one vCPU.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
+    /// The vCPU's KVM id (its index, counted from 0).
     pub id: u32,
+    /// Multiprocessing state: runnable, halted, or waiting for INIT/SIPI.
     pub mp_state: kvm_mp_state,
+    /// General-purpose registers, RIP and RFLAGS.
     pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers, EFER and the APIC base.
     pub sregs: kvm_sregs,
     /// x87, SSE and AVX state (the XSAVE legacy area is the FPU state, so no separate FPU).
     pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
     pub xcrs: kvm_xcrs,
+    /// Debug registers DR0 to DR3, DR6 and DR7.
     pub debugregs: kvm_debugregs,
+    /// The local APIC's register page.
     pub lapic: kvm_lapic_state,
     /// Every MSR in KVM's saveable list that reads back on this host, TSC included.
     pub msrs: Vec<kvm_msr_entry>,
+    /// Pending and injected exceptions, interrupts and NMIs, and interrupt shadow.
     pub events: kvm_vcpu_events,
     /// The guest's TSC frequency, if KVM reports one.
     pub tsc_khz: Option<u32>,
@@ -38,10 +46,15 @@ pub struct VcpuState {
 /// VM-wide in-kernel device state.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmState {
+    /// The master 8259 PIC.
     pub pic_master: kvm_irqchip,
+    /// The slave 8259 PIC.
     pub pic_slave: kvm_irqchip,
+    /// The IOAPIC's redirection table and registers.
     pub ioapic: kvm_irqchip,
+    /// The 8254 PIT's channels.
     pub pit: kvm_pit_state2,
+    /// The KVM clock; only its value is restored, its flags describe the host it was read on.
     pub clock: kvm_clock_data,
 }
 

@@ -31,9 +31,27 @@ pub enum RamBacking {
     Memfd,
     /// A regular file, mapped shared; at boot regions sit at consecutive offsets, a region
     /// swapped to a file later starts at offset 0.
-    File { path: PathBuf },
+    File {
+        /// The file; created if missing, and refused unless empty (guest RAM starts as zeros).
+        path: PathBuf,
+    },
     /// 2 MiB huge pages from the kernel's pool (a hugetlb memfd; needs `vm.nr_hugepages`).
     Hugetlbfs,
+}
+
+/// The command line's form: `anonymous`, `memfd`, `hugetlbfs` or `file=PATH`.
+impl std::str::FromStr for RamBacking {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some(("file", path)) if !path.is_empty() => Ok(RamBacking::File { path: path.into() }),
+            None if s == "anonymous" => Ok(RamBacking::Anonymous),
+            None if s == "memfd" => Ok(RamBacking::Memfd),
+            None if s == "hugetlbfs" => Ok(RamBacking::Hugetlbfs),
+            _ => Err(format!("{s:?}: expected anonymous, memfd, hugetlbfs or file=PATH")),
+        }
+    }
 }
 
 impl std::fmt::Display for RamBacking {

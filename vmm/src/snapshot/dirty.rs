@@ -19,15 +19,19 @@ use crate::memory::{GuestRam, MemoryError};
 /// The snapshot a diff builds on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentRef {
+    /// Its [`VmSnapshot::id`](super::VmSnapshot::id), checked against the parent found at `path`.
     pub id: u64,
     /// Its directory, absolute.
     pub path: PathBuf,
 }
 
+/// Why the pages written since the last snapshot could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
+    /// KVM could not turn its dirty log on or return it.
     #[error(transparent)]
     Kvm(#[from] HvError),
+    /// The VMM's own dirty bitmap of a RAM region could not be read.
     #[error(transparent)]
     Memory(#[from] MemoryError),
 }

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Name of the state file in a snapshot directory: header and CBOR payload.
 pub const STATE_FILE: &str = "state";
+/// Name of the memory file in a snapshot directory: guest RAM, zero pages as holes.
 pub const MEMORY_FILE: &str = "memory";
 /// The state file while it is written (renamed into place when complete).
 pub const STATE_TMP_FILE: &str = "state.tmp";
@@ -32,24 +34,60 @@ const MAX_PAYLOAD: u64 = 256 << 20;
 
 const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
+/// Why a state file could not be written, or why a file is refused as a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
+    /// Opening, reading, writing or renaming a snapshot file failed.
     #[error("snapshot file {path}: {source}")]
     Io {
+        /// The file at fault.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file does not start with the snapshot magic: it is not a state file.
     #[error("{path} is not a snapshot state file (bad magic)")]
-    Magic { path: PathBuf },
+    Magic {
+        /// The file read.
+        path: PathBuf,
+    },
+    /// The state file has another [`FORMAT_VERSION`] than this vmm's.
     #[error("{path} has snapshot format version {found}; this vmm reads version {FORMAT_VERSION}")]
-    Version { path: PathBuf, found: u32 },
+    Version {
+        /// The file read.
+        path: PathBuf,
+        /// The version in its header.
+        found: u32,
+    },
+    /// The file is shorter than its header, or than the data its header or state describes.
     #[error("{path} is truncated: {what}")]
-    Truncated { path: PathBuf, what: String },
+    Truncated {
+        /// The file read.
+        path: PathBuf,
+        /// How short it is.
+        what: String,
+    },
+    /// The payload's CRC-64 does not match the header's, or data follows the payload.
     #[error("{path} is corrupted: checksum {found:#018x}, expected {expected:#018x}")]
-    Checksum { path: PathBuf, expected: u64, found: u64 },
+    Checksum {
+        /// The file read.
+        path: PathBuf,
+        /// The checksum in the header.
+        expected: u64,
+        /// The checksum of the payload read.
+        found: u64,
+    },
+    /// The payload is not a valid state (CBOR that does not decode, or a memory layout that does
+    /// not hold together).
     #[error("{path}: cannot decode the state: {reason}")]
-    Decode { path: PathBuf, reason: String },
+    Decode {
+        /// The file read.
+        path: PathBuf,
+        /// What is wrong with the payload.
+        reason: String,
+    },
+    /// The state could not be serialised to CBOR.
     #[error("cannot encode the state: {0}")]
     Encode(String),
 }

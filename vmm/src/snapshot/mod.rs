@@ -23,9 +23,11 @@ pub mod format;
 mod lazy;
 pub(crate) mod restore;
 
+/// The KVM state a snapshot holds, per vCPU and VM-wide.
+pub use crate::hv::{VcpuState, VmState as MachineState};
 pub(crate) use create::SnapshotSource;
 pub(crate) use dirty::DirtyTracker;
-pub use dirty::ParentRef;
+pub use dirty::{DirtyError, ParentRef};
 pub(crate) use lazy::OnFatal;
 pub use restore::RestoreError;
 pub(crate) use restore::load;
@@ -40,7 +42,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::VmInfo;
 use crate::config::VmConfig;
-use crate::hv::{VcpuState, VmState};
 use crate::quiesce::QuiesceError;
 use format::FormatError;
 
@@ -49,16 +50,23 @@ use format::FormatError;
 pub struct VmSnapshot {
     /// Random, to tell snapshots apart.
     pub id: u64,
+    /// When the snapshot was taken, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
+    /// Full, or a diff holding only the pages changed since [`parent`](Self::parent).
     pub kind: SnapshotKind,
     /// For a diff: the snapshot whose memory it changes (checked by id when restoring).
     pub parent: Option<ParentRef>,
     /// The machine to rebuild: memory size, vCPUs, devices in their order.
     pub config: VmConfig,
+    /// How the VM was booted (protocol, kernel format, entry point); the restored VM reports it.
     pub info: VmInfo,
+    /// Where each RAM region's bytes are in the memory file, in the VM's region order.
     pub regions: Vec<RegionSnapshot>,
+    /// Every vCPU's KVM state (registers, LAPIC, MSRs...), in vCPU id order.
     pub vcpus: Vec<VcpuState>,
-    pub vm: VmState,
+    /// The VM-wide in-kernel state: PICs, IOAPIC, PIT and KVM clock.
+    pub vm: MachineState,
+    /// The COM1 serial port's registers.
     pub serial: SerialSnapshot,
     /// Every virtio device, in the order they were added (which fixes their MMIO slots).
     pub devices: Vec<DeviceSnapshot>,
@@ -67,18 +75,25 @@ pub struct VmSnapshot {
 /// Where one RAM region's bytes are in the memory file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionSnapshot {
+    /// KVM memory slot number.
     pub slot: u32,
+    /// Guest physical address where the region starts.
     pub guest_addr: u64,
+    /// Length of the region in bytes (a multiple of 4 KiB).
     pub size: u64,
+    /// Byte offset of the region in the memory file (regions follow each other without gaps).
     pub file_offset: u64,
     /// For a diff: the pages it holds (one bit per 4 KiB page); the rest are the parent's.
     /// A set page in a hole of the memory file is a page of zeros.
     pub dirty: Option<Vec<u64>>,
 }
 
+/// One virtio device's saved state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceSnapshot {
+    /// The device's id; a restore checks it against the device built in the same place.
     pub id: String,
+    /// What the device exported: transport registers, queues and device-specific state.
     pub state: DeviceState,
 }
 
@@ -88,8 +103,11 @@ pub struct DeviceSnapshot {
 pub struct SnapshotRequest {
     /// A directory that does not exist yet or is empty.
     pub path: PathBuf,
+    /// Full (the default) or diff.
     #[serde(default)]
     pub kind: SnapshotKind,
+    /// How long to wait for device requests in flight before pausing, in milliseconds
+    /// (1 to [`MAX_DRAIN_MS`](crate::swap::MAX_DRAIN_MS); 2000 by default).
     #[serde(default = "default_drain_ms")]
     pub drain_timeout_ms: u64,
 }
@@ -98,9 +116,11 @@ fn default_drain_ms() -> u64 {
     2000
 }
 
+/// Whether a snapshot holds all of guest RAM or only what changed since its parent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotKind {
+    /// Every populated page of guest RAM; starts a new chain of diffs.
     #[default]
     Full,
     /// Only the pages that changed since the VM's last snapshot, which it names as its parent.
@@ -137,62 +157,102 @@ impl std::str::FromStr for MemoryMode {
 /// What taking a snapshot did and cost.
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotReport {
+    /// The snapshot directory, as requested.
     pub path: PathBuf,
+    /// The snapshot's id, as 16 hex digits.
     pub id: String,
+    /// Full or diff, as requested.
     pub kind: SnapshotKind,
     /// How long the vCPUs were paused.
     pub pause_us: u64,
     /// Draining the devices' requests before the pause (the guest ran meanwhile).
     pub devices_quiesce_us: u64,
+    /// Time from the request to the state file written, in microseconds.
     pub total_us: u64,
+    /// Length of the memory file in bytes: the size of guest RAM.
     pub memory_bytes: u64,
     /// Bytes of guest RAM written (zero pages are holes).
     pub memory_written_bytes: u64,
+    /// Size of the state file in bytes, header included.
     pub state_bytes: u64,
+    /// Number of vCPUs saved.
     pub vcpus: usize,
+    /// Number of virtio devices saved.
     pub devices: usize,
 }
 
+/// Why a snapshot could not be taken or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// The VM has already exited; the string says how.
     #[error("the VM has exited ({0})")]
     Exited(String),
+    /// A field of the [`SnapshotRequest`] is invalid.
     #[error("{field}: {reason}")]
-    Request { field: &'static str, reason: String },
+    Request {
+        /// The request field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The snapshot directory is not empty, or cannot be read or created.
     #[error("snapshot directory {path}: {reason}")]
-    Directory { path: PathBuf, reason: String },
+    Directory {
+        /// The requested directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The devices did not drain in time or the vCPUs could not be paused; nothing was kept.
     #[error("{0}; nothing was written")]
     Quiesce(#[from] QuiesceError),
+    /// The VM's state could not be read or set up (vCPU or KVM state, restored RAM, page fault
+    /// handler), or a snapshot's state does not hold together.
     #[error("cannot read the VM's state: {0}")]
     State(String),
+    /// A snapshot file could not be created or written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file being written.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot's memory file could not be opened or read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file being read.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// A state file could not be encoded, or one being read is not a valid snapshot.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// The snapshot does not fit the machine rebuilt from it, or its chain of diffs is broken.
     #[error("cannot restore: {0}")]
     Restore(#[from] RestoreError),
+    /// A device is in the middle of a backend swap.
     #[error("device {device} is swapping its backend; take the snapshot once the swap has ended")]
-    SwapRunning { device: String },
+    SwapRunning {
+        /// The id of the device being swapped.
+        device: String,
+    },
+    /// A diff was requested but there is no snapshot it could build on.
     #[error(
         "a diff snapshot needs a parent: this VM has no snapshot since it started, its last one failed, or a memory \
          swap came after it; take a full snapshot first"
     )]
     NoParent,
+    /// KVM's dirty page log could not be turned on or read, or the VMM's own dirty bitmap read.
     #[error(transparent)]
     Dirty(#[from] dirty::DirtyError),
 }
 
 impl SnapshotRequest {
+    /// Checks the request's fields: a non-empty path and a drain timeout within limits.
     pub fn check(&self) -> Result<(), SnapshotError> {
         crate::swap::check_ms("drain_timeout_ms", self.drain_timeout_ms, crate::swap::MAX_DRAIN_MS)
             .map_err(|e| SnapshotError::Request { field: "drain_timeout_ms", reason: e.to_string() })?;
@@ -242,6 +302,7 @@ pub fn new_id() -> u64 {
     u64::from_ne_bytes(bytes)
 }
 
+/// The current time in milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -113,24 +113,59 @@ fn check_regions(path: &Path, snapshot: &VmSnapshot) -> Result<(), SnapshotError
     Ok(())
 }
 
+/// Why a snapshot cannot be continued on the machine rebuilt from it.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// A memory file's regions differ from the RAM regions this vmm lays out for the saved size.
     #[error("the snapshot's RAM layout does not match this vmm's for {mem_mib} MiB: {detail}")]
-    Layout { mem_mib: u64, detail: String },
+    Layout {
+        /// The saved guest RAM size, in MiB.
+        mem_mib: u64,
+        /// The regions the snapshot describes.
+        detail: String,
+    },
+    /// The snapshot holds state for another number of devices than its configuration builds.
     #[error("the snapshot has {found} devices, the configuration it carries builds {expected}")]
-    DeviceCount { expected: usize, found: usize },
+    DeviceCount {
+        /// Devices built from the configuration.
+        expected: usize,
+        /// Device states in the snapshot.
+        found: usize,
+    },
+    /// The devices' states are not in the order the configuration builds the devices.
     #[error("device {expected:?} comes next, the snapshot's next device is {found:?}")]
-    DeviceOrder { expected: String, found: String },
+    DeviceOrder {
+        /// The id of the device built next.
+        expected: String,
+        /// The id on the snapshot's next device state.
+        found: String,
+    },
+    /// A device refused its saved state.
     #[error("device {device}: {reason}")]
-    Device { device: String, reason: String },
+    Device {
+        /// The device's id.
+        device: String,
+        /// Why the device refused it.
+        reason: String,
+    },
+    /// Reading guest RAM from a memory file failed.
     #[error("cannot read guest RAM from {path}: {source}")]
     Read {
+        /// The memory file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// A diff's chain of parents is broken: missing, looping, too long, replaced or of another
+    /// RAM size.
     #[error("snapshot {path}: {reason}")]
-    Chain { path: PathBuf, reason: String },
+    Chain {
+        /// The directory of the snapshot whose parent is at fault.
+        path: PathBuf,
+        /// What is wrong with the chain.
+        reason: String,
+    },
 }
 
 /// Guest RAM holding the snapshot's memory, as `mode` says: the full snapshot's memory file

@@ -18,13 +18,17 @@ use crate::vcpu::{ControlError, Vcpus};
 
 const COPY_CHUNK: usize = 2 << 20;
 
+/// A request to move a guest RAM region to another backing.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemorySwapRequest {
+    /// The new backing; it must differ from the region's current one.
     pub backing: RamBacking,
     /// Compare old and new contents before resuming (doubles the pause).
     #[serde(default)]
     pub verify: bool,
+    /// How long to wait for device requests in flight before pausing, in milliseconds
+    /// (1 to [`MAX_DRAIN_MS`](super::MAX_DRAIN_MS); 2000 by default).
     #[serde(default = "default_drain_ms")]
     pub drain_timeout_ms: u64,
 }
@@ -33,49 +37,85 @@ fn default_drain_ms() -> u64 {
     2000
 }
 
+/// What a memory swap did and cost; times are in microseconds.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemorySwapReport {
+    /// The KVM memory slot of the region swapped.
     pub slot: u32,
+    /// The region's backing before.
     pub from: RamBacking,
+    /// The region's backing now.
     pub to: RamBacking,
+    /// Size of the region in bytes.
     pub bytes: u64,
     /// Bytes written into the new backing (all-zero chunks are skipped).
     pub bytes_copied: u64,
     /// Time the vCPUs were paused.
     pub pause_us: u64,
+    /// Time to copy the contents (and compare them, with `verify`), within the pause.
     pub copy_us: u64,
     /// Time to point the KVM memory slot and the devices at the new mapping.
     pub memslot_us: u64,
     /// Time to stop device I/O before the pause.
     pub devices_quiesce_us: u64,
+    /// Whether the copy was compared with the original (the request's `verify`).
     pub verified: bool,
+    /// The pause divided by the region's size in GiB, in microseconds per GiB.
     pub pause_us_per_gib: u64,
 }
 
+/// Why a memory swap failed; in every case the region keeps its old backing.
 #[derive(Debug, thiserror::Error)]
 pub enum MemorySwapError {
+    /// A field of the [`MemorySwapRequest`] is invalid.
     #[error("invalid memory swap request: {0}")]
     Invalid(#[from] crate::config::json::FieldError),
+    /// No region has this slot, or the new backing cannot be mapped or installed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The VM was restored with lazily filled RAM that is not all filled yet.
     #[error(
         "guest RAM is still being filled from the snapshot it was restored from (--memory uffd); swap once that is done"
     )]
     StillFilling,
+    /// The region already has the requested backing.
     #[error("region {slot} already uses {backing}")]
-    Same { slot: u32, backing: RamBacking },
+    Same {
+        /// The region's KVM memory slot.
+        slot: u32,
+        /// Its current backing.
+        backing: RamBacking,
+    },
+    /// A device did not finish its requests in flight in time.
     #[error("device {device} still has {pending} request(s) in flight after {timeout_ms} ms; nothing changed")]
-    Drain { device: String, pending: usize, timeout_ms: u64 },
+    Drain {
+        /// The device's id.
+        device: String,
+        /// Requests still in flight when the wait ended.
+        pending: usize,
+        /// How long it was waited for, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// The vCPUs could not be paused (or the VM has stopped).
     #[error(transparent)]
     Pause(#[from] ControlError),
+    /// KVM refused to remove the memory slot or to map it to the new backing.
     #[error("cannot replace memory slot {slot}: {source}; nothing changed")]
     Kvm {
+        /// The region's KVM memory slot.
         slot: u32,
+        /// The KVM error.
         #[source]
         source: HvError,
     },
+    /// With `verify`, the copy differs from the original.
     #[error("the copy of region {slot} differs at offset {offset:#x}; nothing changed")]
-    Mismatch { slot: u32, offset: u64 },
+    Mismatch {
+        /// The region's KVM memory slot.
+        slot: u32,
+        /// Byte offset in the region of the first chunk that differs.
+        offset: u64,
+    },
 }
 
 /// What [`MemorySwap::replace`] did.
@@ -98,6 +138,8 @@ pub struct MemorySwap<'a> {
 }
 
 impl MemorySwap<'_> {
+    /// Moves RAM region `slot` to `request.backing`: maps and prefaults the new backing while
+    /// the guest runs, then quiesces devices and vCPUs for the copy and the memory slot switch.
     pub fn run(&self, slot: u32, request: &MemorySwapRequest) -> Result<MemorySwapReport, MemorySwapError> {
         super::check_ms("drain_timeout_ms", request.drain_timeout_ms, super::MAX_DRAIN_MS)?;
         if self.ram.still_filling() {

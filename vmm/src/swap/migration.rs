@@ -169,7 +169,8 @@ fn commit(
     // The source goes at commit: the target must be durable first (off the blackout; from
     // here on, guest flushes reach both halves anyway).
     control.flush_target(params.drain_timeout).map_err(|e| format!("cannot flush the target: {e}"))?;
-    record.phase(Phase::Commit, None);
+    // The mirror comes out of the slot under a last quiesce and drain (their own timeline
+    // entries); `Commit` is entered only once the target serves alone.
     let _urgent = Urgent::enter();
     let mut attempt = 0;
     let mut source_dropped = false;
@@ -187,6 +188,7 @@ fn commit(
                         format!("{pending} request(s) never finished on the target; it serves through the mirror");
                     // No more holding back failures for a rollback that cannot happen.
                     target.lock().set_probation(false);
+                    record.phase(Phase::Commit, Some(note.clone()));
                     record.finish(SwapState::Committed, Some(note));
                     return Ok(());
                 }
@@ -200,7 +202,7 @@ fn commit(
                     source_dropped = true;
                     let note =
                         format!("the source did not finish {dropped} request(s): dropped, no rollback from here");
-                    record.phase(Phase::Commit, Some(note));
+                    record.phase(Phase::Drain, Some(note));
                     continue;
                 }
                 // Let the disk serve (and the slow half catch up) before the next try.
@@ -222,6 +224,7 @@ fn commit(
     record.add_blackout(blackout.elapsed());
     drop(mirror);
     drop(control.take(Half::Source));
+    record.phase(Phase::Commit, Some("mirror removed: the target serves alone, the source is closed".into()));
     record.finish(SwapState::Committed, None);
     Ok(())
 }

@@ -7,9 +7,9 @@
 //! the old backend while the new one serves, and settles them before it commits), switch
 //! (queue state stays in the device), resume, verify under real traffic, then commit (close
 //! the old backend) or roll back automatically (the old backend was kept open; requests the
-//! new one failed are retried on it, so the guest sees no error). Live storage migration ([`migration`]) and memory
-//! region swaps ([`memory`]) reuse the same pieces. [`SwapManager`] runs swaps on their own
-//! threads and keeps their records.
+//! new one failed are retried on it, so the guest sees no error). Live storage migration
+//! ([`migration`]) and memory region swaps ([`memory`]) reuse the same pieces. [`SwapManager`]
+//! runs swaps on their own threads and keeps their records.
 
 mod launch;
 pub(crate) mod memory;
@@ -64,17 +64,23 @@ pub struct SwapRequest {
     /// `{"path": ..., "engine": ...}` or `{"nbd": ..., "export": ...}`; for a NIC `{"tap": ...}`
     /// or `{"unix": ...}`; for vsock `{"socket": ...}`.
     pub backend: serde_json::Value,
+    /// What kind of swap ([`SwapMode::Switch`] by default).
     #[serde(default)]
     pub mode: SwapMode,
+    /// Confirms a [`SwapMode::NewImage`] swap, which replaces the guest's disk contents.
     #[serde(default)]
     pub allow_new_image: bool,
     /// Disks only, for testing rollback: wrap the new backend in a fault injector.
     #[serde(default)]
     pub fault: Option<Fault>,
+    /// How long to wait for requests in flight when quiescing, in milliseconds
+    /// (1 to [`MAX_DRAIN_MS`]; 2000 by default).
     #[serde(default = "default_drain_ms")]
     pub drain_timeout_ms: u64,
+    /// The health check the new backend must pass before the swap commits.
     #[serde(default)]
     pub verify: VerifyPolicy,
+    /// Options for [`SwapMode::Migrate`].
     #[serde(default)]
     pub migrate: MigrateOptions,
 }
@@ -122,16 +128,28 @@ impl SwapRequest {
 /// Why a swap was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
+    /// The VM has no device with this id.
     #[error("no device {0:?}")]
     NoSuchDevice(String),
+    /// A field of the [`SwapRequest`] is invalid, or does not apply to this device.
     #[error("invalid swap request: {0}")]
     Invalid(#[from] FieldError),
+    /// The VM has exited, or is stopping; the string says how.
     #[error("the VM has exited ({0})")]
     VmExited(String),
+    /// Another swap of the same device is still running.
     #[error("device {device} is already swapping (swap {swap})")]
-    Busy { device: String, swap: u64 },
+    Busy {
+        /// The device's id.
+        device: String,
+        /// The id of the swap running on it.
+        swap: u64,
+    },
+    /// The new backend opened but cannot stand in for the old one (another disk capacity, a
+    /// lower MTU, the socket already in use...).
     #[error("the new backend cannot take over: {0}")]
     Incompatible(String),
+    /// The new backend could not be opened.
     #[error("cannot open the new backend: {0}")]
     Prepare(String),
 }
@@ -156,8 +174,11 @@ pub struct SwapManager {
 pub struct MemorySwapHistory {
     /// The latest [`HISTORY`] reports.
     pub completed: Vec<MemorySwapReport>,
+    /// Memory swaps that succeeded, forgotten reports included.
     pub completed_total: u64,
+    /// Memory swaps that failed or were refused.
     pub failed: u64,
+    /// The vCPU pauses of the successful swaps.
     pub pauses: TimeHistogram,
 }
 
@@ -166,6 +187,8 @@ impl SwapManager {
         self.swaps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The records of the swaps remembered (all running ones, the latest finished ones; see
+    /// [`HISTORY`]), oldest first.
     pub fn list(&self) -> Vec<SwapRecord> {
         self.lock().iter().map(SwapHandle::snapshot).collect()
     }
@@ -192,10 +215,12 @@ impl SwapManager {
         (tallies, running)
     }
 
+    /// The swap with this id, unless it was never started or has been forgotten.
     pub fn get(&self, id: u64) -> Option<SwapHandle> {
         self.lock().iter().find(|s| s.id() == id).cloned()
     }
 
+    /// A copy of the memory swaps' outcomes so far.
     pub fn memory_history(&self) -> MemorySwapHistory {
         self.memory.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

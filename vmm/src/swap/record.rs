@@ -31,9 +31,11 @@ pub enum Phase {
     Rollback,
 }
 
+/// Where a swap stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SwapState {
+    /// Still in progress.
     Running,
     /// The new backend is in place for good.
     Committed,
@@ -43,11 +45,14 @@ pub enum SwapState {
     Failed,
 }
 
+/// One step of a swap's timeline: a phase entered, and when.
 #[derive(Clone, Debug, Serialize)]
 pub struct TimelineEntry {
+    /// The phase entered.
     pub phase: Phase,
     /// Microseconds since the swap was requested.
     pub at_us: u64,
+    /// What happened in words, where there is more to say.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -55,8 +60,11 @@ pub struct TimelineEntry {
 /// Live-migration statistics.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct CopyStats {
+    /// The disk's capacity in bytes.
     pub bytes_total: u64,
+    /// Bytes copied so far, counting a chunk again each time the guest dirtied it and it was recopied.
     pub bytes_copied: u64,
+    /// Microseconds from the start of the copy to the latest update (the end of the final copy).
     pub copy_us: u64,
     /// Copied during the blackout, after the guest stopped writing.
     pub final_copy_bytes: u64,
@@ -65,20 +73,30 @@ pub struct CopyStats {
 /// Everything known about one swap.
 #[derive(Clone, Debug, Serialize)]
 pub struct SwapRecord {
+    /// The swap's id, unique within the VM (numbered from 1).
     pub id: u64,
+    /// Id of the device swapped.
     pub device: String,
+    /// The [`SwapMode`](super::SwapMode) as serialized: `switch`, `migrate` or `new_image`.
     pub mode: String,
+    /// The old backend, described in words.
     pub from: String,
+    /// The new backend, described in words; empty until it has been opened.
     pub to: String,
+    /// Where the swap stands.
     pub state: SwapState,
+    /// The latest phase entered.
     pub phase: Phase,
+    /// Why the swap failed or rolled back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Time the device took no new requests (quiesce to resume), switch and rollback summed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blackout_us: Option<u64>,
+    /// Copy statistics of a live migration ([`SwapMode::Migrate`](super::SwapMode::Migrate)).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyStats>,
+    /// The phases entered, in order, starting with [`Phase::Prepare`] at 0.
     pub timeline: Vec<TimelineEntry>,
     /// Request to end, once ended.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -98,6 +116,7 @@ pub struct SwapHandle {
 type CommitHook = Box<dyn FnOnce() + Send>;
 
 impl SwapHandle {
+    /// A running swap of `device` from backend `from`, in [`Phase::Prepare`] from now.
     pub fn new(id: u64, device: &str, mode: &str, from: String) -> Self {
         let record = SwapRecord {
             id,
@@ -121,18 +140,22 @@ impl SwapHandle {
         self.inner.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A copy of the record as it stands now.
     pub fn snapshot(&self) -> SwapRecord {
         self.lock().clone()
     }
 
+    /// The swap's id.
     pub fn id(&self) -> u64 {
         self.lock().id
     }
 
+    /// Id of the device being swapped.
     pub fn device(&self) -> String {
         self.lock().device.clone()
     }
 
+    /// Whether the swap has not ended yet.
     pub fn is_running(&self) -> bool {
         self.lock().state == SwapState::Running
     }
@@ -145,15 +168,18 @@ impl SwapHandle {
         r.timeline.push(TimelineEntry { phase, at_us, detail });
     }
 
+    /// Records the new backend's description, once it is open.
     pub fn set_target(&self, to: String) {
         self.lock().to = to;
     }
 
+    /// Adds `blackout` to the time the device took no new requests.
     pub fn add_blackout(&self, blackout: Duration) {
         let mut r = self.lock();
         r.blackout_us = Some(r.blackout_us.unwrap_or(0) + blackout.as_micros() as u64);
     }
 
+    /// Replaces the live-migration statistics with `stats`.
     pub fn set_copy(&self, stats: CopyStats) {
         self.lock().copy = Some(stats);
     }

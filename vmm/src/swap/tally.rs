@@ -10,11 +10,15 @@ pub const SWAP_BUCKETS_S: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0
 /// Times in the buckets of [`SWAP_BUCKETS_S`], non-cumulative, +Inf last.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TimeHistogram {
+    /// How many times fell in each bucket: `counts[i]` those above bound `i - 1` and up to
+    /// bound `i`, the last those above every bound.
     pub counts: [u64; SWAP_BUCKETS_S.len() + 1],
+    /// The sum of every time added, in seconds.
     pub sum_s: f64,
 }
 
 impl TimeHistogram {
+    /// Adds a time given in microseconds.
     pub fn add_us(&mut self, us: u64) {
         let s = us as f64 / 1e6;
         let bucket = SWAP_BUCKETS_S.iter().position(|&b| s <= b).unwrap_or(SWAP_BUCKETS_S.len());
@@ -28,11 +32,14 @@ impl TimeHistogram {
 pub struct SwapTally {
     /// Indexed like [`SwapTally::STATES`].
     pub by_state: [u64; 3],
+    /// How long the device took no new requests, per swap (see [`SwapRecord::blackout_us`]).
     pub blackout: TimeHistogram,
+    /// How long each swap took from request to end.
     pub duration: TimeHistogram,
 }
 
 impl SwapTally {
+    /// The states a finished swap can end in, in the order of [`by_state`](Self::by_state).
     pub const STATES: [SwapState; 3] = [SwapState::Committed, SwapState::RolledBack, SwapState::Failed];
 
     /// Counts a finished swap (a running one's blackout may still grow, and counters and

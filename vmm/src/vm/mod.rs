@@ -24,15 +24,21 @@ use crate::vcpu::{ControlError, Target, Vcpus};
 /// Whether the guest is running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmState {
+    /// The vCPUs run (or are being resumed).
     Running,
+    /// Paused through [`Vm::pause`]; the VM keeps its state until resumed.
     Paused,
+    /// The VM has ended, and how.
     Exited(VmExit),
 }
 
+/// Why pausing or resuming a VM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The VM has already ended, and how.
     #[error("the VM has exited ({0})")]
     Exited(VmExit),
+    /// The vCPU threads did not reach the requested state.
     #[error(transparent)]
     Control(#[from] ControlError),
 }
@@ -47,6 +53,26 @@ impl SerialInput {
     /// Queues as many bytes as the UART's receive FIFO takes; returns how many.
     pub fn send(&self, bytes: &[u8]) -> usize {
         lock_device(&self.serial).push_input(bytes)
+    }
+
+    /// Queues all of `bytes`, waiting while the guest drains its receive FIFO, for at most
+    /// `timeout`; returns how many went in (fewer only when the guest stopped reading).
+    pub fn send_all(&self, bytes: &[u8], timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let accepted = self.send(&bytes[sent..]);
+            sent += accepted;
+            if accepted == 0 {
+                if std::time::Instant::now() >= deadline {
+                    break;
+                }
+                // The UART raises no event when the guest reads; a FIFO is 64 bytes, so a
+                // millisecond's wait costs a typist nothing.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        sent
     }
 }
 
@@ -107,6 +133,7 @@ impl Vm {
         self.vcpus.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How the VM was put together: vCPUs, RAM size, boot protocol, kernel format, entry point.
     pub fn info(&self) -> &VmInfo {
         &self.info
     }
@@ -116,6 +143,7 @@ impl Vm {
         &self.ram
     }
 
+    /// Whether the guest is running, paused or has exited, as of now.
     pub fn state(&self) -> VmState {
         if let Some(exit) = self.exit.get() {
             return VmState::Exited(exit);

@@ -24,6 +24,7 @@ pub enum Fault {
     StallAfter(u64),
 }
 
+/// A backend that serves requests through another one until its [`Fault`] strikes.
 pub struct FaultyBackend {
     inner: Box<dyn BlockBackend>,
     fault: Fault,
@@ -35,6 +36,7 @@ pub struct FaultyBackend {
 }
 
 impl FaultyBackend {
+    /// Wraps `inner`, injecting `fault`; requests are counted from this backend's creation.
     pub fn new(inner: Box<dyn BlockBackend>, fault: Fault) -> io::Result<Self> {
         let ready = ReadySet::new()?;
         ready.watch(inner.completion_fd())?;

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::{BackendError, BlockBackend, BlockInfo, BlockOp, Completion, ImageId, IoBuf, total_len};
 
+/// A disk image file or block device served with synchronous system calls.
 pub struct FileBackend {
     file: File,
     info: BlockInfo,
@@ -26,6 +27,8 @@ pub(super) fn open_image(path: &Path, read_only: bool) -> Result<(File, u64), Ba
 }
 
 impl FileBackend {
+    /// Opens the image at `path` (read-write unless `read_only`); its size must be a multiple
+    /// of 512 bytes.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BackendError> {
         let (file, capacity) = open_image(path, read_only)?;
         let info = BlockInfo {

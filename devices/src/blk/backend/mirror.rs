@@ -78,9 +78,13 @@ struct GuestOp {
 /// Progress of the background copy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MirrorProgress {
+    /// Chunks (the copy's 1 MiB unit; the last may be shorter) in the disk.
     pub total_chunks: u64,
+    /// Chunks still to copy: never copied, or written by the guest while being copied.
     pub dirty_chunks: u64,
+    /// Chunks being copied now.
     pub copies_in_flight: u64,
+    /// Bytes copied to the target so far, counting a chunk again each time it is recopied.
     pub bytes_copied: u64,
     /// True once the copy failed; the migration must be abandoned.
     pub failed: bool,
@@ -290,7 +294,9 @@ pub struct MirrorControl {
 /// Which backend to take out of a finished mirror.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Half {
+    /// The backend being copied from (the disk's original).
     Source,
+    /// The backend being copied to.
     Target,
 }
 
@@ -513,6 +519,7 @@ impl MirrorControl {
         }
     }
 
+    /// The copy's progress now.
     pub fn progress(&self) -> MirrorProgress {
         lock(&self.state).progress()
     }
@@ -630,7 +637,7 @@ impl MirrorControl {
         lock(&self.state).dirty_count
     }
 
-    /// Whether a guest write is in flight anywhere (used in tests).
+    /// Whether nothing is in flight: no guest request and no background copy (used in tests).
     pub fn idle(&self) -> bool {
         let s = lock(&self.state);
         s.guest.is_empty() && s.copying.is_empty()

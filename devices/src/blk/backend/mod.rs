@@ -31,7 +31,9 @@ pub use uring::UringBackend;
 /// from alive until the completion is reaped.
 #[derive(Clone, Copy, Debug)]
 pub struct IoBuf {
+    /// Host virtual address of the first byte.
     pub addr: *mut u8,
+    /// Length in bytes.
     pub len: usize,
 }
 
@@ -40,6 +42,7 @@ pub struct IoBuf {
 unsafe impl Send for IoBuf {}
 
 impl IoBuf {
+    /// The same range as a `struct iovec`, for vectored system calls.
     pub fn to_iovec(self) -> libc::iovec {
         libc::iovec { iov_base: self.addr.cast(), iov_len: self.len }
     }
@@ -62,28 +65,40 @@ pub fn total_len(bufs: &[IoBuf]) -> u64 {
 /// One operation, with byte offsets.
 #[derive(Debug)]
 pub enum BlockOp {
+    /// Fills `bufs`, in order, from the disk starting at `offset`.
     Read {
+        /// Byte offset into the disk.
         offset: u64,
+        /// Where the data goes, in order.
         bufs: Vec<IoBuf>,
     },
+    /// Writes `bufs`, in order, to the disk starting at `offset`.
     Write {
+        /// Byte offset into the disk.
         offset: u64,
+        /// Where the data comes from, in order.
         bufs: Vec<IoBuf>,
     },
+    /// Makes every write that completed before it durable.
     Flush,
     /// The range may be deallocated; reads of it return zeros or old data.
     Discard {
+        /// Byte offset into the disk.
         offset: u64,
+        /// Length of the range in bytes.
         len: u64,
     },
     /// The range must read as zeros afterwards.
     WriteZeroes {
+        /// Byte offset into the disk.
         offset: u64,
+        /// Length of the range in bytes.
         len: u64,
     },
 }
 
 impl BlockOp {
+    /// A short lowercase name for logs ("read", "write-zeroes", ...).
     pub fn name(&self) -> &'static str {
         match self {
             BlockOp::Read { .. } => "read",
@@ -103,8 +118,11 @@ pub type Completion = (u64, io::Result<u64>);
 pub struct BlockInfo {
     /// Size in bytes (a multiple of 512).
     pub capacity: u64,
+    /// Writes, discards and write-zeroes are refused.
     pub read_only: bool,
+    /// [`BlockOp::Discard`] is supported.
     pub discard: bool,
+    /// [`BlockOp::WriteZeroes`] is supported.
     pub write_zeroes: bool,
     /// Human-readable: engine and target, e.g. "io_uring file /var/disk.img".
     pub description: String,
@@ -117,11 +135,14 @@ pub struct BlockInfo {
 /// (for a block device: dev 0 and the device number it stands for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageId {
+    /// Device number of the filesystem holding the file (`st_dev`); 0 for a block device.
     pub dev: u64,
+    /// Inode number (`st_ino`); for a block device, the device number it stands for (`st_rdev`).
     pub ino: u64,
 }
 
 impl ImageId {
+    /// The identity of an open file; `None` if its metadata cannot be read.
     pub fn of(file: &std::fs::File) -> Option<Self> {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let meta = file.metadata().ok()?;
@@ -134,28 +155,53 @@ impl ImageId {
     }
 }
 
+/// Why a backend cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// The image file or block device cannot be opened or measured.
     #[error("cannot open disk image {path}: {source}")]
     Open {
+        /// The image's path.
         path: PathBuf,
+        /// What the system call reported.
         #[source]
         source: io::Error,
     },
+    /// The image's size is not a whole number of 512-byte sectors.
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]
-    Size { path: PathBuf, size: u64 },
+    Size {
+        /// The image's path.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The NBD export's size is not a whole number of 512-byte sectors.
     #[error("NBD export at {target} is {size} bytes, not a multiple of 512")]
-    NbdSize { target: String, size: u64 },
+    NbdSize {
+        /// The server, as [`NbdTarget`] displays it.
+        target: String,
+        /// The export's size in bytes.
+        size: u64,
+    },
+    /// Connecting to the NBD server, the handshake, or setting up the I/O thread failed.
     #[error("NBD server {target}: {reason}")]
-    Nbd { target: String, reason: String },
+    Nbd {
+        /// The server, as [`NbdTarget`] displays it.
+        target: String,
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// The io_uring instance or its eventfd cannot be created or registered.
     #[error("cannot set up io_uring: {0}")]
     Uring(#[source] io::Error),
+    /// Any other failure, in words.
     #[error("{0}")]
     Other(String),
 }
 
 /// Where a block device's data lives and how it is moved.
 pub trait BlockBackend: Send {
+    /// What the backend offers; fixed for its lifetime.
     fn info(&self) -> &BlockInfo;
     /// Queues `op`; its completion carries `token`. Errors here mean the request failed
     /// without starting. Queued operations start at the latest on [`flush`](Self::flush).

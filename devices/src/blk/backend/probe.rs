@@ -12,10 +12,18 @@ const SECTOR: u64 = 512;
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// A probe read completed with an error.
     #[error("probe read at byte {offset} failed: {source}")]
-    Failed { offset: u64, source: io::Error },
+    Failed {
+        /// Byte offset of the read that failed.
+        offset: u64,
+        /// The error it completed with.
+        source: io::Error,
+    },
+    /// The reads did not all complete within the timeout (the value).
     #[error("probe reads did not complete within {0:?}")]
     TimedOut(Duration),
+    /// The backend refused to take or start the reads.
     #[error("probe reads could not be submitted: {0}")]
     Submit(#[source] io::Error),
 }

@@ -7,12 +7,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+/// An epoll set of the inner backends' descriptors plus an eventfd of the composite's own.
 pub struct ReadySet {
     epoll: Epoll,
     own: EventFd,
 }
 
 impl ReadySet {
+    /// A set that watches nothing but the composite's own eventfd.
     pub fn new() -> io::Result<Self> {
         let epoll = Epoll::new()?;
         let own = EventFd::new(EFD_NONBLOCK)?;
@@ -28,6 +30,7 @@ impl ReadySet {
         }
     }
 
+    /// Stops watching `fd` (a backend taken out of the composite).
     pub fn unwatch(&self, fd: Option<RawFd>) {
         if let Some(fd) = fd {
             let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -39,10 +42,12 @@ impl ReadySet {
         let _ = self.own.write(1);
     }
 
+    /// Withdraws a [`signal`](Self::signal); readiness of the watched descriptors is unaffected.
     pub fn clear(&self) {
         let _ = self.own.read();
     }
 
+    /// The descriptor to poll: readable while any watched descriptor is, or after a signal.
     pub fn fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
     }

@@ -32,6 +32,7 @@ struct Pending {
 // SAFETY: the iovecs point into guest memory (see IoBuf), which may be accessed from any thread.
 unsafe impl Send for Pending {}
 
+/// A disk image file or block device served through io_uring, up to 128 requests in flight.
 pub struct UringBackend {
     file: File,
     ring: IoUring,
@@ -41,6 +42,8 @@ pub struct UringBackend {
 }
 
 impl UringBackend {
+    /// Opens the image at `path` (read-write unless `read_only`) and sets up a ring for it; the
+    /// image's size must be a multiple of 512 bytes.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BackendError> {
         let (file, capacity) = open_image(path, read_only)?;
         let ring = IoUring::new(RING_DEPTH).map_err(BackendError::Uring)?;

@@ -19,6 +19,7 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// A tap interface carrying raw Ethernet frames (no packet-information header).
 pub struct TapBackend {
     file: File,
     name: String,
@@ -50,6 +51,7 @@ impl TapBackend {
         Ok(tap)
     }
 
+    /// The host interface name.
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -11,12 +11,15 @@ use std::path::{Path, PathBuf};
 
 use super::NetBackend;
 
+/// Frames exchanged as datagrams with a peer's Unix socket.
 pub struct UnixBackend {
     socket: UnixDatagram,
     peer: PathBuf,
 }
 
 impl UnixBackend {
+    /// Connects to the peer's datagram socket at `peer`, which must exist. Frames sent after the
+    /// peer goes away are dropped.
     pub fn connect(peer: &Path) -> io::Result<Self> {
         // SAFETY: creating a socket; ownership passes to UnixDatagram below.
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };

@@ -1,6 +1,5 @@
 //! Command-line parsing and the `run` command.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,7 +10,9 @@ use serde_json::{Map, Value};
 use vmm::api::ApiServer;
 use vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use vmm::snapshot::MemoryMode;
-use vmm::{BootProtocol, BuildError, SerialConfig, SerialInput, VmBuilder, VmConfig};
+use vmm::{BootProtocol, BuildError, RamBacking, SerialConfig, VmBuilder, VmConfig};
+
+use crate::console::{self, RawTerminal, StdinMode};
 
 /// Exit status for bad input (flags, config file, kernel image).
 pub const STATUS_BAD_INPUT: u8 = 2;
@@ -44,6 +45,17 @@ pub enum Command {
     Image(ImageArgs),
     /// Control a running VM through its API socket (`vmm run --api-sock`).
     Ctl(crate::ctl::CtlArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell; e.g. `vmm completions bash > /etc/bash_completion.d/vmm`.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (vmm.1 and one per subcommand) into a directory.
+    Man {
+        /// The directory, created if missing; e.g. `man -l DIR/vmm-run.1`.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -64,34 +76,41 @@ pub struct RunArgs {
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
-    /// Guest RAM in MiB.
+    /// Guest RAM in MiB, at least 16 [default: 128].
     #[arg(long, value_name = "N")]
     pub mem_mib: Option<u64>,
-    /// Number of vCPUs.
+    /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
-    /// Serial console: stdout, none or file:PATH.
+    /// What guest RAM lives in: anonymous, memfd, hugetlbfs (2 MiB pages from
+    /// vm.nr_hugepages) or file=PATH [default: anonymous].
+    #[arg(long, value_name = "BACKING", value_parser = parse_ram_backing)]
+    pub ram_backing: Option<RamBacking>,
+    /// Serial console: stdout (the terminal: Ctrl-A x stops the VM), none or file:PATH
+    /// [default: stdout].
     #[arg(long, value_name = "DEST", value_parser = parse_serial)]
     pub serial: Option<SerialConfig>,
-    /// Boot protocol: auto (PVH if the kernel supports it), linux or pvh.
+    /// Boot protocol: auto (PVH if the kernel supports it), linux or pvh [default: auto].
     #[arg(long, value_name = "PROTO", value_parser = parse_protocol)]
     pub boot_protocol: Option<BootProtocol>,
     /// A virtio-blk disk: path=FILE[,readonly=on][,engine=sync|io_uring][,id=NAME] or
-    /// nbd=HOST:PORT|nbd=unix:PATH[,export=NAME][,readonly=on][,id=NAME]. Repeatable.
+    /// nbd=HOST:PORT|nbd=unix:PATH[,export=NAME][,readonly=on][,id=NAME]. Repeatable; ids
+    /// default to disk0, disk1, ...
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
-    /// A virtio-net interface: tap=NAME[,mac=MAC][,mtu=N][,id=NAME] or unix=PATH[,mac=MAC].
-    /// Repeatable.
+    /// A virtio-net interface: tap=NAME[,mac=MAC][,mtu=N][,id=NAME] or
+    /// unix=PATH[,mac=MAC][,id=NAME]. Repeatable; ids default to net0, net1, ...
     #[arg(long = "net", value_name = "OPTIONS", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
-    /// The virtio-vsock device: cid=N,socket=PATH[,id=NAME].
+    /// The virtio-vsock device: cid=N,socket=PATH[,id=NAME]; the id defaults to vsock0.
     #[arg(long, value_name = "OPTIONS", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
     /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib, vcpus, serial,
-    /// boot_protocol, ram_backing, disks, nets, vsock); flags override it.
+    /// boot_protocol, ram_backing, disks, nets, vsock); flags override it. Examples in
+    /// the repository's examples/ directory.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket while the VM runs.
@@ -103,7 +122,7 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "boot_protocol", "disks", "nets", "vsock", "config"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "ram_backing", "boot_protocol", "disks", "nets", "vsock", "config"]
     )]
     pub restore: Option<PathBuf>,
     /// With --restore, how guest RAM is filled: eager (read before the guest runs), mmap (the
@@ -111,6 +130,10 @@ pub struct RunArgs {
     /// (empty RAM, each page filled on first touch by a userfaultfd handler).
     #[arg(long, value_name = "MODE", requires = "restore", default_value = "eager", value_parser = parse_memory_mode)]
     pub memory: MemoryMode,
+}
+
+fn parse_ram_backing(s: &str) -> Result<RamBacking, String> {
+    s.parse()
 }
 
 fn parse_memory_mode(s: &str) -> Result<MemoryMode, String> {
@@ -176,18 +199,31 @@ impl From<BuildError> for Failure {
     }
 }
 
-/// Prints a clap error as one line (help and version keep clap's own output).
+/// Prints a clap error as clap renders it: the error, its tip, the usage of the subcommand
+/// at fault and which `--help` to read. Help and version go to stdout with status 0.
 pub fn report_clap_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind::*;
-    if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+    if matches!(e.kind(), DisplayHelp | DisplayVersion) {
         let _ = e.print();
-        return ExitCode::from(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand { STATUS_BAD_INPUT } else { 0 });
+        return ExitCode::SUCCESS;
     }
-    let rendered = e.render().to_string();
-    let message = rendered.split("\n\nUsage:").next().unwrap_or(&rendered);
-    let message = message.trim().trim_start_matches("error:").split_whitespace().collect::<Vec<_>>().join(" ");
-    eprintln!("error: {message} (see 'vmm --help')");
+    // clap says "try '--help'": name the command that flag belongs to.
+    let text = e.render().to_string().replace("try '--help'", &format!("try '{} --help'", subcommand_path()));
+    eprint!("{text}");
     ExitCode::from(STATUS_BAD_INPUT)
+}
+
+/// `vmm run`, `vmm ctl swap`, ...: the subcommands named on our command line.
+fn subcommand_path() -> String {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    let mut path = vec!["vmm".to_string()];
+    for arg in std::env::args().skip(1) {
+        let Some(sub) = command.find_subcommand(&arg).cloned() else { continue };
+        path.push(arg);
+        command = sub;
+    }
+    path.join(" ")
 }
 
 /// Merges the config file (if any) with the flags; flags win.
@@ -210,6 +246,7 @@ pub fn resolve_config(args: &RunArgs) -> Result<VmConfig, Failure> {
     set("boot_protocol", args.boot_protocol.map(|p| Value::from(p.to_string())));
     // Device flags replace the config file's lists; serializing them cannot fail.
     let json = |v: serde_json::Result<Value>| v.unwrap_or_default();
+    set("ram_backing", args.ram_backing.as_ref().map(|b| json(serde_json::to_value(b))));
     set("disks", (!args.disks.is_empty()).then(|| json(serde_json::to_value(&args.disks))));
     set("nets", (!args.nets.is_empty()).then(|| json(serde_json::to_value(&args.nets))));
     set("vsock", args.vsock.as_ref().map(|v| json(serde_json::to_value(v))));
@@ -240,8 +277,9 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         }
         None => VmBuilder::from_config(resolve_config(args)?),
     };
-    let forward_stdin = builder.config().serial == SerialConfig::Stdout;
+    let serial_on_terminal = builder.config().serial == SerialConfig::Stdout;
     let vm = Arc::new(builder.start()?);
+    console::stop_on_signals(vm.clone()).map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
     let info = vm.info();
     log::info!(
         "{} {} kernel via {} at {:#x}: {} vCPUs, {} MiB; setup took {:.2} ms wall, {:.2} ms CPU",
@@ -259,13 +297,33 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         Some(path) => Some(ApiServer::start(path, vm.clone()).map_err(|e| Failure::bad_input(anyhow!(e)))?),
         None => None,
     };
-    if forward_stdin {
-        forward_stdin_to(vm.serial_input());
+    // Restored when this function returns, before anything else is printed.
+    let mut _raw_terminal = None;
+    if serial_on_terminal {
+        let mode = StdinMode::detect();
+        if mode == StdinMode::Terminal {
+            match RawTerminal::enter() {
+                Ok(raw) => {
+                    _raw_terminal = Some(raw);
+                    eprint!("vmm: the guest's serial console; Ctrl-A x stops the VM, Ctrl-A h for help\r\n");
+                }
+                Err(e) => log::warn!("the terminal stays line-buffered: {e}"),
+            }
+        }
+        if mode == StdinMode::Background {
+            log::info!("in the background: the terminal is not read (`vmm ctl serial-input` types at the guest)");
+        } else {
+            console::forward_stdin(vm.clone(), mode);
+        }
     }
     let exit = vm.wait();
+    drop(_raw_terminal);
     log::info!("VM ended: {exit}");
     if let vmm::VmExit::Crashed(crash) = &exit {
         return Err(Failure::runtime(anyhow!("{crash}")));
+    }
+    if let Some(signal) = console::stopped_by_signal() {
+        return Ok((128 + signal) as u8);
     }
     Ok(exit.process_status() as u8)
 }
@@ -282,26 +340,38 @@ fn process_cpu_ms() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// Copies stdin into the guest's serial port on a background thread.
-fn forward_stdin_to(input: SerialInput) {
-    let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 256];
-        while let Ok(n @ 1..) = stdin.read(&mut buf) {
-            let mut sent = 0;
-            while sent < n {
-                let accepted = input.send(&buf[sent..n]);
-                sent += accepted;
-                if accepted == 0 {
-                    // The guest has not drained its receive FIFO yet.
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
+/// `vmm completions SHELL`.
+pub fn completions(shell: clap_complete::Shell) -> Result<u8, Failure> {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "vmm", &mut std::io::stdout());
+    Ok(0)
+}
+
+/// `vmm man --out DIR`: vmm.1, and vmm-run.1, vmm-ctl.1, vmm-ctl-swap.1, ... for every
+/// subcommand.
+pub fn man(out: &Path) -> Result<u8, Failure> {
+    use clap::CommandFactory;
+    let write = || -> std::io::Result<usize> {
+        std::fs::create_dir_all(out)?;
+        let mut command = Cli::command();
+        command.build();
+        let mut pages = 0;
+        let mut stack = vec![(String::from("vmm"), command)];
+        while let Some((name, command)) = stack.pop() {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command.clone().name(name.clone())).render(&mut page)?;
+            std::fs::write(out.join(format!("{name}.1")), page)?;
+            pages += 1;
+            for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+                stack.push((format!("{name}-{}", sub.get_name()), sub.clone()));
             }
         }
-    });
-    if let Err(e) = spawned {
-        log::warn!("serial input disabled: {e}");
-    }
+        Ok(pages)
+    };
+    let pages =
+        write().with_context(|| format!("cannot write man pages to {}", out.display())).map_err(Failure::runtime)?;
+    eprintln!("wrote {pages} man pages to {}", out.display());
+    Ok(0)
 }
 
 /// `vmm export-microguest PATH`.

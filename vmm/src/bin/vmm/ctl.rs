@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
+use vmm::RamBacking;
 use vmm::api::ApiClient;
 use vmm::api::http::Response;
 
@@ -20,6 +21,10 @@ pub struct CtlArgs {
     /// The API socket of a VMM started with `vmm run --api-sock PATH`.
     #[arg(long, value_name = "PATH")]
     pub api_sock: PathBuf,
+    /// Give up when the VMM does not answer a request within this many seconds (a VMM
+    /// stopped by job control, say). Waiting for a swap polls, so it is not bounded by this.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_timeout)]
+    pub timeout: f64,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -48,13 +53,17 @@ pub enum CtlCommand {
     /// End the VM (PATCH /vm).
     Stop,
     /// Devices with their backends and counters (GET /devices[/ID]).
-    Devices { id: Option<String> },
+    Devices {
+        /// One device: disk0, disk1, ..., net0, ..., vsock0 unless the configuration named it.
+        id: Option<String>,
+    },
     /// Replace a device's backend while the guest runs (POST /devices/ID/swap).
     Swap(SwapArgs),
     /// Swaps and their timelines (GET /swaps[/ID]).
     Swaps {
+        /// One swap, by the id `vmm ctl swap` printed.
         id: Option<u64>,
-        /// With an ID: wait for the swap to end.
+        /// With an ID: wait for the swap to end, showing its progress.
         #[arg(long, requires = "id")]
         wait: bool,
     },
@@ -62,8 +71,11 @@ pub enum CtlCommand {
     Memory,
     /// Replace a RAM region's backing (POST /memory/regions/SLOT/swap).
     MemorySwap {
+        /// The region's slot, as `vmm ctl memory` lists it (0 is the RAM below the 32-bit
+        /// MMIO gap, 1 the RAM above it).
         slot: u32,
-        /// anonymous, memfd, hugetlbfs or file=PATH.
+        /// The new backing: anonymous, memfd, hugetlbfs or file=PATH (created; a relative
+        /// PATH is taken from this directory).
         #[arg(value_parser = parse_backing)]
         backing: Value,
         /// Compare old and new contents before resuming the guest.
@@ -73,29 +85,48 @@ pub enum CtlCommand {
     /// Snapshots of the running VM (POST /snapshots); continue one with `vmm run --restore DIR`.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Type TEXT at the guest's serial console (POST /serial/input), as if on the terminal of
+    /// `vmm run`; works while it runs in the background. Use $'q\n' for control characters.
+    SerialInput {
+        /// The bytes to send.
+        text: String,
+    },
     /// Counters in the Prometheus text format (GET /metrics).
     Metrics,
     /// The API's OpenAPI document (GET /openapi.json).
     Openapi,
     /// Any request: METHOD PATH [JSON-BODY].
-    Raw { method: String, path: String, body: Option<String> },
+    Raw {
+        /// GET, PATCH, POST, ...
+        method: String,
+        /// The path, with its query: /swaps/3?wait_ms=1000.
+        path: String,
+        /// The JSON body.
+        body: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Mode {
+    /// Another backend for the same disk, NIC or vsock socket.
     Switch,
+    /// Copy the disk to a new image while the guest runs, then serve from it.
     Migrate,
+    /// A different disk image (needs --allow-new-image; the guest sees a capacity change).
+    #[value(alias = "new_image")]
     NewImage,
 }
 
 #[derive(Args)]
 pub struct SwapArgs {
-    /// The device, e.g. disk0.
+    /// The device: disk0, net0, vsock0, ... (`vmm ctl devices` lists them).
     pub id: String,
     /// The new backend in the device flag's form (`path=FILE,engine=io_uring`,
-    /// `nbd=unix:PATH`, `tap=NAME`, `unix=PATH`, `socket=PATH`) or as a JSON object.
+    /// `nbd=unix:PATH`, `tap=NAME`, `unix=PATH`, `socket=PATH`) or as a JSON object;
+    /// relative paths are taken from this directory.
     #[arg(value_parser = parse_backend)]
     pub backend: Value,
+    /// What kind of swap.
     #[arg(long, value_enum, default_value = "switch")]
     pub mode: Mode,
     /// Confirm that `--mode new-image` replaces the guest's disk.
@@ -124,32 +155,60 @@ pub struct SwapArgs {
     pub wait: bool,
 }
 
-/// `key=value,...` (the device flags' syntax) or a JSON object.
+/// `key=value,...` (the device flags' syntax) or a JSON object. Paths become absolute: the
+/// VMM does not share our working directory (and its API refuses relative paths).
 fn parse_backend(s: &str) -> Result<Value, String> {
-    if s.trim_start().starts_with('{') {
-        return serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"));
-    }
-    let mut map = Map::new();
-    for pair in s.split(',').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').ok_or_else(|| format!("expected key=value, got {pair:?}"))?;
-        let value = match (key, value) {
-            ("readonly", "on" | "true") => Value::Bool(true),
-            ("readonly", "off" | "false") => Value::Bool(false),
-            _ => Value::from(value),
-        };
-        map.insert(key.to_string(), value);
-    }
+    let mut map = if s.trim_start().starts_with('{') {
+        match serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))? {
+            Value::Object(map) => map,
+            _ => return Err("expected a JSON object".into()),
+        }
+    } else {
+        let mut map = Map::new();
+        for pair in s.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                let key = if pair.contains('/') { "path" } else { "tap" };
+                format!("{pair:?} is not key=value; did you mean {key}={pair}?")
+            })?;
+            let value = match (key, value) {
+                ("readonly", "on" | "true") => Value::Bool(true),
+                ("readonly", "off" | "false") => Value::Bool(false),
+                _ => Value::from(value),
+            };
+            map.insert(key.to_string(), value);
+        }
+        map
+    };
     if map.is_empty() {
         return Err("empty backend".into());
+    }
+    for (key, value) in map.iter_mut() {
+        let Value::String(text) = value else { continue };
+        match key.as_str() {
+            "path" | "socket" | "unix" => *text = absolute(text),
+            "nbd" if text.starts_with("unix:") => *text = format!("unix:{}", absolute(&text["unix:".len()..])),
+            _ => {}
+        }
     }
     Ok(Value::Object(map))
 }
 
+fn absolute(path: &str) -> String {
+    std::path::absolute(path).map_or_else(|_| path.to_string(), |p| p.to_string_lossy().into_owned())
+}
+
 fn parse_backing(s: &str) -> Result<Value, String> {
-    match s.split_once('=') {
-        Some(("file", path)) if !path.is_empty() => Ok(json!({"kind": "file", "path": path})),
-        None if matches!(s, "anonymous" | "memfd" | "hugetlbfs") => Ok(json!({"kind": s})),
-        _ => Err(format!("{s:?}: expected anonymous, memfd, hugetlbfs or file=PATH")),
+    let backing = match s.parse::<RamBacking>()? {
+        RamBacking::File { path } => RamBacking::File { path: std::path::absolute(&path).unwrap_or(path) },
+        other => other,
+    };
+    serde_json::to_value(backing).map_err(|e| e.to_string())
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 86_400.0 => Ok(secs),
+        _ => Err(format!("{s:?}: expected seconds, more than 0 and at most 86400")),
     }
 }
 
@@ -166,12 +225,19 @@ fn parse_fault(s: &str) -> Result<Value, String> {
     }
 }
 
-/// Long polls ask the server to wait this long per round trip.
-const POLL_MS: u64 = 30_000;
+/// Following a swap, each poll asks the server to wait this long for it to end (at most half
+/// the timeout): also how often the progress line moves.
+const POLL_MS: u64 = 500;
 
 pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
-    let timeout = Duration::from_millis(POLL_MS) + Duration::from_secs(30);
+    let timeout = Duration::from_secs_f64(args.timeout);
+    // A poll's answer comes after up to `poll_ms` by design: well inside the timeout.
+    let poll_ms = POLL_MS.min(timeout.as_millis() as u64 / 2);
     let mut client = ApiClient::connect(&args.api_sock, timeout).map_err(|e| Failure::runtime(anyhow!(e)))?;
+    let flags = match &args.command {
+        CtlCommand::Swap(_) => SWAP_FLAGS,
+        _ => &[],
+    };
     let mut call = |method: &str, path: &str, body: Option<Value>| -> Result<Response, Failure> {
         let response = match body {
             Some(body) => client.send_json(method, path, &body),
@@ -179,7 +245,7 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
         };
         let response = response.map_err(|e| Failure::runtime(anyhow!(e)))?;
         if response.status >= 400 {
-            return Err(Failure::runtime(api_error(&response)));
+            return Err(Failure::runtime(api_error(&response, flags)));
         }
         Ok(response)
     };
@@ -198,11 +264,11 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
                 return Ok(0);
             }
             let id = json_field(&started, "id").ok_or_else(|| Failure::runtime(anyhow!("the API gave no swap id")))?;
-            return wait_for_swap(&mut call, &id);
+            return wait_for_swap(&mut call, &id, poll_ms);
         }
         CtlCommand::Swaps { id: None, .. } => call("GET", "/swaps", None)?,
         CtlCommand::Swaps { id: Some(id), wait: false } => call("GET", &format!("/swaps/{id}"), None)?,
-        CtlCommand::Swaps { id: Some(id), wait: true } => return wait_for_swap(&mut call, &id.to_string()),
+        CtlCommand::Swaps { id: Some(id), wait: true } => return wait_for_swap(&mut call, &id.to_string(), poll_ms),
         CtlCommand::Memory => call("GET", "/memory/regions", None)?,
         CtlCommand::MemorySwap { slot, backing, verify } => {
             let body = json!({ "backing": backing, "verify": verify });
@@ -214,6 +280,7 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
             let body = json!({ "path": out, "kind": if *diff { "diff" } else { "full" } });
             call("POST", "/snapshots", Some(body))?
         }
+        CtlCommand::SerialInput { text } => call("POST", "/serial/input", Some(json!({ "data": text })))?,
         CtlCommand::Metrics => call("GET", "/metrics", None)?,
         CtlCommand::Openapi => call("GET", "/openapi.json", None)?,
         CtlCommand::Raw { method, path, body } => {
@@ -255,16 +322,21 @@ fn swap_body(swap: &SwapArgs) -> Value {
     body
 }
 
-/// Follows a swap until it ends, printing each new phase on stderr; prints the final record.
+/// Follows a swap until it ends, with a progress line on stderr (redrawn in place on a
+/// terminal, one line per phase otherwise); prints the final record.
 fn wait_for_swap(
     call: &mut impl FnMut(&str, &str, Option<Value>) -> Result<Response, Failure>,
     id: &str,
+    poll_ms: u64,
 ) -> Result<u8, Failure> {
+    let mut progress = Progress::new(id);
     loop {
-        let response = call("GET", &format!("/swaps/{id}?wait_ms={POLL_MS}"), None)?;
-        match json_field(&response, "state").as_deref() {
-            Some("running") => eprintln!("swap {id}: still {}", json_field(&response, "phase").unwrap_or_default()),
+        let response = call("GET", &format!("/swaps/{id}?wait_ms={poll_ms}"), None)?;
+        let record: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        match record.get("state").and_then(Value::as_str) {
+            Some("running") => progress.show(&record),
             Some(state) => {
+                progress.finish(&record);
                 print(&response);
                 return Ok(if state == "committed" { 0 } else { 1 });
             }
@@ -272,6 +344,74 @@ fn wait_for_swap(
         }
     }
 }
+
+/// The live line `swap --wait` draws: the phase, and for a copy how far it got and how fast.
+struct Progress {
+    id: String,
+    terminal: bool,
+    started: std::time::Instant,
+    last_line: String,
+}
+
+impl Progress {
+    fn new(id: &str) -> Self {
+        use std::io::IsTerminal;
+        let terminal = std::io::stderr().is_terminal();
+        Self { id: id.to_string(), terminal, started: std::time::Instant::now(), last_line: String::new() }
+    }
+
+    fn line(&self, record: &Value) -> String {
+        let phase = record.get("phase").and_then(Value::as_str).unwrap_or("?");
+        let mut line = format!("swap {}: {phase}", self.id);
+        if let Some(copy) = record.get("copy") {
+            let field = |k: &str| copy.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let (copied, total, copy_us) = (field("bytes_copied"), field("bytes_total"), field("copy_us"));
+            let percent = if total == 0 { 100.0 } else { copied.min(total) as f64 * 100.0 / total as f64 };
+            let elapsed_s = if copy_us > 0 { copy_us as f64 / 1e6 } else { self.started.elapsed().as_secs_f64() };
+            let rate = copied as f64 / elapsed_s.max(1e-3) / f64::from(1 << 20);
+            line += &format!(", {} of {} MiB copied ({percent:.0}%), {rate:.0} MiB/s", copied >> 20, total >> 20);
+        }
+        line
+    }
+
+    fn show(&mut self, record: &Value) {
+        let line = self.line(record);
+        if self.terminal {
+            eprint!("\r\x1b[K{line}");
+        } else if phase_of(&line) != phase_of(&self.last_line) {
+            eprintln!("{line}");
+        }
+        self.last_line = line;
+    }
+
+    fn finish(&mut self, record: &Value) {
+        let state = record.get("state").and_then(Value::as_str).unwrap_or("?");
+        let line = format!("{}: {state}", self.line(record));
+        if self.terminal {
+            eprintln!("\r\x1b[K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The `swap N: PHASE` part of a progress line.
+fn phase_of(line: &str) -> &str {
+    line.split(',').next().unwrap_or(line)
+}
+
+/// API fields of a swap request and the `vmm ctl swap` flags that set them, so that errors
+/// name what the user typed.
+const SWAP_FLAGS: &[(&str, &str)] = &[
+    ("allow_new_image", "--allow-new-image"),
+    ("drain_timeout_ms", "--drain-timeout-ms"),
+    ("verify.window_ms", "--verify-window-ms"),
+    ("verify.min_requests", "--verify-min-requests"),
+    ("verify.max_error_rate", "--verify-max-error-rate"),
+    ("verify.max_mean_latency_us", "--verify-max-mean-latency-us"),
+    ("mode", "--mode"),
+    ("fault", "--fault"),
+];
 
 fn json_field(response: &Response, key: &str) -> Option<String> {
     let value: Value = serde_json::from_slice(&response.body).ok()?;
@@ -281,10 +421,20 @@ fn json_field(response: &Response, key: &str) -> Option<String> {
     }
 }
 
-fn api_error(response: &Response) -> anyhow::Error {
+/// The API's error as the user should read it: where the field at fault came from one of
+/// our flags, named by the flag.
+fn api_error(response: &Response, flags: &[(&str, &str)]) -> anyhow::Error {
     let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-    let message = body.get("error").and_then(Value::as_str).unwrap_or("(no error message)");
-    match body.get("field").and_then(Value::as_str) {
+    let mut message = body.get("error").and_then(Value::as_str).unwrap_or("(no error message)").to_string();
+    let field = body.get("field").and_then(Value::as_str);
+    let flag = field.and_then(|field| flags.iter().find(|(f, _)| *f == field)).map(|(f, flag)| (*f, *flag));
+    if let Some((field, flag)) = flag {
+        // Messages name fields by their last segment (`window_ms`) or whole path.
+        let short = field.rsplit('.').next().unwrap_or(field);
+        message = message.replace(field, flag).replace(short, flag);
+        return anyhow!("{message} [HTTP {}]", response.status);
+    }
+    match field {
         Some(field) => anyhow!("{message} [HTTP {}, field {field}]", response.status),
         None => anyhow!("{message} [HTTP {}]", response.status),
     }

@@ -2,10 +2,13 @@
 //! API socket, run the bundled demo, or build a Linux guest image.
 //!
 //! Guest serial output goes to stdout; everything the VMM itself says goes to stderr. Errors
-//! are one line, never a panic or a backtrace. Exit status: the guest's debug-exit status, 0
-//! for a clean guest shutdown, 1 when the VMM fails or the guest crashes, 2 for bad input.
+//! are one line, never a panic or a backtrace (flag errors are clap's, with the usage of the
+//! subcommand at fault). Exit status: the guest's debug-exit status, 0 for a clean guest
+//! shutdown or a stop (`vmm ctl stop`, Ctrl-A x), 1 when the VMM fails or the guest crashes,
+//! 2 for bad input, 128 + N when signal N (SIGINT, SIGTERM, SIGHUP) stopped the VM.
 
 mod cli;
+mod console;
 mod ctl;
 mod demo;
 mod logger;
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
+        console::restore_terminal();
         eprintln!("error: internal error (please report): {message}{location}");
     }));
 
@@ -40,6 +44,8 @@ fn main() -> ExitCode {
         Command::ExportMicroguest { path } => cli::export_microguest(&path),
         Command::Image(args) => cli::image(&args),
         Command::Ctl(args) => ctl::run(&args),
+        Command::Completions { shell } => cli::completions(shell),
+        Command::Man { out } => cli::man(&out),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -38,8 +38,18 @@ const MAX_IN_FLIGHT: usize = 64;
 /// Where an NBD server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NbdTarget {
-    Tcp { host: String, port: u16 },
-    Unix { path: PathBuf },
+    /// A TCP server.
+    Tcp {
+        /// Host name or IP address (an IPv6 address without brackets).
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// A Unix domain socket.
+    Unix {
+        /// Path of the socket.
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for NbdTarget {
@@ -81,6 +91,7 @@ fn connection_lost(reason: &str) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, format!("NBD connection lost: {reason}"))
 }
 
+/// An export of an NBD server, served by a dedicated I/O thread; up to 64 operations in flight.
 pub struct NbdBackend {
     info: BlockInfo,
     shared: Arc<Shared>,

@@ -1,0 +1,171 @@
+//! The terminal side of `vmm run`: the guest's serial console on stdin/stdout, and the signals
+//! that end a VM from the outside.
+//!
+//! On an interactive terminal the console is raw, as QEMU's `-nographic` is: every key goes to
+//! the guest at once (Ctrl-C included), and Ctrl-A is the escape key (`Ctrl-A x` stops the VM,
+//! `Ctrl-A h` lists the others). Started in the background (`vmm run ... &`), the VMM does not
+//! touch the terminal at all: reading it would get the whole process stopped by SIGTTIN, and
+//! the guest with it. Input then comes through `vmm ctl serial-input`.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vmm::{SerialInput, Vm};
+
+/// The escape key: Ctrl-A, as in QEMU and screen.
+const ESCAPE: u8 = 0x01;
+
+const HELP: &str = "\r\nvmm console: Ctrl-A x  stop the VM and exit\r\n\
+                    \x20            Ctrl-A h  this help\r\n\
+                    \x20            Ctrl-A Ctrl-A  send Ctrl-A to the guest\r\n";
+
+/// How stdin reaches the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StdinMode {
+    /// An interactive terminal, ours: raw, with the escape key.
+    Terminal,
+    /// A pipe or a file: copied as it is, until it ends.
+    Stream,
+    /// Not read: a terminal that belongs to another job (we run in the background).
+    Background,
+}
+
+impl StdinMode {
+    /// What stdin is now.
+    pub fn detect() -> Self {
+        // SAFETY: plain queries on descriptor 0.
+        let (tty, foreground, ours) = unsafe { (libc::isatty(0) == 1, libc::tcgetpgrp(0), libc::getpgrp()) };
+        match (tty, foreground == ours) {
+            (false, _) => StdinMode::Stream,
+            (true, true) => StdinMode::Terminal,
+            (true, false) => StdinMode::Background,
+        }
+    }
+}
+
+/// The terminal's settings before we made it raw; put back on drop (and by the panic hook,
+/// through [`restore_terminal`], when a panic ends the process first).
+pub struct RawTerminal(());
+
+static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+impl RawTerminal {
+    /// Makes stdin raw: no line editing, no echo, no signals from keys. Output processing
+    /// stays on, so a guest's bare `\n` still starts a new line.
+    pub fn enter() -> std::io::Result<Self> {
+        // SAFETY: tcgetattr/tcsetattr on descriptor 0 with a termios we own.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let _ = SAVED_TERMIOS.set(saved);
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            raw.c_oflag |= libc::OPOST | libc::ONLCR;
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(RawTerminal(()))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
+}
+
+/// Puts the terminal back as it was before [`RawTerminal::enter`] (a no-op if it never was).
+pub fn restore_terminal() {
+    if let Some(saved) = SAVED_TERMIOS.get() {
+        // SAFETY: restores settings tcgetattr gave us.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
+    }
+}
+
+/// Copies stdin into the guest's serial port on a background thread. On a terminal, the
+/// escape key's commands act on `vm`.
+pub fn forward_stdin(vm: Arc<Vm>, mode: StdinMode) {
+    let input = vm.serial_input();
+    let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        let mut escaped = false;
+        while let Ok(n @ 1..) = stdin.read(&mut buf) {
+            if mode != StdinMode::Terminal {
+                send(&input, &buf[..n]);
+                continue;
+            }
+            let mut plain = Vec::with_capacity(n);
+            for &byte in &buf[..n] {
+                match (escaped, byte) {
+                    (false, ESCAPE) => escaped = true,
+                    (false, _) => plain.push(byte),
+                    (true, _) => {
+                        escaped = false;
+                        match byte {
+                            b'x' | b'X' => {
+                                send(&input, &plain);
+                                eprint!("\r\nvmm: stopped from the console (Ctrl-A x)\r\n");
+                                vm.stop();
+                                return;
+                            }
+                            ESCAPE => plain.push(ESCAPE),
+                            b'h' | b'H' | b'?' => eprint!("{HELP}"),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            send(&input, &plain);
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("serial input disabled: {e}");
+    }
+}
+
+/// Sends all of `bytes`, however long the guest takes to read them (a paste must not lose
+/// characters, and stdin is ours alone).
+fn send(input: &SerialInput, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let sent = input.send_all(bytes, Duration::from_secs(1));
+        bytes = &bytes[sent..];
+    }
+}
+
+/// The signal that stopped the VM, 0 while none has.
+static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
+
+/// Stops `vm` cleanly on SIGINT, SIGTERM or SIGHUP: the vCPUs are stopped, `run` returns and
+/// the API socket is removed on the way out. A second signal ends the process at once.
+pub fn stop_on_signals(vm: Arc<Vm>) -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for signal in signals.forever() {
+            if STOPPED_BY.swap(signal, Ordering::SeqCst) != 0 {
+                restore_terminal();
+                std::process::exit(128 + signal);
+            }
+            let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
+            let _ = writeln!(std::io::stderr(), "vmm: {name}: stopping the guest");
+            vm.stop();
+        }
+    })?;
+    Ok(())
+}
+
+/// The signal that stopped the VM, if one did: `run` exits with 128 + its number, as a shell
+/// reports a process a signal killed.
+pub fn stopped_by_signal() -> Option<i32> {
+    match STOPPED_BY.load(Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
+}
