@@ -209,7 +209,18 @@ fn a_device_flag_without_keys_suggests_one() {
 #[test]
 fn swap_mode_takes_both_spellings() {
     for mode in ["new-image", "new_image"] {
-        let out = vmm(&["ctl", "--api-sock", "/nonexistent/api.sock", "swap", "disk0", "path=/x.img", "--mode", mode]);
+        let out = vmm(&[
+            "ctl",
+            "--api-sock",
+            "/nonexistent/api.sock",
+            "--timeout",
+            "0.2",
+            "swap",
+            "disk0",
+            "path=/x.img",
+            "--mode",
+            mode,
+        ]);
         // Parsed: it got as far as connecting.
         out.expect_status(1).expect_one_line_error("cannot connect to the API socket /nonexistent/api.sock");
     }
@@ -218,7 +229,7 @@ fn swap_mode_takes_both_spellings() {
 /// The OS error is said once, not again after the hint.
 #[test]
 fn ctl_without_a_vmm_says_so_once() {
-    let out = vmm(&["ctl", "--api-sock", "/nonexistent/api.sock", "status"]);
+    let out = vmm(&["ctl", "--api-sock", "/nonexistent/api.sock", "--timeout", "0.2", "status"]);
     out.expect_status(1).expect_one_line_error("(is `vmm run --api-sock` running?)");
     assert_eq!(out.stderr.matches("No such file or directory").count(), 1, "{}", out.stderr);
 }

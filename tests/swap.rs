@@ -43,7 +43,7 @@ fn image(dir: &TempDir, name: &str, bytes: u64) -> PathBuf {
 
 /// What device `id` is backed by now.
 fn backend_of(vm: &Vm, id: &str) -> String {
-    vm.devices().find(id).unwrap_or_else(|| panic!("no device {id}")).handle.backend_description()
+    vm.device(id).unwrap_or_else(|| panic!("no device {id}")).backend
 }
 
 /// Starts a swap that must be accepted and waits for its outcome.
@@ -420,9 +420,7 @@ fn progress_received(text: &str) -> Option<u64> {
 
 /// Frames the guest has sent through net0 so far (the device's transmit counter).
 fn nic_frames_sent(vm: &Vm) -> u64 {
-    let devices = vm.devices();
-    let metrics = devices.find("net0").expect("no net0").handle.metrics();
-    metrics.iter().find(|(direction, _)| *direction == "tx").expect("no tx counters").1.snapshot().requests
+    vm.device("net0").expect("no net0").counters["tx"].requests
 }
 
 /// A tap name unique to this test process and `tag` (interface names are at most 15 bytes).
@@ -447,11 +445,9 @@ fn net_stream_config(backend: serde_json::Value) -> VmConfig {
 
 /// The MAC the guest reads from the NIC's configuration space.
 fn guest_visible_mac(vm: &Vm) -> String {
-    let devices = vm.devices();
-    let nic = &devices.find("net0").expect("no net0").handle;
-    assert_eq!(nic.kind(), "net");
-    let config = nic.config_space();
-    config[..6].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    let nic = vm.device("net0").expect("no net0");
+    assert_eq!(nic.kind, "net");
+    nic.config_space[..6].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// Swaps net0 between `a` and `b` (starting on `a`) `swaps` times under net-stream, then
@@ -596,7 +592,7 @@ fn memtouch_pattern_survives_memory_backing_swaps() {
     let (vm, serial) = boot(config);
     serial.wait_for("memtouch: pass 1 ok", WAIT);
 
-    let regions = vm.ram().regions();
+    let regions = vm.memory_regions();
     let region = regions.iter().find(|r| r.slot == 0).expect("no RAM region in slot 0").clone();
     assert_eq!(region.backing, RamBacking::Anonymous, "{regions:?}");
 
@@ -621,7 +617,7 @@ fn memtouch_pattern_survives_memory_backing_swaps() {
         assert_eq!(report.bytes, region.size, "{report:?}");
         // The pattern alone is 64 MiB of non-zero data.
         assert!(report.bytes_copied >= 64 << 20, "{report:?}");
-        let now = vm.ram().region(0).unwrap();
+        let now = vm.memory_regions().into_iter().find(|r| r.slot == 0).unwrap();
         assert_eq!(now.backing, backing);
         assert_eq!((now.guest_addr, now.size), (region.guest_addr, region.size));
         // The pass running during the swap may have started before it: wait for the one after,
@@ -655,11 +651,9 @@ fn memtouch_pattern_survives_memory_backing_swaps() {
 
 /// disk0's capacity as the guest sees it (virtio-blk config space: 512-byte sectors), in bytes.
 fn disk_capacity(vm: &Vm) -> u64 {
-    let devices = vm.devices();
-    let disk = &devices.find("disk0").expect("no disk0").handle;
-    assert_eq!(disk.kind(), "block");
-    let config = disk.config_space();
-    let sectors = u64::from_le_bytes(config[..8].try_into().unwrap());
+    let disk = vm.device("disk0").expect("no disk0");
+    assert_eq!(disk.kind, "block");
+    let sectors = u64::from_le_bytes(disk.config_space[..8].try_into().unwrap());
     sectors * 512
 }
 

@@ -50,12 +50,15 @@ impl fmt::Display for VmExit {
 /// A fatal condition on one vCPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Crash {
+    /// The vCPU's id (0 for a [`CrashKind::Memory`] failure, which belongs to no vCPU).
     pub vcpu: u32,
+    /// What went wrong.
     pub kind: CrashKind,
     /// Guest RIP when it happened, if it could be read.
     pub rip: Option<u64>,
 }
 
+/// What made a VM crash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CrashKind {
     /// KVM_EXIT_SHUTDOWN: the guest triple-faulted.

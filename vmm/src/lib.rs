@@ -65,14 +65,16 @@ pub use boot::BootProtocol;
 pub use builder::{BuildError, VmBuilder};
 pub use config::{SerialConfig, VmConfig};
 pub use devices::legacy::SerialOutput;
-pub use memory::{HUGE_PAGE, RamBacking, free_huge_pages};
-pub use vm::{Crash, CrashKind, SerialInput, Vm, VmError, VmExit, VmInfo, VmState};
+pub use memory::{HUGE_PAGE, RamBacking, RegionInfo, free_huge_pages};
+pub use vm::{Crash, CrashKind, DeviceInfo, SerialInput, Vm, VmError, VmExit, VmInfo, VmState};
 
 /// The errors behind [`BuildError`], [`VmError`] and the swap and snapshot errors, for
 /// embedders that match on causes.
 pub mod error {
     pub use crate::acpi::AcpiError;
     pub use crate::boot::BootError;
+    pub use crate::boot::linux::ZeroPageError;
+    pub use crate::boot::pvh::PvhError;
     pub use crate::device_manager::DeviceError;
     pub use crate::hv::HvError;
     pub use crate::memory::MemoryError;

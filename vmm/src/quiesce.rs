@@ -9,10 +9,20 @@ use crate::device_manager::{DeviceEntry, DeviceManager};
 
 use crate::vcpu::{ControlError, Vcpus};
 
+/// Why the VM could not be brought to a standstill; everything runs again as it did.
 #[derive(Debug, thiserror::Error)]
 pub enum QuiesceError {
+    /// A device still had requests in flight when the drain timeout ran out.
     #[error("device {device} still has {pending} request(s) in flight after {timeout_ms} ms")]
-    Drain { device: String, pending: usize, timeout_ms: u64 },
+    Drain {
+        /// The busy device's id.
+        device: String,
+        /// Requests it still had in flight.
+        pending: usize,
+        /// The drain timeout, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// The vCPUs could not be paused.
     #[error(transparent)]
     Pause(#[from] ControlError),
 }

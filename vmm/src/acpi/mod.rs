@@ -70,23 +70,48 @@ pub struct AcpiTables {
     pub dsdt: Vec<u8>,
 }
 
+/// Why the ACPI tables could not be built or written.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
+    /// The configuration has no vCPU.
     #[error("the ACPI tables need at least one vCPU")]
     NoCpus,
+    /// More vCPUs (the count given) than the MADT can describe.
     #[error("{0} vCPUs cannot be described in the MADT (at most {MAX_CPUS})")]
     TooManyCpus(u32),
+    /// More virtio-mmio devices (the count given) than the DSDT can name.
     #[error("{0} virtio-mmio devices cannot be named in the DSDT (at most {MAX_MMIO_DEVICES})")]
     TooManyDevices(usize),
+    /// A virtio-mmio window is empty or does not end below 4 GiB.
     #[error("virtio-mmio window {index} at {base:#x} of {size:#x} bytes must be non-empty and lie below 4 GiB")]
-    BadWindow { index: usize, base: u64, size: u64 },
+    BadWindow {
+        /// The window's position in the device list.
+        index: usize,
+        /// Its guest physical base address.
+        base: u64,
+        /// Its length in bytes.
+        size: u64,
+    },
+    /// A virtio-mmio window's interrupt is not an IOAPIC pin.
     #[error(
         "virtio-mmio window {index} uses IRQ {irq}; the IOAPIC has pins 0 to {}",
         IOAPIC_PINS - 1
     )]
-    BadIrq { index: usize, irq: u32 },
+    BadIrq {
+        /// The window's position in the device list.
+        index: usize,
+        /// The interrupt line given.
+        irq: u32,
+    },
+    /// The tables outgrow the guest memory area reserved for them.
     #[error("the ACPI tables need {size} bytes; the area reserved for them holds {max}")]
-    TooLarge { size: usize, max: usize },
+    TooLarge {
+        /// Bytes the tables need, from the base address.
+        size: usize,
+        /// Bytes the area holds.
+        max: usize,
+    },
+    /// Copying the tables into guest memory failed.
     #[error("cannot write ACPI tables to guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }

@@ -54,8 +54,29 @@ pub struct ApiClient {
 impl ApiClient {
     /// Connects; `timeout` bounds each read and write (long polls need a generous one).
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_within(path, timeout, Duration::ZERO)
+    }
+
+    /// Like [`connect`](Self::connect), but while nothing listens at `path` yet (no socket
+    /// file, or nobody accepting: a VMM still starting, as after `vmm run ... &`), tries again
+    /// for up to `startup`.
+    pub fn connect_within(path: &Path, timeout: Duration, startup: Duration) -> Result<Self, ClientError> {
         let connect_err = |source| ClientError::Connect { path: path.to_path_buf(), source };
-        let stream = UnixStream::connect(path).map_err(connect_err)?;
+        let deadline = std::time::Instant::now() + startup;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    // Polled: the socket file appears with no event we could wait on short of
+                    // inotify, and this lasts a VMM's start-up at most.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(connect_err(e)),
+            }
+        };
         stream.set_read_timeout(Some(timeout)).map_err(connect_err)?;
         stream.set_write_timeout(Some(timeout)).map_err(connect_err)?;
         let writer = stream.try_clone().map_err(connect_err)?;

@@ -22,7 +22,7 @@ pub enum HttpError {
     /// The message breaks HTTP syntax, or the connection closed in the middle of it.
     #[error("malformed HTTP message: {0}")]
     Malformed(String),
-    /// `headers` or `body` exceeded its limit ([`MAX_HEAD`], or the body limit of the side reading).
+    /// The part named (`headers` or `body`) exceeds its limit: [`MAX_HEAD`], or the reader's body limit.
     #[error("{0} is too large")]
     TooLarge(&'static str),
     /// A POST, PUT or PATCH request came without Content-Length.
@@ -56,7 +56,7 @@ pub struct Request {
     pub path: String,
     /// Query parameters in order, not percent-decoded; a parameter without `=` has an empty value.
     pub query: Vec<(String, String)>,
-    /// Headers in order, values trimmed; an HTTP/1.0 request without one gains `Connection: close`.
+    /// Headers in order, values trimmed; HTTP/1.0 without a Connection header gains `Connection: close`.
     pub headers: Vec<(String, String)>,
     /// The body, as long as Content-Length said (empty without one).
     pub body: Vec<u8>,

@@ -23,9 +23,12 @@ const BZ_ENTRY64_OFFSET: u64 = 0x200;
 /// Highest initrd address for boot protocols older than 2.03.
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
+/// The kernel image's format, detected from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelFormat {
+    /// A 64-bit x86_64 ELF (vmlinux), which may carry a PVH entry note.
     Elf,
+    /// A compressed bzImage with a 64-bit entry point.
     BzImage,
 }
 

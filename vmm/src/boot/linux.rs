@@ -33,8 +33,10 @@ pub struct ZeroPageInputs {
     pub rsdp_addr: Option<u64>,
 }
 
+/// Why the Linux zero page (`boot_params`) could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ZeroPageError {
+    /// More RAM ranges than the zero page's e820 table holds.
     #[error("the memory map has {0} entries; the zero page holds at most 128")]
     TooManyMemoryMapEntries(usize),
 }

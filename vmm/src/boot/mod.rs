@@ -60,48 +60,91 @@ impl std::str::FromStr for BootProtocol {
     }
 }
 
+/// Why the kernel could not be loaded or the boot structures written.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// The kernel or initrd could not be opened or read.
     #[error("cannot read {what} {path}: {source}")]
     Open {
+        /// `kernel` or `initrd`.
         what: &'static str,
+        /// The file's path.
         path: PathBuf,
+        /// What failed.
         #[source]
         source: std::io::Error,
     },
+    /// The kernel image is not a 64-bit x86_64 ELF or a bzImage with a 64-bit entry point.
     #[error("kernel {path} is {reason}")]
-    UnsupportedKernel { path: PathBuf, reason: &'static str },
+    UnsupportedKernel {
+        /// The kernel's path.
+        path: PathBuf,
+        /// What the image is instead.
+        reason: &'static str,
+    },
+    /// linux-loader could not place the kernel in guest memory.
     #[error("cannot load kernel {path} into {} MiB of guest memory: {source}", mem_bytes >> 20)]
     Load {
+        /// The kernel's path.
         path: PathBuf,
+        /// Guest RAM size in bytes.
         mem_bytes: u64,
+        /// The loader's error.
         #[source]
         source: linux_loader::loader::Error,
     },
+    /// A bzImage needs more room to decompress than guest RAM offers.
     #[error("the kernel needs memory up to {needed:#x} but the guest has only {} MiB", mem_bytes >> 20)]
-    TooLittleMemory { needed: u64, mem_bytes: u64 },
+    TooLittleMemory {
+        /// Guest physical address the kernel's load area extends to (load address plus init_size).
+        needed: u64,
+        /// Guest RAM size in bytes.
+        mem_bytes: u64,
+    },
+    /// [`BootProtocol::Pvh`] was requested for a kernel without the PVH ELF note.
     #[error("PVH boot was requested but the kernel has no PVH entry note")]
     NoPvhEntry,
+    /// The initrd file (path given) is empty.
     #[error("initrd {0} is empty")]
     EmptyInitrd(PathBuf),
+    /// The initrd does not fit between the end of the kernel and the highest address allowed.
     #[error("initrd of {size} bytes does not fit: {room} bytes free between the kernel and the top of low memory")]
-    InitrdTooLarge { size: u64, room: u64 },
+    InitrdTooLarge {
+        /// The initrd's size in bytes.
+        size: u64,
+        /// Bytes free above the kernel, below low RAM's end and the kernel's initrd limit.
+        room: u64,
+    },
+    /// Copying the initrd into guest memory failed.
     #[error("cannot read initrd {path} into guest memory: {source}")]
     InitrdRead {
+        /// The initrd's path.
         path: PathBuf,
+        /// What failed.
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// The command line is longer than the boot area, or than the bzImage accepts.
     #[error("kernel command line is {len} bytes; the limit is {max}")]
-    CmdlineTooLong { len: usize, max: usize },
+    CmdlineTooLong {
+        /// The command line's length in bytes.
+        len: usize,
+        /// The most bytes allowed (without the terminating NUL).
+        max: usize,
+    },
+    /// The command line contains a NUL byte.
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
+    /// The vCPU count (given) is zero or more than the MP table can describe.
     #[error("{0} vCPUs cannot be described in the MP table (at most {max})", max = mptable::MAX_CPUS)]
     TooManyCpus(u32),
+    /// The 64-bit boot protocol's zero page could not be built.
     #[error(transparent)]
     ZeroPage(#[from] linux::ZeroPageError),
+    /// The PVH start info could not be built or written.
     #[error(transparent)]
     Pvh(#[from] pvh::PvhError),
+    /// Writing the command line, page tables, GDT, MP table or zero page to guest memory failed.
     #[error("cannot write boot structures to guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }

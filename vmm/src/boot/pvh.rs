@@ -11,10 +11,13 @@ pub const START_INFO_MAGIC: u32 = 0x336e_c578;
 /// Version 1 adds the memory map.
 pub const START_INFO_VERSION: u32 = 1;
 
+/// Why the PVH start info could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum PvhError {
+    /// More RAM ranges than the PVH memory map area holds.
     #[error("the memory map has {0} entries; the PVH area holds at most {PVH_MEMMAP_MAX_ENTRIES}")]
     TooManyMemoryMapEntries(usize),
+    /// Writing it into guest memory failed.
     #[error("cannot write PVH start info: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }

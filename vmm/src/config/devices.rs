@@ -156,8 +156,7 @@ pub struct VsockConfig {
     pub socket: PathBuf,
 }
 
-/// Splits `key=value,key=value` into a map, refusing unknown and repeated keys.
-/// Splits `key=value,...`. An item without `=` gets a suggestion: `bare_key` says which key
+/// Splits `key=value,...` into a map, refusing unknown and repeated keys. An item without `=` gets a suggestion: `bare_key` says which key
 /// such a value most likely belongs to (`--disk disk.img` means `path=disk.img`).
 fn options<'a>(
     what: &str,

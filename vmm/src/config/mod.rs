@@ -209,7 +209,6 @@ impl VmConfig {
         }
     }
 
-    /// Device ids, with defaults (`disk0`, `net0`, `vsock`) filled in, in device order.
     /// This configuration with its device lists replaced by `devices` (in the order the VM
     /// built them: disks, NICs, vsock), such as the devices' current backends after swaps.
     pub fn with_devices(mut self, devices: impl IntoIterator<Item = DeviceConfig>) -> Self {
@@ -292,6 +291,22 @@ fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The example files the README points at are valid configurations.
+    #[test]
+    fn example_configs_are_valid() {
+        let examples = [
+            ("microguest.json", include_str!("../../../examples/microguest.json")),
+            ("blk-stress.json", include_str!("../../../examples/blk-stress.json")),
+            ("linux.json", include_str!("../../../examples/linux.json")),
+        ];
+        for (name, text) in examples {
+            let config: VmConfig = serde_json::from_str(text).unwrap_or_else(|e| panic!("examples/{name}: {e}"));
+            config.validate(Some(64)).unwrap_or_else(|e| panic!("examples/{name}: {e}"));
+        }
+        let linux: VmConfig = serde_json::from_str(examples[2].1).unwrap();
+        assert_eq!(linux.device_ids(), ["root", "data", "net0", "vsock0"]);
+    }
 
     #[test]
     fn json_defaults_and_unknown_keys() {

@@ -51,19 +51,6 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Runs `f` on the loop thread and returns its result (for work that must not race with
-    /// device processing, such as adding a device at run time).
-    /// Must not be called from the loop thread itself (it would wait for itself).
-    pub fn call<F, O>(&self, f: F) -> Result<O, String>
-    where
-        F: FnOnce(&mut dyn SubscriberOps<Subscriber = Subscriber>) -> O + Send + 'static,
-        O: Send + 'static,
-    {
-        self.endpoint
-            .call_blocking(move |ops| Ok::<O, event_manager::Error>(f(ops)))
-            .map_err(|e| format!("device event loop unavailable: {e:?}"))
-    }
-
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.endpoint.kick();

@@ -53,24 +53,39 @@ pub struct DeviceEntry {
     pub resync: ResyncHandle,
 }
 
+/// Why a virtio device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    /// Every virtio-mmio window is taken (one per interrupt line, GSI 5 to 23).
     #[error("no free virtio-mmio slot (interrupt lines {FIRST_VIRTIO_IRQ}-{LAST_IRQ} are all used)")]
     NoSlot,
+    /// Registering the device's irqfd or a queue's ioeventfd with KVM failed.
     #[error("cannot wire device {id}: {source}")]
     Kvm {
+        /// The device's id.
         id: String,
+        /// The KVM error.
         #[source]
         source: HvError,
     },
+    /// The device, its interrupt eventfd or its worker could not be created.
     #[error("cannot create device {id}: {source}")]
     Create {
+        /// The device's id.
         id: String,
+        /// What failed.
         #[source]
         source: std::io::Error,
     },
+    /// The device's backend could not be opened (file, NBD server, tap, socket), its MAC is
+    /// invalid, or its MMIO window could not be placed on the bus.
     #[error("device {id}: {reason}")]
-    Backend { id: String, reason: String },
+    Backend {
+        /// The device's id.
+        id: String,
+        /// What went wrong, in words.
+        reason: String,
+    },
 }
 
 /// Builds the device set of a VM.
@@ -131,7 +146,6 @@ impl DeviceManagerBuilder {
         Ok(slot)
     }
 
-    /// Command-line announcements of every device.
     /// The devices added so far, in order.
     pub fn entries(&self) -> &[DeviceEntry] {
         &self.entries
@@ -165,10 +179,6 @@ impl DeviceManager {
 
     pub fn find(&self, id: &str) -> Option<&DeviceEntry> {
         self.entries.iter().find(|e| e.id == id)
-    }
-
-    pub fn event_loop(&self) -> &EventLoop {
-        &self.event_loop
     }
 
     /// Stops device processing (after the vCPUs are stopped).

@@ -65,34 +65,58 @@ impl std::fmt::Display for RamBacking {
     }
 }
 
+/// Why guest RAM, or a region's new backing, could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// The RAM size in bytes (given) is under 1 MiB or not a multiple of 4 KiB.
     #[error("guest memory size must be a multiple of 4 KiB and at least 1 MiB, got {0} bytes")]
     BadSize(u64),
+    /// A memfd (plain or hugetlb) for RAM could not be created or sized.
     #[error("cannot create memfd for guest RAM: {0}")]
     Memfd(#[source] std::io::Error),
+    /// A file backing could not be opened, created, inspected or extended.
     #[error("cannot open RAM backing file {path}: {source}")]
     File {
+        /// The backing file.
         path: PathBuf,
+        /// What failed.
         #[source]
         source: std::io::Error,
     },
+    /// Mapping a region's backing into the VMM failed.
     #[error("cannot map {size} bytes of guest RAM ({backing}): {source}")]
     Mmap {
+        /// The region's length in bytes.
         size: u64,
+        /// What the region was to be backed by.
         backing: RamBacking,
+        /// What failed.
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// A file backing already holds data, which guest RAM (starting as zeros) would overwrite.
     #[error(
         "RAM backing file {path} already holds {len} bytes; guest RAM starts empty, so it would be \
          overwritten: remove it or pick a new path"
     )]
-    FileNotEmpty { path: PathBuf, len: u64 },
+    FileNotEmpty {
+        /// The backing file.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// Too few free huge pages in the kernel's pool for a hugetlbfs backing.
     #[error("hugetlbfs backing needs {needed} free 2 MiB huge pages, {free} are free (raise vm.nr_hugepages)")]
-    HugePages { needed: u64, free: u64 },
+    HugePages {
+        /// 2 MiB pages the region needs.
+        needed: u64,
+        /// 2 MiB pages free in the pool now.
+        free: u64,
+    },
+    /// No RAM region has this KVM slot number.
     #[error("no RAM region with slot {0}")]
     NoSuchRegion(u32),
+    /// A region's addresses overflow, or the regions overlap (an internal error).
     #[error("guest RAM regions overlap or are misplaced: {0}")]
     Layout(String),
 }
@@ -211,15 +235,21 @@ impl RamRegion {
     }
 }
 
-/// A region as reported to the outside.
+/// One guest RAM region, as [`Vm::memory_regions`](crate::Vm::memory_regions) and
+/// `GET /memory/regions` report it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RegionInfo {
+    /// The KVM memory slot: 0 is the RAM below the 32-bit MMIO gap, 1 the RAM above it.
     pub slot: u32,
+    /// Where the region starts in guest physical memory.
     pub guest_addr: u64,
+    /// Its size in bytes.
     pub size: u64,
+    /// What its pages live in now.
     pub backing: RamBacking,
+    /// Where it is mapped in the VMM's address space.
     #[serde(skip)]
-    pub host_addr: u64,
+    pub(crate) host_addr: u64,
 }
 
 /// Something filling guest RAM's pages on first touch (a lazy restore); stopped when dropped.

@@ -1,8 +1,8 @@
 //! Snapshots: the VM's whole state, written to a directory, and VMs continued from one.
 //!
 //! Taking one is the same for every VM and never names a device type: quiesce everything
-//! ([`Quiesced`]), read the vCPUs (on their own threads), the in-kernel irqchip, PIT and clock,
-//! the serial port and every virtio device through [`Lifecycle`], write guest RAM (zero pages
+//! (`Quiesced`), read the vCPUs (on their own threads), the in-kernel irqchip, PIT and clock,
+//! the serial port and every virtio device through `Lifecycle`, write guest RAM (zero pages
 //! as holes), resume; the state file is written after the guest runs again. The i8042 and the
 //! debug-exit port have no state to carry (vm-superio's i8042 keeps only its reset line).
 //!

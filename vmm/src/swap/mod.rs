@@ -1,14 +1,14 @@
 //! Live component replacement: swapping a device's backend or a RAM region's backing while
 //! the guest runs.
 //!
-//! A device swap is a transaction ([`transaction`]) written once for every device type:
+//! A device swap is a transaction (`transaction`) written once for every device type:
 //! prepare (open the new backend, check it can take over; refused before anything changes),
 //! quiesce at a request boundary, drain in-flight requests (a disk instead lets them finish on
 //! the old backend while the new one serves, and settles them before it commits), switch
 //! (queue state stays in the device), resume, verify under real traffic, then commit (close
 //! the old backend) or roll back automatically (the old backend was kept open; requests the
 //! new one failed are retried on it, so the guest sees no error). Live storage migration
-//! ([`migration`]) and memory region swaps ([`memory`]) reuse the same pieces. [`SwapManager`]
+//! (`migration`) and memory region swaps (`memory`) reuse the same pieces. [`SwapManager`]
 //! runs swaps on their own threads and keeps their records.
 
 mod launch;

@@ -35,16 +35,28 @@ pub struct RunControl<V> {
     vcpus: usize,
 }
 
+/// Why the vCPUs could not be brought to a state or handed work.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ControlError {
+    /// The vCPUs have been told to stop for good; they cannot run or pause again.
     #[error("the VM has stopped")]
     Stopped,
+    /// Work for a vCPU thread was posted while the vCPUs were not paused.
     #[error("the vCPUs must be paused first")]
     NotPaused,
+    /// A paused vCPU (index given, the first that had not answered) ran no posted work in time.
     #[error("vCPU {0} did not answer while paused")]
     NoAnswer(u32),
+    /// The vCPU threads did not all park (or all leave park) before the timeout.
     #[error("only {arrived} of {total} vCPUs reached the requested state within {timeout:?}")]
-    Timeout { arrived: usize, total: usize, timeout: Duration },
+    Timeout {
+        /// vCPU threads parked or exited when time ran out.
+        arrived: usize,
+        /// vCPU threads in the VM.
+        total: usize,
+        /// How long the wait lasted.
+        timeout: Duration,
+    },
 }
 
 impl<V> RunControl<V> {

@@ -1,10 +1,12 @@
 //! A running VM: the handle the builder returns and embedders drive.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use devices::bus::lock_device;
 use devices::legacy::SerialConsole;
+use devices::metrics::MetricsSnapshot;
 
 pub use crate::boot::VmInfo;
 pub use crate::exit::{Crash, CrashKind, VmExit};
@@ -13,7 +15,7 @@ use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
 use crate::exit::ExitState;
 use crate::hv::KvmVm;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RegionInfo};
 use crate::snapshot::{DirtyTracker, SnapshotError, SnapshotReport, SnapshotRequest, SnapshotSource};
 use crate::swap::memory::MemorySwap;
 use crate::swap::{
@@ -76,6 +78,22 @@ impl SerialInput {
     }
 }
 
+/// One virtio device as [`Vm::device`] describes it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// The device's id (`disk0`, `net0`, `vsock0` unless configured).
+    pub id: String,
+    /// `block`, `net` or `vsock`.
+    pub kind: &'static str,
+    /// The backend serving it now, in words (`io_uring file /var/disk.img`).
+    pub backend: String,
+    /// The device's virtio configuration space as the guest reads it (a disk's capacity in
+    /// sectors first, a NIC's MAC first).
+    pub config_space: Vec<u8>,
+    /// Request counters per queue direction: `io` for disks, `rx` and `tx` for NICs and vsock.
+    pub counters: BTreeMap<&'static str, MetricsSnapshot>,
+}
+
 /// A running VM.
 ///
 /// Dropping it stops the guest. Field order is drop order: vCPU threads end before the VM
@@ -125,8 +143,32 @@ impl Vm {
     }
 
     /// The VM's virtio devices.
-    pub fn devices(&self) -> MutexGuard<'_, DeviceManager> {
+    pub(crate) fn devices(&self) -> MutexGuard<'_, DeviceManager> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The ids of the VM's virtio devices, in the order they were added.
+    pub fn device_ids(&self) -> Vec<String> {
+        self.devices().devices().iter().map(|e| e.id.clone()).collect()
+    }
+
+    /// What device `id` is now: its kind, current backend, configuration space and counters.
+    pub fn device(&self, id: &str) -> Option<DeviceInfo> {
+        let devices = self.devices();
+        let entry = devices.find(id)?;
+        let handle = &entry.handle;
+        Some(DeviceInfo {
+            id: entry.id.clone(),
+            kind: handle.kind(),
+            backend: handle.backend_description(),
+            config_space: handle.config_space(),
+            counters: handle.metrics().into_iter().map(|(direction, m)| (direction, m.snapshot())).collect(),
+        })
+    }
+
+    /// The guest's RAM regions: slot, guest address, size and backing of each.
+    pub fn memory_regions(&self) -> Vec<RegionInfo> {
+        self.ram.regions()
     }
 
     fn vcpus(&self) -> MutexGuard<'_, Vcpus> {
@@ -139,7 +181,7 @@ impl Vm {
     }
 
     /// The guest's RAM.
-    pub fn ram(&self) -> &GuestRam {
+    pub(crate) fn ram(&self) -> &GuestRam {
         &self.ram
     }
 

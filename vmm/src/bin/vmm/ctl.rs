@@ -225,6 +225,9 @@ fn parse_fault(s: &str) -> Result<Value, String> {
     }
 }
 
+/// How long `vmm ctl` waits for a socket that does not exist yet (or refuses connections).
+const STARTUP_WAIT: Duration = Duration::from_secs(2);
+
 /// Following a swap, each poll asks the server to wait this long for it to end (at most half
 /// the timeout): also how often the progress line moves.
 const POLL_MS: u64 = 500;
@@ -233,7 +236,10 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
     let timeout = Duration::from_secs_f64(args.timeout);
     // A poll's answer comes after up to `poll_ms` by design: well inside the timeout.
     let poll_ms = POLL_MS.min(timeout.as_millis() as u64 / 2);
-    let mut client = ApiClient::connect(&args.api_sock, timeout).map_err(|e| Failure::runtime(anyhow!(e)))?;
+    // A VMM just started in the background may not have bound its socket yet.
+    let startup = timeout.min(STARTUP_WAIT);
+    let mut client =
+        ApiClient::connect_within(&args.api_sock, timeout, startup).map_err(|e| Failure::runtime(anyhow!(e)))?;
     let flags = match &args.command {
         CtlCommand::Swap(_) => SWAP_FLAGS,
         _ => &[],
