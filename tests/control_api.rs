@@ -224,7 +224,13 @@ fn every_endpoint_answers_in_the_documented_shape() {
 
     let (_, served) = call("GET", "/openapi.json", "/openapi.json", None);
     assert_eq!(served, doc);
-    rig.finish();
+
+    // Typing at the console ends `idle`: the last call the guest answers.
+    let (_, typed) = call("POST", "/serial/input", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(typed["bytes"], 1);
+    assert_eq!(rig.vm.wait_timeout(WAIT), Some(VmExit::Guest(0)), "{}", rig.serial.text());
+    let (refused, _) = call("POST", "/serial/input", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(refused.status, 409);
 }
 
 /// Every line is a comment, blank, or `name{labels} value` with a numeric value, and every
@@ -311,6 +317,17 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
         ("a NIC backend for a disk", swap(r#"{"backend": {"tap": "x"}}"#.into()), 400, Some("backend.tap")),
         ("no backend", swap("{}".into()), 400, Some("backend")),
         ("snapshot without a path", post("/snapshots", "{}"), 400, Some("path")),
+        ("relative snapshot directory", post("/snapshots", r#"{"path": "snap"}"#), 400, Some("path")),
+        ("relative disk image", swap(r#"{"backend": {"path": "disk.img"}}"#.into()), 400, Some("backend.path")),
+        ("relative NBD socket", swap(r#"{"backend": {"nbd": "unix:nbd.sock"}}"#.into()), 400, Some("backend.nbd")),
+        (
+            "relative RAM backing file",
+            post("/memory/regions/0/swap", r#"{"backing": {"kind": "file", "path": "vmm-api-test-ram.img"}}"#),
+            400,
+            Some("backing.path"),
+        ),
+        ("serial input without data", post("/serial/input", "{}"), 400, Some("data")),
+        ("serial input that is not text", post("/serial/input", r#"{"data": 5}"#), 400, Some("data")),
         ("snapshot to an empty path", post("/snapshots", r#"{"path": ""}"#), 400, Some("path")),
         ("unknown snapshot kind", post("/snapshots", r#"{"path": "/tmp/x", "kind": "partial"}"#), 400, Some("kind")),
         ("unknown snapshot field", post("/snapshots", r#"{"path": "/tmp/x", "zip": true}"#), 400, Some("zip")),
@@ -432,6 +449,8 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
         }
         assert!(error_schema.is_valid(&body), "{what}: error body off the document: {body:#}");
     }
+    // A relative path created nothing where the VMM runs.
+    assert!(!Path::new("vmm-api-test-ram.img").exists(), "a relative RAM backing file was created");
     // The failed swap requests were recorded as failed, none as running.
     let mut api = rig.client();
     let swaps = json_body(&api.get("/swaps").unwrap());
@@ -555,7 +574,11 @@ fn vmm_ctl_wraps_every_call() {
     // Bad input: one line, status 2 before anything is sent; API refusals: status 1.
     let out = vmm.ctl(&["swap", "disk0", "engine"]);
     assert_eq!(out.status, Some(2), "{out:?}");
-    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(out.stderr.starts_with("error: ") && out.stderr.contains("try 'vmm ctl swap --help'"), "{out:?}");
+    // Flags, not API fields, in what the user reads.
+    let out = vmm.ctl(&["swap", "disk0", &format!("{disk},engine=io_uring"), "--mode", "new-image"]);
+    assert!(out.status == Some(1) && out.stderr.contains("--allow-new-image"), "{out:?}");
+    assert!(!out.stderr.contains("allow_new_image"), "{out:?}");
     let out = vmm.ctl(&["memory-swap", "0", "floppy"]);
     assert_eq!(out.status, Some(2), "{out:?}");
     let out = vmm.ctl(&["raw", "PATCH", "/vm", r#"{"state": "asleep"}"#]);

@@ -167,8 +167,9 @@ fn parse_backend(s: &str) -> Result<Value, String> {
         let mut map = Map::new();
         for pair in s.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').ok_or_else(|| {
-                let key = if pair.contains('/') { "path" } else { "tap" };
-                format!("{pair:?} is not key=value; did you mean {key}={pair}?")
+                format!(
+                    "{pair:?} is not key=value: name the setting, e.g. path={pair} for a disk, tap={pair} for a NIC"
+                )
             })?;
             let value = match (key, value) {
                 ("readonly", "on" | "true") => Value::Bool(true),
