@@ -347,3 +347,19 @@ fn sigint_stops_the_vm_and_removes_the_socket() {
     assert!(stderr.contains("SIGINT: stopping the guest"), "{stderr}");
     assert!(!socket.exists(), "the API socket was left behind");
 }
+
+/// `vmm man` writes a page per command, `vmm completions` a script that knows the commands.
+#[test]
+fn man_pages_and_completions() {
+    let dir = TempDir::new("man");
+    let out_dir = dir.join("man1");
+    vmm(&["man", "--out", out_dir.to_str().unwrap()]).expect_status(0);
+    for page in ["vmm.1", "vmm-run.1", "vmm-ctl.1", "vmm-ctl-swap.1", "vmm-ctl-serial-input.1"] {
+        let text = std::fs::read_to_string(out_dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is not a man page:\n{text}");
+    }
+    let run_page = std::fs::read_to_string(out_dir.join("vmm-run.1")).unwrap();
+    assert!(run_page.contains("ram\\-backing"), "{run_page}");
+    let out = vmm(&["completions", "bash"]);
+    out.expect_status(0).expect_stdout("_vmm()").expect_stdout("serial-input");
+}

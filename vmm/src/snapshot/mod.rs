@@ -142,6 +142,27 @@ pub enum MemoryMode {
     Uffd,
 }
 
+/// The names the API and `--memory` use.
+impl std::fmt::Display for MemoryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Eager => "eager",
+            Self::Mmap => "mmap",
+            Self::Uffd => "uffd",
+        })
+    }
+}
+
+/// The names the API uses.
+impl std::fmt::Display for SnapshotKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Full => "full",
+            Self::Diff => "diff",
+        })
+    }
+}
+
 impl std::str::FromStr for MemoryMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

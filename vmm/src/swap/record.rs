@@ -45,6 +45,18 @@ pub enum SwapState {
     Failed,
 }
 
+/// In words: `committed`, `rolled back`, ...
+impl std::fmt::Display for SwapState {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Committed => "committed",
+            Self::RolledBack => "rolled back",
+            Self::Failed => "failed",
+        })
+    }
+}
+
 /// One step of a swap's timeline: a phase entered, and when.
 #[derive(Clone, Debug, Serialize)]
 pub struct TimelineEntry {

@@ -249,7 +249,7 @@ fn swap_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
         let record = swap(json!({ "backend": backends[i % backends.len()] }))?;
         if record.state != SwapState::Committed {
             say(format!(
-                "   swap {} did not commit: {:?} {}",
+                "   swap {} did not commit: {} {}",
                 record.id,
                 record.state,
                 record.reason.unwrap_or_default()
@@ -270,7 +270,7 @@ fn swap_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
     let record = swap(json!({ "backend": { "path": copy }, "mode": "migrate" }))?;
     let copied = record.copy.unwrap_or_default();
     say(format!(
-        "   -> live storage migration to another image: {:?}, {:.1} MiB copied in {:.1} ms while the guest wrote, blackout {} us",
+        "   -> live storage migration to another image: {}, {:.1} MiB copied in {:.1} ms while the guest wrote, blackout {} us",
         record.state,
         copied.bytes_copied as f64 / (1 << 20) as f64,
         copied.copy_us as f64 / 1e3,
@@ -282,7 +282,7 @@ fn swap_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
     let dead = json!({ "backend": { "path": copy }, "fault": "error" });
     let record = swap(dead)?;
     say(format!(
-        "   -> a backend that fails every request: {:?} ({})",
+        "   -> a backend that fails every request: {} ({})",
         record.state,
         record.reason.as_deref().unwrap_or("no reason")
     ));
@@ -291,7 +291,7 @@ fn swap_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
                           "verify": { "min_requests": 50, "window_ms": 500 } });
     let record = swap(failing)?;
     say(format!(
-        "   -> a backend that passes its probe, then fails under load: {:?} ({})",
+        "   -> a backend that passes its probe, then fails under load: {} ({})",
         record.state,
         record.reason.as_deref().unwrap_or("no reason")
     ));
@@ -342,7 +342,7 @@ fn snapshot_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failur
             .snapshot(&SnapshotRequest { path: path.clone(), kind, drain_timeout_ms: 2000 })
             .map_err(|e| runtime(&e))?;
         say(format!(
-            "   -> {kind:?} snapshot: guest paused {:.2} ms, {:.1} MiB of RAM written, {:.1} ms in all",
+            "   -> {kind} snapshot: guest paused {:.2} ms, {:.1} MiB of RAM written, {:.1} ms in all",
             report.pause_us as f64 / 1e3,
             report.memory_written_bytes as f64 / (1 << 20) as f64,
             report.total_us as f64 / 1e3
@@ -363,7 +363,7 @@ fn snapshot_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failur
         let exit = vm.wait_timeout(wait).unwrap_or_else(|| vm.stop());
         let verified = console.wait_for("all verified", Duration::ZERO).is_some();
         say(format!(
-            "   -> restored ({mode:?}, diff on full) running after {:.1} ms; {exit}, every page {}",
+            "   -> restored ({mode}, diff on full) running after {:.1} ms; {exit}, every page {}",
             ms(running),
             if verified { "as the guest last wrote it" } else { "NOT verified" }
         ));
