@@ -1,9 +1,10 @@
-//! The README's quick-start, pasted into an interactive shell as a new user would: it must
-//! show a live swap and a live migration under load, then stop the guest cleanly.
+//! The documentation's walkthroughs, pasted into an interactive shell as a new user would:
+//! the README's quick-start and the full live-swap walkthrough in docs/live-swap.md must run
+//! as written, show swaps and a live migration under load, and end the guest cleanly.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::TempDir;
@@ -11,47 +12,93 @@ use common::pty::Pty;
 
 const WAIT: Duration = Duration::from_secs(300);
 
-/// The shell block of the README section `heading` that comes after the line `after`.
-fn readme_block(heading: &str, after: &str) -> String {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
-    let section = readme.split(heading).nth(1).unwrap_or_else(|| panic!("README has no {heading:?}"));
-    let rest = section.split(after).nth(1).unwrap_or_else(|| panic!("README's {heading:?} lacks {after:?}"));
+/// The first shell block after the line containing `after` in `file` (relative to the
+/// repository root).
+fn doc_block(file: &str, after: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let rest = text.split(after).nth(1).unwrap_or_else(|| panic!("{file} lacks {after:?}"));
     let block = rest.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
     block.to_string()
 }
 
-#[test]
-fn the_quick_start_works_as_pasted_into_an_interactive_shell() {
-    let dir = TempDir::new("readme");
-    // The README's /tmp paths, made private to this test.
-    let private = format!("{}/", dir.path().display());
-    let block = readme_block("## Live swap in three commands", "Start a guest").replace("/tmp/", &private);
-    let bin_dir = Path::new(common::vmm_bin()).parent().unwrap();
+/// Stops the walkthrough's VMM if the test fails midway: it is the shell's child, which the
+/// shell's own reaping does not reach.
+struct StopVmm(PathBuf);
 
+impl Drop for StopVmm {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = common::vmm_with(&["ctl", "--api-sock", self.0.to_str().unwrap(), "--timeout", "2", "stop"], None, WAIT);
+        }
+    }
+}
+
+/// Pastes `block` into `bash -i` on a terminal, in `dir`, with the `vmm` under test on PATH;
+/// returns everything the terminal showed.
+fn paste_into_a_shell(dir: &TempDir, block: &str) -> String {
+    let bin_dir = Path::new(common::vmm_bin()).parent().unwrap();
     let mut pty = Pty::new();
     let mut shell = std::process::Command::new("bash");
     shell
         .args(["--norc", "--noprofile", "-i"])
         .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()))
         .env("PS1", "$ ")
+        .env("HISTFILE", "/dev/null")
+        .env_remove("VMM_API_SOCK")
         .current_dir(dir.path());
     let mut child = pty.spawn(shell);
     let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
     pty.write(block.as_bytes());
     // The terminal echoes what is typed: the marker shows only once the shell computes it.
-    pty.write(b"echo \"quick-start-$((40 + 2))\"; exit\n");
-    let shown = pty.wait_for("quick-start-42", WAIT);
+    pty.write(b"echo \"walkthrough-$((40 + 2))\"; exit\n");
+    let shown = pty.wait_for("walkthrough-42", WAIT);
     child.0.wait().unwrap();
     eprintln!("--- the terminal\n{shown}");
-
     assert!(!shown.contains("Stopped"), "a job was stopped:\n{shown}");
-    assert_eq!(shown.matches("\"state\": \"committed\"").count(), 2, "both swaps commit:\n{shown}");
-    assert!(shown.contains("\"mode\": \"migrate\""), "{shown}");
+    shown
+}
+
+/// The summary line `blk-stress` printed at the end, which must report a clean run.
+fn blk_stress_summary(dir: &TempDir, shown: &str) -> String {
     let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
     let summary = console.lines().rev().find(|l| l.starts_with("blk-stress: ops=")).unwrap_or_else(|| {
         panic!("blk-stress printed no summary:\n{console}\n--- terminal\n{shown}");
     });
     assert!(summary.contains("errors=0 mismatches=0 final_verify=8192/8192"), "{summary}");
-    assert!(shown.contains(summary), "the README's `tail` shows the summary:\n{shown}");
+    summary.to_string()
+}
+
+#[test]
+fn the_readme_quick_start_works_as_pasted() {
+    let dir = TempDir::new("readme");
+    let _stop = StopVmm(dir.join("vm.sock"));
+    // The README's /tmp paths, made private to this test.
+    let private = format!("{}/", dir.path().display());
+    let block = doc_block("README.md", "Start a guest that keeps").replace("/tmp/", &private);
+    let shown = paste_into_a_shell(&dir, &block);
+
+    assert_eq!(shown.matches("\"state\": \"committed\"").count(), 2, "both swaps commit:\n{shown}");
+    assert!(shown.contains("\"mode\": \"migrate\""), "{shown}");
+    assert!(shown.contains("exit status 0"), "{shown}");
+    let summary = blk_stress_summary(&dir, &shown);
+    assert!(shown.contains(&summary), "the README's `tail` shows the summary:\n{shown}");
     assert!(!dir.join("vm.sock").exists(), "the API socket was left behind");
+}
+
+#[test]
+fn the_live_swap_walkthrough_works_as_pasted() {
+    let dir = TempDir::new("walkthrough");
+    let _stop = StopVmm(dir.join("vm.sock"));
+    let private = format!("{}/", dir.path().display());
+    let block = doc_block("docs/live-swap.md", "**From the command line**").replace("/tmp/", &private);
+    let shown = paste_into_a_shell(&dir, &block);
+
+    // Engine, NBD and migration commit; the dead backend fails, the flaky one rolls back.
+    for tally in ["committed\"} 3", "failed\"} 1", "rolled_back\"} 1"] {
+        assert!(shown.contains(&format!("vmm_swaps_total{{device=\"disk0\",state=\"{tally}")), "{tally}: {shown}");
+    }
+    assert!(shown.contains("\"verified\": true"), "the memory swap: {shown}");
+    assert!(shown.contains("exit status 0"), "{shown}");
+    blk_stress_summary(&dir, &shown);
 }

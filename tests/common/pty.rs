@@ -20,13 +20,26 @@ pub struct Pty {
 
 impl Pty {
     pub fn new() -> Self {
-        let (mut master, mut slave) = (-1, -1);
-        // SAFETY: openpty writes two descriptors we then own.
-        let rc =
-            unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: fresh descriptors from openpty.
-        unsafe { Self { master: File::from_raw_fd(master), slave: OwnedFd::from_raw_fd(slave), seen: Vec::new() } }
+        // Both ends close-on-exec from the start: tests run in parallel, and a child another
+        // test spawns must not inherit (and hold open) this terminal.
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        // SAFETY: posix_openpt returns a descriptor we own (or -1).
+        let master = unsafe { libc::posix_openpt(flags) };
+        assert!(master >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor.
+        let master = unsafe { File::from_raw_fd(master) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: the master is a pty master; ptsname_r writes at most `name.len()` bytes.
+        unsafe {
+            assert_eq!(libc::grantpt(master.as_raw_fd()), 0, "grantpt");
+            assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
+            assert_eq!(libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()), 0, "ptsname_r");
+        }
+        // SAFETY: ptsname_r wrote a NUL-terminated path.
+        let slave = unsafe { libc::open(name.as_ptr(), flags) };
+        assert!(slave >= 0, "open the pty slave: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor.
+        Self { master, slave: unsafe { OwnedFd::from_raw_fd(slave) }, seen: Vec::new() }
     }
 
     /// Spawns `cmd` as the leader of a new session whose controlling terminal is this pty,

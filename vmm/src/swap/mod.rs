@@ -52,6 +52,17 @@ pub enum SwapMode {
     NewImage,
 }
 
+/// The API's names: `switch`, `migrate`, `new_image`.
+impl std::fmt::Display for SwapMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Switch => "switch",
+            Self::Migrate => "migrate",
+            Self::NewImage => "new_image",
+        })
+    }
+}
+
 fn default_drain_ms() -> u64 {
     2000
 }
@@ -104,7 +115,7 @@ impl SwapRequest {
     /// Refuses the modes and options only disks have (for devices of another `kind`).
     pub fn switch_only(&self, id: &str, kind: &str) -> Result<(), FieldError> {
         if self.mode != SwapMode::Switch {
-            let e = format!("mode {:?} applies to disks, {id} is a {kind} device", self.mode);
+            let e = format!("mode {} applies to disks, {id} is a {kind} device", self.mode);
             return Err(FieldError::new("mode", e));
         }
         if self.fault.is_some() {
@@ -247,7 +258,7 @@ impl SwapManager {
         let id = entry.id.as_str();
         entry.handle.check_swap(id, &request)?;
         if request.mode == SwapMode::NewImage && !request.allow_new_image {
-            let e = "mode new_image replaces the guest's disk contents: set allow_new_image to true to confirm";
+            let e = "a new image replaces the guest's disk contents; confirm it with allow_new_image";
             return Err(FieldError::new("allow_new_image", e).into());
         }
         request.check_limits()?;

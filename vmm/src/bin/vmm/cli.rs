@@ -8,11 +8,11 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 use vmm::api::ApiServer;
-use vmm::config::{DiskConfig, NetConfig, VsockConfig};
+use vmm::config::{DEFAULT_CMDLINE, DiskConfig, NetConfig, VsockConfig};
 use vmm::snapshot::MemoryMode;
 use vmm::{BootProtocol, BuildError, RamBacking, SerialConfig, VmBuilder, VmConfig};
 
-use crate::console::{self, RawTerminal, StdinMode};
+use crate::console::{self, RawTerminal, StdinMode, StopSignals};
 
 /// Exit status for bad input (flags, config file, kernel image).
 pub const STATUS_BAD_INPUT: u8 = 2;
@@ -76,8 +76,7 @@ pub struct RunArgs {
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
-    #[arg(long, value_name = "STR")]
+    #[arg(long, value_name = "STR", help = format!("Kernel command line [default: \"{DEFAULT_CMDLINE}\"]"))]
     pub cmdline: Option<String>,
     /// Guest RAM in MiB, at least 16 [default: 128].
     #[arg(long, value_name = "N")]
@@ -218,9 +217,9 @@ fn subcommand_path() -> String {
     use clap::CommandFactory;
     let mut command = Cli::command();
     let mut path = vec!["vmm".to_string()];
-    for arg in std::env::args().skip(1) {
-        let Some(sub) = command.find_subcommand(&arg).cloned() else { continue };
-        path.push(arg);
+    for arg in std::env::args_os().skip(1) {
+        let Some(sub) = arg.to_str().and_then(|a| command.find_subcommand(a)).cloned() else { continue };
+        path.push(sub.get_name().to_string());
         command = sub;
     }
     path.join(" ")
@@ -277,9 +276,22 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         }
         None => VmBuilder::from_config(resolve_config(args)?),
     };
-    let serial_on_terminal = builder.config().serial == SerialConfig::Stdout;
+    let signals = StopSignals::catch().map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
+    // The console is set up before the guest can print: the hint comes first, and keys typed
+    // from the first instant reach the guest raw.
+    let stdin_mode = (builder.config().serial == SerialConfig::Stdout).then(StdinMode::detect);
+    // Restored when this function returns (an error included), before anything else prints.
+    let mut _raw_terminal = None;
+    if stdin_mode == Some(StdinMode::Terminal) {
+        match RawTerminal::enter() {
+            Ok(raw) => {
+                _raw_terminal = Some(raw);
+                eprint!("vmm: the guest's serial console; Ctrl-A x stops the VM, Ctrl-A h for help\r\n");
+            }
+            Err(e) => log::warn!("the terminal stays line-buffered: {e}"),
+        }
+    }
     let vm = Arc::new(builder.start()?);
-    console::stop_on_signals(vm.clone()).map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
     let info = vm.info();
     log::info!(
         "{} {} kernel via {} at {:#x}: {} vCPUs, {} MiB; setup took {:.2} ms wall, {:.2} ms CPU",
@@ -297,24 +309,15 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         Some(path) => Some(ApiServer::start(path, vm.clone()).map_err(|e| Failure::bad_input(anyhow!(e)))?),
         None => None,
     };
-    // Restored when this function returns, before anything else is printed.
-    let mut _raw_terminal = None;
-    if serial_on_terminal {
-        let mode = StdinMode::detect();
-        if mode == StdinMode::Terminal {
-            match RawTerminal::enter() {
-                Ok(raw) => {
-                    _raw_terminal = Some(raw);
-                    eprint!("vmm: the guest's serial console; Ctrl-A x stops the VM, Ctrl-A h for help\r\n");
-                }
-                Err(e) => log::warn!("the terminal stays line-buffered: {e}"),
-            }
+    signals
+        .stop(vm.clone(), args.api_sock.as_deref())
+        .map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
+    match stdin_mode {
+        Some(StdinMode::Background) => {
+            log::info!("in the background: the terminal is not read (`vmm ctl serial-input` types at the guest)")
         }
-        if mode == StdinMode::Background {
-            log::info!("in the background: the terminal is not read (`vmm ctl serial-input` types at the guest)");
-        } else {
-            console::forward_stdin(vm.clone(), mode);
-        }
+        Some(mode) => console::forward_stdin(vm.clone(), mode),
+        None => {}
     }
     let exit = vm.wait();
     drop(_raw_terminal);

@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -96,10 +97,13 @@ pub fn forward_stdin(vm: Arc<Vm>, mode: StdinMode) {
     let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 256];
+        // Survives across reads: Ctrl-A may end one read and its command start the next.
         let mut escaped = false;
         while let Ok(n @ 1..) = stdin.read(&mut buf) {
             if mode != StdinMode::Terminal {
-                send(&input, &buf[..n]);
+                // A pipe or file: nobody can type an escape, so waiting for the guest is fine
+                // and loses nothing.
+                send_all(&input, &buf[..n]);
                 continue;
             }
             let mut plain = Vec::with_capacity(n);
@@ -110,8 +114,9 @@ pub fn forward_stdin(vm: Arc<Vm>, mode: StdinMode) {
                     (true, _) => {
                         escaped = false;
                         match byte {
+                            // At once, whatever the guest has not read: the way out must work
+                            // when the guest is stuck.
                             b'x' | b'X' => {
-                                send(&input, &plain);
                                 eprint!("\r\nvmm: stopped from the console (Ctrl-A x)\r\n");
                                 vm.stop();
                                 return;
@@ -123,7 +128,7 @@ pub fn forward_stdin(vm: Arc<Vm>, mode: StdinMode) {
                     }
                 }
             }
-            send(&input, &plain);
+            type_at(&input, &plain);
         }
     });
     if let Err(e) = spawned {
@@ -131,34 +136,78 @@ pub fn forward_stdin(vm: Arc<Vm>, mode: StdinMode) {
     }
 }
 
-/// Sends all of `bytes`, however long the guest takes to read them (a paste must not lose
-/// characters, and stdin is ours alone).
-fn send(input: &SerialInput, mut bytes: &[u8]) {
+/// Sends all of `bytes`, however long the guest takes to read them.
+fn send_all(input: &SerialInput, mut bytes: &[u8]) {
     while !bytes.is_empty() {
         let sent = input.send_all(bytes, Duration::from_secs(1));
         bytes = &bytes[sent..];
     }
 }
 
+/// Sends what was typed, waiting a moment for a guest that reads slowly; what a guest that is
+/// not reading at all (paused, stuck, busy) will not take is dropped with a bell, as a full
+/// UART drops it, so that the next keys (Ctrl-A x among them) are still read.
+fn type_at(input: &SerialInput, bytes: &[u8]) {
+    if input.send_all(bytes, TYPING_WAIT) < bytes.len() {
+        eprint!("\x07");
+    }
+}
+
+/// How long typed keys wait for room in the guest's receive FIFO.
+const TYPING_WAIT: Duration = Duration::from_millis(500);
+
 /// The signal that stopped the VM, 0 while none has.
 static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
 
-/// Stops `vm` cleanly on SIGINT, SIGTERM or SIGHUP: the vCPUs are stopped, `run` returns and
-/// the API socket is removed on the way out. A second signal ends the process at once.
-pub fn stop_on_signals(vm: Arc<Vm>) -> std::io::Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        for signal in signals.forever() {
-            if STOPPED_BY.swap(signal, Ordering::SeqCst) != 0 {
-                restore_terminal();
-                std::process::exit(128 + signal);
-            }
-            let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
-            let _ = writeln!(std::io::stderr(), "vmm: {name}: stopping the guest");
-            vm.stop();
+/// The API socket, for a second signal to remove on its way out.
+static API_SOCKET: OnceLock<PathBuf> = OnceLock::new();
+
+/// SIGINT, SIGTERM and SIGHUP, caught from before the VM starts (so none can kill the process
+/// half set up) until [`StopSignals::stop`] hands them a VM to stop.
+pub struct StopSignals(Signals);
+
+impl StopSignals {
+    /// Catches the three signals, except those this process was started ignoring (`nohup`
+    /// ignores SIGHUP; a shell without job control has its `&` jobs ignore SIGINT): the
+    /// caller asked for those to pass by.
+    pub fn catch() -> std::io::Result<Self> {
+        let wanted: Vec<i32> = [SIGINT, SIGTERM, SIGHUP].into_iter().filter(|&s| !ignored(s)).collect();
+        Ok(StopSignals(Signals::new(wanted)?))
+    }
+
+    /// Stops `vm` cleanly on the first signal: the vCPUs stop, `run` returns and the API
+    /// socket (`api_socket`) is removed on the way out. A second signal ends the process at
+    /// once, still removing the socket and restoring the terminal.
+    pub fn stop(self, vm: Arc<Vm>, api_socket: Option<&Path>) -> std::io::Result<()> {
+        if let Some(path) = api_socket {
+            let _ = API_SOCKET.set(path.to_path_buf());
         }
-    })?;
-    Ok(())
+        let mut signals = self.0;
+        std::thread::Builder::new().name("signals".into()).spawn(move || {
+            for signal in signals.forever() {
+                if STOPPED_BY.swap(signal, Ordering::SeqCst) != 0 {
+                    restore_terminal();
+                    if let Some(path) = API_SOCKET.get() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    std::process::exit(128 + signal);
+                }
+                let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
+                let _ = writeln!(std::io::stderr(), "vmm: {name}: stopping the guest");
+                vm.stop();
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// Whether `signal`'s disposition is SIG_IGN.
+fn ignored(signal: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into ours.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0 && current.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// The signal that stopped the VM, if one did: `run` exits with 128 + its number, as a shell

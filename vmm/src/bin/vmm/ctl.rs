@@ -11,7 +11,7 @@ use anyhow::anyhow;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
 use vmm::RamBacking;
-use vmm::api::ApiClient;
+use vmm::api::{ApiClient, ClientError};
 use vmm::api::http::Response;
 
 use crate::cli::Failure;
@@ -19,12 +19,13 @@ use crate::cli::Failure;
 #[derive(Args)]
 pub struct CtlArgs {
     /// The API socket of a VMM started with `vmm run --api-sock PATH`.
-    #[arg(long, value_name = "PATH")]
-    pub api_sock: PathBuf,
+    #[arg(long, value_name = "PATH", global = true, env = "VMM_API_SOCK")]
+    pub api_sock: Option<PathBuf>,
     /// Give up when the VMM does not answer a request within this many seconds (a VMM
-    /// stopped by job control, say). Waiting for a swap polls, so it is not bounded by this.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_timeout)]
-    pub timeout: f64,
+    /// stopped by job control, say) [default: 10; 300 for snapshot and memory-swap, which
+    /// copy guest RAM]. Waiting for a swap polls, so it is not bounded by this.
+    #[arg(long, value_name = "SECS", global = true, value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -226,6 +227,10 @@ fn parse_fault(s: &str) -> Result<Value, String> {
     }
 }
 
+/// How long `vmm ctl` waits for an answer by default, and for calls that copy guest RAM.
+const TIMEOUT_S: f64 = 10.0;
+const SLOW_TIMEOUT_S: f64 = 300.0;
+
 /// How long `vmm ctl` waits for a socket that does not exist yet (or refuses connections).
 const STARTUP_WAIT: Duration = Duration::from_secs(2);
 
@@ -234,13 +239,18 @@ const STARTUP_WAIT: Duration = Duration::from_secs(2);
 const POLL_MS: u64 = 500;
 
 pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
-    let timeout = Duration::from_secs_f64(args.timeout);
+    let Some(api_sock) = &args.api_sock else {
+        return Err(Failure::bad_input(anyhow!("which VMM? pass --api-sock PATH (or set VMM_API_SOCK)")));
+    };
+    let slow = matches!(args.command, CtlCommand::Snapshot(_) | CtlCommand::MemorySwap { .. });
+    let default_secs = if slow { SLOW_TIMEOUT_S } else { TIMEOUT_S };
+    let timeout = Duration::from_secs_f64(args.timeout.unwrap_or(default_secs));
     // A poll's answer comes after up to `poll_ms` by design: well inside the timeout.
     let poll_ms = POLL_MS.min(timeout.as_millis() as u64 / 2);
     // A VMM just started in the background may not have bound its socket yet.
     let startup = timeout.min(STARTUP_WAIT);
     let mut client =
-        ApiClient::connect_within(&args.api_sock, timeout, startup).map_err(|e| Failure::runtime(anyhow!(e)))?;
+        ApiClient::connect_within(api_sock, timeout, startup).map_err(|e| Failure::runtime(anyhow!(e)))?;
     let flags = match &args.command {
         CtlCommand::Swap(_) => SWAP_FLAGS,
         _ => &[],
@@ -250,7 +260,10 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
             Some(body) => client.send_json(method, path, &body),
             None => client.get(path),
         };
-        let response = response.map_err(|e| Failure::runtime(anyhow!(e)))?;
+        let response = response.map_err(|e| match e {
+            ClientError::NoAnswer { .. } => Failure::runtime(anyhow!("{e}; a slow call may need a longer --timeout")),
+            e => Failure::runtime(anyhow!(e)),
+        })?;
         if response.status >= 400 {
             return Err(Failure::runtime(api_error(&response, flags)));
         }
@@ -367,44 +380,48 @@ impl Progress {
         Self { id: id.to_string(), terminal, started: std::time::Instant::now(), last_line: String::new() }
     }
 
-    fn line(&self, record: &Value) -> String {
-        let phase = record.get("phase").and_then(Value::as_str).unwrap_or("?");
-        let mut line = format!("swap {}: {phase}", self.id);
-        if let Some(copy) = record.get("copy") {
-            let field = |k: &str| copy.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let (copied, total, copy_us) = (field("bytes_copied"), field("bytes_total"), field("copy_us"));
-            let percent = if total == 0 { 100.0 } else { copied.min(total) as f64 * 100.0 / total as f64 };
-            let elapsed_s = if copy_us > 0 { copy_us as f64 / 1e6 } else { self.started.elapsed().as_secs_f64() };
-            let rate = copied as f64 / elapsed_s.max(1e-3) / f64::from(1 << 20);
-            line += &format!(", {} of {} MiB copied ({percent:.0}%), {rate:.0} MiB/s", copied >> 20, total >> 20);
-        }
-        line
+    /// How far a migration's copy got, if the swap copies: `, 12 of 64 MiB copied (19%), ...`.
+    fn copy_progress(&self, record: &Value) -> String {
+        let Some(copy) = record.get("copy") else { return String::new() };
+        let field = |k: &str| copy.get(k).and_then(Value::as_u64).unwrap_or(0);
+        // Chunks the guest rewrote are copied again: what is done is capped at the disk.
+        let (total, copy_us) = (field("bytes_total"), field("copy_us"));
+        let copied = field("bytes_copied");
+        let done = copied.min(total);
+        let percent = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+        let elapsed_s = if copy_us > 0 { copy_us as f64 / 1e6 } else { self.started.elapsed().as_secs_f64() };
+        let rate = copied as f64 / elapsed_s.max(1e-3) / f64::from(1 << 20);
+        format!(", {} of {} MiB copied ({percent:.0}%), {rate:.0} MiB/s", done >> 20, total >> 20)
     }
 
     fn show(&mut self, record: &Value) {
-        let line = self.line(record);
+        let phase = record.get("phase").and_then(Value::as_str).unwrap_or("?");
+        let line = format!("swap {}: {phase}{}", self.id, self.copy_progress(record));
         if self.terminal {
             eprint!("\r\x1b[K{line}");
-        } else if phase_of(&line) != phase_of(&self.last_line) {
+        } else if !self.last_line.starts_with(&format!("swap {}: {phase}", self.id)) {
+            // Not a terminal: a line per phase, not per poll.
             eprintln!("{line}");
         }
         self.last_line = line;
     }
 
     fn finish(&mut self, record: &Value) {
-        let state = record.get("state").and_then(Value::as_str).unwrap_or("?");
-        let line = format!("{}: {state}", self.line(record));
-        if self.terminal {
-            eprintln!("\r\x1b[K{line}");
-        } else {
-            eprintln!("{line}");
-        }
+        let state = record.get("state").and_then(Value::as_str).unwrap_or("?").replace('_', " ");
+        let line = format!("swap {} {state}{}", self.id, self.copy_progress(record));
+        let clear = if self.terminal { "\r\x1b[K" } else { "" };
+        eprintln!("{clear}{line}");
+        self.last_line.clear();
     }
 }
 
-/// The `swap N: PHASE` part of a progress line.
-fn phase_of(line: &str) -> &str {
-    line.split(',').next().unwrap_or(line)
+impl Drop for Progress {
+    /// An error while the line is drawn starts on a line of its own.
+    fn drop(&mut self) {
+        if self.terminal && !self.last_line.is_empty() {
+            eprintln!();
+        }
+    }
 }
 
 /// API fields of a swap request and the `vmm ctl swap` flags that set them, so that errors
@@ -436,9 +453,11 @@ fn api_error(response: &Response, flags: &[(&str, &str)]) -> anyhow::Error {
     let field = body.get("field").and_then(Value::as_str);
     let flag = field.and_then(|field| flags.iter().find(|(f, _)| *f == field)).map(|(f, flag)| (*f, *flag));
     if let Some((field, flag)) = flag {
-        // Messages name fields by their last segment (`window_ms`) or whole path.
-        let short = field.rsplit('.').next().unwrap_or(field);
-        message = message.replace(field, flag).replace(short, flag);
+        // Messages name fields by their whole path or its last segment (`window_ms`).
+        message = replace_word(&message, field, flag);
+        if let Some((_, short)) = field.rsplit_once('.') {
+            message = replace_word(&message, short, flag);
+        }
         return anyhow!("{message} [HTTP {}]", response.status);
     }
     match field {
@@ -447,11 +466,45 @@ fn api_error(response: &Response, flags: &[(&str, &str)]) -> anyhow::Error {
     }
 }
 
+/// `text` with each whole-word `word` (not inside a longer identifier) replaced by `with`.
+fn replace_word(text: &str, word: &str, with: &str) -> String {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        let before = rest[..at].chars().next_back();
+        let after = rest[at + word.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        if before.is_some_and(is_ident) || after.is_some_and(|c| is_ident(c) && c != '.') {
+            out.push_str(word);
+        } else {
+            out.push_str(with);
+        }
+        rest = &rest[at + word.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn print(response: &Response) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(&response.body);
     if !response.body.ends_with(b"\n") {
         let _ = out.write_all(b"\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_word;
+
+    #[test]
+    fn only_whole_words_become_flags() {
+        assert_eq!(replace_word("mode: mode migrate applies to disks", "mode", "--mode"), "--mode: --mode migrate applies to disks");
+        assert_eq!(replace_word("by default, fault: no", "fault", "--fault"), "by default, --fault: no");
+        assert_eq!(replace_word("verify.window_ms: too long", "verify.window_ms", "--verify-window-ms"), "--verify-window-ms: too long");
+        assert_eq!(replace_word("confirm it with allow_new_image", "allow_new_image", "--allow-new-image"), "confirm it with --allow-new-image");
+        assert_eq!(replace_word("a new_image swap", "image", "--x"), "a new_image swap");
     }
 }
