@@ -29,7 +29,11 @@ struct StopVmm(PathBuf);
 impl Drop for StopVmm {
     fn drop(&mut self) {
         if self.0.exists() {
-            let _ = common::vmm_with(&["ctl", "--api-sock", self.0.to_str().unwrap(), "--timeout", "2", "stop"], None, WAIT);
+            let _ = common::vmm_with(
+                &["ctl", "--api-sock", self.0.to_str().unwrap(), "--timeout", "2", "stop"],
+                None,
+                WAIT,
+            );
         }
     }
 }

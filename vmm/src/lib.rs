@@ -7,8 +7,9 @@
 //!
 //! ```toml
 //! [dependencies]
-//! vmm = { path = "../vmm/vmm" }                 # or { git = "<repository URL>" }
-//! guest-agent = { path = "../vmm/guest-agent" } # the microguest, for trying it out
+//! # the library alone; the default feature `cli` is the `vmm` command and its dependencies
+//! vmm = { path = "../vmm/vmm", default-features = false }
+//! guest-agent = { path = "../vmm/guest-agent" }   # the microguest, for trying it out
 //! ```
 //!
 //! Start a VM with [`VmBuilder`], drive it through the returned [`Vm`]:
@@ -42,7 +43,9 @@
 //!
 //! Device models live in the `devices` crate and never touch KVM; this crate owns KVM (the
 //! `hv` module), guest RAM, the boot path and the vCPU threads, all private: embedders see
-//! the VM through [`Vm`] only.
+//! the VM through [`Vm`] only. The one window onto KVM's structures is a snapshot's content
+//! ([`snapshot::VmSnapshot`], read and written by [`snapshot::format`]), for tools that
+//! inspect snapshot files.
 
 #![warn(missing_docs)]
 

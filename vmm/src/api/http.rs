@@ -84,7 +84,7 @@ impl Request {
 pub struct Response {
     /// The status code.
     pub status: u16,
-    /// Headers in order; [`write_response`] adds Content-Length (and `Connection: close`) itself.
+    /// Headers in order; the server adds Content-Length (and `Connection: close`) itself.
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Vec<u8>,
@@ -205,7 +205,7 @@ fn read_body(
 }
 
 /// Reads one request. `Ok(None)`: the client closed the connection between requests.
-pub fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>, HttpError> {
+pub(crate) fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>, HttpError> {
     let Some((start, headers)) = read_head(reader)? else { return Ok(None) };
     let mut parts = start.split(' ');
     let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
@@ -242,7 +242,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>, HttpEr
 }
 
 /// Writes `response`; `close` adds `Connection: close`.
-pub fn write_response(writer: &mut impl Write, response: &Response, close: bool) -> io::Result<()> {
+pub(crate) fn write_response(writer: &mut impl Write, response: &Response, close: bool) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", response.status, reason(response.status));
     for (name, value) in &response.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -258,7 +258,12 @@ pub fn write_response(writer: &mut impl Write, response: &Response, close: bool)
 }
 
 /// Writes a request (client side).
-pub fn write_request(writer: &mut impl Write, method: &str, target: &str, body: Option<&[u8]>) -> io::Result<()> {
+pub(crate) fn write_request(
+    writer: &mut impl Write,
+    method: &str,
+    target: &str,
+    body: Option<&[u8]>,
+) -> io::Result<()> {
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
     if let Some(body) = body {
         head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
@@ -285,7 +290,7 @@ pub fn read_response(reader: &mut impl BufRead) -> Result<Response, HttpError> {
 }
 
 /// The reason phrase for the statuses the API uses; empty for any other.
-pub fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         202 => "Accepted",

@@ -285,7 +285,7 @@ impl SnapshotRequest {
 
     /// Creates the snapshot directory (it may exist if empty) and opens the memory file;
     /// returns whether it created the directory.
-    pub fn prepare_directory(&self) -> Result<(File, bool), SnapshotError> {
+    pub(crate) fn prepare_directory(&self) -> Result<(File, bool), SnapshotError> {
         let dir_err = |reason: String| SnapshotError::Directory { path: self.path.clone(), reason };
         let created = match std::fs::read_dir(&self.path) {
             Ok(mut entries) => {
@@ -312,7 +312,7 @@ impl SnapshotRequest {
 }
 
 /// A new random snapshot id (the kernel's random pool; no crate needed for 8 bytes).
-pub fn new_id() -> u64 {
+pub(crate) fn new_id() -> u64 {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
@@ -324,7 +324,7 @@ pub fn new_id() -> u64 {
 }
 
 /// The current time in milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

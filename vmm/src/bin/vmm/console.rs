@@ -8,8 +8,8 @@
 //! the guest with it. Input then comes through `vmm ctl serial-input`.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 

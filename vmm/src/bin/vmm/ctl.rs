@@ -11,8 +11,8 @@ use anyhow::anyhow;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
 use vmm::RamBacking;
-use vmm::api::{ApiClient, ClientError};
 use vmm::api::http::Response;
+use vmm::api::{ApiClient, ClientError};
 
 use crate::cli::Failure;
 
@@ -249,8 +249,7 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
     let poll_ms = POLL_MS.min(timeout.as_millis() as u64 / 2);
     // A VMM just started in the background may not have bound its socket yet.
     let startup = timeout.min(STARTUP_WAIT);
-    let mut client =
-        ApiClient::connect_within(api_sock, timeout, startup).map_err(|e| Failure::runtime(anyhow!(e)))?;
+    let mut client = ApiClient::connect_within(api_sock, timeout, startup).map_err(|e| Failure::runtime(anyhow!(e)))?;
     let flags = match &args.command {
         CtlCommand::Swap(_) => SWAP_FLAGS,
         _ => &[],
@@ -501,10 +500,19 @@ mod tests {
 
     #[test]
     fn only_whole_words_become_flags() {
-        assert_eq!(replace_word("mode: mode migrate applies to disks", "mode", "--mode"), "--mode: --mode migrate applies to disks");
+        assert_eq!(
+            replace_word("mode: mode migrate applies to disks", "mode", "--mode"),
+            "--mode: --mode migrate applies to disks"
+        );
         assert_eq!(replace_word("by default, fault: no", "fault", "--fault"), "by default, --fault: no");
-        assert_eq!(replace_word("verify.window_ms: too long", "verify.window_ms", "--verify-window-ms"), "--verify-window-ms: too long");
-        assert_eq!(replace_word("confirm it with allow_new_image", "allow_new_image", "--allow-new-image"), "confirm it with --allow-new-image");
+        assert_eq!(
+            replace_word("verify.window_ms: too long", "verify.window_ms", "--verify-window-ms"),
+            "--verify-window-ms: too long"
+        );
+        assert_eq!(
+            replace_word("confirm it with allow_new_image", "allow_new_image", "--allow-new-image"),
+            "confirm it with --allow-new-image"
+        );
         assert_eq!(replace_word("a new_image swap", "image", "--x"), "a new_image swap");
     }
 }
