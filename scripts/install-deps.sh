@@ -3,6 +3,8 @@
 #   iasl                (acpica-tools)    decodes our ACPI tables
 #   qemu-system-x86_64  (qemu-system-x86) the peer VMM the microguest's drivers are checked on
 #   qemu-nbd, qemu-img  (qemu-utils)      a real NBD server
+#   st                  (schemathesis, PyPI, in a venv at /opt/vmm-test-tools)
+#                                         generates API requests from our OpenAPI document
 # Installs only what is missing, never downgrades, and touches nothing when all are present.
 #
 # Every QEMU package must come from one Debian suite: qemu-utils 10 (bookworm-backports, as this
@@ -16,11 +18,26 @@ set -euo pipefail
 
 say() { echo "install-deps: $*" >&2; }
 
+# Schemathesis, pinned: the API conformance test (tests/api_conformance.rs) reads its output.
+SCHEMATHESIS_VERSION=4.32.5
+TOOLS_VENV=/opt/vmm-test-tools
+install_schemathesis() {
+    if [ -x "$TOOLS_VENV/bin/st" ] && "$TOOLS_VENV/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+        return
+    fi
+    command -v python3 >/dev/null || { say "python3 is missing: it runs Schemathesis"; exit 1; }
+    say "installing schemathesis $SCHEMATHESIS_VERSION into $TOOLS_VENV"
+    python3 -m venv "$TOOLS_VENV"
+    "$TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+    "$TOOLS_VENV/bin/st" --version >&2
+}
+
 need=()
 command -v iasl >/dev/null || need+=(acpica-tools)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 { command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null; } || need+=(qemu-utils)
 if [ ${#need[@]} -eq 0 ]; then
+    install_schemathesis
     exit 0
 fi
 
@@ -75,3 +92,4 @@ for tool in iasl qemu-system-x86_64 qemu-nbd qemu-img; do
     command -v "$tool" >/dev/null || { say "$tool is still missing after the install"; exit 1; }
 done
 say "$(qemu-system-x86_64 --version | head -1); $(qemu-nbd --version | head -1)"
+install_schemathesis

@@ -188,7 +188,8 @@ fn every_endpoint_answers_in_the_documented_shape() {
 
     let (_, regions) = call("GET", "/memory/regions", "/memory/regions", None);
     assert_eq!(regions[0]["backing"], json!({"kind": "anonymous"}));
-    let memory_swap = json!({"backing": {"kind": "memfd"}, "verify": true});
+    // A whole number written as a float is an integer, as JSON Schema's `integer` says.
+    let memory_swap = json!({"backing": {"kind": "memfd"}, "verify": true, "drain_timeout_ms": 2000.0});
     let (_, report) = call("POST", "/memory/regions/{slot}/swap", "/memory/regions/0/swap", Some(memory_swap));
     assert_eq!((report["to"].clone(), report["verified"].clone()), (json!({"kind": "memfd"}), json!(true)));
     let (_, regions) = call("GET", "/memory/regions", "/memory/regions", None);
@@ -314,7 +315,21 @@ fn malformed_requests_get_a_4xx_naming_the_field_and_the_guest_keeps_running() {
             400,
             Some("backend.engine"),
         ),
-        ("a NIC backend for a disk", swap(r#"{"backend": {"tap": "x"}}"#.into()), 400, Some("backend.tap")),
+        // Valid by the document (which cannot tell device kinds apart by id), wrong for a disk.
+        ("a NIC backend for a disk", swap(r#"{"backend": {"tap": "x"}}"#.into()), 422, Some("backend.tap")),
+        ("a vsock backend for a disk", swap(r#"{"backend": {"socket": "/x"}}"#.into()), 422, Some("backend.socket")),
+        (
+            "unknown key in a RAM backing",
+            post("/memory/regions/0/swap", r#"{"backing": {"kind": "memfd", "x": 42}}"#),
+            400,
+            Some("backing.x"),
+        ),
+        (
+            "a path for a RAM backing without one",
+            post("/memory/regions/0/swap", r#"{"backing": {"kind": "memfd", "path": "/x"}}"#),
+            400,
+            Some("backing"),
+        ),
         ("no backend", swap("{}".into()), 400, Some("backend")),
         ("snapshot without a path", post("/snapshots", "{}"), 400, Some("path")),
         ("relative snapshot directory", post("/snapshots", r#"{"path": "snap"}"#), 400, Some("path")),

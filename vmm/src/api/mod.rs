@@ -69,6 +69,9 @@ impl From<SwapError> for ApiError {
             SwapError::NoSuchDevice(_) => 404,
             SwapError::Busy { .. } | SwapError::VmExited(_) => 409,
             SwapError::Incompatible(_) | SwapError::Prepare(_) => 422,
+            SwapError::OtherKindOfBackend { setting, .. } => {
+                return Self { status: 422, error: e.to_string(), field: Some(format!("backend.{setting}")) };
+            }
         };
         let field = matches!(e, SwapError::Incompatible(_) | SwapError::Prepare(_)).then(|| "backend".to_string());
         Self { status, error: e.to_string(), field }

@@ -38,10 +38,11 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
 }
 
 /// Converts a JSON object into `T`.
-pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, FieldError> {
+pub fn from_value<T: DeserializeOwned>(mut value: serde_json::Value) -> Result<T, FieldError> {
     if !value.is_object() {
         return Err(FieldError { field: None, message: format!("expected a JSON object, got {}", kind(&value)) });
     }
+    whole_numbers_as_integers(&mut value);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let message = e.inner().to_string();
         let path = e.path().to_string();
@@ -55,6 +56,25 @@ pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Fi
         };
         FieldError { field, message }
     })
+}
+
+/// `48.0` becomes `48`: JSON has one number type, and JSON Schema's `integer` (which the API
+/// document uses) is any number with a zero fraction, which serde alone would refuse for an
+/// integer field. Fractions, and whole numbers no integer type holds, stay as they are.
+fn whole_numbers_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Bounds exactly representable in f64: 2^63 and 2^64.
+            if f.fract() == 0.0 && (-9.223_372_036_854_776e18..1.844_674_407_370_955_2e19).contains(&f) {
+                *value = if f < 0.0 { Value::from(f as i64) } else { Value::from(f as u64) };
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
 }
 
 fn kind(value: &serde_json::Value) -> &'static str {
@@ -107,5 +127,30 @@ mod tests {
         assert!(e.message.contains("expected a JSON object, got an array"), "{e}");
         let nested = FieldError::new("engine", "bad").nested_in("backend");
         assert_eq!(nested.to_string(), "backend.engine: bad");
+    }
+
+    /// JSON Schema's `integer` is any number with a zero fraction: `48.0` is one.
+    #[test]
+    fn whole_numbers_fill_integer_fields() {
+        let outer: Outer = from_slice(br#"{"name": "a", "inner": {"count": 48.0}}"#).unwrap();
+        assert_eq!(outer.inner.unwrap().count, 48);
+        assert_eq!(field(r#"{"name": "a", "inner": {"count": 48.5}}"#).as_deref(), Some("inner.count"));
+        assert_eq!(field(r#"{"name": "a", "inner": {"count": 1e30}}"#).as_deref(), Some("inner.count"));
+        assert_eq!(field(r#"{"name": "a", "inner": {"count": -2.0}}"#).as_deref(), Some("inner.count"));
+    }
+
+    /// A RAM backing takes only its documented keys, whatever its kind.
+    #[test]
+    fn ram_backings_refuse_unknown_keys() {
+        use crate::memory::RamBacking;
+        let parse = |s: &str| serde_json::from_str::<RamBacking>(s).map_err(|e| e.to_string());
+        assert_eq!(parse(r#"{"kind": "memfd"}"#), Ok(RamBacking::Memfd));
+        assert_eq!(parse(r#"{"kind": "file", "path": "/x"}"#), Ok(RamBacking::File { path: "/x".into() }));
+        assert!(parse(r#"{"kind": "memfd", "x": 42}"#).unwrap_err().contains("unknown field `x`"));
+        assert!(parse(r#"{"kind": "memfd", "path": "/x"}"#).unwrap_err().contains("only kind file"));
+        assert!(parse(r#"{"kind": "file"}"#).unwrap_err().contains("missing field `path`"));
+        assert!(parse(r#"{"kind": "floppy"}"#).unwrap_err().contains("unknown variant"));
+        let round_trip = serde_json::to_string(&RamBacking::File { path: "/x".into() }).unwrap();
+        assert_eq!(round_trip, r#"{"kind":"file","path":"/x"}"#);
     }
 }

@@ -21,8 +21,11 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryRegion, 
 pub use devices::{GuestMem, SharedGuestMem};
 
 /// What a RAM region's pages live in.
+///
+/// As JSON: `{"kind": "anonymous" | "memfd" | "hugetlbfs"}` or `{"kind": "file", "path": P}`;
+/// any other key is an error.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", tag = "kind", try_from = "RamBackingJson")]
 pub enum RamBacking {
     /// Private anonymous memory (the default).
     #[default]
@@ -37,6 +40,40 @@ pub enum RamBacking {
     },
     /// 2 MiB huge pages from the kernel's pool (a hugetlb memfd; needs `vm.nr_hugepages`).
     Hugetlbfs,
+}
+
+/// How [`RamBacking`] is read from JSON. serde's internally tagged enums let unknown keys
+/// through for variants without fields (`{"kind": "memfd", "x": 1}`); this flat form refuses
+/// them all.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RamBackingJson {
+    kind: RamBackingKind,
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RamBackingKind {
+    Anonymous,
+    Memfd,
+    File,
+    Hugetlbfs,
+}
+
+impl TryFrom<RamBackingJson> for RamBacking {
+    type Error = String;
+
+    fn try_from(json: RamBackingJson) -> Result<Self, String> {
+        match (json.kind, json.path) {
+            (RamBackingKind::File, Some(path)) => Ok(RamBacking::File { path }),
+            (RamBackingKind::File, None) => Err("missing field `path` (kind file needs it)".into()),
+            (_, Some(_)) => Err("unknown field `path`: only kind file has one".into()),
+            (RamBackingKind::Anonymous, None) => Ok(RamBacking::Anonymous),
+            (RamBackingKind::Memfd, None) => Ok(RamBacking::Memfd),
+            (RamBackingKind::Hugetlbfs, None) => Ok(RamBacking::Hugetlbfs),
+        }
+    }
 }
 
 /// The command line's form: `anonymous`, `memfd`, `hugetlbfs` or `file=PATH`.

@@ -48,7 +48,20 @@ impl SwapLauncher<'_> {
     /// The request's `backend`, read as the device's own configuration type (errors name the
     /// field inside `backend`).
     pub fn backend<T: serde::de::DeserializeOwned>(&self) -> Result<T, SwapError> {
-        json::from_value(self.request.backend.clone()).map_err(|e| SwapError::Invalid(e.nested_in("backend")))
+        json::from_value(self.request.backend.clone()).map_err(|e| {
+            // A setting this kind does not have, at the top of the backend: the shape of
+            // another kind's backend, which the API document allows (it cannot tell kinds
+            // apart by id). Anything else is malformed.
+            let unknown = e.message.starts_with("unknown field");
+            match (&e.field, unknown) {
+                (Some(setting), true) if !setting.contains('.') => SwapError::OtherKindOfBackend {
+                    id: self.entry.id.clone(),
+                    kind: self.entry.handle.kind(),
+                    setting: setting.clone(),
+                },
+                _ => SwapError::Invalid(e.nested_in("backend")),
+            }
+        })
     }
 
     /// The transaction's view of `device`.

@@ -145,6 +145,17 @@ pub enum SwapError {
     /// A field of the [`SwapRequest`] is invalid, or does not apply to this device.
     #[error("invalid swap request: {0}")]
     Invalid(#[from] FieldError),
+    /// The backend is well-formed but for another kind of device (a vsock socket for a disk):
+    /// a valid request this device cannot carry out.
+    #[error("{id} is a {kind} device, which has no backend setting {setting:?}")]
+    OtherKindOfBackend {
+        /// The device.
+        id: String,
+        /// Its kind (`block`, `net`, `vsock`).
+        kind: &'static str,
+        /// The setting it does not have.
+        setting: String,
+    },
     /// The VM has exited, or is stopping; the string says how.
     #[error("the VM has exited ({0})")]
     VmExited(String),

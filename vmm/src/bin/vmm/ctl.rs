@@ -299,7 +299,17 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
             let body = json!({ "path": out, "kind": if *diff { "diff" } else { "full" } });
             call("POST", "/snapshots", Some(body))?
         }
-        CtlCommand::SerialInput { text } => call("POST", "/serial/input", Some(json!({ "data": text })))?,
+        CtlCommand::SerialInput { text } => {
+            let response = call("POST", "/serial/input", Some(json!({ "data": text })))?;
+            let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+            let (sent, requested) = (answer["bytes"].as_u64(), answer["requested"].as_u64());
+            if sent != requested {
+                let (sent, requested) = (sent.unwrap_or(0), requested.unwrap_or(0));
+                let e = anyhow!("the guest took {sent} of {requested} bytes: it is not reading its serial port");
+                return Err(Failure::runtime(e));
+            }
+            response
+        }
         CtlCommand::Metrics => call("GET", "/metrics", None)?,
         CtlCommand::Openapi => call("GET", "/openapi.json", None)?,
         CtlCommand::Raw { method, path, body } => {
