@@ -59,6 +59,7 @@ mod exit;
 mod hv;
 mod memory;
 mod quiesce;
+pub mod replication;
 pub mod snapshot;
 pub mod swap;
 mod vcpu;
