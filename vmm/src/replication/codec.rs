@@ -230,7 +230,7 @@ pub fn apply(batch: &[u8], store: &mut impl PageStore) -> Result<u64, DecodeErro
     let mut input = &records[..];
     let mut page = vec![0u8; PAGE];
     let mut pages = 0;
-    let check = |at: u64, size: u64| match at % PAGE as u64 == 0
+    let check = |at: u64, size: u64| match at.is_multiple_of(PAGE as u64)
         && at.checked_add(PAGE as u64).is_some_and(|end| end <= size)
     {
         true => Ok(at),
