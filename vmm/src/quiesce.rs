@@ -67,6 +67,13 @@ impl<'a> Quiesced<'a> {
         self.paused_at.elapsed()
     }
 
+    /// Leaves the VM as it is now, devices quiesced and vCPUs paused, past this guard's end:
+    /// a switchover keeps the primary frozen until it commits or rolls back
+    /// ([`thaw`] undoes it).
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+
     pub fn vcpus(&self) -> &Vcpus {
         self.vcpus
     }
@@ -83,6 +90,14 @@ impl Drop for Quiesced<'_> {
         }
         self.devices.devices().iter().for_each(resume);
     }
+}
+
+/// Lets a VM that [`Quiesced::keep`] left frozen run again (its vCPUs only if `resume_vcpus`).
+pub fn thaw(vcpus: &Vcpus, devices: &DeviceManager, resume_vcpus: bool) {
+    if resume_vcpus {
+        let _ = vcpus.resume();
+    }
+    devices.devices().iter().for_each(resume);
 }
 
 /// Quiesces every device, then waits until none has a request in flight; on timeout resumes

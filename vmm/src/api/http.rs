@@ -265,8 +265,11 @@ pub(crate) fn write_request(
     body: Option<&[u8]>,
 ) -> io::Result<()> {
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
-    if let Some(body) = body {
-        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    match body {
+        Some(body) => head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len())),
+        // A POST with nothing to say still says so (the server wants a length on every body).
+        None if method != "GET" => head.push_str("Content-Length: 0\r\n"),
+        None => {}
     }
     head.push_str("\r\n");
     writer.write_all(head.as_bytes())?;

@@ -22,6 +22,7 @@ pub use server::{ApiServer, ServerError};
 use crate::config::json::FieldError;
 use crate::memory::MemoryError;
 use crate::quiesce::QuiesceError;
+use crate::replication::ReplicationError;
 use crate::snapshot::SnapshotError;
 use crate::swap::{MemorySwapError, SwapError};
 use crate::vcpu::ControlError;
@@ -78,6 +79,21 @@ impl From<SwapError> for ApiError {
     }
 }
 
+impl From<ReplicationError> for ApiError {
+    fn from(e: ReplicationError) -> Self {
+        let status = match &e {
+            ReplicationError::Invalid(field) => return field.clone().into(),
+            ReplicationError::Conflict(_) => 409,
+            ReplicationError::Unreachable(_) => {
+                return Self { status: 422, error: e.to_string(), field: Some("target".into()) };
+            }
+            // The shadow failed, not the request: this VM runs on.
+            ReplicationError::Shadow(_) => 502,
+        };
+        Self { status, error: e.to_string(), field: None }
+    }
+}
+
 impl From<MemorySwapError> for ApiError {
     fn from(e: MemorySwapError) -> Self {
         let (status, field) = match &e {
@@ -89,7 +105,9 @@ impl From<MemorySwapError> for ApiError {
             MemorySwapError::Same { .. } | MemorySwapError::Memory(MemoryError::FileNotEmpty { .. }) => {
                 (409, Some("backing"))
             }
-            MemorySwapError::Pause(ControlError::Stopped) | MemorySwapError::StillFilling => (409, None),
+            MemorySwapError::Pause(ControlError::Stopped)
+            | MemorySwapError::StillFilling
+            | MemorySwapError::Replicating => (409, None),
             MemorySwapError::Drain { .. } => (503, None),
             _ => (500, None),
         };
@@ -102,7 +120,10 @@ impl From<SnapshotError> for ApiError {
         let (status, field) = match &e {
             SnapshotError::Request { field, .. } => (400, Some(*field)),
             SnapshotError::Directory { .. } => (409, Some("path")),
-            SnapshotError::Exited(_) | SnapshotError::SwapRunning { .. } | SnapshotError::NoParent => (409, None),
+            SnapshotError::Exited(_)
+            | SnapshotError::SwapRunning { .. }
+            | SnapshotError::NoParent
+            | SnapshotError::Replicating => (409, None),
             SnapshotError::Quiesce(QuiesceError::Drain { .. }) => (503, None),
             SnapshotError::Quiesce(QuiesceError::Pause(ControlError::Stopped)) => (409, None),
             _ => (500, None),

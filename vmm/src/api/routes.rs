@@ -3,6 +3,7 @@
 //! endpoints.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ use super::http::{Request, Response};
 use super::{ApiError, metrics};
 use crate::config::json::{self, FieldError};
 use crate::device_manager::DeviceEntry;
+use crate::replication::ReplicationRequest;
 use crate::snapshot::SnapshotRequest;
 use crate::swap::{MemorySwapRequest, SwapRecord, SwapRequest};
 use crate::{RamBacking, Vm, VmState};
@@ -28,6 +30,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/memory/regions/{slot}/swap"),
     ("POST", "/snapshots"),
     ("POST", "/serial/input"),
+    ("GET", "/replication"),
+    ("POST", "/replication"),
+    ("POST", "/replication/stop"),
+    ("POST", "/replication/switchover"),
+    ("POST", "/replication/commit"),
+    ("POST", "/replication/rollback"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
@@ -54,7 +62,7 @@ fn match_template<'a>(template: &str, path: &'a str) -> Option<Vec<&'a str>> {
 }
 
 /// Answers one request.
-pub fn handle(vm: &Vm, request: &Request) -> Response {
+pub fn handle(vm: &Arc<Vm>, request: &Request) -> Response {
     let mut allowed = Vec::new();
     for &(method, template) in ROUTES {
         let Some(params) = match_template(template, &request.path) else { continue };
@@ -72,7 +80,13 @@ pub fn handle(vm: &Vm, request: &Request) -> Response {
     ApiError::new(405, message).response().with_header("Allow", allowed.join(", "))
 }
 
-fn dispatch(vm: &Vm, request: &Request, method: &str, template: &str, params: &[&str]) -> Result<Response, ApiError> {
+fn dispatch(
+    vm: &Arc<Vm>,
+    request: &Request,
+    method: &str,
+    template: &str,
+    params: &[&str],
+) -> Result<Response, ApiError> {
     match (method, template) {
         ("GET", "/vm") => Ok(Response::json(200, &vm_status(vm))),
         ("PATCH", "/vm") => patch_vm(vm, request),
@@ -110,6 +124,24 @@ fn dispatch(vm: &Vm, request: &Request, method: &str, template: &str, params: &[
             Ok(Response::json(201, &vm.snapshot(&request)?))
         }
         ("POST", "/serial/input") => serial_input(vm, request),
+        ("GET", "/replication") => Ok(Response::json(200, &vm.replication())),
+        ("POST", "/replication") => {
+            let request: ReplicationRequest = body(request)?;
+            Ok(Response::json(202, &vm.start_replication(&request)?))
+        }
+        ("POST", "/replication/stop") => {
+            vm.stop_replication()?;
+            Ok(Response::json(200, &vm.replication()))
+        }
+        ("POST", "/replication/switchover") => Ok(Response::json(200, &vm.switch_over()?)),
+        ("POST", "/replication/commit") => {
+            vm.commit_switchover()?;
+            Ok(Response::json(200, &vm.replication()))
+        }
+        ("POST", "/replication/rollback") => {
+            vm.rollback_switchover()?;
+            Ok(Response::json(200, &vm.replication()))
+        }
         ("GET", "/metrics") => Ok(Response::new(200, "text/plain; version=0.0.4", metrics::render(vm).into_bytes())),
         ("GET", "/openapi.json") => Ok(Response::new(200, "application/json", super::OPENAPI.as_bytes().to_vec())),
         _ => Err(ApiError::new(500, format!("route {method} {template} has no handler"))),

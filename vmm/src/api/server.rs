@@ -219,7 +219,7 @@ impl Read for DeadlineReader {
 }
 
 /// Serves requests on one connection until it closes or misbehaves.
-fn serve(stream: UnixStream, vm: &Vm) {
+fn serve(stream: UnixStream, vm: &Arc<Vm>) {
     let Ok(mut writer) = stream.try_clone() else { return };
     let _ = writer.set_write_timeout(Some(IDLE_TIMEOUT));
     let mut reader = BufReader::new(DeadlineReader { stream, until: Instant::now() });

@@ -6,3 +6,9 @@
 //! batch LZ4-compressed where that pays.
 
 pub mod codec;
+pub mod primary;
+pub mod shadow;
+pub mod wire;
+
+pub use primary::{ReplicationError, ReplicationRequest, ReplicationState, ReplicationStatus, SwitchoverReport};
+pub use wire::Endpoint;

@@ -23,6 +23,14 @@ use crate::quiesce::Quiesced;
 use crate::swap::SwapManager;
 use crate::vcpu::Vcpus;
 
+/// What a quiesced VM's state is, RAM aside.
+pub(crate) struct CapturedMachine {
+    pub vcpus: Vec<crate::hv::VcpuState>,
+    pub vm: crate::hv::VmState,
+    pub serial: devices::legacy::SerialSnapshot,
+    pub devices: Vec<DeviceSnapshot>,
+}
+
 /// The pieces of a running VM a snapshot reads.
 pub struct SnapshotSource<'a> {
     pub config: &'a VmConfig,
@@ -125,15 +133,7 @@ impl SnapshotSource<'_> {
                 changed.push((offset + start, live(region).copy_out(start as usize..(start + len) as usize)));
             }
         }
-        let vcpus = quiesced.vcpus().capture_state().map_err(|e| SnapshotError::State(e.to_string()))?;
-        let vm = self.kvm.capture_state().map_err(|e| SnapshotError::State(e.to_string()))?;
-        let serial = lock_device(self.serial).export_state();
-        let devices: Vec<DeviceSnapshot> = quiesced
-            .devices()
-            .devices()
-            .iter()
-            .map(|entry| DeviceSnapshot { id: entry.id.clone(), state: entry.handle.lifecycle(|d| d.export_state()) })
-            .collect();
+        let CapturedMachine { vcpus, vm, serial, devices } = self.capture(&quiesced)?;
         let pause_us = us(quiesced.paused_for());
         let devices_quiesce_us = us(quiesced.devices_quiesce);
         drop(quiesced);
@@ -160,21 +160,8 @@ impl SnapshotSource<'_> {
         let file_offset = regions.last().map_or(0, |r| r.file_offset + r.size);
         memory_file.set_len(file_offset).map_err(write_err)?;
         memory_file.sync_all().map_err(write_err)?;
-        let id = new_id();
-        let snapshot = VmSnapshot {
-            id,
-            created_unix_ms: unix_ms(),
-            kind: request.kind,
-            parent,
-            // With each device's current backend: a committed swap changed it.
-            config: self.config.clone().with_devices(self.devices.devices().iter().map(|e| e.handle.current_config())),
-            info: self.info.clone(),
-            regions,
-            vcpus,
-            vm,
-            serial,
-            devices,
-        };
+        let snapshot = self.describe(request.kind, parent, regions, CapturedMachine { vcpus, vm, serial, devices });
+        let id = snapshot.id;
         let state_bytes = format::write_state(&request.path.join(format::STATE_FILE), &snapshot)?;
         let path = std::path::absolute(&request.path).unwrap_or_else(|_| request.path.clone());
         self.dirty.completed(ParentRef { id, path });
@@ -191,6 +178,45 @@ impl SnapshotSource<'_> {
             vcpus: snapshot.vcpus.len(),
             devices: snapshot.devices.len(),
         })
+    }
+
+    /// Reads every vCPU's, the VM's, the serial port's and every device's state; the VM must
+    /// be quiesced (a snapshot's pause, a switchover's freeze).
+    pub(crate) fn capture(&self, quiesced: &Quiesced) -> Result<CapturedMachine, SnapshotError> {
+        let vcpus = quiesced.vcpus().capture_state().map_err(|e| SnapshotError::State(e.to_string()))?;
+        let vm = self.kvm.capture_state().map_err(|e| SnapshotError::State(e.to_string()))?;
+        let serial = lock_device(self.serial).export_state();
+        let devices = quiesced
+            .devices()
+            .devices()
+            .iter()
+            .map(|entry| DeviceSnapshot { id: entry.id.clone(), state: entry.handle.lifecycle(|d| d.export_state()) })
+            .collect();
+        Ok(CapturedMachine { vcpus, vm, serial, devices })
+    }
+
+    /// The state file's content for `machine`, with RAM laid out as `regions` say.
+    pub(crate) fn describe(
+        &self,
+        kind: SnapshotKind,
+        parent: Option<ParentRef>,
+        regions: Vec<RegionSnapshot>,
+        machine: CapturedMachine,
+    ) -> VmSnapshot {
+        VmSnapshot {
+            id: new_id(),
+            created_unix_ms: unix_ms(),
+            kind,
+            parent,
+            // With each device's current backend: a committed swap changed it.
+            config: self.config.clone().with_devices(self.devices.devices().iter().map(|e| e.handle.current_config())),
+            info: self.info.clone(),
+            regions,
+            vcpus: machine.vcpus,
+            vm: machine.vm,
+            serial: machine.serial,
+            devices: machine.devices,
+        }
     }
 
     /// A swap in progress moves a device between backends: the snapshot waits for none.

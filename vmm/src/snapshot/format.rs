@@ -225,6 +225,19 @@ impl LiveMemory {
         Ok(written)
     }
 
+    /// A copy of `range` read with volatile loads, so the guest may run meanwhile (a page it
+    /// writes during the copy may tear; its dirty bit brings it again next time).
+    pub fn copy_volatile(&self, range: std::ops::Range<usize>) -> Vec<u8> {
+        let range = range.start.min(self.len)..range.end.min(self.len);
+        let mut out = vec![0u8; range.len()];
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: inside the mapping (see `new`); guest RAM and `range` are page aligned.
+            let word = unsafe { std::ptr::read_volatile(self.ptr.add(range.start + i * 8).cast::<u64>()) };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    }
+
     /// A copy of `range` (call with the guest paused, or the copy may tear).
     pub fn copy_out(&self, range: std::ops::Range<usize>) -> Vec<u8> {
         let range = range.start.min(self.len)..range.end.min(self.len);

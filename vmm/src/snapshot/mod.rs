@@ -26,8 +26,8 @@ pub(crate) mod restore;
 /// The KVM state a snapshot holds, per vCPU and VM-wide.
 pub use crate::hv::{VcpuState, VmState as MachineState};
 pub(crate) use create::SnapshotSource;
-pub(crate) use dirty::DirtyTracker;
 pub use dirty::{DirtyError, ParentRef};
+pub(crate) use dirty::{DirtyTracker, dirty_ranges};
 pub(crate) use lazy::OnFatal;
 pub use restore::RestoreError;
 pub(crate) use restore::load;
@@ -255,6 +255,9 @@ pub enum SnapshotError {
     /// The snapshot does not fit the machine rebuilt from it, or its chain of diffs is broken.
     #[error("cannot restore: {0}")]
     Restore(#[from] RestoreError),
+    /// The VM is replicating to a shadow, which reads the same dirty log.
+    #[error("the VM is replicating to a shadow; stop replication (or switch over) first")]
+    Replicating,
     /// A device is in the middle of a backend swap.
     #[error("device {device} is swapping its backend; take the snapshot once the swap has ended")]
     SwapRunning {

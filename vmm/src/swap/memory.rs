@@ -78,6 +78,9 @@ pub enum MemorySwapError {
         "guest RAM is still being filled from the snapshot it was restored from (--memory uffd); swap once that is done"
     )]
     StillFilling,
+    /// The VM is replicating to a shadow, which tracks the region's pages by its dirty log.
+    #[error("the VM is replicating to a shadow; stop replication first")]
+    Replicating,
     /// The region already has the requested backing.
     #[error("region {slot} already uses {backing}")]
     Same {

@@ -1,5 +1,7 @@
 //! A running VM: the handle the builder returns and embedders drive.
 
+mod replication;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -16,6 +18,7 @@ use crate::device_manager::DeviceManager;
 use crate::exit::ExitState;
 use crate::hv::KvmVm;
 use crate::memory::{GuestRam, RegionInfo};
+use crate::replication::primary::ReplicationManager;
 use crate::snapshot::{DirtyTracker, SnapshotError, SnapshotReport, SnapshotRequest, SnapshotSource};
 use crate::swap::memory::MemorySwap;
 use crate::swap::{
@@ -106,6 +109,8 @@ pub struct Vm {
     swaps: SwapManager,
     /// Pages changed since the last snapshot, for diff snapshots.
     dirty: DirtyTracker,
+    /// Replication to a shadow VMM.
+    replication: ReplicationManager,
     info: VmInfo,
     /// What the VM was built from: a snapshot rebuilds the same machine from it.
     config: VmConfig,
@@ -135,6 +140,7 @@ impl Vm {
             devices: Mutex::new(devices),
             swaps: SwapManager::default(),
             dirty: DirtyTracker::default(),
+            replication: ReplicationManager::default(),
             info,
             config,
             kvm,
@@ -262,6 +268,9 @@ impl Vm {
         if self.exit.is_set() {
             return Err(MemorySwapError::Pause(ControlError::Stopped));
         }
+        if self.replication.active() {
+            return Err(MemorySwapError::Replicating);
+        }
         let vcpus = self.vcpus();
         // A guest the user paused stays paused after the swap.
         let resume_vcpus = vcpus.target() != Target::Pause;
@@ -280,6 +289,9 @@ impl Vm {
     pub fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotReport, SnapshotError> {
         if let Some(exit) = self.exit.get() {
             return Err(SnapshotError::Exited(exit.to_string()));
+        }
+        if self.replication.active() {
+            return Err(SnapshotError::Replicating);
         }
         let vcpus = self.vcpus();
         let devices = self.devices();

@@ -45,6 +45,8 @@ pub enum Command {
     Image(ImageArgs),
     /// Control a running VM through its API socket (`vmm run --api-sock`).
     Ctl(crate::ctl::CtlArgs),
+    /// Wait for a primary to replicate to this process, and become the VM at its switchover.
+    Shadow(crate::shadow::ShadowArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell; e.g. `vmm completions bash > /etc/bash_completion.d/vmm`.

@@ -44,6 +44,33 @@ pub enum SnapshotCommand {
 }
 
 #[derive(Subcommand)]
+pub enum ReplicateCommand {
+    /// Start replicating to a shadow (`vmm shadow --listen`) (POST /replication).
+    Start {
+        /// The shadow: unix:PATH or tcp:ADDR:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        to: String,
+        /// Milliseconds from one epoch's start to the next [default: 100].
+        #[arg(long, value_name = "MS")]
+        epoch_ms: Option<u64>,
+    },
+    /// Where replication stands (GET /replication); --watch redraws a progress line.
+    Status {
+        /// Follow it until replication ends or switches over.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Stop replicating (POST /replication/stop).
+    Stop,
+    /// Freeze this VM and hand it to the shadow (POST /replication/switchover).
+    Switchover,
+    /// After a switchover: the shadow keeps the VM, this one ends (POST /replication/commit).
+    Commit,
+    /// After a switchover: the shadow stops, this VM runs on (POST /replication/rollback).
+    Rollback,
+}
+
+#[derive(Subcommand)]
 pub enum CtlCommand {
     /// The VM's state (GET /vm).
     Status,
@@ -86,6 +113,9 @@ pub enum CtlCommand {
     /// Snapshots of the running VM (POST /snapshots); continue one with `vmm run --restore DIR`.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Replication to a shadow VMM, switchover, commit and rollback (/replication).
+    #[command(subcommand)]
+    Replicate(ReplicateCommand),
     /// Type TEXT at the guest's serial console (POST /serial/input), as if on the terminal of
     /// `vmm run`; works while it runs in the background. Use $'q\n' for control characters.
     SerialInput {
@@ -257,7 +287,7 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
     let mut call = |method: &str, path: &str, body: Option<Value>| -> Result<Response, Failure> {
         let response = match body {
             Some(body) => client.send_json(method, path, &body),
-            None => client.get(path),
+            None => client.request(method, path, None),
         };
         let response = response.map_err(|e| match e {
             ClientError::NoAnswer { .. } => Failure::runtime(anyhow!("{e}; a slow call may need a longer --timeout")),
@@ -310,6 +340,21 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
             }
             response
         }
+        CtlCommand::Replicate(command) => match command {
+            ReplicateCommand::Start { to, epoch_ms } => {
+                let mut body = json!({ "target": to });
+                if let Some(ms) = epoch_ms {
+                    body["epoch_ms"] = json!(ms);
+                }
+                call("POST", "/replication", Some(body))?
+            }
+            ReplicateCommand::Status { watch: false } => call("GET", "/replication", None)?,
+            ReplicateCommand::Status { watch: true } => return watch_replication(&mut call, poll_ms),
+            ReplicateCommand::Stop => call("POST", "/replication/stop", None)?,
+            ReplicateCommand::Switchover => call("POST", "/replication/switchover", None)?,
+            ReplicateCommand::Commit => call("POST", "/replication/commit", None)?,
+            ReplicateCommand::Rollback => call("POST", "/replication/rollback", None)?,
+        },
         CtlCommand::Metrics => call("GET", "/metrics", None)?,
         CtlCommand::Openapi => call("GET", "/openapi.json", None)?,
         CtlCommand::Raw { method, path, body } => {
@@ -371,6 +416,42 @@ fn wait_for_swap(
             }
             None => return Err(Failure::runtime(anyhow!("swap {id}: the API answered without a state"))),
         }
+    }
+}
+
+/// Redraws a line with replication's progress until it ends or switches over.
+fn watch_replication(
+    call: &mut impl FnMut(&str, &str, Option<Value>) -> Result<Response, Failure>,
+    poll_ms: u64,
+) -> Result<u8, Failure> {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    loop {
+        let response = call("GET", "/replication", None)?;
+        let status: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        let state = status["state"].as_str().unwrap_or("?").to_string();
+        let n = |k: &str| status[k].as_u64().unwrap_or(0);
+        let totals = &status["totals"];
+        let (raw, sent) = (totals["raw_bytes"].as_u64().unwrap_or(0), totals["sent_bytes"].as_u64().unwrap_or(0));
+        let line = format!(
+            "replication {state}: {} epochs, lag {:.1} ms, {} MiB of pages sent as {} MiB, {:.1} MiB/s",
+            n("epochs"),
+            n("lag_us") as f64 / 1e3,
+            raw >> 20,
+            sent >> 20,
+            n("rate_bytes_per_s") as f64 / f64::from(1 << 20)
+        );
+        let running = matches!(state.as_str(), "starting" | "replicating" | "switching_over");
+        match (terminal, running) {
+            (true, true) => eprint!("\r\x1b[K{line}"),
+            (true, false) => eprintln!("\r\x1b[K{line}"),
+            (false, _) => eprintln!("{line}"),
+        }
+        if !running {
+            print(&response);
+            return Ok(if state == "failed" { 1 } else { 0 });
+        }
+        std::thread::sleep(Duration::from_millis(poll_ms.max(100)));
     }
 }
 

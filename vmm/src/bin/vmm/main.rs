@@ -12,6 +12,7 @@ mod console;
 mod ctl;
 mod demo;
 mod logger;
+mod shadow;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl::run(&args),
         Command::Completions { shell } => cli::completions(shell),
         Command::Man { out } => cli::man(&out),
+        Command::Shadow(args) => shadow::run(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

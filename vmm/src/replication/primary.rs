@@ -1,0 +1,436 @@
+//! The primary's side: a thread that streams the VM's memory to a shadow, epoch after epoch,
+//! and on request freezes the VM, sends the last pages and the machine state, and hands the
+//! VM over.
+//!
+//! An epoch reads (and clears) the dirty log (the guest's writes from KVM, the VMM's own from
+//! virtio DMA) and sends the pages it names, encoded; the guest runs meanwhile, and a page it
+//! writes during the copy is dirty again for the next epoch. The first epoch sends every
+//! populated page. The shadow acknowledges each epoch, which is the lag reported.
+
+use std::io::Write;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::{CodecStats, Encoder, PAGE};
+use super::wire::{self, Control, Endpoint, Frame, Stream, WireError};
+use crate::config::json::FieldError;
+use crate::snapshot::VmSnapshot;
+use crate::vm::Vm;
+
+/// `POST /replication`: start replicating to a shadow.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationRequest {
+    /// Where the shadow listens (`vmm shadow --listen`): `unix:PATH` or `tcp:ADDR:PORT`.
+    pub target: Endpoint,
+    /// Time from one epoch's start to the next's, in milliseconds.
+    #[serde(default = "default_epoch_ms")]
+    pub epoch_ms: u64,
+}
+
+fn default_epoch_ms() -> u64 {
+    100
+}
+
+/// The longest epoch a request may ask for.
+pub const MAX_EPOCH_MS: u64 = 60_000;
+/// Pages the encoder keeps for deltas and dedup (64 MiB).
+const CACHE_PAGES: usize = 16 << 10;
+/// Pages per batch on the wire (16 MiB raw).
+const BATCH_PAGES: usize = 4096;
+/// How long the primary waits for the shadow to acknowledge an epoch or to start the VM.
+const SHADOW_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl ReplicationRequest {
+    /// Refuses values no replication can run with.
+    pub fn check(&self) -> Result<(), FieldError> {
+        crate::swap::check_ms("epoch_ms", self.epoch_ms, MAX_EPOCH_MS)
+    }
+}
+
+/// Where replication stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationState {
+    /// Never started.
+    #[default]
+    Idle,
+    /// Connecting, or sending the first full pass.
+    Starting,
+    /// Epochs running: the shadow can take over.
+    Replicating,
+    /// The primary is frozen while the last epoch and the state go over.
+    SwitchingOver,
+    /// The VM runs on the shadow; this VM stays frozen until `commit`.
+    SwitchedOver,
+    /// Handed over for good: this VM has stopped.
+    Committed,
+    /// Stopped by request.
+    Stopped,
+    /// The link or the shadow failed; this VM runs on, replication can start again.
+    Failed,
+}
+
+/// What a switchover cost.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct SwitchoverReport {
+    /// From freezing the primary to the shadow's VM running, in microseconds.
+    pub downtime_us: u64,
+    /// Of which draining the devices (the guest still ran), in microseconds.
+    pub devices_quiesce_us: u64,
+    /// Pages in the last epoch, sent frozen.
+    pub final_pages: u64,
+    /// Bytes of the state message.
+    pub state_bytes: u64,
+    /// The shadow's restore, from the state's arrival to the VM running, in microseconds.
+    pub restore_us: u64,
+    /// Whether the vCPUs ran when frozen (a rollback resumes them only then).
+    #[serde(skip)]
+    pub resume_vcpus: bool,
+}
+
+/// `GET /replication`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// Where it stands.
+    pub state: ReplicationState,
+    /// The shadow, once started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Epochs the shadow has acknowledged (the first full pass included).
+    pub epochs: u64,
+    /// How long the last epoch took, from reading the dirty log to the shadow's acknowledgement,
+    /// in microseconds: how far the shadow lags.
+    pub lag_us: u64,
+    /// Pages the last epoch sent.
+    pub last_epoch_pages: u64,
+    /// Totals over every epoch.
+    pub totals: CodecStats,
+    /// Microseconds spent encoding, over every epoch.
+    pub encode_us: u64,
+    /// Bytes sent per second over the last epoch.
+    pub rate_bytes_per_s: u64,
+    /// Why it failed or stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The switchover, once done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<SwitchoverReport>,
+}
+
+/// Why a replication request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// A field is invalid.
+    #[error("invalid replication request: {0}")]
+    Invalid(#[from] FieldError),
+    /// Replication runs already, or the state does not allow the request.
+    #[error("{0}")]
+    Conflict(String),
+    /// The shadow could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The shadow failed.
+    #[error("{0}")]
+    Shadow(String),
+}
+
+enum Command {
+    Switchover(Sender<Result<SwitchoverReport, String>>),
+    Stop,
+    /// After a switchover: the shadow keeps the VM.
+    Commit(Sender<Result<(), String>>),
+    /// After a switchover: the shadow stops the VM, this one runs it again.
+    Rollback(Sender<Result<(), String>>),
+}
+
+/// One VM's replication: at most one running at a time.
+#[derive(Default)]
+pub struct ReplicationManager {
+    status: Arc<Mutex<ReplicationStatus>>,
+    commands: Mutex<Option<Sender<Command>>>,
+}
+
+impl ReplicationManager {
+    fn status_mut(&self) -> MutexGuard<'_, ReplicationStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where replication stands.
+    pub fn status(&self) -> ReplicationStatus {
+        self.status_mut().clone()
+    }
+
+    /// Whether epochs are running (snapshots and memory swaps, which read or rebuild the dirty
+    /// log, wait for none).
+    pub fn active(&self) -> bool {
+        matches!(
+            self.status_mut().state,
+            ReplicationState::Starting | ReplicationState::Replicating | ReplicationState::SwitchingOver
+        )
+    }
+
+    /// Connects to the shadow and starts the epochs on their own thread.
+    pub(crate) fn start(
+        &self,
+        vm: &Arc<Vm>,
+        request: &ReplicationRequest,
+    ) -> Result<ReplicationStatus, ReplicationError> {
+        request.check()?;
+        {
+            let status = self.status_mut();
+            if !matches!(status.state, ReplicationState::Idle | ReplicationState::Stopped | ReplicationState::Failed) {
+                return Err(ReplicationError::Conflict(format!("replication is {:?} already", status.state)));
+            }
+        }
+        let stream = request.target.connect(Duration::from_secs(5)).map_err(|e| {
+            ReplicationError::Unreachable(format!("cannot reach the shadow at {}: {e}", request.target))
+        })?;
+        let (send, receive) = std::sync::mpsc::channel();
+        *self.status_mut() = ReplicationStatus {
+            state: ReplicationState::Starting,
+            target: Some(request.target.to_string()),
+            ..Default::default()
+        };
+        *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = Some(send);
+        let status = self.status.clone();
+        let weak = Arc::downgrade(vm);
+        let epoch = Duration::from_millis(request.epoch_ms);
+        let spawned = std::thread::Builder::new().name("replication".into()).spawn(move || {
+            let outcome = run(&weak, stream, epoch, &status, &receive);
+            let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
+            match outcome {
+                Ok(state) => status.state = state,
+                Err(e) => {
+                    log::warn!("replication failed: {e}");
+                    status.state = ReplicationState::Failed;
+                    status.error = Some(e.to_string());
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            self.status_mut().state = ReplicationState::Failed;
+            return Err(ReplicationError::Shadow(format!("cannot start the replication thread: {e}")));
+        }
+        Ok(self.status())
+    }
+
+    /// Freezes the VM, sends the last epoch and the state, and waits for the shadow to run it.
+    /// On failure the VM runs on here.
+    pub(crate) fn switchover(&self) -> Result<SwitchoverReport, ReplicationError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Command::Switchover(reply))?;
+        answer
+            .recv()
+            .map_err(|_| ReplicationError::Shadow("replication ended during the switchover".into()))?
+            .map_err(ReplicationError::Shadow)
+    }
+
+    /// Stops the epochs (the shadow is told nothing more and gives up).
+    pub(crate) fn stop(&self) -> Result<(), ReplicationError> {
+        self.send(Command::Stop)
+    }
+
+    fn send(&self, command: Command) -> Result<(), ReplicationError> {
+        let state = self.status_mut().state;
+        let after_switchover = matches!(command, Command::Commit(_) | Command::Rollback(_));
+        let expected = match after_switchover {
+            true => matches!(state, ReplicationState::SwitchedOver),
+            false => matches!(state, ReplicationState::Starting | ReplicationState::Replicating),
+        };
+        if !expected {
+            let wanted = if after_switchover { "a switchover to end" } else { "replication to run" };
+            return Err(ReplicationError::Conflict(format!("this needs {wanted}; replication is {state:?}")));
+        }
+        let commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+        commands
+            .as_ref()
+            .and_then(|c| c.send(command).ok())
+            .ok_or_else(|| ReplicationError::Conflict("replication has ended".into()))
+    }
+
+    /// Tells the shadow the VM is its own for good.
+    pub(crate) fn commit(&self) -> Result<(), ReplicationError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Command::Commit(reply))?;
+        answer
+            .recv()
+            .map_err(|_| ReplicationError::Shadow("replication ended".into()))?
+            .map_err(ReplicationError::Shadow)?;
+        self.status_mut().state = ReplicationState::Committed;
+        Ok(())
+    }
+
+    /// Has the shadow stop the VM, so that this one can run it again.
+    pub(crate) fn rollback(&self) -> Result<(), ReplicationError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Command::Rollback(reply))?;
+        answer
+            .recv()
+            .map_err(|_| ReplicationError::Shadow("replication ended".into()))?
+            .map_err(ReplicationError::Shadow)?;
+        self.status_mut().state = ReplicationState::Stopped;
+        Ok(())
+    }
+}
+
+/// The replication thread: the first pass, then an epoch every `epoch` until told otherwise.
+fn run(
+    vm: &Weak<Vm>,
+    mut stream: Box<dyn Stream>,
+    epoch: Duration,
+    status: &Mutex<ReplicationStatus>,
+    commands: &Receiver<Command>,
+) -> Result<ReplicationState, WireError> {
+    let update = |f: &mut dyn FnMut(&mut ReplicationStatus)| f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
+    let Some(memory_bytes) = vm.upgrade().map(|vm| vm.replication_memory_bytes()) else {
+        return Ok(ReplicationState::Stopped);
+    };
+    stream.set_read_timeout(Some(SHADOW_TIMEOUT))?;
+    let hello = Control::Hello { version: wire::PROTOCOL_VERSION, memory_bytes };
+    wire::write_frame(&mut stream, &Frame::Control(hello))?;
+    let mut encoder = Encoder::new(CACHE_PAGES);
+    for number in 0.. {
+        let started = Instant::now();
+        let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
+        let (stats, encode_us) = send_epoch(&live, number, &mut encoder, &mut stream, number == 0, false)?;
+        drop(live);
+        wire::write_frame(&mut stream, &Frame::Control(Control::EpochEnd { epoch: number, stats }))?;
+        expect_ack(&mut stream, number)?;
+        let took = started.elapsed();
+        update(&mut |s| {
+            s.state = ReplicationState::Replicating;
+            s.epochs = number + 1;
+            s.lag_us = took.as_micros() as u64;
+            s.last_epoch_pages = stats.pages;
+            s.totals.add(&stats);
+            s.encode_us += encode_us;
+            s.rate_bytes_per_s = (stats.sent_bytes as f64 / took.as_secs_f64().max(1e-6)) as u64;
+        });
+        match commands.recv_timeout(epoch.saturating_sub(took)) {
+            Err(RecvTimeoutError::Timeout) => {}
+            // `send` lets these through only after a switchover.
+            Ok(Command::Commit(reply) | Command::Rollback(reply)) => {
+                let _ = reply.send(Err("no switchover to end".into()));
+            }
+            Err(RecvTimeoutError::Disconnected) | Ok(Command::Stop) => {
+                stream.shutdown();
+                return Ok(ReplicationState::Stopped);
+            }
+            Ok(Command::Switchover(reply)) => {
+                let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
+                update(&mut |s| s.state = ReplicationState::SwitchingOver);
+                let outcome = live.switch_over_on(number + 1, &mut encoder, &mut stream);
+                let _ = reply.send(outcome.clone());
+                return match outcome {
+                    Ok(report) => {
+                        update(&mut |s| {
+                            s.state = ReplicationState::SwitchedOver;
+                            s.switchover = Some(report);
+                        });
+                        after_switchover(&mut stream, commands)
+                    }
+                    Err(e) => Err(WireError::Malformed(format!("switchover failed, this VM runs on: {e}"))),
+                };
+            }
+        }
+    }
+    unreachable!("epochs run until stopped")
+}
+
+/// After a switchover the link stays up for the last word: commit (the shadow keeps the VM)
+/// or rollback (it stops it; the caller thaws this one).
+fn after_switchover(stream: &mut Box<dyn Stream>, commands: &Receiver<Command>) -> Result<ReplicationState, WireError> {
+    loop {
+        match commands.recv() {
+            Ok(Command::Commit(reply)) => {
+                let sent = wire::write_frame(stream, &Frame::Control(Control::Commit));
+                let _ = reply.send(sent.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                return sent.map(|()| ReplicationState::Committed);
+            }
+            Ok(Command::Rollback(reply)) => {
+                let outcome =
+                    wire::write_frame(stream, &Frame::Control(Control::Rollback)).and_then(
+                        |()| match wire::read_frame(stream)? {
+                            Frame::Control(Control::RolledBack) => Ok(()),
+                            other => {
+                                Err(WireError::Malformed(format!("expected the shadow's rollback, got {other:?}")))
+                            }
+                        },
+                    );
+                let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                return outcome.map(|()| ReplicationState::Stopped);
+            }
+            Ok(Command::Switchover(reply)) => {
+                let _ = reply.send(Err("switched over already".into()));
+            }
+            Ok(Command::Stop) | Err(_) => return Ok(ReplicationState::SwitchedOver),
+        }
+    }
+}
+
+fn expect_ack(stream: &mut Box<dyn Stream>, epoch: u64) -> Result<(), WireError> {
+    match wire::read_frame(stream)? {
+        Frame::Control(Control::Ack { epoch: acked }) if acked == epoch => Ok(()),
+        other => Err(WireError::Malformed(format!("expected the shadow's ack of epoch {epoch}, got {other:?}"))),
+    }
+}
+
+/// Sends the pages of one epoch: the dirty ones, or with `everything` every populated page.
+/// Returns what it cost and the microseconds spent encoding.
+pub(crate) fn send_epoch(
+    vm: &Vm,
+    epoch: u64,
+    encoder: &mut Encoder,
+    out: &mut dyn Write,
+    everything: bool,
+    frozen: bool,
+) -> Result<(CodecStats, u64), WireError> {
+    let mut total = CodecStats::default();
+    let mut encode = Duration::ZERO;
+    let mut in_batch = 0;
+    let flush = |encoder: &mut Encoder, total: &mut CodecStats, out: &mut dyn Write| -> Result<(), WireError> {
+        let (batch, stats) = encoder.finish();
+        total.add(&stats);
+        wire::write_frame(out, &Frame::Pages { epoch, batch })
+    };
+    let pages = vm.replication_pages(everything).map_err(|e| WireError::Malformed(e.to_string()))?;
+    for (offset, memory) in pages {
+        let started = Instant::now();
+        let bytes = if frozen { memory.copy_out(0..PAGE) } else { memory.copy_volatile(0..PAGE) };
+        encoder.page(offset, &bytes);
+        encode += started.elapsed();
+        in_batch += 1;
+        if in_batch == BATCH_PAGES {
+            flush(encoder, &mut total, out)?;
+            in_batch = 0;
+        }
+    }
+    if in_batch > 0 {
+        flush(encoder, &mut total, out)?;
+    }
+    Ok((total, encode.as_micros() as u64))
+}
+
+/// The state message for a switchover, and its size.
+pub(crate) fn send_state(out: &mut dyn Write, snapshot: VmSnapshot) -> Result<u64, WireError> {
+    let mut counter = CountingWriter(0);
+    ciborium::into_writer(&snapshot, &mut counter).map_err(|e| WireError::Malformed(e.to_string()))?;
+    wire::write_frame(out, &Frame::Control(Control::Switchover(Box::new(snapshot))))?;
+    Ok(counter.0)
+}
+
+struct CountingWriter(u64);
+
+impl Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,173 @@
+//! The VM's side of replication to a shadow (see [`crate::replication`]): which pages an
+//! epoch sends, and the switchover, which freezes the VM and hands it over.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Vm;
+use crate::quiesce::{Quiesced, thaw};
+use crate::replication::codec::{Encoder, PAGE};
+use crate::replication::primary::{self, ReplicationError, ReplicationRequest, ReplicationStatus, SwitchoverReport};
+use crate::replication::wire::{self, Control, Frame, Stream};
+use crate::snapshot::format::LiveMemory;
+use crate::snapshot::{DirtyError, RegionSnapshot, SnapshotKind, SnapshotSource, dirty_ranges};
+use crate::vcpu::Target;
+
+/// How long a switchover waits for the devices to drain before giving up (the VM runs on).
+const SWITCHOVER_DRAIN: Duration = Duration::from_secs(2);
+
+impl Vm {
+    /// Starts replicating this VM to the shadow `request.target` names (`vmm shadow`): a full
+    /// first pass, then an epoch of changed pages every `request.epoch_ms`.
+    pub fn start_replication(
+        self: &Arc<Self>,
+        request: &ReplicationRequest,
+    ) -> Result<ReplicationStatus, ReplicationError> {
+        if let Some(exit) = self.exit.get() {
+            return Err(ReplicationError::Conflict(format!("the VM has exited ({exit})")));
+        }
+        self.replication.start(self, request)
+    }
+
+    /// Where replication stands.
+    pub fn replication(&self) -> ReplicationStatus {
+        self.replication.status()
+    }
+
+    /// Stops replicating; the shadow discards what it has.
+    pub fn stop_replication(&self) -> Result<(), ReplicationError> {
+        self.replication.stop()
+    }
+
+    /// Freezes this VM, sends the shadow the last changed pages and the machine's state, and
+    /// returns once the VM runs there. This VM then stays frozen (nothing reaches its disks)
+    /// until [`commit_switchover`](Self::commit_switchover). If the shadow cannot start the
+    /// VM, this one runs on as before.
+    pub fn switch_over(self: &Arc<Self>) -> Result<SwitchoverReport, ReplicationError> {
+        self.replication.switchover()
+    }
+
+    /// Ends this VM for good after a switchover: the shadow has it.
+    pub fn commit_switchover(&self) -> Result<(), ReplicationError> {
+        self.replication.commit()?;
+        log::info!("switchover committed: the VM runs on the shadow; this one stops");
+        self.stop();
+        Ok(())
+    }
+
+    /// Undoes a switchover: the shadow stops the VM, and this one runs again from where it
+    /// froze. What the guest wrote to its disks on the shadow meanwhile stays there.
+    pub fn rollback_switchover(&self) -> Result<(), ReplicationError> {
+        self.replication.rollback()?;
+        let vcpus = self.vcpus();
+        let devices = self.devices();
+        // vCPUs the user had paused before the switchover stay paused.
+        let resume_vcpus = self.replication.status().switchover.is_some_and(|s| s.resume_vcpus);
+        thaw(&vcpus, &devices, resume_vcpus);
+        log::info!("switchover rolled back: the VM runs here again");
+        Ok(())
+    }
+
+    /// Guest memory, its regions laid end to end.
+    pub(crate) fn replication_memory_bytes(&self) -> u64 {
+        self.ram.regions().iter().map(|r| r.size).sum()
+    }
+
+    /// The pages an epoch sends, each with its offset in memory laid end to end: those changed
+    /// since the last epoch, or every populated one for the first. Reading the dirty log
+    /// breaks the chain of diff snapshots.
+    pub(crate) fn replication_pages(&self, everything: bool) -> Result<Vec<(u64, LiveMemory)>, DirtyError> {
+        let dirty = self.dirty.take(&self.ram, &self.kvm)?;
+        self.dirty.forget(true);
+        let mut pages = Vec::new();
+        let mut offset = 0;
+        for (region, dirty) in self.ram.regions().iter().zip(dirty) {
+            let ranges = match everything {
+                true => self.ram.populated_ranges(region.slot).unwrap_or_else(|_| vec![(0, region.size)]),
+                false => dirty_ranges(&dirty, PAGE as u64, region.size),
+            };
+            for (start, len) in ranges {
+                for page in (start..start + len).step_by(PAGE) {
+                    // SAFETY: GuestRam keeps the mapping for the VM's life, and memory swaps
+                    // (which replace it) are refused while replication runs.
+                    let memory = unsafe { LiveMemory::new((region.host_addr + page) as *const u8, PAGE) };
+                    pages.push((offset + page, memory));
+                }
+            }
+            offset += region.size;
+        }
+        Ok(pages)
+    }
+
+    /// The switchover, on the replication thread: freeze, last epoch, state, wait for the
+    /// shadow's word. On success the VM stays frozen.
+    pub(crate) fn switch_over_on(
+        &self,
+        epoch: u64,
+        encoder: &mut Encoder,
+        stream: &mut Box<dyn Stream>,
+    ) -> Result<SwitchoverReport, String> {
+        let started = Instant::now();
+        let vcpus = self.vcpus();
+        let devices = self.devices();
+        let resume_vcpus = vcpus.target() != Target::Pause;
+        let source = SnapshotSource {
+            config: &self.config,
+            info: &self.info,
+            ram: &self.ram,
+            kvm: &self.kvm,
+            vcpus: &vcpus,
+            devices: &devices,
+            serial: &self.serial,
+            swaps: &self.swaps,
+            dirty: &self.dirty,
+            resume_vcpus,
+        };
+        let quiesced = Quiesced::new(&vcpus, &devices, SWITCHOVER_DRAIN, resume_vcpus).map_err(|e| e.to_string())?;
+        let frozen_at = Instant::now();
+        let devices_quiesce_us = quiesced.devices_quiesce.as_micros() as u64;
+        let wire_err = |e: wire::WireError| e.to_string();
+        let (stats, _) = primary::send_epoch(self, epoch, encoder, stream, false, true).map_err(wire_err)?;
+        wire::write_frame(stream, &Frame::Control(Control::EpochEnd { epoch, stats })).map_err(wire_err)?;
+        let machine = source.capture(&quiesced).map_err(|e| e.to_string())?;
+        let mut file_offset = 0;
+        let regions = self
+            .ram
+            .regions()
+            .iter()
+            .map(|r| {
+                let region =
+                    RegionSnapshot { slot: r.slot, guest_addr: r.guest_addr, size: r.size, file_offset, dirty: None };
+                file_offset += r.size;
+                region
+            })
+            .collect();
+        let snapshot = source.describe(SnapshotKind::Full, None, regions, machine);
+        let state_bytes = primary::send_state(stream, snapshot).map_err(wire_err)?;
+        stream.flush().map_err(|e| e.to_string())?;
+        // The shadow acknowledges the last epoch, then says how the restore went.
+        match wire::read_frame(stream).map_err(wire_err)? {
+            Frame::Control(Control::Ack { epoch: acked }) if acked == epoch => {}
+            other => return Err(format!("expected the shadow's ack of the last epoch, got {other:?}")),
+        }
+        match wire::read_frame(stream).map_err(wire_err)? {
+            Frame::Control(Control::Activated { restore_us }) => {
+                let report = SwitchoverReport {
+                    downtime_us: frozen_at.elapsed().as_micros() as u64,
+                    devices_quiesce_us,
+                    final_pages: stats.pages,
+                    state_bytes,
+                    restore_us,
+                    resume_vcpus,
+                };
+                log::info!("switched over in {:?} ({} us frozen)", started.elapsed(), report.downtime_us);
+                // Frozen until commit: the shadow runs the VM and owns its disks now.
+                quiesced.keep();
+                Ok(report)
+            }
+            Frame::Control(Control::Failed { reason }) => Err(format!("the shadow could not start the VM: {reason}")),
+            other => Err(format!("expected the shadow's activation, got {other:?}")),
+        }
+    }
+}
