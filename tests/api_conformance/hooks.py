@@ -1,7 +1,7 @@
 """Schemathesis hooks for tests/api_conformance.rs: keep generated requests inside the test.
 
 The API acts on the host: it opens, creates and copies into the files a request names, as
-root, and connects to the NBD servers it names. Generated paths could name any file on the
+root, and connects to the NBD servers and replication shadows it names. Generated paths could name any file on the
 machine, so before each request (in every phase: examples, coverage, fuzzing, stateful) every
 absolute path in the body is moved under the test's sandbox directory (relative paths stay as
 generated, for the server to refuse), and an NBD host becomes 127.0.0.1.
@@ -36,6 +36,10 @@ def confine_paths(value):
             elif key == "nbd" and isinstance(item, str) and ":" in item and not item.startswith("unix:"):
                 # No connections to hosts on the network: a local port nothing listens on.
                 value[key] = "127.0.0.1:" + item.rsplit(":", 1)[1]
+            elif key == "target" and isinstance(item, str) and item.startswith("unix:/"):
+                value[key] = "unix:" + confine(item[len("unix:"):])
+            elif key == "target" and isinstance(item, str) and item.startswith("tcp:"):
+                value[key] = "tcp:127.0.0.1:" + item.rsplit(":", 1)[-1]
             else:
                 confine_paths(item)
     elif isinstance(value, list):

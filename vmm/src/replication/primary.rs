@@ -41,6 +41,10 @@ pub const MAX_EPOCH_MS: u64 = 60_000;
 const CACHE_PAGES: usize = 16 << 10;
 /// Pages per batch on the wire (16 MiB raw).
 const BATCH_PAGES: usize = 4096;
+/// Epochs at most, back to back, before a switchover freezes the VM.
+const CATCH_UP_EPOCHS: usize = 4;
+/// An epoch this small ends the catch-up: the frozen one will be about as small.
+const CONVERGED_PAGES: u64 = 256;
 /// How long the primary waits for the shadow to acknowledge an epoch or to start the VM.
 const SHADOW_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -323,7 +327,19 @@ fn run(
             Ok(Command::Switchover(reply)) => {
                 let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
                 update(&mut |s| s.state = ReplicationState::SwitchingOver);
-                let outcome = live.switch_over_on(number + 1, &mut encoder, &mut stream);
+                // Epochs back to back first, while the guest runs, so that the frozen one is
+                // small: each sends what the guest dirtied during the one before.
+                let mut number = number + 1;
+                for _ in 0..CATCH_UP_EPOCHS {
+                    let (stats, _) = send_epoch(&live, number, &mut encoder, &mut stream, false, false)?;
+                    wire::write_frame(&mut stream, &Frame::Control(Control::EpochEnd { epoch: number, stats }))?;
+                    expect_ack(&mut stream, number)?;
+                    number += 1;
+                    if stats.pages <= CONVERGED_PAGES {
+                        break;
+                    }
+                }
+                let outcome = live.switch_over_on(number, &mut encoder, &mut stream);
                 let _ = reply.send(outcome.clone());
                 return match outcome {
                     Ok(report) => {

@@ -160,12 +160,18 @@ pub struct Activated {
     /// Microseconds from the state's arrival to the VM running.
     pub restore_us: u64,
     rolled_back: Arc<AtomicBool>,
+    link: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Activated {
-    /// Whether the primary took the VM back (the VM here was stopped for it).
-    pub fn rolled_back(&self) -> bool {
-        self.rolled_back.load(Ordering::SeqCst)
+    /// Whether the primary took the VM back (the VM here was stopped for it). Call once the
+    /// VM has ended: on a rollback it waits until the primary has been told.
+    pub fn rolled_back(&mut self) -> bool {
+        let rolled_back = self.rolled_back.load(Ordering::SeqCst);
+        if rolled_back && let Some(link) = self.link.take() {
+            let _ = link.join();
+        }
+        rolled_back
     }
 }
 
@@ -187,7 +193,7 @@ impl Received {
         wire::write_frame(&mut stream, &Frame::Control(Control::Activated { restore_us }))?;
         let rolled_back = Arc::new(AtomicBool::new(false));
         let (watched, flag) = (Arc::downgrade(&vm), rolled_back.clone());
-        std::thread::Builder::new()
+        let link = std::thread::Builder::new()
             .name("shadow-link".into())
             .spawn(move || {
                 // Only the primary's last word matters; a link that goes quiet leaves the VM here.
@@ -206,6 +212,6 @@ impl Received {
                 }
             })
             .map_err(|source| ShadowError::Io { path: dir.clone(), source })?;
-        Ok(Activated { vm, restore_us, rolled_back })
+        Ok(Activated { vm, restore_us, rolled_back, link: Some(link) })
     }
 }

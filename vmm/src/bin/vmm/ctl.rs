@@ -342,6 +342,11 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
         }
         CtlCommand::Replicate(command) => match command {
             ReplicateCommand::Start { to, epoch_ms } => {
+                // The VMM does not share our directory: a relative socket path is ours.
+                let to = match to.strip_prefix("unix:") {
+                    Some(path) if !path.starts_with('/') => format!("unix:{}", absolute(path)),
+                    _ => to.clone(),
+                };
                 let mut body = json!({ "target": to });
                 if let Some(ms) = epoch_ms {
                     body["epoch_ms"] = json!(ms);

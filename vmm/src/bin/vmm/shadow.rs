@@ -70,7 +70,7 @@ pub fn run(args: &ShadowArgs) -> Result<u8, Failure> {
         "vmm shadow: switchover after {} epochs ({} pages); starting the VM",
         received.progress.epochs, received.progress.pages
     );
-    let activated =
+    let mut activated =
         received.activate(args.serial.clone().unwrap_or_default()).map_err(|e| Failure::runtime(anyhow!(e)))?;
     eprintln!("vmm shadow: the VM runs here (restored in {} us)", activated.restore_us);
     let vm: Arc<vmm::Vm> = activated.vm.clone();

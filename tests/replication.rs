@@ -1,0 +1,270 @@
+//! Replication to a shadow VMM, with real processes: a primary `vmm run`, a `vmm shadow`
+//! beside it, epochs of dirty pages between them, then a switchover under load, and a commit
+//! or a rollback. The guests check themselves: `memdirty` verifies every page against a count
+//! it keeps in a register (a page lost or stale in the shadow's copy fails it), `blk-stress`
+//! verifies every block it reads (DMA the dirty log missed would show as a mismatch).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Reaped, TempDir};
+use serde_json::{Value, json};
+use vmm::api::ApiClient;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A `vmm run --api-sock` child, its serial console in a file.
+struct Primary {
+    child: Reaped,
+    socket: PathBuf,
+    console: PathBuf,
+}
+
+impl Primary {
+    fn start(dir: &TempDir, cmdline: &str, extra: &[&str]) -> Self {
+        let (socket, console) = (dir.join("primary.sock"), dir.join("primary.log"));
+        let mut cmd = Command::new(common::vmm_bin());
+        cmd.args(["run", "--kernel", common::microguest(), "--cmdline", cmdline, "--api-sock"])
+            .arg(&socket)
+            .args(["--serial", &format!("file:{}", console.display())])
+            .args(extra)
+            .stdin(Stdio::null());
+        let child = Reaped(cmd.spawn().expect("spawn the primary"));
+        ApiClient::connect_within(&socket, WAIT, WAIT).expect("the primary's API answers");
+        Self { child, socket, console }
+    }
+}
+
+/// A `vmm shadow` child; its stderr is read for its progress lines.
+struct Shadow {
+    child: Reaped,
+    listen: PathBuf,
+    socket: PathBuf,
+    console: PathBuf,
+    stderr: BufReader<std::process::ChildStderr>,
+}
+
+impl Shadow {
+    fn start(dir: &TempDir, name: &str) -> Self {
+        let listen = dir.join(&format!("{name}-repl.sock"));
+        let socket = dir.join(&format!("{name}.sock"));
+        let console = dir.join(&format!("{name}.log"));
+        let mut cmd = Command::new(common::vmm_bin());
+        cmd.args(["shadow", "--listen", &format!("unix:{}", listen.display()), "--api-sock"])
+            .arg(&socket)
+            .args(["--dir", dir.join(&format!("{name}-state")).to_str().unwrap()])
+            .args(["--serial", &format!("file:{}", console.display())])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = Reaped(cmd.spawn().expect("spawn the shadow"));
+        let mut stderr = BufReader::new(child.0.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.contains("waiting for a primary"), "{line}");
+        // The socket exists once the shadow listens.
+        let deadline = Instant::now() + WAIT;
+        while !listen.exists() {
+            assert!(Instant::now() < deadline, "the shadow never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, listen, socket, console, stderr }
+    }
+
+    fn target(&self) -> String {
+        format!("unix:{}", self.listen.display())
+    }
+}
+
+fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut api = ApiClient::connect(socket, WAIT).expect("connect");
+    let response = match body {
+        Some(body) => api.send_json(method, path, &body),
+        None => api.request(method, path, None),
+    }
+    .expect("an answer");
+    (response.status, serde_json::from_slice(&response.body).unwrap_or(Value::Null))
+}
+
+/// Waits until replication has run `epochs` epochs.
+fn wait_for_epochs(primary: &Primary, epochs: u64) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, status) = call(&primary.socket, "GET", "/replication", None);
+        assert!(status["state"] != "failed", "replication failed: {status}");
+        if status["epochs"].as_u64().unwrap_or(0) >= epochs {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "no {epochs} epochs: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn console(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Waits for `child` to exit (killing it after `WAIT`).
+fn exit_status(child: &mut Reaped) -> Option<i32> {
+    let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
+    child.0.wait().unwrap().code()
+}
+
+/// Replicates, switches over while `memdirty` rewrites its pages, commits, and has the shadow's
+/// guest verify every page.
+#[test]
+fn switchover_under_a_dirtying_guest_then_commit() {
+    let dir = TempDir::new("repl-memdirty");
+    let mut primary = Primary::start(&dir, "prog=memdirty mib=16 pages_per_ms=5", &[]);
+    let mut shadow = Shadow::start(&dir, "shadow");
+    let (status, started) =
+        call(&primary.socket, "POST", "/replication", Some(json!({"target": shadow.target(), "epoch_ms": 50})));
+    assert_eq!(status, 202, "{started}");
+    let progress = wait_for_epochs(&primary, 3);
+    let totals = &progress["totals"];
+    assert!(totals["pages"].as_u64() > Some(0), "{progress}");
+    // Snapshots and memory swaps read or rebuild the dirty log: refused while replicating.
+    let (refused, _) = call(&primary.socket, "POST", "/snapshots", Some(json!({"path": dir.join("snap")})));
+    assert_eq!(refused, 409);
+
+    let (status, report) = call(&primary.socket, "POST", "/replication/switchover", None);
+    assert_eq!(status, 200, "{report}");
+    eprintln!("switchover: {report}");
+    let mut line = String::new();
+    while !line.contains("the VM runs here") {
+        line.clear();
+        assert!(shadow.stderr.read_line(&mut line).unwrap() > 0, "the shadow ended before running the VM");
+    }
+    // The primary stays frozen until the commit; its guest writes nothing more.
+    let (_, vm) = call(&primary.socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "paused", "{vm}");
+    let frozen = console(&primary.console);
+
+    ApiClient::connect_within(&shadow.socket, WAIT, WAIT).expect("the shadow's API answers");
+    let (status, committed) = call(&primary.socket, "POST", "/replication/commit", None);
+    assert_eq!(status, 200, "{committed}");
+    assert_eq!(exit_status(&mut primary.child), Some(0), "the primary stops after the commit");
+    assert_eq!(console(&primary.console), frozen, "the primary's guest ran after the freeze");
+
+    // The shadow's guest carries on from the primary's last round and verifies everything.
+    let rounds_before = frozen.matches("ok (").count();
+    let deadline = Instant::now() + WAIT;
+    while console(&shadow.console).matches("ok (").count() < 2 {
+        assert!(Instant::now() < deadline, "the guest made no progress on the shadow:\n{}", console(&shadow.console));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, _) = call(&shadow.socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut shadow.child), Some(0), "{}", console(&shadow.console));
+    let text = console(&shadow.console);
+    assert!(text.contains("all verified"), "{text}");
+    assert!(!text.contains("FAILED") && !text.contains("mismatch"), "{text}");
+    eprintln!(
+        "memdirty: {rounds_before} rounds on the primary, then on the shadow:\n{}",
+        text.lines().last().unwrap_or("")
+    );
+}
+
+/// A switchover while `blk-stress` keeps 16 requests in flight on a disk both sides open:
+/// nothing the disk DMAed into guest RAM may be missing on the shadow.
+#[test]
+fn switchover_under_disk_load_loses_no_dma() {
+    let dir = TempDir::new("repl-blk");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
+    let mut primary = Primary::start(
+        &dir,
+        "prog=blk-stress qd=16 blocks=4096 until_input=1",
+        &["--disk", &format!("path={},engine=io_uring", image.display())],
+    );
+    let deadline = Instant::now() + WAIT;
+    while !console(&primary.console).contains("blk-stress: running") {
+        assert!(Instant::now() < deadline, "blk-stress never ran:\n{}", console(&primary.console));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut shadow = Shadow::start(&dir, "shadow");
+    let (status, _) =
+        call(&primary.socket, "POST", "/replication", Some(json!({"target": shadow.target(), "epoch_ms": 20})));
+    assert_eq!(status, 202);
+    wait_for_epochs(&primary, 5);
+    let (status, report) = call(&primary.socket, "POST", "/replication/switchover", None);
+    assert_eq!(status, 200, "{report}");
+    eprintln!("switchover under disk load: {report}");
+    ApiClient::connect_within(&shadow.socket, WAIT, WAIT).expect("the shadow's API answers");
+    let (status, _) = call(&primary.socket, "POST", "/replication/commit", None);
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut primary.child), Some(0));
+    let (status, _) = call(&shadow.socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut shadow.child), Some(0), "{}", console(&shadow.console));
+    let text = console(&shadow.console);
+    let summary = text.lines().rev().find(|l| l.starts_with("blk-stress: ops=")).unwrap_or_else(|| panic!("{text}"));
+    assert!(summary.contains("errors=0 mismatches=0 final_verify=4096/4096"), "{summary}");
+}
+
+/// A rollback after the switchover: the shadow stops, the primary runs on from its freeze.
+#[test]
+fn rollback_after_a_switchover_resumes_the_primary() {
+    let dir = TempDir::new("repl-rollback");
+    let mut primary = Primary::start(&dir, "prog=memdirty mib=8 pages_per_ms=5", &[]);
+    let mut shadow = Shadow::start(&dir, "shadow");
+    let (status, _) = call(&primary.socket, "POST", "/replication", Some(json!({"target": shadow.target()})));
+    assert_eq!(status, 202);
+    wait_for_epochs(&primary, 2);
+    let (status, report) = call(&primary.socket, "POST", "/replication/switchover", None);
+    assert_eq!(status, 200, "{report}");
+    let (status, rolled) = call(&primary.socket, "POST", "/replication/rollback", None);
+    assert_eq!(status, 200, "{rolled}");
+    assert_eq!(rolled["state"], "stopped", "{rolled}");
+    assert_eq!(exit_status(&mut shadow.child), Some(0), "the shadow ends after a rollback");
+    let (_, vm) = call(&primary.socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "running", "{vm}");
+    // Running again: new rounds, all verified.
+    let rounds = console(&primary.console).matches("ok (").count();
+    let deadline = Instant::now() + WAIT;
+    while console(&primary.console).matches("ok (").count() < rounds + 2 {
+        assert!(Instant::now() < deadline, "the primary did not run on:\n{}", console(&primary.console));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, _) = call(&primary.socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut primary.child), Some(0), "{}", console(&primary.console));
+    assert!(console(&primary.console).contains("all verified"));
+}
+
+/// The shadow dies mid-replication: the primary runs on, says why, and replicates again to a
+/// new shadow.
+#[test]
+fn a_shadow_that_dies_leaves_the_primary_running() {
+    let dir = TempDir::new("repl-cut");
+    let primary = Primary::start(&dir, "prog=memdirty mib=8 pages_per_ms=5", &[]);
+    let mut first = Shadow::start(&dir, "first");
+    let (status, _) =
+        call(&primary.socket, "POST", "/replication", Some(json!({"target": first.target(), "epoch_ms": 20})));
+    assert_eq!(status, 202);
+    wait_for_epochs(&primary, 2);
+    first.child.0.kill().unwrap();
+    first.child.0.wait().unwrap();
+    let deadline = Instant::now() + WAIT;
+    let failed = loop {
+        let (_, status) = call(&primary.socket, "GET", "/replication", None);
+        if status["state"] == "failed" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the primary never noticed: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(failed["error"].as_str().is_some_and(|e| !e.is_empty()), "{failed}");
+    let (_, vm) = call(&primary.socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "running");
+    // No switchover without replication, and a second start works.
+    let (status, _) = call(&primary.socket, "POST", "/replication/switchover", None);
+    assert_eq!(status, 409);
+    let second = Shadow::start(&dir, "second");
+    let (status, restarted) = call(&primary.socket, "POST", "/replication", Some(json!({"target": second.target()})));
+    assert_eq!(status, 202, "{restarted}");
+    wait_for_epochs(&primary, 2);
+}
