@@ -340,15 +340,16 @@ fn run(
                     }
                 }
                 let outcome = live.switch_over_on(number, &mut encoder, &mut stream);
+                // The state first: a commit may follow the answer at once.
+                if let Ok(report) = &outcome {
+                    update(&mut |s| {
+                        s.state = ReplicationState::SwitchedOver;
+                        s.switchover = Some(*report);
+                    });
+                }
                 let _ = reply.send(outcome.clone());
                 return match outcome {
-                    Ok(report) => {
-                        update(&mut |s| {
-                            s.state = ReplicationState::SwitchedOver;
-                            s.switchover = Some(report);
-                        });
-                        after_switchover(&mut stream, commands)
-                    }
+                    Ok(_) => after_switchover(&mut stream, commands),
                     Err(e) => Err(WireError::Malformed(format!("switchover failed, this VM runs on: {e}"))),
                 };
             }
