@@ -282,3 +282,103 @@ fn a_shadow_that_dies_leaves_the_primary_running() {
     assert_eq!(status, 202, "{restarted}");
     wait_for_epochs(&primary, 2);
 }
+
+/// Two network namespaces joined by a veth pair, as two hosts; deleted when dropped.
+struct Hosts {
+    names: [String; 2],
+    addresses: [String; 2],
+}
+
+impl Hosts {
+    fn new() -> Self {
+        let tag = std::process::id() % 100_000;
+        let names = [format!("vmmA{tag}"), format!("vmmB{tag}")];
+        let subnet = (tag % 250) + 1;
+        let addresses = [format!("10.213.{subnet}.1"), format!("10.213.{subnet}.2")];
+        let hosts = Self { names, addresses };
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let (a, b) = (&hosts.names[0], &hosts.names[1]);
+        run(&["netns", "add", a]);
+        run(&["netns", "add", b]);
+        let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
+        run(&["link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b]);
+        for (ns, dev, addr) in [(a, &va, &hosts.addresses[0]), (b, &vb, &hosts.addresses[1])] {
+            run(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            run(&["-n", ns, "link", "set", dev, "up"]);
+            run(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        hosts
+    }
+
+    /// `program` run inside host `i`.
+    fn command(&self, i: usize, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.names[i], program]);
+        cmd
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+        }
+    }
+}
+
+/// The shadow on another "host": replication over TCP between two network namespaces, a
+/// switchover and a commit; the guest verifies every page on the other side.
+#[test]
+fn shadow_over_tcp_on_another_host() {
+    let dir = TempDir::new("repl-tcp");
+    let hosts = Hosts::new();
+    let port = 7000 + std::process::id() % 1000;
+    let listen = format!("tcp:{}:{port}", hosts.addresses[1]);
+    let (shadow_socket, shadow_log) = (dir.join("shadow.sock"), dir.join("shadow.log"));
+    let mut shadow = hosts.command(1, common::vmm_bin());
+    shadow
+        .args(["shadow", "--listen", &listen, "--api-sock", shadow_socket.to_str().unwrap()])
+        .args(["--dir", dir.join("shadow-state").to_str().unwrap()])
+        .args(["--serial", &format!("file:{}", shadow_log.display())])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut shadow = Reaped(shadow.spawn().expect("spawn the shadow"));
+    let mut stderr = BufReader::new(shadow.0.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("waiting for a primary"), "{line}");
+
+    let (socket, log) = (dir.join("primary.sock"), dir.join("primary.log"));
+    let mut primary = hosts.command(0, common::vmm_bin());
+    primary
+        .args(["run", "--kernel", common::microguest(), "--cmdline", "prog=memdirty mib=8 pages_per_ms=5"])
+        .args(["--api-sock", socket.to_str().unwrap(), "--serial", &format!("file:{}", log.display())])
+        .stdin(Stdio::null());
+    let mut primary = Reaped(primary.spawn().expect("spawn the primary"));
+    ApiClient::connect_within(&socket, WAIT, WAIT).expect("the primary's API answers");
+    // The shadow binds its port after printing; a refused first try is retried.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, started) = call(&socket, "POST", "/replication", Some(json!({"target": listen, "epoch_ms": 20})));
+        if status == 202 {
+            break;
+        }
+        assert!(status == 422 && Instant::now() < deadline, "{status}: {started}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for_epochs_at(&socket, 3);
+    let (status, report) = call(&socket, "POST", "/replication/switchover", None);
+    assert_eq!(status, 200, "{report}");
+    eprintln!("switchover over TCP: {report}");
+    ApiClient::connect_within(&shadow_socket, WAIT, WAIT).expect("the shadow's API answers");
+    let (status, _) = call(&socket, "POST", "/replication/commit", None);
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut primary), Some(0));
+    let (status, _) = call(&shadow_socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut shadow), Some(0), "{}", console(&shadow_log));
+    assert!(console(&shadow_log).contains("all verified"), "{}", console(&shadow_log));
+}
