@@ -196,7 +196,8 @@ fn twenty_switchovers_under_disk_load_lose_no_dma() {
     let mut downtimes = Vec::new();
     for round in 0..SWITCHOVERS {
         let shadow = Shadow::start(&dir, &format!("shadow{round}"));
-        let (status, started) = call(&socket, "POST", "/replication", Some(json!({"target": shadow.target(), "epoch_ms": 20})));
+        let (status, started) =
+            call(&socket, "POST", "/replication", Some(json!({"target": shadow.target(), "epoch_ms": 20})));
         assert_eq!(status, 202, "round {round}: {started}\n{}", console(&log));
         wait_for_epochs_at(&socket, 3);
         let (status, report) = call(&socket, "POST", "/replication/switchover", None);
@@ -205,7 +206,12 @@ fn twenty_switchovers_under_disk_load_lose_no_dma() {
         ApiClient::connect_within(&shadow.socket, WAIT, WAIT).expect("the shadow's API answers");
         let (status, _) = call(&socket, "POST", "/replication/commit", None);
         assert_eq!(status, 200, "round {round}");
-        assert_eq!(exit_status(&mut child), Some(0), "round {round}: the old home stops after the commit:\n{}", console(&log));
+        assert_eq!(
+            exit_status(&mut child),
+            Some(0),
+            "round {round}: the old home stops after the commit:\n{}",
+            console(&log)
+        );
         let Shadow { child: next, socket: next_socket, console: next_log, .. } = shadow;
         (child, socket, log) = (next, next_socket, next_log);
     }
@@ -216,7 +222,11 @@ fn twenty_switchovers_under_disk_load_lose_no_dma() {
     let summary = text.lines().rev().find(|l| l.starts_with("blk-stress: ops=")).unwrap_or_else(|| panic!("{text}"));
     assert!(summary.contains("errors=0 mismatches=0 final_verify=4096/4096"), "{summary}");
     downtimes.sort_unstable();
-    eprintln!("{SWITCHOVERS} switchovers under blk-stress (debug build): downtime p50 {} us, max {} us; {summary}", downtimes[SWITCHOVERS / 2], downtimes[SWITCHOVERS - 1]);
+    eprintln!(
+        "{SWITCHOVERS} switchovers under blk-stress (debug build): downtime p50 {} us, max {} us; {summary}",
+        downtimes[SWITCHOVERS / 2],
+        downtimes[SWITCHOVERS - 1]
+    );
 }
 
 /// A rollback after the switchover: the shadow stops, the primary runs on from its freeze.

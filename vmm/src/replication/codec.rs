@@ -93,7 +93,7 @@ impl Encoder {
         debug_assert_eq!(bytes.len(), PAGE);
         self.stats.pages += 1;
         self.stats.raw_bytes += PAGE as u64;
-        if bytes.iter().all(|&b| b == 0) {
+        if is_zero(bytes) {
             self.forget_hash(at);
             self.remember(at, bytes);
             self.batch.push(ZERO);
@@ -139,14 +139,16 @@ impl Encoder {
     /// Ends the batch: its bytes for the wire (compressed where that pays) and what it cost.
     pub fn finish(&mut self) -> (Vec<u8>, CodecStats) {
         let records = std::mem::take(&mut self.batch);
-        let compressed = lz4_flex::compress_prepend_size(&records);
-        let mut out = Vec::with_capacity(compressed.len().min(records.len()) + 1);
-        if compressed.len() < records.len() {
-            out.push(LZ4);
-            out.extend_from_slice(&compressed);
-        } else {
-            out.push(RAW);
-            out.extend_from_slice(&records);
+        let mut out = Vec::with_capacity(records.len() + 1);
+        match worth_compressing(&records).then(|| lz4_flex::compress_prepend_size(&records)) {
+            Some(compressed) if compressed.len() < records.len() => {
+                out.push(LZ4);
+                out.extend_from_slice(&compressed);
+            }
+            _ => {
+                out.push(RAW);
+                out.extend_from_slice(&records);
+            }
         }
         let mut stats = std::mem::take(&mut self.stats);
         stats.sent_bytes = out.len() as u64;
@@ -161,13 +163,21 @@ impl Encoder {
             page.copy_from_slice(bytes);
             return;
         }
+        let mut reuse = None;
         while self.sent.len() >= self.capacity {
             let Some(old) = self.order.pop_front() else { break };
-            self.sent.remove(&old);
+            reuse = self.sent.remove(&old);
             // Without its bytes a page can no longer be confirmed as a dedup source.
             self.forget_hash(old);
         }
-        self.sent.insert(at, bytes.into());
+        let page = match reuse {
+            Some(mut page) => {
+                page.copy_from_slice(bytes);
+                page
+            }
+            None => bytes.into(),
+        };
+        self.sent.insert(at, page);
         self.order.push_back(at);
     }
 
@@ -265,13 +275,48 @@ pub fn apply(batch: &[u8], store: &mut impl PageStore) -> Result<u64, DecodeErro
     Ok(pages)
 }
 
+/// Whether a page is all zeros, a word at a time.
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()) == 0)
+}
+
+/// The number of bytes from `i` on that are equal in `a` and `b`, skipping equal words whole.
+fn equal_run(a: &[u8], b: &[u8], mut i: usize) -> usize {
+    let start = i;
+    while i + 8 <= a.len() && a[i..i + 8] == b[i..i + 8] {
+        i += 8;
+    }
+    while i < a.len() && a[i] == b[i] {
+        i += 1;
+    }
+    i - start
+}
+
+/// Whether LZ4 is worth trying on a batch: yes unless a sample of it does not shrink (pages of
+/// random bytes: compressing them only costs time).
+fn worth_compressing(records: &[u8]) -> bool {
+    const SAMPLE: usize = 16 << 10;
+    if records.len() <= SAMPLE * 4 {
+        return true;
+    }
+    let middle = records.len() / 2;
+    let sample = &records[middle..middle + SAMPLE];
+    lz4_flex::compress(sample).len() < SAMPLE * 9 / 10
+}
+
 /// `new` as the XOR with `old`, in runs: (unchanged bytes, changed bytes, the changed bytes
 /// XORed), each length a varint. None when that would be longer than `limit`.
 fn xor_runs(old: &[u8], new: &[u8], limit: usize) -> Option<Vec<u8>> {
+    // Most pages either barely changed or changed all over: count changed words first, and
+    // give up at once when half of them changed (the delta would hardly be smaller).
+    let changed_words = old.chunks_exact(8).zip(new.chunks_exact(8)).filter(|(a, b)| a != b).count();
+    if changed_words * 2 > new.len() / 8 {
+        return None;
+    }
     let mut out = Vec::new();
     let mut i = 0;
     while i < new.len() {
-        let same = old[i..].iter().zip(&new[i..]).take_while(|(a, b)| a == b).count();
+        let same = equal_run(old, new, i);
         let start = i + same;
         if start == new.len() {
             break;

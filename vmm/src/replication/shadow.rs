@@ -12,7 +12,7 @@ use std::time::Instant;
 use super::codec::{self, DecodeError, PageStore};
 use super::wire::{self, Control, Endpoint, Frame, Stream, WireError};
 use crate::snapshot::{MemoryMode, VmSnapshot, format};
-use crate::{BuildError, SerialConfig, Vm, VmBuilder};
+use crate::{BuildError, Vm, VmBuilder};
 
 /// Why a shadow gave up.
 #[derive(Debug, thiserror::Error)]
@@ -179,9 +179,11 @@ impl Received {
     /// Starts the VM from what arrived, tells the primary, and from then on obeys its last
     /// word: a commit leaves the VM here, a rollback stops it. If the VM cannot start, the
     /// primary is told (it runs on) and the error returned.
-    pub fn activate(self, serial: SerialConfig) -> Result<Activated, ShadowError> {
+    /// `configure` may set the restored VM's serial console ([`VmBuilder::serial`],
+    /// [`VmBuilder::serial_output`]); the rest comes from the primary.
+    pub fn activate(self, configure: impl FnOnce(VmBuilder) -> VmBuilder) -> Result<Activated, ShadowError> {
         let Received { dir, mut stream, arrived, .. } = self;
-        let vm = match VmBuilder::restore(&dir, MemoryMode::Mmap).serial(serial).start() {
+        let vm = match configure(VmBuilder::restore(&dir, MemoryMode::Mmap)).start() {
             Ok(vm) => Arc::new(vm),
             Err(e) => {
                 let failed = Control::Failed { reason: e.to_string() };

@@ -98,6 +98,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, Failure> {
     failures += virtio_steps(&image.0, &say)?;
     failures += swap_steps(&image.0, &say)?;
     failures += snapshot_steps(&image.0, &say)?;
+    failures += replication_steps(&image.0, &say)?;
 
     say("\n== pause and resume a running 4-vCPU guest 100 times".into());
     let vm = VmBuilder::new(&image.0)
@@ -370,6 +371,84 @@ fn snapshot_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failur
         failures += usize::from(exit != VmExit::Guest(0) || !verified);
     }
     Ok(failures)
+}
+
+/// A guest keeping 16 verified disk requests in flight moves from process to process... here
+/// from VM to VM in this one: replicated to a shadow, switched over, committed, three times;
+/// then it verifies every block.
+fn replication_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
+    use std::sync::Arc;
+    use vmm::replication::{Endpoint, ReplicationRequest, shadow};
+    let runtime = |e: &dyn std::fmt::Display| Failure::runtime(anyhow!("{e}"));
+    let dir = std::env::temp_dir().join(format!("vmm-demo-replication-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| runtime(&e))?;
+    let _cleanup = Temp(dir.clone());
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(64 << 20)).map_err(|e| runtime(&e))?;
+    let cmdline = "prog=blk-stress qd=16 blocks=4096 until_input=1";
+    say(format!(
+        "\n== switchovers to a shadow VMM while the guest keeps 16 disk requests in flight (cmdline \"{cmdline}\")"
+    ));
+    let mut console = Console::default();
+    let mut config = VmConfig::new(image);
+    config.cmdline = cmdline.into();
+    config.disks = vec![DiskConfig { path: Some(disk), engine: BlockEngine::IoUring, ..Default::default() }];
+    let mut vm = Arc::new(
+        VmBuilder::from_config(config).serial_output(SerialOutput::Writer(Box::new(console.clone()))).start()?,
+    );
+    let wait = Duration::from_secs(60);
+    console.wait_for("blk-stress: running", wait).ok_or_else(|| runtime(&"blk-stress did not start"))?;
+    for round in 0..3 {
+        let endpoint = Endpoint::Unix(dir.join(format!("shadow{round}.sock")));
+        let state = dir.join(format!("shadow{round}"));
+        let next_console = Console::default();
+        let shadow_console = next_console.clone();
+        let listen = endpoint.clone();
+        // The shadow: here a thread of this process; `vmm shadow` is the same code.
+        let shadow = std::thread::spawn(move || -> Result<Arc<vmm::Vm>, String> {
+            let received = shadow::receive(&listen, &state, |_| {}).map_err(|e| e.to_string())?;
+            let activated = received
+                .activate(|b| b.serial_output(SerialOutput::Writer(Box::new(shadow_console))))
+                .map_err(|e| e.to_string())?;
+            Ok(activated.vm)
+        });
+        let Endpoint::Unix(path) = &endpoint else { unreachable!() };
+        while !path.exists() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vm.start_replication(&ReplicationRequest { target: endpoint.clone(), epoch_ms: 20 })
+            .map_err(|e| runtime(&e))?;
+        let deadline = Instant::now() + wait;
+        while vm.replication().epochs < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let report = vm.switch_over().map_err(|e| runtime(&e))?;
+        vm.commit_switchover().map_err(|e| runtime(&e))?;
+        let status = vm.replication();
+        say(format!(
+            "   -> switchover {}: {} epochs, {:.1} MiB of pages sent as {:.1} MiB; VM frozen {:.2} ms ({} pages in the last epoch, restore {:.2} ms)",
+            round + 1,
+            status.epochs,
+            status.totals.raw_bytes as f64 / f64::from(1 << 20),
+            status.totals.sent_bytes as f64 / f64::from(1 << 20),
+            report.downtime_us as f64 / 1e3,
+            report.final_pages,
+            report.restore_us as f64 / 1e3
+        ));
+        vm.wait();
+        vm = shadow.join().map_err(|_| runtime(&"the shadow thread panicked"))?.map_err(|e| runtime(&e))?;
+        console = next_console;
+    }
+    vm.serial_input().send(b"q");
+    let exit = vm.wait_timeout(wait).unwrap_or_else(|| vm.stop());
+    let summary = console.wait_for("blk-stress: ops=", Duration::ZERO).unwrap_or_default();
+    let clean = summary.contains("errors=0 mismatches=0 final_verify=4096/4096");
+    say(format!(
+        "   -> {exit} on the third shadow: {}",
+        if clean { "no I/O error, every block read back as last written" } else { "VERIFICATION FAILED" }
+    ));
+    Ok(usize::from(exit != VmExit::Guest(0) || !clean))
 }
 
 fn ms(d: Duration) -> f64 {

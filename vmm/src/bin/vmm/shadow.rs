@@ -70,8 +70,9 @@ pub fn run(args: &ShadowArgs) -> Result<u8, Failure> {
         "vmm shadow: switchover after {} epochs ({} pages); starting the VM",
         received.progress.epochs, received.progress.pages
     );
-    let mut activated =
-        received.activate(args.serial.clone().unwrap_or_default()).map_err(|e| Failure::runtime(anyhow!(e)))?;
+    let mut activated = received
+        .activate(|builder| builder.serial(args.serial.clone().unwrap_or_default()))
+        .map_err(|e| Failure::runtime(anyhow!(e)))?;
     eprintln!("vmm shadow: the VM runs here (restored in {} us)", activated.restore_us);
     let vm: Arc<vmm::Vm> = activated.vm.clone();
     let _api = match &args.api_sock {
