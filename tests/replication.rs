@@ -145,6 +145,14 @@ fn switchover_under_a_dirtying_guest_then_commit() {
     // The primary stays frozen until the commit; its guest writes nothing more.
     let (_, vm) = call(&primary.socket, "GET", "/vm", None);
     assert_eq!(vm["state"], "paused", "{vm}");
+    // Nothing but a commit or a rollback may wake it: not a resume, a snapshot, a memory swap.
+    let (resumed, _) = call(&primary.socket, "PATCH", "/vm", Some(json!({"state": "running"})));
+    assert_eq!(resumed, 409);
+    let (snapshot, _) = call(&primary.socket, "POST", "/snapshots", Some(json!({"path": dir.join("late")})));
+    assert_eq!(snapshot, 409);
+    let (memory, _) =
+        call(&primary.socket, "POST", "/memory/regions/0/swap", Some(json!({"backing": {"kind": "memfd"}})));
+    assert_eq!(memory, 409);
     let frozen = console(&primary.console);
 
     ApiClient::connect_within(&shadow.socket, WAIT, WAIT).expect("the shadow's API answers");

@@ -68,7 +68,7 @@ impl From<SwapError> for ApiError {
         let status = match &e {
             SwapError::Invalid(field) => return field.clone().into(),
             SwapError::NoSuchDevice(_) => 404,
-            SwapError::Busy { .. } | SwapError::VmExited(_) => 409,
+            SwapError::Busy { .. } | SwapError::VmExited(_) | SwapError::Replicating => 409,
             SwapError::Incompatible(_) | SwapError::Prepare(_) => 422,
             SwapError::OtherKindOfBackend { setting, .. } => {
                 return Self { status: 422, error: e.to_string(), field: Some(format!("backend.{setting}")) };
@@ -136,7 +136,7 @@ impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
         let status = match e {
             VmError::Exited(_) | VmError::Control(ControlError::Stopped) => 409,
-            VmError::Control(ControlError::NotPaused) => 409,
+            VmError::Control(ControlError::NotPaused) | VmError::SwitchedOver => 409,
             VmError::Control(ControlError::Timeout { .. } | ControlError::NoAnswer(_)) => 500,
         };
         Self::new(status, e.to_string())

@@ -23,6 +23,9 @@ const FULL: u8 = 1;
 const DELTA: u8 = 2;
 const SAME: u8 = 3;
 
+/// The most bytes of records a batch decompresses to (a batch of 64 Ki pages sent whole).
+const MAX_RECORDS: usize = (64 << 10) * (PAGE + 16);
+
 /// Batch flags.
 const RAW: u8 = 0;
 const LZ4: u8 = 1;
@@ -232,9 +235,16 @@ pub fn apply(batch: &[u8], store: &mut impl PageStore) -> Result<u64, DecodeErro
     let (&flag, rest) = batch.split_first().ok_or(DecodeError::Truncated)?;
     let records = match flag {
         RAW => std::borrow::Cow::Borrowed(rest),
-        LZ4 => std::borrow::Cow::Owned(
-            lz4_flex::decompress_size_prepended(rest).map_err(|e| DecodeError::Lz4(e.to_string()))?,
-        ),
+        LZ4 => {
+            // The size prefix is the peer's word: bounded by what one batch can hold.
+            let size = rest.get(..4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
+            match size {
+                Some(size) if size <= MAX_RECORDS => std::borrow::Cow::Owned(
+                    lz4_flex::decompress_size_prepended(rest).map_err(|e| DecodeError::Lz4(e.to_string()))?,
+                ),
+                _ => return Err(DecodeError::Lz4(format!("a batch of {size:?} bytes is over the limit"))),
+            }
+        }
         other => return Err(DecodeError::Kind(other)),
     };
     let mut input = &records[..];

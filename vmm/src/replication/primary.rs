@@ -168,6 +168,11 @@ impl ReplicationManager {
         self.status_mut().clone()
     }
 
+    /// Whether the VM is frozen for a switchover: nothing may resume it but a rollback.
+    pub fn frozen(&self) -> bool {
+        matches!(self.status_mut().state, ReplicationState::SwitchingOver | ReplicationState::SwitchedOver)
+    }
+
     /// Whether epochs are running (snapshots and memory swaps, which read or rebuild the dirty
     /// log, wait for none).
     pub fn active(&self) -> bool {
@@ -185,20 +190,26 @@ impl ReplicationManager {
     ) -> Result<ReplicationStatus, ReplicationError> {
         request.check()?;
         {
-            let status = self.status_mut();
+            // Claimed before connecting: a second start, a snapshot or a memory swap arriving
+            // meanwhile is refused.
+            let mut status = self.status_mut();
             if !matches!(status.state, ReplicationState::Idle | ReplicationState::Stopped | ReplicationState::Failed) {
                 return Err(ReplicationError::Conflict(format!("replication is {:?} already", status.state)));
             }
+            *status = ReplicationStatus {
+                state: ReplicationState::Starting,
+                target: Some(request.target.to_string()),
+                ..Default::default()
+            };
         }
         let stream = request.target.connect(Duration::from_secs(5)).map_err(|e| {
-            ReplicationError::Unreachable(format!("cannot reach the shadow at {}: {e}", request.target))
+            let message = format!("cannot reach the shadow at {}: {e}", request.target);
+            let mut status = self.status_mut();
+            status.state = ReplicationState::Failed;
+            status.error = Some(message.clone());
+            ReplicationError::Unreachable(message)
         })?;
         let (send, receive) = std::sync::mpsc::channel();
-        *self.status_mut() = ReplicationStatus {
-            state: ReplicationState::Starting,
-            target: Some(request.target.to_string()),
-            ..Default::default()
-        };
         *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = Some(send);
         let status = self.status.clone();
         let weak = Arc::downgrade(vm);
@@ -294,6 +305,7 @@ fn run(
         return Ok(ReplicationState::Stopped);
     };
     stream.set_read_timeout(Some(SHADOW_TIMEOUT))?;
+    stream.set_write_timeout(Some(SHADOW_TIMEOUT))?;
     let hello = Control::Hello { version: wire::PROTOCOL_VERSION, memory_bytes };
     wire::write_frame(&mut stream, &Frame::Control(hello))?;
     let mut encoder = Encoder::new(CACHE_PAGES);
@@ -348,6 +360,8 @@ fn run(
                     });
                 }
                 let _ = reply.send(outcome.clone());
+                // The thread must not keep the VM alive while it waits for the last word.
+                drop(live);
                 return match outcome {
                     Ok(_) => after_switchover(&mut stream, commands),
                     Err(e) => Err(WireError::Malformed(format!("switchover failed, this VM runs on: {e}"))),
@@ -384,7 +398,9 @@ fn after_switchover(stream: &mut Box<dyn Stream>, commands: &Receiver<Command>) 
             Ok(Command::Switchover(reply)) => {
                 let _ = reply.send(Err("switched over already".into()));
             }
-            Ok(Command::Stop) | Err(_) => return Ok(ReplicationState::SwitchedOver),
+            // Only commit or rollback ends a switchover.
+            Ok(Command::Stop) => {}
+            Err(_) => return Ok(ReplicationState::SwitchedOver),
         }
     }
 }

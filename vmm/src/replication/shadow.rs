@@ -111,7 +111,16 @@ pub fn receive(
     let mut stream =
         endpoint.accept_one().map_err(|source| ShadowError::Io { path: endpoint.to_string().into(), source })?;
     let memory_bytes = match wire::read_frame(&mut stream)? {
-        Frame::Control(Control::Hello { version, memory_bytes }) if version == wire::PROTOCOL_VERSION => memory_bytes,
+        Frame::Control(Control::Hello { version, memory_bytes })
+            if version == wire::PROTOCOL_VERSION
+                && memory_bytes.is_multiple_of(codec::PAGE as u64)
+                && memory_bytes <= MAX_MEMORY =>
+        {
+            memory_bytes
+        }
+        Frame::Control(Control::Hello { version, memory_bytes }) if version == wire::PROTOCOL_VERSION => {
+            return Err(ShadowError::Protocol(format!("guest memory of {memory_bytes} bytes")));
+        }
         Frame::Control(Control::Hello { version, .. }) => return Err(ShadowError::Version(version)),
         other => return Err(ShadowError::Protocol(format!("expected the primary's hello, got {other:?}"))),
     };
@@ -145,8 +154,16 @@ pub fn receive(
     }
 }
 
+/// The most guest memory a shadow takes (the VMM's own limit on `mem_mib` is lower).
+const MAX_MEMORY: u64 = 1 << 40;
+
 fn check_layout(snapshot: &VmSnapshot, memory_bytes: u64) -> Result<(), ShadowError> {
-    let end = snapshot.regions.iter().map(|r| r.file_offset + r.size).max().unwrap_or(0);
+    // A switchover's state is a full snapshot of what this stream carried, nothing else.
+    if snapshot.kind != crate::snapshot::SnapshotKind::Full || snapshot.parent.is_some() {
+        return Err(ShadowError::Protocol("the switchover's state is not a full snapshot".into()));
+    }
+    let ends: Option<Vec<u64>> = snapshot.regions.iter().map(|r| r.file_offset.checked_add(r.size)).collect();
+    let end = ends.and_then(|ends| ends.into_iter().max()).unwrap_or(u64::MAX);
     match end == memory_bytes {
         true => Ok(()),
         false => Err(ShadowError::Protocol(format!("the state lays out {end} bytes of RAM, the hello {memory_bytes}"))),

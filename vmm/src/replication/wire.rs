@@ -74,6 +74,8 @@ impl std::fmt::Display for Endpoint {
 pub trait Stream: Read + Write + Send {
     /// Bounds every read (None: wait as long as it takes).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Bounds every write: a peer that stops reading must not block the sender for good.
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// A second handle on the same connection.
     fn try_clone_box(&self) -> io::Result<Box<dyn Stream>>;
     /// Ends the connection both ways.
@@ -83,6 +85,9 @@ pub trait Stream: Read + Write + Send {
 impl Stream for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
     }
     fn try_clone_box(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
@@ -95,6 +100,9 @@ impl Stream for UnixStream {
 impl Stream for TcpStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
     }
     fn try_clone_box(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
@@ -123,6 +131,9 @@ impl Endpoint {
         Ok(match self {
             Endpoint::Unix(path) => {
                 let listener = UnixListener::bind(path)?;
+                // Only this user's processes may connect (the API socket is 0600 too).
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
                 let (stream, _) = listener.accept()?;
                 let _ = std::fs::remove_file(path);
                 Box::new(stream)
@@ -181,7 +192,6 @@ pub enum Control {
 }
 
 /// A frame.
-#[derive(Debug)]
 pub enum Frame {
     /// A batch of encoded pages for epoch `epoch`.
     Pages {
@@ -192,6 +202,18 @@ pub enum Frame {
     },
     /// A control message.
     Control(Control),
+}
+
+/// Frames are named, never dumped: a batch is megabytes, a state kilobytes.
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Frame::Pages { epoch, batch } => write!(f, "pages of epoch {epoch} ({} bytes)", batch.len()),
+            Frame::Control(Control::Switchover(_)) => write!(f, "the switchover's state"),
+            Frame::Control(Control::Failed { reason }) => write!(f, "failed: {reason:.200}"),
+            Frame::Control(control) => write!(f, "{control:?}"),
+        }
+    }
 }
 
 /// Why the stream failed.

@@ -156,6 +156,9 @@ pub enum SwapError {
         /// The setting it does not have.
         setting: String,
     },
+    /// The VM is replicating to a shadow, or frozen for a switchover.
+    #[error("the VM is replicating to a shadow (or frozen for a switchover): stop replication first")]
+    Replicating,
     /// The VM has exited, or is stopping; the string says how.
     #[error("the VM has exited ({0})")]
     VmExited(String),

@@ -46,6 +46,10 @@ pub enum VmError {
     /// The vCPU threads did not reach the requested state.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The VM was handed to a shadow and stays frozen until the switchover is committed or
+    /// rolled back.
+    #[error("the VM is frozen for a switchover to a shadow: commit or roll it back")]
+    SwitchedOver,
 }
 
 /// Pushes bytes into the guest's serial port from any thread.
@@ -218,6 +222,9 @@ impl Vm {
     /// Lets the vCPUs run again; returns once all are running.
     pub fn resume(&self) -> Result<(), VmError> {
         self.ensure_running()?;
+        if self.replication.frozen() {
+            return Err(VmError::SwitchedOver);
+        }
         Ok(self.vcpus().resume()?)
     }
 
@@ -252,6 +259,11 @@ impl Vm {
         if let Some(exit) = self.exit.get() {
             return Err(SwapError::VmExited(exit.to_string()));
         }
+        // A swap resumes its device and changes what the shadow must open: not while the
+        // VM is being replicated or is handed over.
+        if self.replication.active() || self.replication.frozen() {
+            return Err(SwapError::Replicating);
+        }
         // Not under the device manager's lock: opening the new backend can take a while (an
         // NBD server to connect to), and listing devices or stopping the VM must not wait.
         let entry = self.devices().find(id).cloned().ok_or_else(|| SwapError::NoSuchDevice(id.to_string()))?;
@@ -268,7 +280,7 @@ impl Vm {
         if self.exit.is_set() {
             return Err(MemorySwapError::Pause(ControlError::Stopped));
         }
-        if self.replication.active() {
+        if self.replication.active() || self.replication.frozen() {
             return Err(MemorySwapError::Replicating);
         }
         let vcpus = self.vcpus();
@@ -290,7 +302,7 @@ impl Vm {
         if let Some(exit) = self.exit.get() {
             return Err(SnapshotError::Exited(exit.to_string()));
         }
-        if self.replication.active() {
+        if self.replication.active() || self.replication.frozen() {
             return Err(SnapshotError::Replicating);
         }
         let vcpus = self.vcpus();

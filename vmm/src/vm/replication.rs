@@ -27,6 +27,12 @@ impl Vm {
         if let Some(exit) = self.exit.get() {
             return Err(ReplicationError::Conflict(format!("the VM has exited ({exit})")));
         }
+        // A swap in progress would resume its device behind the switchover's back.
+        if let Some(device) = self.swaps.tallies().1.into_keys().next() {
+            return Err(ReplicationError::Conflict(format!(
+                "device {device} is swapping its backend; replicate once the swap has ended"
+            )));
+        }
         self.replication.start(self, request)
     }
 

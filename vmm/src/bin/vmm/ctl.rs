@@ -272,7 +272,14 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
     let Some(api_sock) = &args.api_sock else {
         return Err(Failure::bad_input(anyhow!("which VMM? pass --api-sock PATH (or set VMM_API_SOCK)")));
     };
-    let slow = matches!(args.command, CtlCommand::Snapshot(_) | CtlCommand::MemorySwap { .. });
+    let slow = matches!(
+        args.command,
+        CtlCommand::Snapshot(_)
+            | CtlCommand::MemorySwap { .. }
+            | CtlCommand::Replicate(
+                ReplicateCommand::Switchover | ReplicateCommand::Commit | ReplicateCommand::Rollback
+            )
+    );
     let default_secs = if slow { SLOW_TIMEOUT_S } else { TIMEOUT_S };
     let timeout = Duration::from_secs_f64(args.timeout.unwrap_or(default_secs));
     // A poll's answer comes after up to `poll_ms` by design: well inside the timeout.
