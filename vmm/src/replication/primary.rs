@@ -352,18 +352,25 @@ fn run(
                     }
                 }
                 let outcome = live.switch_over_on(number, &mut encoder, &mut stream);
+                let in_doubt = outcome.as_ref().is_err_and(|e| e.starts_with(crate::vm::IN_DOUBT));
                 // The state first: a commit may follow the answer at once.
-                if let Ok(report) = &outcome {
-                    update(&mut |s| {
+                match &outcome {
+                    Ok(report) => update(&mut |s| {
                         s.state = ReplicationState::SwitchedOver;
                         s.switchover = Some(*report);
-                    });
+                    }),
+                    Err(e) if in_doubt => update(&mut |s| {
+                        s.state = ReplicationState::SwitchedOver;
+                        s.error = Some(e.clone());
+                    }),
+                    Err(_) => {}
                 }
                 let _ = reply.send(outcome.clone());
                 // The thread must not keep the VM alive while it waits for the last word.
                 drop(live);
                 return match outcome {
                     Ok(_) => after_switchover(&mut stream, commands),
+                    Err(_) if in_doubt => after_switchover(&mut stream, commands),
                     Err(e) => Err(WireError::Malformed(format!("switchover failed, this VM runs on: {e}"))),
                 };
             }
@@ -378,9 +385,13 @@ fn after_switchover(stream: &mut Box<dyn Stream>, commands: &Receiver<Command>) 
     loop {
         match commands.recv() {
             Ok(Command::Commit(reply)) => {
-                let sent = wire::write_frame(stream, &Frame::Control(Control::Commit));
-                let _ = reply.send(sent.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                return sent.map(|()| ReplicationState::Committed);
+                // The operator's decision: the shadow has the VM. Telling it is a courtesy (it
+                // keeps the VM whether or not it hears).
+                if let Err(e) = wire::write_frame(stream, &Frame::Control(Control::Commit)) {
+                    log::warn!("could not tell the shadow about the commit: {e}");
+                }
+                let _ = reply.send(Ok(()));
+                return Ok(ReplicationState::Committed);
             }
             Ok(Command::Rollback(reply)) => {
                 let outcome =

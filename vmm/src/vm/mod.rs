@@ -2,6 +2,8 @@
 
 mod replication;
 
+pub(crate) use replication::IN_DOUBT;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

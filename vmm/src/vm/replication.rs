@@ -152,12 +152,28 @@ impl Vm {
         let snapshot = source.describe(SnapshotKind::Full, None, regions, machine);
         let state_bytes = primary::send_state(stream, snapshot).map_err(wire_err)?;
         stream.flush().map_err(|e| e.to_string())?;
+        // From here the shadow may be running the VM: an answer that does not come, or makes
+        // no sense, leaves this VM frozen (two running copies would share its disks).
+        let in_doubt = |quiesced: Quiesced, why: String| {
+            quiesced.keep();
+            Err(format!("{IN_DOUBT}: {why}"))
+        };
         // The shadow acknowledges the last epoch, then says how the restore went.
-        match wire::read_frame(stream).map_err(wire_err)? {
-            Frame::Control(Control::Ack { epoch: acked }) if acked == epoch => {}
-            other => return Err(format!("expected the shadow's ack of the last epoch, got {other:?}")),
+        match wire::read_frame(stream) {
+            Ok(Frame::Control(Control::Ack { epoch: acked })) if acked == epoch => {}
+            Ok(Frame::Control(Control::Failed { reason })) => {
+                return Err(format!("the shadow could not start the VM: {reason}"));
+            }
+            Ok(other) => {
+                return in_doubt(quiesced, format!("expected the shadow's ack of the last epoch, got {other:?}"));
+            }
+            Err(e) => return in_doubt(quiesced, e.to_string()),
         }
-        match wire::read_frame(stream).map_err(wire_err)? {
+        let answer = match wire::read_frame(stream) {
+            Ok(answer) => answer,
+            Err(e) => return in_doubt(quiesced, e.to_string()),
+        };
+        match answer {
             Frame::Control(Control::Activated { restore_us }) => {
                 let report = SwitchoverReport {
                     downtime_us: frozen_at.elapsed().as_micros() as u64,
@@ -173,7 +189,12 @@ impl Vm {
                 Ok(report)
             }
             Frame::Control(Control::Failed { reason }) => Err(format!("the shadow could not start the VM: {reason}")),
-            other => Err(format!("expected the shadow's activation, got {other:?}")),
+            other => in_doubt(quiesced, format!("expected the shadow's activation, got {other:?}")),
         }
     }
 }
+
+/// How a switchover error begins when the shadow may be running the VM: this one then stays
+/// frozen, and only commit (the shadow has it) or rollback ends the switchover.
+pub(crate) const IN_DOUBT: &str = "the switchover is in doubt (the shadow may be running the VM; this one stays frozen \
+                                   until commit or rollback)";
