@@ -15,7 +15,7 @@ use vm_memory::GuestAddressSpace;
 
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
-use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::config::{ConfigError, NetConfig, SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder, Registered, backends};
 use crate::exit::ExitState;
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
@@ -258,11 +258,15 @@ fn add_devices(kvm: &KvmVm, ram: &GuestRam, config: &VmConfig) -> Result<DeviceM
     for (net, id) in config.nets.iter().zip(&ids[config.disks.len()..]) {
         let settings = NetSettings { mac: backends::nic_mac(net, id)?, mtu: net.mtu };
         let backend = backends::open_net(net, id)?;
+        // The MAC in use, generated or not, is part of the device: a snapshot or a shadow
+        // rebuilds the NIC with the one the guest knows.
+        let mac = settings.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        let net = NetConfig { mac: Some(mac), ..net.clone() };
         devices.add(
             kvm,
             id,
             |irq, mem| VirtioNet::new(backend, settings, irq, mem),
-            |d| DeviceHandle::new(Registered::new(d, net.clone())),
+            |d| DeviceHandle::new(Registered::new(d, net)),
         )?;
     }
     if let (Some(vsock), Some(id)) = (&config.vsock, ids.last()) {
