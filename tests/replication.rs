@@ -452,3 +452,29 @@ fn switchover_under_a_network_stream() {
     assert_eq!(field("sent"), field("received") + field("lost"), "{summary}");
     eprintln!("net-stream across a switchover: {summary}");
 }
+
+/// A shadow stopped while it waits for a primary leaves nothing behind: its listening socket
+/// and its own directory go with it.
+#[test]
+fn a_waiting_shadow_stopped_by_a_signal_cleans_up() {
+    let dir = TempDir::new("repl-sigterm");
+    let listen = dir.join("repl.sock");
+    let mut cmd = Command::new(common::vmm_bin());
+    cmd.args(["shadow", "--listen", &format!("unix:{}", listen.display())]).stdin(Stdio::null()).stderr(Stdio::piped());
+    let mut child = Reaped(cmd.spawn().expect("spawn the shadow"));
+    let own_dir = std::env::temp_dir().join(format!("vmm-shadow-{}", child.0.id()));
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("waiting for a primary"), "{line}");
+    let deadline = Instant::now() + WAIT;
+    while !listen.exists() || !own_dir.exists() {
+        assert!(Instant::now() < deadline, "the shadow never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: only sends a signal to our child.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(exit_status(&mut child), Some(128 + libc::SIGTERM));
+    assert!(!listen.exists(), "the listening socket was left behind");
+    assert!(!own_dir.exists(), "the shadow's directory was left behind");
+}

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -162,9 +162,18 @@ static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
 /// The API socket, for a second signal to remove on its way out.
 static API_SOCKET: OnceLock<PathBuf> = OnceLock::new();
 
-/// SIGINT, SIGTERM and SIGHUP, caught from before the VM starts (so none can kill the process
-/// half set up) until [`StopSignals::stop`] hands them a VM to stop.
-pub struct StopSignals(Signals);
+/// SIGINT, SIGTERM and SIGHUP, caught from the start. Until [`StopSignals::stop`] hands them a
+/// VM, a signal ends the process at once (nothing runs yet that a clean stop would protect),
+/// removing what [`StopSignals::remove_on_early_exit`] named; from then on it stops the VM.
+pub struct StopSignals {
+    target: Arc<Mutex<SignalTarget>>,
+}
+
+#[derive(Default)]
+struct SignalTarget {
+    vm: Option<Arc<Vm>>,
+    cleanup: Vec<PathBuf>,
+}
 
 impl StopSignals {
     /// Catches the three signals, except those this process was started ignoring (`nohup`
@@ -172,19 +181,22 @@ impl StopSignals {
     /// caller asked for those to pass by.
     pub fn catch() -> std::io::Result<Self> {
         let wanted: Vec<i32> = [SIGINT, SIGTERM, SIGHUP].into_iter().filter(|&s| !ignored(s)).collect();
-        Ok(StopSignals(Signals::new(wanted)?))
-    }
-
-    /// Stops `vm` cleanly on the first signal: the vCPUs stop, `run` returns and the API
-    /// socket (`api_socket`) is removed on the way out. A second signal ends the process at
-    /// once, still removing the socket and restoring the terminal.
-    pub fn stop(self, vm: Arc<Vm>, api_socket: Option<&Path>) -> std::io::Result<()> {
-        if let Some(path) = api_socket {
-            let _ = API_SOCKET.set(path.to_path_buf());
-        }
-        let mut signals = self.0;
+        let mut signals = Signals::new(wanted)?;
+        let target = Arc::new(Mutex::new(SignalTarget::default()));
+        let watched = target.clone();
         std::thread::Builder::new().name("signals".into()).spawn(move || {
             for signal in signals.forever() {
+                let (vm, cleanup) = {
+                    let target = watched.lock().unwrap_or_else(|p| p.into_inner());
+                    (target.vm.clone(), target.cleanup.clone())
+                };
+                let Some(vm) = vm else {
+                    restore_terminal();
+                    for path in cleanup {
+                        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                    }
+                    std::process::exit(128 + signal);
+                };
                 if STOPPED_BY.swap(signal, Ordering::SeqCst) != 0 {
                     restore_terminal();
                     if let Some(path) = API_SOCKET.get() {
@@ -197,6 +209,23 @@ impl StopSignals {
                 vm.stop();
             }
         })?;
+        Ok(StopSignals { target })
+    }
+
+    /// Files or directories a signal removes if it comes before there is a VM (a shadow's
+    /// directory and listening socket).
+    pub fn remove_on_early_exit(&self, paths: Vec<PathBuf>) {
+        self.target.lock().unwrap_or_else(|p| p.into_inner()).cleanup = paths;
+    }
+
+    /// From now on a signal stops `vm` cleanly: the vCPUs stop, the caller returns and the API
+    /// socket (`api_socket`) is removed on the way out. A second signal ends the process at
+    /// once, still removing the socket and restoring the terminal.
+    pub fn stop(&self, vm: Arc<Vm>, api_socket: Option<&Path>) -> std::io::Result<()> {
+        if let Some(path) = api_socket {
+            let _ = API_SOCKET.set(path.to_path_buf());
+        }
+        self.target.lock().unwrap_or_else(|p| p.into_inner()).vm = Some(vm);
         Ok(())
     }
 }

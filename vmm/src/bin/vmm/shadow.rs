@@ -61,6 +61,15 @@ pub fn run(args: &ShadowArgs) -> Result<u8, Failure> {
         }
     };
     let signals = StopSignals::catch().map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
+    // Stopped while it waits or receives: nothing of it stays behind.
+    let mut leftovers = vec![];
+    if let Endpoint::Unix(path) = &args.listen {
+        leftovers.push(path.clone());
+    }
+    if _own.0.is_some() {
+        leftovers.push(dir.clone());
+    }
+    signals.remove_on_early_exit(leftovers);
     eprintln!("vmm shadow: waiting for a primary on {}", args.listen);
     let received = shadow::receive(&args.listen, &dir, |p| {
         log::info!("shadow: epoch {} applied ({} pages, {} bytes so far)", p.epochs, p.pages, p.bytes);
