@@ -168,6 +168,12 @@ impl ReplicationManager {
         self.status_mut().clone()
     }
 
+    /// Whether replication forbids what would read its dirty log or wake a frozen VM:
+    /// snapshots, memory and device swaps.
+    pub fn in_use(&self) -> bool {
+        self.active() || self.frozen()
+    }
+
     /// Whether the VM is frozen for a switchover: nothing may resume it but a rollback.
     pub fn frozen(&self) -> bool {
         matches!(self.status_mut().state, ReplicationState::SwitchingOver | ReplicationState::SwitchedOver)

@@ -263,7 +263,7 @@ impl Vm {
         }
         // A swap resumes its device and changes what the shadow must open: not while the
         // VM is being replicated or is handed over.
-        if self.replication.active() || self.replication.frozen() {
+        if self.replication.in_use() {
             return Err(SwapError::Replicating);
         }
         // Not under the device manager's lock: opening the new backend can take a while (an
@@ -282,7 +282,7 @@ impl Vm {
         if self.exit.is_set() {
             return Err(MemorySwapError::Pause(ControlError::Stopped));
         }
-        if self.replication.active() || self.replication.frozen() {
+        if self.replication.in_use() {
             return Err(MemorySwapError::Replicating);
         }
         let vcpus = self.vcpus();
@@ -304,24 +304,29 @@ impl Vm {
         if let Some(exit) = self.exit.get() {
             return Err(SnapshotError::Exited(exit.to_string()));
         }
-        if self.replication.active() || self.replication.frozen() {
+        if self.replication.in_use() {
             return Err(SnapshotError::Replicating);
         }
         let vcpus = self.vcpus();
         let devices = self.devices();
+        self.snapshot_source(&vcpus, &devices).take(request)
+    }
+
+    /// What a snapshot or a switchover reads, with the vCPU and device locks the caller holds;
+    /// a guest its user paused stays paused.
+    pub(crate) fn snapshot_source<'a>(&'a self, vcpus: &'a Vcpus, devices: &'a DeviceManager) -> SnapshotSource<'a> {
         SnapshotSource {
             config: &self.config,
             info: &self.info,
             ram: &self.ram,
             kvm: &self.kvm,
-            vcpus: &vcpus,
-            devices: &devices,
+            vcpus,
+            devices,
             serial: &self.serial,
             swaps: &self.swaps,
             dirty: &self.dirty,
             resume_vcpus: vcpus.target() != Target::Pause,
         }
-        .take(request)
     }
 
     /// A handle for feeding the guest's serial input.

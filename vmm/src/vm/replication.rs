@@ -11,8 +11,7 @@ use crate::replication::codec::{Encoder, PAGE};
 use crate::replication::primary::{self, ReplicationError, ReplicationRequest, ReplicationStatus, SwitchoverReport};
 use crate::replication::wire::{self, Control, Frame, Stream};
 use crate::snapshot::format::LiveMemory;
-use crate::snapshot::{DirtyError, RegionSnapshot, SnapshotKind, SnapshotSource, dirty_ranges};
-use crate::vcpu::Target;
+use crate::snapshot::{DirtyError, RegionSnapshot, SnapshotKind, dirty_ranges};
 
 /// How long a switchover waits for the devices to drain before giving up (the VM runs on).
 const SWITCHOVER_DRAIN: Duration = Duration::from_secs(2);
@@ -117,19 +116,8 @@ impl Vm {
         let started = Instant::now();
         let vcpus = self.vcpus();
         let devices = self.devices();
-        let resume_vcpus = vcpus.target() != Target::Pause;
-        let source = SnapshotSource {
-            config: &self.config,
-            info: &self.info,
-            ram: &self.ram,
-            kvm: &self.kvm,
-            vcpus: &vcpus,
-            devices: &devices,
-            serial: &self.serial,
-            swaps: &self.swaps,
-            dirty: &self.dirty,
-            resume_vcpus,
-        };
+        let source = self.snapshot_source(&vcpus, &devices);
+        let resume_vcpus = source.resume_vcpus;
         let quiesced = Quiesced::new(&vcpus, &devices, SWITCHOVER_DRAIN, resume_vcpus).map_err(|e| e.to_string())?;
         let frozen_at = Instant::now();
         let devices_quiesce_us = quiesced.devices_quiesce.as_micros() as u64;

@@ -164,7 +164,7 @@ fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     s.parse()
 }
 
-fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+pub(crate) fn parse_serial(s: &str) -> Result<SerialConfig, String> {
     s.parse()
 }
 

@@ -28,15 +28,11 @@ pub struct ShadowArgs {
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// The VM's serial console once it runs here: stdout, none or file:PATH [default: stdout].
-    #[arg(long, value_name = "DEST", value_parser = parse_serial)]
+    #[arg(long, value_name = "DEST", value_parser = crate::cli::parse_serial)]
     pub serial: Option<SerialConfig>,
 }
 
 fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
-    s.parse()
-}
-
-fn parse_serial(s: &str) -> Result<SerialConfig, String> {
     s.parse()
 }
 
