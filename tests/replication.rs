@@ -237,34 +237,39 @@ fn twenty_switchovers_under_disk_load_lose_no_dma() {
     );
 }
 
-/// A rollback after the switchover: the shadow stops, the primary runs on from its freeze.
+/// A rollback after the switchover: the shadow stops, takes back what its guest wrote to the
+/// disk, and the primary runs on from its freeze; its guest, which verifies every block it
+/// reads, finds the disk exactly as it left it.
 #[test]
 fn rollback_after_a_switchover_resumes_the_primary() {
+    const BLOCKS: u32 = 1024;
     let dir = TempDir::new("repl-rollback");
-    let mut primary = Primary::start(&dir, "prog=memdirty mib=8 pages_per_ms=5", &[]);
-    let mut shadow = Shadow::start(&dir, "shadow");
-    let (status, _) = call(&primary.socket, "POST", "/replication", Some(json!({"target": shadow.target()})));
-    assert_eq!(status, 202);
-    wait_for_epochs(&primary, 2);
+    let (primary, mut shadow, _) = replicating_blk_stress(&dir, BLOCKS);
     let (status, report) = call(&primary.socket, "POST", "/replication/switchover", None);
     assert_eq!(status, 200, "{report}");
+    // The guest writes on the shadow for a while.
+    ApiClient::connect_within(&shadow.socket, WAIT, WAIT).expect("the shadow's API answers");
+    // The counters came over with the device's state: count from where they stand.
+    let requests = |disk: &Value| disk["counters"]["io"]["requests"].as_u64().unwrap_or(0);
+    let base = requests(&call(&shadow.socket, "GET", "/devices/disk0", None).1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, disk) = call(&shadow.socket, "GET", "/devices/disk0", None);
+        if requests(&disk) > base + 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no I/O on the shadow: {disk}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (status, rolled) = call(&primary.socket, "POST", "/replication/rollback", None);
     assert_eq!(status, 200, "{rolled}");
     assert_eq!(rolled["state"], "stopped", "{rolled}");
     assert_eq!(exit_status(&mut shadow.child), Some(0), "the shadow ends after a rollback");
     let (_, vm) = call(&primary.socket, "GET", "/vm", None);
     assert_eq!(vm["state"], "running", "{vm}");
-    // Running again: new rounds, all verified.
-    let rounds = console(&primary.console).matches("ok (").count();
-    let deadline = Instant::now() + WAIT;
-    while console(&primary.console).matches("ok (").count() < rounds + 2 {
-        assert!(Instant::now() < deadline, "the primary did not run on:\n{}", console(&primary.console));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (status, _) = call(&primary.socket, "POST", "/serial/input", Some(json!({"data": "q"})));
-    assert_eq!(status, 200);
-    assert_eq!(exit_status(&mut primary.child), Some(0), "{}", console(&primary.console));
-    assert!(console(&primary.console).contains("all verified"));
+    let Primary { mut child, socket, console: log } = primary;
+    let summary = finish_blk_stress(&mut child, &socket, &log, BLOCKS);
+    eprintln!("after a rollback: {summary}");
 }
 
 /// The shadow dies mid-replication: the primary runs on, says why, and replicates again to a
@@ -477,4 +482,125 @@ fn a_waiting_shadow_stopped_by_a_signal_cleans_up() {
     assert_eq!(exit_status(&mut child), Some(128 + libc::SIGTERM));
     assert!(!listen.exists(), "the listening socket was left behind");
     assert!(!own_dir.exists(), "the shadow's directory was left behind");
+}
+
+/// Starts `blk-stress` on a primary with a disk of its own, and replication to a new shadow.
+fn replicating_blk_stress(dir: &TempDir, blocks: u32) -> (Primary, Shadow, PathBuf) {
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let primary = Primary::start(
+        dir,
+        &format!("prog=blk-stress qd=4 blocks={blocks} until_input=1"),
+        &["--disk", &format!("path={}", image.display())],
+    );
+    let deadline = Instant::now() + WAIT;
+    while !console(&primary.console).contains("blk-stress: running") {
+        assert!(Instant::now() < deadline, "blk-stress never ran:\n{}", console(&primary.console));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let shadow = Shadow::start(dir, "shadow");
+    let (status, started) =
+        call(&primary.socket, "POST", "/replication", Some(json!({"target": shadow.target(), "epoch_ms": 50})));
+    assert_eq!(status, 202, "{started}");
+    wait_for_epochs(&primary, 2);
+    (primary, shadow, image)
+}
+
+/// Ends `blk-stress` on the VM's final home and checks it lost nothing.
+fn finish_blk_stress(child: &mut Reaped, socket: &Path, log: &Path, blocks: u32) -> String {
+    let (status, _) = call(socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(child), Some(0), "{}", console(log));
+    let text = console(log);
+    let summary = text.lines().rev().find(|l| l.starts_with("blk-stress: ops=")).unwrap_or_else(|| panic!("{text}"));
+    assert!(summary.contains(&format!("errors=0 mismatches=0 final_verify={blocks}/{blocks}")), "{summary}");
+    summary.to_string()
+}
+
+/// Validated updates: one that passes its trial on a clone (another disk engine and a memfd
+/// RAM backing), one that fails (a disk backend that fails every request); the failed one
+/// cannot be switched to, the passed one is applied by the switchover. The clone's disk
+/// writes go to an overlay: the primary's guest, which keeps verifying every block it reads,
+/// never sees them.
+#[test]
+fn a_validated_update_is_applied_by_the_switchover_and_a_failed_one_is_refused() {
+    const BLOCKS: u32 = 2048;
+    let dir = TempDir::new("repl-validate");
+    let (mut primary, shadow, image) = replicating_blk_stress(&dir, BLOCKS);
+    let backend = json!({ "path": image, "engine": "io_uring" });
+    let good = json!({
+        "update": { "devices": { "disk0": { "backend": backend } }, "ram_backing": { "kind": "memfd" } },
+        "health": { "window_ms": 800, "min_requests": 20 },
+    });
+    let (status, passed) = call(&primary.socket, "POST", "/replication/validate", Some(good));
+    assert_eq!(status, 200, "{passed}");
+    let report = &passed["report"];
+    assert_eq!(report["passed"], true, "{passed}");
+    assert_eq!(report["applied"].as_array().map(Vec::len), Some(2), "the disk and the RAM: {passed}");
+    assert!(report["health"]["requests"].as_u64() >= Some(20), "the clone's disk served: {passed}");
+    eprintln!("passed trial: {passed}");
+
+    let bad = json!({
+        "update": { "devices": { "disk0": { "backend": { "path": image }, "fault": "error" } } },
+    });
+    let (status, failed) = call(&primary.socket, "POST", "/replication/validate", Some(bad));
+    assert_eq!(status, 200, "{failed}");
+    assert_eq!(failed["report"]["passed"], false, "{failed}");
+    let reason = failed["report"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("disk0") && reason.contains("probe"), "{failed}");
+    let (passed_id, failed_id) = (passed["id"].as_u64().unwrap(), failed["id"].as_u64().unwrap());
+
+    // The primary ran through both trials untouched, still replicating.
+    let (_, vm) = call(&primary.socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let (_, replication) = call(&primary.socket, "GET", "/replication", None);
+    assert_eq!(replication["state"], "replicating", "{replication}");
+    assert_eq!(replication["validations"].as_array().map(Vec::len), Some(2), "{replication}");
+    let (_, disk) = call(&primary.socket, "GET", "/devices/disk0", None);
+    assert!(!disk["backend"].as_str().unwrap_or_default().contains("io_uring"), "{disk}");
+
+    let body = json!({ "validation": failed_id });
+    let (status, refused) = call(&primary.socket, "POST", "/replication/switchover", Some(body));
+    assert_eq!(status, 409, "{refused}");
+    let (status, unknown) = call(&primary.socket, "POST", "/replication/switchover", Some(json!({"validation": 99})));
+    assert_eq!((status, unknown["field"].as_str()), (400, Some("validation")), "{unknown}");
+
+    let (status, report) =
+        call(&primary.socket, "POST", "/replication/switchover", Some(json!({ "validation": passed_id })));
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["applied"].as_array().map(Vec::len), Some(2), "{report}");
+    ApiClient::connect_within(&shadow.socket, WAIT, WAIT).expect("the shadow's API answers");
+    let (_, disk) = call(&shadow.socket, "GET", "/devices/disk0", None);
+    assert!(disk["backend"].as_str().unwrap_or_default().contains("io_uring"), "{disk}");
+    let (_, regions) = call(&shadow.socket, "GET", "/memory/regions", None);
+    assert!(regions.as_array().unwrap().iter().all(|r| r["backing"]["kind"] == "memfd"), "{regions}");
+    let (status, _) = call(&primary.socket, "POST", "/replication/commit", None);
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut primary.child), Some(0));
+    let Shadow { child: mut shadow_child, socket, console: log, .. } = shadow;
+    let summary = finish_blk_stress(&mut shadow_child, &socket, &log, BLOCKS);
+    eprintln!("after a validated update: {summary}");
+}
+
+/// A VM that fails its health check on the shadow comes back by itself: the shadow stops it
+/// and says why, and the primary runs on from where it froze.
+#[test]
+fn a_switchover_that_fails_its_health_check_rolls_back_by_itself() {
+    const BLOCKS: u32 = 1024;
+    let dir = TempDir::new("repl-unhealthy");
+    let (primary, mut shadow, _) = replicating_blk_stress(&dir, BLOCKS);
+    // More successful requests than the guest can make in the window.
+    let body = json!({ "health": { "window_ms": 300, "min_requests": 1_000_000_000u64 } });
+    let (status, failed) = call(&primary.socket, "POST", "/replication/switchover", Some(body));
+    assert_eq!(status, 502, "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("runs here again") && error.contains("successful request"), "{failed}");
+    assert_ne!(exit_status(&mut shadow.child), Some(0), "the shadow gives up");
+    let (_, vm) = call(&primary.socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let (_, replication) = call(&primary.socket, "GET", "/replication", None);
+    assert_eq!(replication["state"], "failed", "{replication}");
+    let Primary { mut child, socket, console: log } = primary;
+    let summary = finish_blk_stress(&mut child, &socket, &log, BLOCKS);
+    eprintln!("after an automatic rollback: {summary}");
 }

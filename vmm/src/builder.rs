@@ -30,6 +30,9 @@ pub enum BuildError {
     /// The configuration is invalid (checked before KVM is opened, then against KVM's vCPU limit).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A disk's undo log could not start ([`VmBuilder::undo_disk_writes`]).
+    #[error("cannot log disk writes for undo: {0}")]
+    Undo(String),
     /// KVM could not be opened, or refused to create or set up the VM or a vCPU.
     #[error(transparent)]
     Hypervisor(#[from] HvError),
@@ -89,6 +92,8 @@ pub struct VmBuilder {
     serial_output: Option<SerialOutput>,
     /// Continue the VM saved in this snapshot directory instead of booting.
     restore: Option<(PathBuf, MemoryMode)>,
+    /// Log what the disks overwrite in this directory, so that it can be undone.
+    undo_dir: Option<PathBuf>,
 }
 
 impl VmBuilder {
@@ -99,7 +104,7 @@ impl VmBuilder {
 
     /// A VM described by `config` (devices included); it is validated by [`start`](Self::start).
     pub fn from_config(config: VmConfig) -> Self {
-        Self { config, serial_output: None, restore: None }
+        Self { config, serial_output: None, restore: None, undo_dir: None }
     }
 
     /// A VM that continues where the one saved in snapshot directory `dir` stopped, on the same
@@ -107,7 +112,7 @@ impl VmBuilder {
     /// can still be chosen ([`serial`](Self::serial), [`serial_output`](Self::serial_output));
     /// nothing else applies.
     pub fn restore(dir: impl Into<PathBuf>, memory: MemoryMode) -> Self {
-        Self { config: VmConfig::new(""), serial_output: None, restore: Some((dir.into(), memory)) }
+        Self { config: VmConfig::new(""), serial_output: None, restore: Some((dir.into(), memory)), undo_dir: None }
     }
 
     /// The configuration built so far (for a restore only its `serial` applies: the snapshot
@@ -162,6 +167,14 @@ impl VmBuilder {
     /// Sends serial output to an arbitrary writer (overrides the configured `serial`).
     pub fn serial_output(mut self, output: SerialOutput) -> Self {
         self.serial_output = Some(output);
+        self
+    }
+
+    /// Has every disk log, in `dir`, the blocks its writes overwrite, from before the guest
+    /// runs, so that [`Vm::undo_disk_writes`] can take them all back (a shadow that may have
+    /// to hand the VM back to its primary); [`Vm::keep_disk_writes`] ends the logging.
+    pub fn undo_disk_writes(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.undo_dir = Some(dir.into());
         self
     }
 
@@ -233,10 +246,18 @@ impl VmBuilder {
                 (vcpus, snapshot.info.clone())
             }
         };
+        // Before the devices take requests: a restored queue may hold some already.
+        let mut undo = Vec::new();
+        if let Some(dir) = &self.undo_dir {
+            for entry in devices.entries() {
+                let log = entry.handle.log_overwrites(&entry.id, dir).map_err(BuildError::Undo)?;
+                undo.extend(log.map(|log| (entry.id.clone(), log)));
+            }
+        }
         let (mmio, devices) = devices.start().map_err(|source| BuildError::Io { what: "device event loop", source })?;
         let ctx = Arc::new(ExitContext::new(Arc::new(pio), Arc::new(mmio), exit.clone()));
         let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io { what: "vCPU threads", source })?;
-        Ok(Vm::new(VmParts { vcpus, exit, serial, devices, info, config, kvm, ram }))
+        Ok(Vm::new(VmParts { vcpus, exit, serial, devices, info, config, kvm, ram, undo }))
     }
 }
 

@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard};
 
 use super::backend::{BlockBackend, BlockOp, Completion, IoBuf};
 use super::request::{self, Limits, Rejected, Request, RequestKind, SECTOR_SIZE, Segment};
+use super::undo::UndoLog;
 use crate::interrupt::InterruptLine;
 use crate::lifecycle::{BackendSlot, Incompatible};
 use crate::metrics::RequestMetrics;
@@ -73,6 +74,8 @@ pub struct VirtioBlock {
     /// Outcomes of those requests, counted in the metrics only once probation ends: a swap's
     /// health check reads the metrics, and must judge the new backend by its own results.
     deferred: Vec<(std::time::Duration, bool, u64, u64)>,
+    /// Saves what writes overwrite, so that they can be undone (see [`UndoLog`]).
+    undo: Option<UndoLog>,
 }
 
 /// How a new backend takes over a disk.
@@ -124,7 +127,14 @@ impl VirtioBlock {
             probation_failures: 0,
             on_previous: HashSet::new(),
             deferred: Vec::new(),
+            undo: None,
         })
+    }
+
+    /// From now on, saves what each write overwrites into `undo` before the write starts,
+    /// whichever backend serves it; a write whose old contents cannot be saved fails.
+    pub fn log_overwrites(&mut self, undo: UndoLog) {
+        self.undo = Some(undo);
     }
 
     /// The backend now serving the disk.
@@ -195,7 +205,7 @@ impl VirtioBlock {
 
     fn process_queue(&mut self) {
         let limits = self.limits();
-        let Self { core, backend, inflight, next_token, blocked, metrics, id, held, .. } = self;
+        let Self { core, backend, inflight, next_token, blocked, metrics, id, held, undo, .. } = self;
         // Requests held from a failed or abandoned backend go first: the guest has waited
         // longest for them (virtio promises no order among requests in flight).
         *blocked = false;
@@ -217,7 +227,7 @@ impl VirtioBlock {
                 return false;
             }
             let mem = core.mem();
-            match request::parse(chain, &mem, &limits) {
+            match request::parse(chain, &mem, &limits).and_then(|req| save_overwritten(undo.as_ref(), req)) {
                 Ok(req) => start(core, &mut **backend, inflight, next_token, metrics, id, req),
                 Err(rejected) => reject(core, metrics, rejected),
             }
@@ -318,6 +328,25 @@ fn finish_now(core: &mut VirtioCore, head: u16, status: Option<GuestAddress>, co
     };
     drop(mem);
     core.complete(REQUEST_QUEUE, head, used_len);
+}
+
+/// Saves what `req` will overwrite into the undo log, if the disk keeps one; a request whose
+/// old contents cannot be saved fails (it could not be undone).
+fn save_overwritten(undo: Option<&UndoLog>, req: Request) -> Result<Request, Rejected> {
+    let len = match req.kind {
+        RequestKind::Write => req.data_len,
+        RequestKind::Discard | RequestKind::WriteZeroes => u64::from(req.range_sectors) * SECTOR_SIZE,
+        _ => return Ok(req),
+    };
+    let Some(undo) = undo else { return Ok(req) };
+    match undo.before_write(req.sector * SECTOR_SIZE, len) {
+        Ok(()) => Ok(req),
+        Err(e) => {
+            log::error!("virtio-blk: cannot save the blocks a write overwrites: {e}");
+            let reason = "the undo log could not save what the write overwrites";
+            Err(Rejected { head: req.head, status: Some(req.status), code: request::status::IOERR, reason })
+        }
+    }
 }
 
 fn reject(core: &mut VirtioCore, metrics: &RequestMetrics, rejected: Rejected) {

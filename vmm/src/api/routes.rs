@@ -12,7 +12,7 @@ use super::http::{Request, Response};
 use super::{ApiError, metrics};
 use crate::config::json::{self, FieldError};
 use crate::device_manager::DeviceEntry;
-use crate::replication::ReplicationRequest;
+use crate::replication::{ReplicationRequest, SwitchoverRequest, ValidateRequest};
 use crate::snapshot::SnapshotRequest;
 use crate::swap::{MemorySwapRequest, SwapRecord, SwapRequest};
 use crate::{RamBacking, Vm, VmState};
@@ -34,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/replication"),
     ("POST", "/replication/stop"),
     ("POST", "/replication/switchover"),
+    ("POST", "/replication/validate"),
     ("POST", "/replication/commit"),
     ("POST", "/replication/rollback"),
     ("GET", "/metrics"),
@@ -133,7 +134,29 @@ fn dispatch(
             vm.stop_replication()?;
             Ok(Response::json(200, &vm.replication()))
         }
-        ("POST", "/replication/switchover") => Ok(Response::json(200, &vm.switch_over()?)),
+        ("POST", "/replication/switchover") => {
+            // The body is optional: a plain switchover applies nothing.
+            let request: SwitchoverRequest = match request.body.is_empty() {
+                true => SwitchoverRequest::default(),
+                false => body(request)?,
+            };
+            Ok(Response::json(200, &vm.switch_over(&request)?))
+        }
+        ("POST", "/replication/validate") => {
+            let request: ValidateRequest = body(request)?;
+            for (id, swap) in &request.update.devices {
+                if let Some(backend) = swap.get("backend") {
+                    absolute_backend_paths(backend).map_err(|mut e| {
+                        e.field = e.field.map(|f| format!("update.devices.{id}.{f}"));
+                        e
+                    })?;
+                }
+            }
+            if let Some(RamBacking::File { path }) = &request.update.ram_backing {
+                absolute("update.ram_backing.path", path)?;
+            }
+            Ok(Response::json(200, &vm.validate_update(&request)?))
+        }
         ("POST", "/replication/commit") => {
             vm.commit_switchover()?;
             Ok(Response::json(200, &vm.replication()))

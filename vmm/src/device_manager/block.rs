@@ -1,10 +1,11 @@
 //! The virtio-blk device in the registry: its backends are disks (`{"path", "engine"}`,
 //! `{"nbd", "export"}`), swapped by a switch, a live migration or a new image.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use devices::blk::{BlockBackend, FaultyBackend, Takeover, VirtioBlock};
+use devices::blk::{BlockBackend, FaultyBackend, Takeover, UndoLog, VirtioBlock};
 use devices::bus::lock_device;
 use devices::metrics::RequestMetrics;
 
@@ -71,6 +72,19 @@ impl DeviceKind for VirtioBlock {
         record.on_commit(move || *lock_device(&current) = new_config);
         launcher.spawn(move || run_disk_swap(mode, &target, backend, &params, &migrate, &record));
         Ok(())
+    }
+
+    fn log_overwrites(this: &Registered<Self>, id: &str, dir: &Path) -> Result<Option<UndoLog>, String> {
+        let disk = lock_device(&this.config).clone();
+        let Some(path) = disk.path.filter(|_| !disk.readonly) else {
+            if disk.nbd.is_some() {
+                log::warn!("{id} is an NBD export: its writes cannot be undone by a rollback");
+            }
+            return Ok(None);
+        };
+        let undo = UndoLog::start(&path, &dir.join(format!("{id}.undo"))).map_err(|e| format!("{id}: {e}"))?;
+        lock_device(&this.device).log_overwrites(undo.clone());
+        Ok(Some(undo))
     }
 }
 

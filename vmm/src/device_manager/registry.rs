@@ -3,8 +3,10 @@
 //! or downcasts. A device kind brings only what is its own ([`DeviceKind`], in its own file
 //! next to this one); [`Registered`] does the rest for every kind.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use devices::blk::UndoLog;
 use devices::bus::lock_device;
 use devices::lifecycle::Lifecycle;
 use devices::metrics::RequestMetrics;
@@ -35,6 +37,10 @@ pub trait VmDevice: Send + Sync {
     /// Opens the backend the request describes (in the fields of this device's flag), checks
     /// it can take over and launches the swap. Errors mean nothing changed.
     fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError>;
+    /// From now on, saves in a log in `dir` whatever the device overwrites in storage the
+    /// VM keeps (a disk image), so that it can be undone ([`UndoLog`]); `None` for devices
+    /// that keep nothing. Call before the device takes requests.
+    fn log_overwrites(&self, id: &str, dir: &Path) -> Result<Option<UndoLog>, String>;
 }
 
 /// What differs from one kind of device to another.
@@ -50,6 +56,10 @@ pub trait DeviceKind: VirtioDevice + Send + Sized + 'static {
     fn check_swap(id: &str, request: &SwapRequest) -> Result<(), FieldError>;
     /// See [`VmDevice::start_swap`].
     fn start_swap(device: &Registered<Self>, launcher: &SwapLauncher<'_>) -> Result<(), SwapError>;
+    /// See [`VmDevice::log_overwrites`]; a device that keeps nothing has nothing to undo.
+    fn log_overwrites(_device: &Registered<Self>, _id: &str, _dir: &Path) -> Result<Option<UndoLog>, String> {
+        Ok(None)
+    }
 }
 
 /// A device in the registry, with the configuration of the backend serving it now (a
@@ -96,6 +106,10 @@ impl<D: DeviceKind> VmDevice for Registered<D> {
 
     fn start_swap(&self, launcher: &SwapLauncher<'_>) -> Result<(), SwapError> {
         D::start_swap(self, launcher)
+    }
+
+    fn log_overwrites(&self, id: &str, dir: &Path) -> Result<Option<UndoLog>, String> {
+        D::log_overwrites(self, id, dir)
     }
 }
 

@@ -3,12 +3,20 @@
 //!
 //! [`codec`] is how pages travel: zero pages as a flag, pages the shadow already holds as a
 //! reference, changed pages as a delta against their last version, the rest whole, and each
-//! batch LZ4-compressed where that pays.
+//! batch LZ4-compressed where that pays. [`trial`] runs an update on a clone of the shadow's
+//! copy before a switchover may apply it ([`update`]).
 
 pub mod codec;
 pub mod primary;
 pub mod shadow;
+pub mod trial;
+pub mod update;
 pub mod wire;
 
-pub use primary::{ReplicationError, ReplicationRequest, ReplicationState, ReplicationStatus, SwitchoverReport};
+pub use primary::{
+    ReplicationError, ReplicationRequest, ReplicationState, ReplicationStatus, SwitchoverReport, SwitchoverRequest,
+    ValidateRequest, ValidationRecord,
+};
+pub use trial::TrialReport;
+pub use update::{HealthReport, VmUpdate};
 pub use wire::Endpoint;

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{CodecStats, Encoder, PAGE};
+use super::trial::TrialReport;
+use super::update::{self, HealthReport, VmUpdate};
 use super::wire::{self, Control, Endpoint, Frame, Stream, WireError};
 use crate::config::json::FieldError;
-use crate::snapshot::VmSnapshot;
+use crate::swap::VerifyPolicy;
 use crate::vm::Vm;
 
 /// `POST /replication`: start replicating to a shadow.
@@ -35,6 +37,60 @@ fn default_epoch_ms() -> u64 {
     100
 }
 
+/// `POST /replication/switchover`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// Apply the update of this validation (it must have passed) on the shadow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<u64>,
+    /// The health check the VM must pass on the shadow, or the switchover rolls itself back
+    /// (500 ms without a failed device request, by default).
+    #[serde(default = "update::default_health")]
+    pub health: VerifyPolicy,
+}
+
+impl Default for SwitchoverRequest {
+    fn default() -> Self {
+        Self { validation: None, health: update::default_health() }
+    }
+}
+
+/// `POST /replication/validate`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateRequest {
+    /// What to try on the clone.
+    pub update: VmUpdate,
+    /// The health check the clone must pass (500 ms without a failed device request, by
+    /// default).
+    #[serde(default = "update::default_health")]
+    pub health: VerifyPolicy,
+}
+
+/// A validation and, once the trial ended, its verdict.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ValidationRecord {
+    /// Its number, from 1.
+    pub id: u64,
+    /// What was tried.
+    pub update: VmUpdate,
+    /// How long this VM was frozen to send the state, in microseconds.
+    pub pause_us: u64,
+    /// The trial's verdict; absent while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<TrialReport>,
+}
+
+impl ValidationRecord {
+    fn passed(&self) -> bool {
+        self.report.as_ref().is_some_and(|r| r.passed)
+    }
+}
+
+/// Validations `GET /replication` keeps.
+const VALIDATIONS_KEPT: usize = 16;
+
 /// The longest epoch a request may ask for.
 pub const MAX_EPOCH_MS: u64 = 60_000;
 /// Pages the encoder keeps for deltas and dedup (64 MiB).
@@ -46,7 +102,7 @@ const CATCH_UP_EPOCHS: usize = 4;
 /// An epoch this small ends the catch-up: the frozen one will be about as small.
 const CONVERGED_PAGES: u64 = 256;
 /// How long the primary waits for the shadow to acknowledge an epoch or to start the VM.
-const SHADOW_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const SHADOW_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ReplicationRequest {
     /// Refuses values no replication can run with.
@@ -79,7 +135,7 @@ pub enum ReplicationState {
 }
 
 /// What a switchover cost.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SwitchoverReport {
     /// From freezing the primary to the shadow's VM running, in microseconds.
     pub downtime_us: u64,
@@ -91,6 +147,12 @@ pub struct SwitchoverReport {
     pub state_bytes: u64,
     /// The shadow's restore, from the state's arrival to the VM running, in microseconds.
     pub restore_us: u64,
+    /// What each step of the validated update did on the shadow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<String>,
+    /// What the shadow's health check saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
     /// Whether the vCPUs ran when frozen (a rollback resumes them only then).
     #[serde(skip)]
     pub resume_vcpus: bool,
@@ -123,6 +185,9 @@ pub struct ReplicationStatus {
     /// The switchover, once done.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub switchover: Option<SwitchoverReport>,
+    /// The latest validations, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validations: Vec<ValidationRecord>,
 }
 
 /// Why a replication request was refused.
@@ -143,7 +208,8 @@ pub enum ReplicationError {
 }
 
 enum Command {
-    Switchover(Sender<Result<SwitchoverReport, String>>),
+    Switchover(VmUpdate, VerifyPolicy, Sender<Result<SwitchoverReport, String>>),
+    Validate(ValidateRequest, Sender<Result<ValidationRecord, String>>),
     Stop,
     /// After a switchover: the shadow keeps the VM.
     Commit(Sender<Result<(), String>>),
@@ -239,14 +305,49 @@ impl ReplicationManager {
         Ok(self.status())
     }
 
-    /// Freezes the VM, sends the last epoch and the state, and waits for the shadow to run it.
-    /// On failure the VM runs on here.
-    pub(crate) fn switchover(&self) -> Result<SwitchoverReport, ReplicationError> {
+    /// Freezes the VM, sends the last epoch and the state, and waits for the shadow to run it
+    /// (with the validated update applied) and to find it healthy. On failure the VM runs on
+    /// here.
+    pub(crate) fn switchover(&self, request: &SwitchoverRequest) -> Result<SwitchoverReport, ReplicationError> {
+        update::check_health_policy("health", &request.health)?;
+        let update = {
+            let status = self.status_mut();
+            if let Some(running) = status.validations.iter().find(|v| v.report.is_none()) {
+                let e = format!("validation {} is still running; switch over once it has ended", running.id);
+                return Err(ReplicationError::Conflict(e));
+            }
+            match request.validation {
+                None => VmUpdate::default(),
+                Some(id) => match status.validations.iter().find(|v| v.id == id) {
+                    Some(record) if record.passed() => record.update.clone(),
+                    Some(_) => return Err(ReplicationError::Conflict(format!("validation {id} did not pass"))),
+                    None => {
+                        let e = FieldError::new("validation", format!("no validation {id} in this replication"));
+                        return Err(e.into());
+                    }
+                },
+            }
+        };
         let (reply, answer) = std::sync::mpsc::channel();
-        self.send(Command::Switchover(reply))?;
+        self.send(Command::Switchover(update, request.health, reply))?;
         answer
             .recv()
             .map_err(|_| ReplicationError::Shadow("replication ended during the switchover".into()))?
+            .map_err(ReplicationError::Shadow)
+    }
+
+    /// Runs a trial of `request.update` on the shadow and waits for its verdict.
+    pub(crate) fn validate(&self, request: &ValidateRequest) -> Result<ValidationRecord, ReplicationError> {
+        update::check_health_policy("health", &request.health)?;
+        request.update.check()?;
+        if request.update.is_empty() {
+            return Err(FieldError::new("update", "names nothing to change").into());
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(Command::Validate(request.clone(), reply))?;
+        answer
+            .recv()
+            .map_err(|_| ReplicationError::Shadow("replication ended during the validation".into()))?
             .map_err(ReplicationError::Shadow)
     }
 
@@ -301,31 +402,28 @@ impl ReplicationManager {
 /// The replication thread: the first pass, then an epoch every `epoch` until told otherwise.
 fn run(
     vm: &Weak<Vm>,
-    mut stream: Box<dyn Stream>,
+    stream: Box<dyn Stream>,
     epoch: Duration,
     status: &Mutex<ReplicationStatus>,
     commands: &Receiver<Command>,
 ) -> Result<ReplicationState, WireError> {
-    let update = |f: &mut dyn FnMut(&mut ReplicationStatus)| f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
     let Some(memory_bytes) = vm.upgrade().map(|vm| vm.replication_memory_bytes()) else {
         return Ok(ReplicationState::Stopped);
     };
-    stream.set_read_timeout(Some(SHADOW_TIMEOUT))?;
-    stream.set_write_timeout(Some(SHADOW_TIMEOUT))?;
+    let mut link = Link { stream, encoder: Encoder::new(CACHE_PAGES), status, trials: Vec::new(), next: 0 };
+    link.stream.set_read_timeout(Some(SHADOW_TIMEOUT))?;
+    link.stream.set_write_timeout(Some(SHADOW_TIMEOUT))?;
     let hello = Control::Hello { version: wire::PROTOCOL_VERSION, memory_bytes };
-    wire::write_frame(&mut stream, &Frame::Control(hello))?;
-    let mut encoder = Encoder::new(CACHE_PAGES);
-    for number in 0.. {
+    wire::write_frame(&mut link.stream, &Frame::Control(hello))?;
+    loop {
         let started = Instant::now();
         let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
-        let (stats, encode_us) = send_epoch(&live, number, &mut encoder, &mut stream, number == 0, false)?;
+        let (stats, encode_us) = link.epoch(&live, link.next == 0)?;
         drop(live);
-        wire::write_frame(&mut stream, &Frame::Control(Control::EpochEnd { epoch: number, stats }))?;
-        expect_ack(&mut stream, number)?;
         let took = started.elapsed();
-        update(&mut |s| {
+        link.update(|s| {
             s.state = ReplicationState::Replicating;
-            s.epochs = number + 1;
+            s.epochs += 1;
             s.lag_us = took.as_micros() as u64;
             s.last_epoch_pages = stats.pages;
             s.totals.add(&stats);
@@ -339,33 +437,27 @@ fn run(
                 let _ = reply.send(Err("no switchover to end".into()));
             }
             Err(RecvTimeoutError::Disconnected) | Ok(Command::Stop) => {
-                stream.shutdown();
+                link.stream.shutdown();
                 return Ok(ReplicationState::Stopped);
             }
-            Ok(Command::Switchover(reply)) => {
+            Ok(Command::Validate(request, reply)) => {
                 let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
-                update(&mut |s| s.state = ReplicationState::SwitchingOver);
-                // Epochs back to back first, while the guest runs, so that the frozen one is
-                // small: each sends what the guest dirtied during the one before.
-                let mut number = number + 1;
-                for _ in 0..CATCH_UP_EPOCHS {
-                    let (stats, _) = send_epoch(&live, number, &mut encoder, &mut stream, false, false)?;
-                    wire::write_frame(&mut stream, &Frame::Control(Control::EpochEnd { epoch: number, stats }))?;
-                    expect_ack(&mut stream, number)?;
-                    number += 1;
-                    if stats.pages <= CONVERGED_PAGES {
-                        break;
-                    }
-                }
-                let outcome = live.switch_over_on(number, &mut encoder, &mut stream);
+                link.validate(&live, request, reply)?;
+            }
+            Ok(Command::Switchover(update, health, reply)) => {
+                let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
+                link.update(|s| s.state = ReplicationState::SwitchingOver);
+                link.catch_up(&live)?;
+                let number = link.next;
+                let outcome = live.switch_over_on(number, &mut link.encoder, &mut link.stream, &update, &health);
                 let in_doubt = outcome.as_ref().is_err_and(|e| e.starts_with(crate::vm::IN_DOUBT));
                 // The state first: a commit may follow the answer at once.
                 match &outcome {
-                    Ok(report) => update(&mut |s| {
+                    Ok(report) => link.update(|s| {
                         s.state = ReplicationState::SwitchedOver;
-                        s.switchover = Some(*report);
+                        s.switchover = Some(report.clone());
                     }),
-                    Err(e) if in_doubt => update(&mut |s| {
+                    Err(e) if in_doubt => link.update(|s| {
                         s.state = ReplicationState::SwitchedOver;
                         s.error = Some(e.clone());
                     }),
@@ -375,14 +467,127 @@ fn run(
                 // The thread must not keep the VM alive while it waits for the last word.
                 drop(live);
                 return match outcome {
-                    Ok(_) => after_switchover(&mut stream, commands),
-                    Err(_) if in_doubt => after_switchover(&mut stream, commands),
+                    Ok(_) => after_switchover(&mut link.stream, commands),
+                    Err(_) if in_doubt => after_switchover(&mut link.stream, commands),
                     Err(e) => Err(WireError::Malformed(format!("switchover failed, this VM runs on: {e}"))),
                 };
             }
         }
     }
-    unreachable!("epochs run until stopped")
+}
+
+/// The primary's end of the link, epoch after epoch.
+struct Link<'a> {
+    stream: Box<dyn Stream>,
+    encoder: Encoder,
+    status: &'a Mutex<ReplicationStatus>,
+    /// Validations whose trial runs on the shadow, and who waits for each verdict.
+    trials: Vec<(u64, Sender<Result<ValidationRecord, String>>)>,
+    /// The next epoch's number.
+    next: u64,
+}
+
+impl Link<'_> {
+    fn update(&self, f: impl FnOnce(&mut ReplicationStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Sends one epoch (every populated page with `everything`) and waits for its ack.
+    fn epoch(&mut self, vm: &Vm, everything: bool) -> Result<(CodecStats, u64), WireError> {
+        let number = self.next;
+        let (stats, encode_us) = send_epoch(vm, number, &mut self.encoder, &mut self.stream, everything, false)?;
+        wire::write_frame(&mut self.stream, &Frame::Control(Control::EpochEnd { epoch: number, stats }))?;
+        self.expect_ack(number)?;
+        self.next += 1;
+        Ok((stats, encode_us))
+    }
+
+    /// Epochs back to back, while the guest runs, so that the frozen one that follows is
+    /// small: each sends what the guest dirtied during the one before.
+    fn catch_up(&mut self, vm: &Vm) -> Result<(), WireError> {
+        for _ in 0..CATCH_UP_EPOCHS {
+            let (stats, _) = self.epoch(vm, false)?;
+            self.update(|s| s.epochs += 1);
+            if stats.pages <= CONVERGED_PAGES {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the state for a trial (the VM frozen meanwhile); the verdict arrives later,
+    /// before some epoch's ack, and goes to `reply`.
+    fn validate(
+        &mut self,
+        vm: &Vm,
+        request: ValidateRequest,
+        reply: Sender<Result<ValidationRecord, String>>,
+    ) -> Result<(), WireError> {
+        self.catch_up(vm)?;
+        let number = self.next;
+        let id = {
+            let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.validations.last().map_or(1, |v| v.id + 1)
+        };
+        let pause_us = match vm.send_for_trial(
+            number,
+            &mut self.encoder,
+            &mut self.stream,
+            id,
+            &request.update,
+            &request.health,
+        ) {
+            Ok(pause_us) => pause_us,
+            Err(e) => {
+                // The stream may hold half the state: the link is no longer usable.
+                let _ = reply.send(Err(format!("cannot send the state for the trial: {e}")));
+                return Err(WireError::Malformed(format!("sending the state for a trial: {e}")));
+            }
+        };
+        self.next += 1;
+        let record = ValidationRecord { id, update: request.update, pause_us, report: None };
+        self.update(|s| {
+            s.validations.push(record);
+            let excess = s.validations.len().saturating_sub(VALIDATIONS_KEPT);
+            s.validations.drain(..excess);
+        });
+        self.trials.push((id, reply));
+        self.expect_ack(number)?;
+        self.update(|s| s.epochs += 1);
+        Ok(())
+    }
+
+    /// Waits for the ack of `epoch`; trial verdicts may come first.
+    fn expect_ack(&mut self, epoch: u64) -> Result<(), WireError> {
+        loop {
+            match wire::read_frame(&mut self.stream)? {
+                Frame::Control(Control::Ack { epoch: acked }) if acked == epoch => return Ok(()),
+                Frame::Control(Control::Validated { id, report }) => self.verdict(id, report)?,
+                other => {
+                    let e = format!("expected the shadow's ack of epoch {epoch}, got {other:?}");
+                    return Err(WireError::Malformed(e));
+                }
+            }
+        }
+    }
+
+    fn verdict(&mut self, id: u64, report: TrialReport) -> Result<(), WireError> {
+        let Some(at) = self.trials.iter().position(|(waiting, _)| *waiting == id) else {
+            return Err(WireError::Malformed(format!("a verdict on validation {id}, which is not running")));
+        };
+        let (_, reply) = self.trials.remove(at);
+        let mut record = None;
+        self.update(|s| {
+            if let Some(kept) = s.validations.iter_mut().find(|v| v.id == id) {
+                kept.report = Some(report.clone());
+                record = Some(kept.clone());
+            }
+        });
+        let record =
+            record.unwrap_or(ValidationRecord { id, update: VmUpdate::default(), pause_us: 0, report: Some(report) });
+        let _ = reply.send(Ok(record));
+        Ok(())
+    }
 }
 
 /// After a switchover the link stays up for the last word: commit (the shadow keeps the VM)
@@ -412,20 +617,16 @@ fn after_switchover(stream: &mut Box<dyn Stream>, commands: &Receiver<Command>) 
                 let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 return outcome.map(|()| ReplicationState::Stopped);
             }
-            Ok(Command::Switchover(reply)) => {
+            Ok(Command::Switchover(_, _, reply)) => {
+                let _ = reply.send(Err("switched over already".into()));
+            }
+            Ok(Command::Validate(_, reply)) => {
                 let _ = reply.send(Err("switched over already".into()));
             }
             // Only commit or rollback ends a switchover.
             Ok(Command::Stop) => {}
             Err(_) => return Ok(ReplicationState::SwitchedOver),
         }
-    }
-}
-
-fn expect_ack(stream: &mut Box<dyn Stream>, epoch: u64) -> Result<(), WireError> {
-    match wire::read_frame(stream)? {
-        Frame::Control(Control::Ack { epoch: acked }) if acked == epoch => Ok(()),
-        other => Err(WireError::Malformed(format!("expected the shadow's ack of epoch {epoch}, got {other:?}"))),
     }
 }
 
@@ -465,11 +666,12 @@ pub(crate) fn send_epoch(
     Ok((total, encode.as_micros() as u64))
 }
 
-/// The state message for a switchover, and its size.
-pub(crate) fn send_state(out: &mut dyn Write, snapshot: VmSnapshot) -> Result<u64, WireError> {
+/// Sends the message carrying the machine's state (a switchover's or a trial's); returns
+/// its size.
+pub(crate) fn send_state(out: &mut dyn Write, message: Control) -> Result<u64, WireError> {
     let mut counter = CountingWriter(0);
-    ciborium::into_writer(&snapshot, &mut counter).map_err(|e| WireError::Malformed(e.to_string()))?;
-    wire::write_frame(out, &Frame::Control(Control::Switchover(Box::new(snapshot))))?;
+    ciborium::into_writer(&message, &mut counter).map_err(|e| WireError::Malformed(e.to_string()))?;
+    wire::write_frame(out, &Frame::Control(message))?;
     Ok(counter.0)
 }
 

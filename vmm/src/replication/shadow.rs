@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::codec::{self, DecodeError, PageStore};
+use super::trial::{self, TrialReport};
+use super::update::{self, VmUpdate};
 use super::wire::{self, Control, Endpoint, Frame, Stream, WireError};
 use crate::snapshot::{MemoryMode, VmSnapshot, format};
+use crate::swap::VerifyPolicy;
 use crate::{BuildError, Vm, VmBuilder};
 
 /// Why a shadow gave up.
@@ -44,6 +47,10 @@ pub enum ShadowError {
     /// The VM could not be started from what arrived.
     #[error("cannot start the VM: {0}")]
     Build(#[from] BuildError),
+    /// The VM failed its update or its health check; it was stopped and the primary runs it
+    /// again.
+    #[error("the VM failed on this shadow and was stopped; the primary runs it again: {0}")]
+    Unhealthy(String),
 }
 
 /// Guest memory as the shadow holds it: the memory file of a snapshot directory.
@@ -88,6 +95,8 @@ pub struct Received {
     dir: PathBuf,
     stream: Box<dyn Stream>,
     arrived: Instant,
+    update: VmUpdate,
+    health: VerifyPolicy,
     /// What was received.
     pub progress: ShadowProgress,
 }
@@ -129,6 +138,7 @@ pub fn receive(
     file.set_len(memory_bytes).map_err(io(&path))?;
     let mut store = FileStore { file, size: memory_bytes, path, error: None };
     let mut progress = ShadowProgress::default();
+    let (verdicts, finished) = std::sync::mpsc::channel::<(u64, TrialReport)>();
     loop {
         match wire::read_frame(&mut stream)? {
             Frame::Pages { batch, .. } => {
@@ -140,17 +150,58 @@ pub fn receive(
             }
             Frame::Control(Control::EpochEnd { epoch, .. }) => {
                 progress.epochs = epoch + 1;
+                // Trials that ended go back first: the primary reads verdicts while it waits
+                // for an ack.
+                for (id, report) in finished.try_iter() {
+                    wire::write_frame(&mut stream, &Frame::Control(Control::Validated { id, report }))?;
+                }
                 wire::write_frame(&mut stream, &Frame::Control(Control::Ack { epoch }))?;
                 report(&progress);
             }
-            Frame::Control(Control::Switchover(snapshot)) => {
+            Frame::Control(Control::Validate { id, state, update, health }) => {
+                check_layout(&state, memory_bytes)?;
+                start_trial(dir, id, *state, update, health, verdicts.clone());
+            }
+            Frame::Control(Control::Switchover { state, update, health }) => {
                 let arrived = Instant::now();
-                check_layout(&snapshot, memory_bytes)?;
-                format::write_state(&dir.join(format::STATE_FILE), &*snapshot)?;
-                return Ok(Received { dir: dir.to_path_buf(), stream, arrived, progress });
+                check_layout(&state, memory_bytes)?;
+                format::write_state(&dir.join(format::STATE_FILE), &*state)?;
+                return Ok(Received { dir: dir.to_path_buf(), stream, arrived, progress, update, health });
             }
             other => return Err(ShadowError::Protocol(format!("unexpected {other:?}"))),
         }
+    }
+}
+
+/// Clones the memory as it stands (the next epoch would change it) and runs the trial on a
+/// thread of its own; its verdict goes to `verdicts`.
+fn start_trial(
+    dir: &Path,
+    id: u64,
+    state: VmSnapshot,
+    update: VmUpdate,
+    health: VerifyPolicy,
+    verdicts: std::sync::mpsc::Sender<(u64, TrialReport)>,
+) {
+    let failed = |reason: String| TrialReport { reason: Some(reason), build: trial::build_id(), ..Default::default() };
+    let trial_dir = match trial::clone_memory(dir, id) {
+        Ok(trial_dir) => trial_dir,
+        Err(e) => {
+            let _ = verdicts.send((id, failed(format!("cannot clone the memory: {e}"))));
+            return;
+        }
+    };
+    log::info!("shadow: trial {id} of {update:?} starts");
+    let spawned = std::thread::Builder::new().name(format!("trial-{id}")).spawn({
+        let verdicts = verdicts.clone();
+        move || {
+            let report = trial::run(trial_dir, state, &update, &health);
+            log::info!("shadow: trial {id} ended, passed: {}", report.passed);
+            let _ = verdicts.send((id, report));
+        }
+    });
+    if let Err(e) = spawned {
+        let _ = verdicts.send((id, failed(format!("cannot start the trial's thread: {e}"))));
     }
 }
 
@@ -176,6 +227,8 @@ pub struct Activated {
     pub vm: Arc<Vm>,
     /// Microseconds from the state's arrival to the VM running.
     pub restore_us: u64,
+    /// What each step of the update did.
+    pub applied: Vec<String>,
     rolled_back: Arc<AtomicBool>,
     link: Option<std::thread::JoinHandle<()>>,
 }
@@ -193,14 +246,19 @@ impl Activated {
 }
 
 impl Received {
-    /// Starts the VM from what arrived, tells the primary, and from then on obeys its last
-    /// word: a commit leaves the VM here, a rollback stops it. If the VM cannot start, the
-    /// primary is told (it runs on) and the error returned.
+    /// Starts the VM from what arrived, tells the primary, applies the update the primary
+    /// sent (a validated one, or none) and checks the VM's health; from then on it obeys the
+    /// primary's last word: a commit leaves the VM here, a rollback stops it. If the VM cannot
+    /// start, or fails the update or the health check (it is stopped then), the primary is
+    /// told (it runs on) and the error returned.
     /// `configure` may set the restored VM's serial console ([`VmBuilder::serial`],
     /// [`VmBuilder::serial_output`]); the rest comes from the primary.
     pub fn activate(self, configure: impl FnOnce(VmBuilder) -> VmBuilder) -> Result<Activated, ShadowError> {
-        let Received { dir, mut stream, arrived, .. } = self;
-        let vm = match configure(VmBuilder::restore(&dir, MemoryMode::Mmap)).start() {
+        let Received { dir, mut stream, arrived, update, health, .. } = self;
+        // Until the commit, what the VM overwrites on its disks is saved: a rollback hands
+        // the primary its disks as they were when it froze.
+        let builder = VmBuilder::restore(&dir, MemoryMode::Mmap).undo_disk_writes(&dir);
+        let vm = match configure(builder).start() {
             Ok(vm) => Arc::new(vm),
             Err(e) => {
                 let failed = Control::Failed { reason: e.to_string() };
@@ -210,6 +268,27 @@ impl Received {
         };
         let restore_us = arrived.elapsed().as_micros() as u64;
         wire::write_frame(&mut stream, &Frame::Control(Control::Activated { restore_us }))?;
+        let verdict = update::apply(&vm, &update)
+            .and_then(|applied| update::check_health(&vm, &health).map(|health| (applied, health)));
+        let (applied, health) = match verdict {
+            Ok(verdict) => verdict,
+            Err(reason) => {
+                // Stopped, and its disk writes undone, before the primary hears: never two
+                // copies running, and the primary finds its disks as it left them.
+                let reason = match vm.undo_disk_writes() {
+                    Ok(undone) => {
+                        log::info!("shadow: disk writes undone: {undone:?}");
+                        reason
+                    }
+                    Err(e) => format!("{reason}; and {e}"),
+                };
+                let failed = Control::Failed { reason: reason.clone() };
+                wire::write_frame(&mut stream, &Frame::Control(failed))?;
+                return Err(ShadowError::Unhealthy(reason));
+            }
+        };
+        let healthy = Control::Healthy { applied: applied.clone(), health };
+        wire::write_frame(&mut stream, &Frame::Control(healthy))?;
         let rolled_back = Arc::new(AtomicBool::new(false));
         let (watched, flag) = (Arc::downgrade(&vm), rolled_back.clone());
         let link = std::thread::Builder::new()
@@ -220,17 +299,33 @@ impl Received {
                 match wire::read_frame(&mut stream) {
                     Ok(Frame::Control(Control::Rollback)) => {
                         flag.store(true, Ordering::SeqCst);
-                        if let Some(vm) = watched.upgrade() {
-                            vm.stop();
-                        }
-                        let _ = wire::write_frame(&mut stream, &Frame::Control(Control::RolledBack));
+                        let undone = match watched.upgrade() {
+                            Some(vm) => vm.undo_disk_writes(),
+                            None => Ok(vec![]),
+                        };
+                        let answer = match undone {
+                            Ok(undone) => {
+                                log::info!("shadow: rolled back; disk writes undone: {undone:?}");
+                                Control::RolledBack
+                            }
+                            Err(reason) => Control::Failed { reason },
+                        };
+                        let _ = wire::write_frame(&mut stream, &Frame::Control(answer));
                     }
-                    Ok(Frame::Control(Control::Commit)) => log::info!("the primary committed the switchover"),
-                    Ok(other) => log::warn!("after the switchover the primary sent {other:?}"),
-                    Err(e) => log::info!("the primary's link ended after the switchover: {e}"),
+                    last_word => {
+                        match last_word {
+                            Ok(Frame::Control(Control::Commit)) => log::info!("the primary committed the switchover"),
+                            Ok(other) => log::warn!("after the switchover the primary sent {other:?}"),
+                            Err(e) => log::info!("the primary's link ended after the switchover: {e}"),
+                        }
+                        // The VM stays here: its disk writes are for good.
+                        if let Some(vm) = watched.upgrade() {
+                            vm.keep_disk_writes();
+                        }
+                    }
                 }
             })
             .map_err(|source| ShadowError::Io { path: dir.clone(), source })?;
-        Ok(Activated { vm, restore_us, rolled_back, link: Some(link) })
+        Ok(Activated { vm, restore_us, applied, rolled_back, link: Some(link) })
     }
 }

@@ -11,10 +11,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::codec::CodecStats;
+use super::trial::TrialReport;
+use super::update::{HealthReport, VmUpdate};
 use crate::snapshot::VmSnapshot;
+use crate::swap::VerifyPolicy;
 
 /// Bumped when a frame's meaning changes: a shadow refuses a primary that speaks another.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest frame either side accepts (a batch of 4096 pages sent whole is ~16 MiB).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -171,14 +174,49 @@ pub enum Control {
         epoch: u64,
     },
     /// Primary -> shadow, after the last epoch (sent with the primary frozen): the machine's
-    /// state. The shadow becomes the VM.
-    Switchover(Box<VmSnapshot>),
+    /// state. The shadow becomes the VM, applies `update`, and checks the VM's health.
+    Switchover {
+        /// The machine's state.
+        state: Box<VmSnapshot>,
+        /// What to change once the VM runs there (a validated update, or nothing).
+        update: VmUpdate,
+        /// The health check that decides whether the VM stays on the shadow.
+        health: VerifyPolicy,
+    },
     /// Shadow -> primary: the VM runs on the shadow, restored in this many microseconds.
     Activated {
         /// From the state's arrival to the VM running.
         restore_us: u64,
     },
-    /// Shadow -> primary: the shadow could not start the VM; the primary carries on.
+    /// Shadow -> primary, after `Activated`: the update applied and the VM passed its health
+    /// check; it stays on the shadow.
+    Healthy {
+        /// What each step of the update did.
+        applied: Vec<String>,
+        /// What the health check saw.
+        health: HealthReport,
+    },
+    /// Primary -> shadow, after an epoch sent with the primary briefly frozen: the machine's
+    /// state at that moment. The shadow runs a trial of `update` on a clone of it.
+    Validate {
+        /// The validation's number, from 1.
+        id: u64,
+        /// The machine's state.
+        state: Box<VmSnapshot>,
+        /// What to try.
+        update: VmUpdate,
+        /// The health check the clone must pass.
+        health: VerifyPolicy,
+    },
+    /// Shadow -> primary, before any ack: trial `id` ended.
+    Validated {
+        /// The validation's number.
+        id: u64,
+        /// What it found.
+        report: TrialReport,
+    },
+    /// Shadow -> primary: the shadow could not start the VM, or (after `Activated`) the VM
+    /// failed its health check and the shadow stopped it; the primary carries on.
     Failed {
         /// Why.
         reason: String,
@@ -209,7 +247,11 @@ impl std::fmt::Debug for Frame {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
             Frame::Pages { epoch, batch } => write!(f, "pages of epoch {epoch} ({} bytes)", batch.len()),
-            Frame::Control(Control::Switchover(_)) => write!(f, "the switchover's state"),
+            Frame::Control(Control::Switchover { .. }) => write!(f, "the switchover's state"),
+            Frame::Control(Control::Validate { id, .. }) => write!(f, "the state for validation {id}"),
+            Frame::Control(Control::Validated { id, report }) => {
+                write!(f, "the result of validation {id} (passed: {})", report.passed)
+            }
             Frame::Control(Control::Failed { reason }) => write!(f, "failed: {reason:.200}"),
             Frame::Control(control) => write!(f, "{control:?}"),
         }

@@ -18,7 +18,7 @@ mod record;
 mod tally;
 pub(crate) mod transaction;
 mod urgent;
-mod verify;
+pub(crate) mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use devices::blk::UndoLog;
 use devices::bus::lock_device;
 use devices::legacy::SerialConsole;
 use devices::metrics::MetricsSnapshot;
@@ -122,6 +123,8 @@ pub struct Vm {
     config: VmConfig,
     kvm: KvmVm,
     ram: GuestRam,
+    /// Disks logging what they overwrite (a shadow's, until commit or rollback).
+    undo: Vec<(String, UndoLog)>,
 }
 
 /// What the builder assembled, handed to [`Vm::new`].
@@ -134,11 +137,12 @@ pub(crate) struct VmParts {
     pub config: VmConfig,
     pub kvm: KvmVm,
     pub ram: GuestRam,
+    pub undo: Vec<(String, UndoLog)>,
 }
 
 impl Vm {
     pub(crate) fn new(parts: VmParts) -> Self {
-        let VmParts { vcpus, exit, serial, devices, info, config, kvm, ram } = parts;
+        let VmParts { vcpus, exit, serial, devices, info, config, kvm, ram, undo } = parts;
         Self {
             vcpus: Mutex::new(vcpus),
             exit,
@@ -151,6 +155,30 @@ impl Vm {
             config,
             kvm,
             ram,
+            undo,
+        }
+    }
+
+    /// Takes back every disk write since the VM started, for a VM built with
+    /// [`VmBuilder::undo_disk_writes`](crate::VmBuilder::undo_disk_writes): stops the VM first
+    /// (nothing may write meanwhile), then writes the saved blocks back. Returns the blocks
+    /// restored per disk, in words.
+    pub fn undo_disk_writes(&self) -> Result<Vec<String>, String> {
+        self.stop();
+        self.undo
+            .iter()
+            .map(|(id, log)| match log.roll_back() {
+                Ok(undone) => Ok(format!("{id}: {} blocks ({} bytes) restored", undone.blocks, undone.bytes)),
+                Err(e) => Err(format!("{id}: cannot undo its writes: {e}")),
+            })
+            .collect()
+    }
+
+    /// Keeps every disk write for good and stops logging them (see
+    /// [`undo_disk_writes`](Self::undo_disk_writes)).
+    pub fn keep_disk_writes(&self) {
+        for (_, log) in &self.undo {
+            log.commit();
         }
     }
 
@@ -176,6 +204,12 @@ impl Vm {
             config_space: handle.config_space(),
             counters: handle.metrics().into_iter().map(|(direction, m)| (direction, m.snapshot())).collect(),
         })
+    }
+
+    /// Every device's request counters, for a health check of the whole VM.
+    pub(crate) fn request_metrics(&self) -> Vec<Arc<devices::metrics::RequestMetrics>> {
+        let devices = self.devices();
+        devices.devices().iter().flat_map(|e| e.handle.metrics()).map(|(_, m)| m).collect()
     }
 
     /// The guest's RAM regions: slot, guest address, size and backing of each.

@@ -6,12 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Vm;
+use crate::device_manager::DeviceManager;
 use crate::quiesce::{Quiesced, thaw};
 use crate::replication::codec::{Encoder, PAGE};
-use crate::replication::primary::{self, ReplicationError, ReplicationRequest, ReplicationStatus, SwitchoverReport};
+use crate::replication::primary::{
+    self, ReplicationError, ReplicationRequest, ReplicationStatus, SwitchoverReport, SwitchoverRequest,
+    ValidateRequest, ValidationRecord,
+};
+use crate::replication::update::VmUpdate;
 use crate::replication::wire::{self, Control, Frame, Stream};
 use crate::snapshot::format::LiveMemory;
-use crate::snapshot::{DirtyError, RegionSnapshot, SnapshotKind, dirty_ranges};
+use crate::snapshot::{DirtyError, RegionSnapshot, SnapshotKind, VmSnapshot, dirty_ranges};
+use crate::swap::VerifyPolicy;
+use crate::vcpu::Vcpus;
 
 /// How long a switchover waits for the devices to drain before giving up (the VM runs on).
 const SWITCHOVER_DRAIN: Duration = Duration::from_secs(2);
@@ -49,8 +56,19 @@ impl Vm {
     /// returns once the VM runs there. This VM then stays frozen (nothing reaches its disks)
     /// until [`commit_switchover`](Self::commit_switchover). If the shadow cannot start the
     /// VM, this one runs on as before.
-    pub fn switch_over(self: &Arc<Self>) -> Result<SwitchoverReport, ReplicationError> {
-        self.replication.switchover()
+    ///
+    /// The shadow first applies the update of the passed validation `request.validation`
+    /// names, if any, then watches the VM for `request.health`: a VM that fails there is
+    /// stopped and this one thaws (the switchover rolls itself back).
+    pub fn switch_over(self: &Arc<Self>, request: &SwitchoverRequest) -> Result<SwitchoverReport, ReplicationError> {
+        self.replication.switchover(request)
+    }
+
+    /// Tries `request.update` on a clone of the shadow's copy of this VM, apart from
+    /// everything this VM uses (see [`crate::replication::trial`]), and returns the verdict.
+    /// This VM pauses only while the last changed pages and its state are sent.
+    pub fn validate_update(&self, request: &ValidateRequest) -> Result<ValidationRecord, ReplicationError> {
+        self.replication.validate(request)
     }
 
     /// Ends this VM for good after a switchover: the shadow has it.
@@ -105,22 +123,22 @@ impl Vm {
         Ok(pages)
     }
 
-    /// The switchover, on the replication thread: freeze, last epoch, state, wait for the
-    /// shadow's word. On success the VM stays frozen.
-    pub(crate) fn switch_over_on(
+    /// Freezes the VM, sends the last epoch and the state inside the message `wrap` makes of
+    /// it; the caller thaws the VM (drops the [`Quiesced`]) or keeps it frozen.
+    #[allow(clippy::too_many_arguments)]
+    fn freeze_and_send<'a>(
         &self,
+        vcpus: &'a Vcpus,
+        devices: &'a DeviceManager,
         epoch: u64,
         encoder: &mut Encoder,
         stream: &mut Box<dyn Stream>,
-    ) -> Result<SwitchoverReport, String> {
-        let started = Instant::now();
-        let vcpus = self.vcpus();
-        let devices = self.devices();
-        let source = self.snapshot_source(&vcpus, &devices);
+        wrap: impl FnOnce(Box<VmSnapshot>) -> Control,
+    ) -> Result<Frozen<'a>, String> {
+        let source = self.snapshot_source(vcpus, devices);
         let resume_vcpus = source.resume_vcpus;
-        let quiesced = Quiesced::new(&vcpus, &devices, SWITCHOVER_DRAIN, resume_vcpus).map_err(|e| e.to_string())?;
+        let quiesced = Quiesced::new(vcpus, devices, SWITCHOVER_DRAIN, resume_vcpus).map_err(|e| e.to_string())?;
         let frozen_at = Instant::now();
-        let devices_quiesce_us = quiesced.devices_quiesce.as_micros() as u64;
         let wire_err = |e: wire::WireError| e.to_string();
         let (stats, _) = primary::send_epoch(self, epoch, encoder, stream, false, true).map_err(wire_err)?;
         wire::write_frame(stream, &Frame::Control(Control::EpochEnd { epoch, stats })).map_err(wire_err)?;
@@ -138,8 +156,60 @@ impl Vm {
             })
             .collect();
         let snapshot = source.describe(SnapshotKind::Full, None, regions, machine);
-        let state_bytes = primary::send_state(stream, snapshot).map_err(wire_err)?;
+        let state_bytes = primary::send_state(stream, wrap(Box::new(snapshot))).map_err(wire_err)?;
         stream.flush().map_err(|e| e.to_string())?;
+        Ok(Frozen {
+            devices_quiesce_us: quiesced.devices_quiesce.as_micros() as u64,
+            quiesced,
+            frozen_at,
+            final_pages: stats.pages,
+            state_bytes,
+            resume_vcpus,
+        })
+    }
+
+    /// A validation, on the replication thread: freezes the VM just long enough to send the
+    /// last epoch and the state for the shadow's trial; returns how long it was frozen, in
+    /// microseconds. The caller then waits for the epoch's ack as usual.
+    pub(crate) fn send_for_trial(
+        &self,
+        epoch: u64,
+        encoder: &mut Encoder,
+        stream: &mut Box<dyn Stream>,
+        id: u64,
+        update: &VmUpdate,
+        health: &VerifyPolicy,
+    ) -> Result<u64, String> {
+        let (update, health) = (update.clone(), *health);
+        let (vcpus, devices) = (self.vcpus(), self.devices());
+        let frozen = self.freeze_and_send(&vcpus, &devices, epoch, encoder, stream, |state| Control::Validate {
+            id,
+            state,
+            update,
+            health,
+        })?;
+        Ok(frozen.frozen_at.elapsed().as_micros() as u64)
+    }
+
+    /// The switchover, on the replication thread: freeze, last epoch, state, wait for the
+    /// shadow's word. On success the VM stays frozen; if the shadow could not start the VM or
+    /// it failed its health check there, this one thaws and runs on.
+    pub(crate) fn switch_over_on(
+        &self,
+        epoch: u64,
+        encoder: &mut Encoder,
+        stream: &mut Box<dyn Stream>,
+        update: &VmUpdate,
+        health: &VerifyPolicy,
+    ) -> Result<SwitchoverReport, String> {
+        let started = Instant::now();
+        let (message_update, message_health) = (update.clone(), *health);
+        let (vcpus, devices) = (self.vcpus(), self.devices());
+        let frozen = self.freeze_and_send(&vcpus, &devices, epoch, encoder, stream, |state| Control::Switchover {
+            state,
+            update: message_update,
+            health: message_health,
+        })?;
         // From here the shadow may be running the VM: an answer that does not come, or makes
         // no sense, leaves this VM frozen (two running copies would share its disks).
         let in_doubt = |quiesced: Quiesced, why: String| {
@@ -153,34 +223,70 @@ impl Vm {
                 return Err(format!("the shadow could not start the VM: {reason}"));
             }
             Ok(other) => {
-                return in_doubt(quiesced, format!("expected the shadow's ack of the last epoch, got {other:?}"));
+                return in_doubt(
+                    frozen.quiesced,
+                    format!("expected the shadow's ack of the last epoch, got {other:?}"),
+                );
             }
-            Err(e) => return in_doubt(quiesced, e.to_string()),
+            Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
         }
-        let answer = match wire::read_frame(stream) {
-            Ok(answer) => answer,
-            Err(e) => return in_doubt(quiesced, e.to_string()),
+        let restore_us = match wire::read_frame(stream) {
+            Ok(Frame::Control(Control::Activated { restore_us })) => restore_us,
+            Ok(Frame::Control(Control::Failed { reason })) => {
+                return Err(format!("the shadow could not start the VM: {reason}"));
+            }
+            Ok(other) => return in_doubt(frozen.quiesced, format!("expected the shadow's activation, got {other:?}")),
+            Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
         };
-        match answer {
-            Frame::Control(Control::Activated { restore_us }) => {
-                let report = SwitchoverReport {
-                    downtime_us: frozen_at.elapsed().as_micros() as u64,
-                    devices_quiesce_us,
-                    final_pages: stats.pages,
-                    state_bytes,
-                    restore_us,
-                    resume_vcpus,
-                };
-                log::info!("switched over in {:?} ({} us frozen)", started.elapsed(), report.downtime_us);
-                // Frozen until commit: the shadow runs the VM and owns its disks now.
-                quiesced.keep();
-                Ok(report)
-            }
-            Frame::Control(Control::Failed { reason }) => Err(format!("the shadow could not start the VM: {reason}")),
-            other => in_doubt(quiesced, format!("expected the shadow's activation, got {other:?}")),
+        let downtime_us = frozen.frozen_at.elapsed().as_micros() as u64;
+        // The VM runs on the shadow; its verdict on the update and the VM's health decides
+        // whether it stays there. The update's swaps may take a while on top of the window.
+        let patience = Duration::from_millis(health.window_ms) + VERDICT_SLACK;
+        if let Err(e) = stream.set_read_timeout(Some(patience)) {
+            return in_doubt(frozen.quiesced, e.to_string());
         }
+        let verdict = wire::read_frame(stream);
+        let _ = stream.set_read_timeout(Some(primary::SHADOW_TIMEOUT));
+        let (applied, health) = match verdict {
+            Ok(Frame::Control(Control::Healthy { applied, health })) => (applied, health),
+            // The shadow stopped the VM: it runs here again, from where it froze.
+            Ok(Frame::Control(Control::Failed { reason })) => {
+                log::warn!("the switchover rolled back by itself: {reason}");
+                return Err(format!("the VM failed on the shadow, which stopped it; it runs here again: {reason}"));
+            }
+            Ok(other) => return in_doubt(frozen.quiesced, format!("expected the shadow's verdict, got {other:?}")),
+            Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
+        };
+        let report = SwitchoverReport {
+            downtime_us,
+            devices_quiesce_us: frozen.devices_quiesce_us,
+            final_pages: frozen.final_pages,
+            state_bytes: frozen.state_bytes,
+            restore_us,
+            applied,
+            health: Some(health),
+            resume_vcpus: frozen.resume_vcpus,
+        };
+        log::info!("switched over in {:?} ({} us frozen)", started.elapsed(), report.downtime_us);
+        // Frozen until commit: the shadow runs the VM and owns its disks now.
+        frozen.quiesced.keep();
+        Ok(report)
     }
 }
+
+/// A VM frozen for a switchover or a validation, its last epoch and state sent.
+struct Frozen<'a> {
+    quiesced: Quiesced<'a>,
+    frozen_at: Instant,
+    devices_quiesce_us: u64,
+    final_pages: u64,
+    state_bytes: u64,
+    resume_vcpus: bool,
+}
+
+/// How long past its health window a shadow may take to give its verdict (the update's swaps
+/// drain, probe and verify devices first).
+const VERDICT_SLACK: Duration = Duration::from_secs(300);
 
 /// How a switchover error begins when the shadow may be running the VM: this one then stays
 /// frozen, and only commit (the shadow has it) or rollback ends the switchover.

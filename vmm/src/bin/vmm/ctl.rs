@@ -62,8 +62,30 @@ pub enum ReplicateCommand {
     },
     /// Stop replicating (POST /replication/stop).
     Stop,
-    /// Freeze this VM and hand it to the shadow (POST /replication/switchover).
-    Switchover,
+    /// Try an update on a clone of the shadow's copy, apart from everything this VM uses
+    /// (POST /replication/validate); fails unless the update passed.
+    Validate {
+        /// A new backend for a device, as `ID=BACKEND` with BACKEND in the device flag's form
+        /// (`disk0=path=/images/new.img,engine=io_uring`) or as a JSON object; repeatable.
+        #[arg(long = "device", value_name = "ID=BACKEND", value_parser = parse_device_update)]
+        devices: Vec<(String, Value)>,
+        /// A new RAM backing: anonymous, memfd, hugetlbfs or file=PATH.
+        #[arg(long, value_name = "BACKING", value_parser = parse_backing)]
+        ram_backing: Option<Value>,
+        /// Health check: how long to watch the clone [default: 500].
+        #[arg(long, value_name = "MS")]
+        window_ms: Option<u64>,
+    },
+    /// Freeze this VM and hand it to the shadow (POST /replication/switchover); it comes back
+    /// by itself if the VM fails its health check there.
+    Switchover {
+        /// Apply the update of this passed validation on the shadow.
+        #[arg(long, value_name = "ID")]
+        validation: Option<u64>,
+        /// Health check: how long to watch the VM on the shadow [default: 500].
+        #[arg(long, value_name = "MS")]
+        window_ms: Option<u64>,
+    },
     /// After a switchover: the shadow keeps the VM, this one ends (POST /replication/commit).
     Commit,
     /// After a switchover: the shadow stops, this VM runs on (POST /replication/rollback).
@@ -188,6 +210,14 @@ pub struct SwapArgs {
 
 /// `key=value,...` (the device flags' syntax) or a JSON object. Paths become absolute: the
 /// VMM does not share our working directory (and its API refuses relative paths).
+/// `ID=BACKEND`: a device and its new backend.
+fn parse_device_update(s: &str) -> Result<(String, Value), String> {
+    match s.split_once('=') {
+        Some((id, backend)) if !id.is_empty() && !id.contains(',') => Ok((id.to_string(), parse_backend(backend)?)),
+        _ => Err(format!("expected ID=BACKEND, as in disk0=path=/images/new.img; got {s:?}")),
+    }
+}
+
 fn parse_backend(s: &str) -> Result<Value, String> {
     let mut map = if s.trim_start().starts_with('{') {
         match serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))? {
@@ -277,7 +307,10 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
         CtlCommand::Snapshot(_)
             | CtlCommand::MemorySwap { .. }
             | CtlCommand::Replicate(
-                ReplicateCommand::Switchover | ReplicateCommand::Commit | ReplicateCommand::Rollback
+                ReplicateCommand::Switchover { .. }
+                    | ReplicateCommand::Validate { .. }
+                    | ReplicateCommand::Commit
+                    | ReplicateCommand::Rollback
             )
     );
     let default_secs = if slow { SLOW_TIMEOUT_S } else { TIMEOUT_S };
@@ -363,7 +396,41 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
             ReplicateCommand::Status { watch: false } => call("GET", "/replication", None)?,
             ReplicateCommand::Status { watch: true } => return watch_replication(&mut call, poll_ms),
             ReplicateCommand::Stop => call("POST", "/replication/stop", None)?,
-            ReplicateCommand::Switchover => call("POST", "/replication/switchover", None)?,
+            ReplicateCommand::Validate { devices, ram_backing, window_ms } => {
+                let mut update = json!({});
+                if !devices.is_empty() {
+                    let devices: Map<String, Value> =
+                        devices.iter().map(|(id, backend)| (id.clone(), json!({ "backend": backend }))).collect();
+                    update["devices"] = Value::Object(devices);
+                }
+                if let Some(backing) = ram_backing {
+                    update["ram_backing"] = backing.clone();
+                }
+                let mut body = json!({ "update": update });
+                if let Some(ms) = window_ms {
+                    body["health"] = json!({ "window_ms": ms });
+                }
+                let response = call("POST", "/replication/validate", Some(body))?;
+                print(&response);
+                let record: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+                return match record["report"]["passed"].as_bool() {
+                    Some(true) => Ok(0),
+                    _ => {
+                        let reason = record["report"]["reason"].as_str().unwrap_or("no verdict");
+                        Err(Failure::runtime(anyhow!("the update failed its trial: {reason}")))
+                    }
+                };
+            }
+            ReplicateCommand::Switchover { validation, window_ms } => {
+                let mut body = json!({});
+                if let Some(id) = validation {
+                    body["validation"] = json!(id);
+                }
+                if let Some(ms) = window_ms {
+                    body["health"] = json!({ "window_ms": ms });
+                }
+                call("POST", "/replication/switchover", Some(body))?
+            }
             ReplicateCommand::Commit => call("POST", "/replication/commit", None)?,
             ReplicateCommand::Rollback => call("POST", "/replication/rollback", None)?,
         },

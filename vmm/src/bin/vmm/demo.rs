@@ -423,7 +423,7 @@ fn replication_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Fai
         while vm.replication().epochs < 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let report = vm.switch_over().map_err(|e| runtime(&e))?;
+        let report = vm.switch_over(&Default::default()).map_err(|e| runtime(&e))?;
         vm.commit_switchover().map_err(|e| runtime(&e))?;
         let status = vm.replication();
         say(format!(

@@ -79,6 +79,9 @@ pub fn run(args: &ShadowArgs) -> Result<u8, Failure> {
         .activate(|builder| builder.serial(args.serial.clone().unwrap_or_default()))
         .map_err(|e| Failure::runtime(anyhow!(e)))?;
     eprintln!("vmm shadow: the VM runs here (restored in {} us)", activated.restore_us);
+    for step in &activated.applied {
+        eprintln!("vmm shadow: updated {step}");
+    }
     let vm: Arc<vmm::Vm> = activated.vm.clone();
     let _api = match &args.api_sock {
         Some(path) => Some(ApiServer::start(path, vm.clone()).map_err(|e| Failure::bad_input(anyhow!(e)))?),
