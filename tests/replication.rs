@@ -97,7 +97,9 @@ fn wait_for_epochs(primary: &Primary, epochs: u64) -> Value {
 fn wait_for_epochs_at(socket: &Path, epochs: u64) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, status) = call(socket, "GET", "/replication", None);
+        // The latest replication: ended ones stay listed before it.
+        let (_, all) = call(socket, "GET", "/replication", None);
+        let status = all["shadows"].as_array().and_then(|s| s.last()).cloned().unwrap_or_default();
         assert!(status["state"] != "failed", "replication failed: {status}");
         if status["epochs"].as_u64().unwrap_or(0) >= epochs {
             return status;
@@ -287,7 +289,8 @@ fn a_shadow_that_dies_leaves_the_primary_running() {
     first.child.0.wait().unwrap();
     let deadline = Instant::now() + WAIT;
     let failed = loop {
-        let (_, status) = call(&primary.socket, "GET", "/replication", None);
+        let (_, all) = call(&primary.socket, "GET", "/replication", None);
+        let status = all["shadows"][0].clone();
         if status["state"] == "failed" {
             break status;
         }
@@ -553,7 +556,8 @@ fn a_validated_update_is_applied_by_the_switchover_and_a_failed_one_is_refused()
     // The primary ran through both trials untouched, still replicating.
     let (_, vm) = call(&primary.socket, "GET", "/vm", None);
     assert_eq!(vm["state"], "running", "{vm}");
-    let (_, replication) = call(&primary.socket, "GET", "/replication", None);
+    let (_, all) = call(&primary.socket, "GET", "/replication", None);
+    let replication = &all["shadows"][0];
     assert_eq!(replication["state"], "replicating", "{replication}");
     assert_eq!(replication["validations"].as_array().map(Vec::len), Some(2), "{replication}");
     let (_, disk) = call(&primary.socket, "GET", "/devices/disk0", None);
@@ -598,9 +602,70 @@ fn a_switchover_that_fails_its_health_check_rolls_back_by_itself() {
     assert_ne!(exit_status(&mut shadow.child), Some(0), "the shadow gives up");
     let (_, vm) = call(&primary.socket, "GET", "/vm", None);
     assert_eq!(vm["state"], "running", "{vm}");
-    let (_, replication) = call(&primary.socket, "GET", "/replication", None);
+    let (_, all) = call(&primary.socket, "GET", "/replication", None);
+    let replication = &all["shadows"][0];
     assert_eq!(replication["state"], "failed", "{replication}");
     let Primary { mut child, socket, console: log } = primary;
     let summary = finish_blk_stress(&mut child, &socket, &log, BLOCKS);
     eprintln!("after an automatic rollback: {summary}");
+}
+
+/// Two shadows replicate at once, each with the pages dirtied since its own last epoch; the
+/// switchover names one, the other stops, and the guest verifies every page where it lands.
+#[test]
+fn two_shadows_at_once_and_a_switchover_to_either() {
+    let dir = TempDir::new("repl-two");
+    let mut primary = Primary::start(&dir, "prog=memdirty mib=16 pages_per_ms=5", &[]);
+    let mut first = Shadow::start(&dir, "first");
+    let mut second = Shadow::start(&dir, "second");
+    for (shadow, epoch_ms) in [(&first, 30), (&second, 70)] {
+        let body = json!({"target": shadow.target(), "epoch_ms": epoch_ms});
+        let (status, started) = call(&primary.socket, "POST", "/replication", Some(body));
+        assert_eq!(status, 202, "{started}");
+    }
+    let (status, twice) = call(&primary.socket, "POST", "/replication", Some(json!({"target": first.target()})));
+    assert_eq!(status, 409, "{twice}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, all) = call(&primary.socket, "GET", "/replication", None);
+        let shadows = all["shadows"].as_array().unwrap();
+        assert_eq!(shadows.len(), 2, "{all}");
+        if shadows.iter().all(|s| s["epochs"].as_u64() >= Some(4)) {
+            break;
+        }
+        assert!(shadows.iter().all(|s| s["state"] != "failed"), "{all}");
+        assert!(Instant::now() < deadline, "{all}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, ambiguous) = call(&primary.socket, "POST", "/replication/switchover", None);
+    assert_eq!((status, ambiguous["field"].as_str()), (400, Some("target")), "{ambiguous}");
+
+    let body = json!({"target": second.target()});
+    let (status, report) = call(&primary.socket, "POST", "/replication/switchover", Some(body));
+    assert_eq!(status, 200, "{report}");
+    let (_, all) = call(&primary.socket, "GET", "/replication", None);
+    let state_of = |target: String| {
+        all["shadows"].as_array().unwrap().iter().find(|s| s["target"] == target).map(|s| s["state"].clone())
+    };
+    assert_eq!(state_of(second.target()), Some(json!("switched_over")), "{all}");
+    // The other shadow is told nothing more: it gives up, and its copy goes.
+    assert_ne!(exit_status(&mut first.child), Some(0), "the first shadow gives up");
+    let (_, all) = call(&primary.socket, "GET", "/replication", None);
+    let first_state = all["shadows"].as_array().unwrap().iter().find(|s| s["target"] == first.target()).cloned();
+    assert_eq!(first_state.map(|s| s["state"].clone()), Some(json!("stopped")), "{all}");
+
+    ApiClient::connect_within(&second.socket, WAIT, WAIT).expect("the second shadow's API answers");
+    let (status, committed) = call(&primary.socket, "POST", "/replication/commit", None);
+    assert_eq!((status, committed["state"].as_str()), (200, Some("committed")), "{committed}");
+    assert_eq!(exit_status(&mut primary.child), Some(0));
+    let deadline = Instant::now() + WAIT;
+    while console(&second.console).matches("ok (").count() < 2 {
+        assert!(Instant::now() < deadline, "no progress on the shadow:\n{}", console(&second.console));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, _) = call(&second.socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut second.child), Some(0), "{}", console(&second.console));
+    let text = console(&second.console);
+    assert!(text.contains("all verified") && !text.contains("FAILED"), "{text}");
 }

@@ -129,7 +129,7 @@ fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> Value {
 
 fn wait_epochs(socket: &Path, epochs: u64) -> Value {
     loop {
-        let status = call(socket, "GET", "/replication", None);
+        let status = call(socket, "GET", "/replication", None)["shadows"][0].clone();
         assert!(status["state"] != "failed", "{status}");
         if status["epochs"].as_u64().unwrap_or(0) >= epochs {
             return status;
@@ -259,7 +259,7 @@ impl Ours<'_> {
             populated = status["totals"]["raw_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
             let before = wait_epochs(&primary_sock, 2);
             std::thread::sleep(Duration::from_secs(2));
-            let after = call(&primary_sock, "GET", "/replication", None);
+            let after = call(&primary_sock, "GET", "/replication", None)["shadows"][0].clone();
             let (e0, e1) = (before["epochs"].as_f64().unwrap_or(0.0), after["epochs"].as_f64().unwrap_or(0.0));
             eps.push((e1 - e0) / 2.0);
             lag.push(after["lag_us"].as_f64().unwrap_or(f64::NAN) / 1e3);

@@ -131,15 +131,12 @@ fn dispatch(
             Ok(Response::json(202, &vm.start_replication(&request)?))
         }
         ("POST", "/replication/stop") => {
-            vm.stop_replication()?;
+            vm.stop_replication(&optional_body(request)?)?;
             Ok(Response::json(200, &vm.replication()))
         }
         ("POST", "/replication/switchover") => {
-            // The body is optional: a plain switchover applies nothing.
-            let request: SwitchoverRequest = match request.body.is_empty() {
-                true => SwitchoverRequest::default(),
-                false => body(request)?,
-            };
+            // A plain switchover, to the only shadow, applies nothing.
+            let request: SwitchoverRequest = optional_body(request)?;
             Ok(Response::json(200, &vm.switch_over(&request)?))
         }
         ("POST", "/replication/validate") => {
@@ -157,17 +154,19 @@ fn dispatch(
             }
             Ok(Response::json(200, &vm.validate_update(&request)?))
         }
-        ("POST", "/replication/commit") => {
-            vm.commit_switchover()?;
-            Ok(Response::json(200, &vm.replication()))
-        }
-        ("POST", "/replication/rollback") => {
-            vm.rollback_switchover()?;
-            Ok(Response::json(200, &vm.replication()))
-        }
+        ("POST", "/replication/commit") => Ok(Response::json(200, &vm.commit_switchover()?)),
+        ("POST", "/replication/rollback") => Ok(Response::json(200, &vm.rollback_switchover()?)),
         ("GET", "/metrics") => Ok(Response::new(200, "text/plain; version=0.0.4", metrics::render(vm).into_bytes())),
         ("GET", "/openapi.json") => Ok(Response::new(200, "application/json", super::OPENAPI.as_bytes().to_vec())),
         _ => Err(ApiError::new(500, format!("route {method} {template} has no handler"))),
+    }
+}
+
+/// A body that may be left out, its defaults then applying.
+fn optional_body<T: serde::de::DeserializeOwned + Default>(request: &Request) -> Result<T, ApiError> {
+    match request.body.is_empty() {
+        true => Ok(T::default()),
+        false => body(request),
     }
 }
 

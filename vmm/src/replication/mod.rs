@@ -7,15 +7,17 @@
 //! copy before a switchover may apply it ([`update`]).
 
 pub mod codec;
+pub mod manager;
 pub mod primary;
 pub mod shadow;
 pub mod trial;
 pub mod update;
 pub mod wire;
 
+pub use manager::ReplicationManager;
 pub use primary::{
-    ReplicationError, ReplicationRequest, ReplicationState, ReplicationStatus, SwitchoverReport, SwitchoverRequest,
-    ValidateRequest, ValidationRecord,
+    ReplicationError, ReplicationRequest, ReplicationState, ReplicationStatus, ShadowSelector, ShadowStatus,
+    SwitchoverReport, SwitchoverRequest, ValidateRequest, ValidationRecord,
 };
 pub use trial::TrialReport;
 pub use update::{HealthReport, VmUpdate};

@@ -9,7 +9,7 @@
 
 use std::io::Write;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,9 @@ fn default_epoch_ms() -> u64 {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchoverRequest {
+    /// The shadow to switch to; needed only when several replicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Endpoint>,
     /// Apply the update of this validation (it must have passed) on the shadow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<u64>,
@@ -52,7 +55,7 @@ pub struct SwitchoverRequest {
 
 impl Default for SwitchoverRequest {
     fn default() -> Self {
-        Self { validation: None, health: update::default_health() }
+        Self { target: None, validation: None, health: update::default_health() }
     }
 }
 
@@ -60,12 +63,24 @@ impl Default for SwitchoverRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateRequest {
+    /// The shadow to run the trial; needed only when several replicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Endpoint>,
     /// What to try on the clone.
     pub update: VmUpdate,
     /// The health check the clone must pass (500 ms without a failed device request, by
     /// default).
     #[serde(default = "update::default_health")]
     pub health: VerifyPolicy,
+}
+
+/// `POST /replication/stop`: which shadow.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSelector {
+    /// The shadow; needed only when several replicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Endpoint>,
 }
 
 /// A validation and, once the trial ended, its verdict.
@@ -83,7 +98,7 @@ pub struct ValidationRecord {
 }
 
 impl ValidationRecord {
-    fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         self.report.as_ref().is_some_and(|r| r.passed)
     }
 }
@@ -158,14 +173,21 @@ pub struct SwitchoverReport {
     pub resume_vcpus: bool,
 }
 
-/// `GET /replication`.
+/// `GET /replication`: every shadow this VM replicates to, or did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ReplicationStatus {
+    /// In the order they were started; one that ended stays listed until a start to the same
+    /// target replaces it (or newer ones push it out).
+    pub shadows: Vec<ShadowStatus>,
+}
+
+/// Replication to one shadow.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ShadowStatus {
     /// Where it stands.
     pub state: ReplicationState,
-    /// The shadow, once started.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
+    /// The shadow, as `unix:PATH` or `tcp:ADDR:PORT`.
+    pub target: String,
     /// Epochs the shadow has acknowledged (the first full pass included).
     pub epochs: u64,
     /// How long the last epoch took, from reading the dirty log to the shadow's acknowledgement,
@@ -207,7 +229,8 @@ pub enum ReplicationError {
     Shadow(String),
 }
 
-enum Command {
+/// What the API asks of a replication thread.
+pub(crate) enum Command {
     Switchover(VmUpdate, VerifyPolicy, Sender<Result<SwitchoverReport, String>>),
     Validate(ValidateRequest, Sender<Result<ValidationRecord, String>>),
     Stop,
@@ -217,77 +240,27 @@ enum Command {
     Rollback(Sender<Result<(), String>>),
 }
 
-/// One VM's replication: at most one running at a time.
-#[derive(Default)]
-pub struct ReplicationManager {
-    status: Arc<Mutex<ReplicationStatus>>,
-    commands: Mutex<Option<Sender<Command>>>,
-}
-
-impl ReplicationManager {
-    fn status_mut(&self) -> MutexGuard<'_, ReplicationStatus> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Where replication stands.
-    pub fn status(&self) -> ReplicationStatus {
-        self.status_mut().clone()
-    }
-
-    /// Whether replication forbids what would read its dirty log or wake a frozen VM:
-    /// snapshots, memory and device swaps.
-    pub fn in_use(&self) -> bool {
-        self.active() || self.frozen()
-    }
-
-    /// Whether the VM is frozen for a switchover: nothing may resume it but a rollback.
-    pub fn frozen(&self) -> bool {
-        matches!(self.status_mut().state, ReplicationState::SwitchingOver | ReplicationState::SwitchedOver)
-    }
-
-    /// Whether epochs are running (snapshots and memory swaps, which read or rebuild the dirty
-    /// log, wait for none).
-    pub fn active(&self) -> bool {
-        matches!(
-            self.status_mut().state,
-            ReplicationState::Starting | ReplicationState::Replicating | ReplicationState::SwitchingOver
-        )
-    }
-
-    /// Connects to the shadow and starts the epochs on their own thread.
-    pub(crate) fn start(
-        &self,
-        vm: &Arc<Vm>,
-        request: &ReplicationRequest,
-    ) -> Result<ReplicationStatus, ReplicationError> {
-        request.check()?;
-        {
-            // Claimed before connecting: a second start, a snapshot or a memory swap arriving
-            // meanwhile is refused.
-            let mut status = self.status_mut();
-            if !matches!(status.state, ReplicationState::Idle | ReplicationState::Stopped | ReplicationState::Failed) {
-                return Err(ReplicationError::Conflict(format!("replication is {:?} already", status.state)));
+/// Connects to the shadow `target` names and starts the epochs on their own thread; they
+/// read the dirty log as `consumer`. Returns where to send commands.
+pub(crate) fn spawn(
+    vm: &Arc<Vm>,
+    target: &Endpoint,
+    epoch: Duration,
+    status: Arc<Mutex<ShadowStatus>>,
+    consumer: u64,
+) -> Result<Sender<Command>, ReplicationError> {
+    let stream = target
+        .connect(Duration::from_secs(5))
+        .map_err(|e| ReplicationError::Unreachable(format!("cannot reach the shadow at {target}: {e}")))?;
+    let (send, receive) = std::sync::mpsc::channel();
+    let weak = Arc::downgrade(vm);
+    std::thread::Builder::new()
+        .name("replication".into())
+        .spawn(move || {
+            let outcome = run(&weak, stream, epoch, &status, consumer, &receive);
+            if let Some(vm) = weak.upgrade() {
+                vm.forget_replication_consumer(consumer);
             }
-            *status = ReplicationStatus {
-                state: ReplicationState::Starting,
-                target: Some(request.target.to_string()),
-                ..Default::default()
-            };
-        }
-        let stream = request.target.connect(Duration::from_secs(5)).map_err(|e| {
-            let message = format!("cannot reach the shadow at {}: {e}", request.target);
-            let mut status = self.status_mut();
-            status.state = ReplicationState::Failed;
-            status.error = Some(message.clone());
-            ReplicationError::Unreachable(message)
-        })?;
-        let (send, receive) = std::sync::mpsc::channel();
-        *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = Some(send);
-        let status = self.status.clone();
-        let weak = Arc::downgrade(vm);
-        let epoch = Duration::from_millis(request.epoch_ms);
-        let spawned = std::thread::Builder::new().name("replication".into()).spawn(move || {
-            let outcome = run(&weak, stream, epoch, &status, &receive);
             let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
             match outcome {
                 Ok(state) => status.state = state,
@@ -297,106 +270,9 @@ impl ReplicationManager {
                     status.error = Some(e.to_string());
                 }
             }
-        });
-        if let Err(e) = spawned {
-            self.status_mut().state = ReplicationState::Failed;
-            return Err(ReplicationError::Shadow(format!("cannot start the replication thread: {e}")));
-        }
-        Ok(self.status())
-    }
-
-    /// Freezes the VM, sends the last epoch and the state, and waits for the shadow to run it
-    /// (with the validated update applied) and to find it healthy. On failure the VM runs on
-    /// here.
-    pub(crate) fn switchover(&self, request: &SwitchoverRequest) -> Result<SwitchoverReport, ReplicationError> {
-        update::check_health_policy("health", &request.health)?;
-        let update = {
-            let status = self.status_mut();
-            if let Some(running) = status.validations.iter().find(|v| v.report.is_none()) {
-                let e = format!("validation {} is still running; switch over once it has ended", running.id);
-                return Err(ReplicationError::Conflict(e));
-            }
-            match request.validation {
-                None => VmUpdate::default(),
-                Some(id) => match status.validations.iter().find(|v| v.id == id) {
-                    Some(record) if record.passed() => record.update.clone(),
-                    Some(_) => return Err(ReplicationError::Conflict(format!("validation {id} did not pass"))),
-                    None => {
-                        let e = FieldError::new("validation", format!("no validation {id} in this replication"));
-                        return Err(e.into());
-                    }
-                },
-            }
-        };
-        let (reply, answer) = std::sync::mpsc::channel();
-        self.send(Command::Switchover(update, request.health, reply))?;
-        answer
-            .recv()
-            .map_err(|_| ReplicationError::Shadow("replication ended during the switchover".into()))?
-            .map_err(ReplicationError::Shadow)
-    }
-
-    /// Runs a trial of `request.update` on the shadow and waits for its verdict.
-    pub(crate) fn validate(&self, request: &ValidateRequest) -> Result<ValidationRecord, ReplicationError> {
-        update::check_health_policy("health", &request.health)?;
-        request.update.check()?;
-        if request.update.is_empty() {
-            return Err(FieldError::new("update", "names nothing to change").into());
-        }
-        let (reply, answer) = std::sync::mpsc::channel();
-        self.send(Command::Validate(request.clone(), reply))?;
-        answer
-            .recv()
-            .map_err(|_| ReplicationError::Shadow("replication ended during the validation".into()))?
-            .map_err(ReplicationError::Shadow)
-    }
-
-    /// Stops the epochs (the shadow is told nothing more and gives up).
-    pub(crate) fn stop(&self) -> Result<(), ReplicationError> {
-        self.send(Command::Stop)
-    }
-
-    fn send(&self, command: Command) -> Result<(), ReplicationError> {
-        let state = self.status_mut().state;
-        let after_switchover = matches!(command, Command::Commit(_) | Command::Rollback(_));
-        let expected = match after_switchover {
-            true => matches!(state, ReplicationState::SwitchedOver),
-            false => matches!(state, ReplicationState::Starting | ReplicationState::Replicating),
-        };
-        if !expected {
-            let wanted = if after_switchover { "a switchover to end" } else { "replication to run" };
-            return Err(ReplicationError::Conflict(format!("this needs {wanted}; replication is {state:?}")));
-        }
-        let commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
-        commands
-            .as_ref()
-            .and_then(|c| c.send(command).ok())
-            .ok_or_else(|| ReplicationError::Conflict("replication has ended".into()))
-    }
-
-    /// Tells the shadow the VM is its own for good.
-    pub(crate) fn commit(&self) -> Result<(), ReplicationError> {
-        let (reply, answer) = std::sync::mpsc::channel();
-        self.send(Command::Commit(reply))?;
-        answer
-            .recv()
-            .map_err(|_| ReplicationError::Shadow("replication ended".into()))?
-            .map_err(ReplicationError::Shadow)?;
-        self.status_mut().state = ReplicationState::Committed;
-        Ok(())
-    }
-
-    /// Has the shadow stop the VM, so that this one can run it again.
-    pub(crate) fn rollback(&self) -> Result<(), ReplicationError> {
-        let (reply, answer) = std::sync::mpsc::channel();
-        self.send(Command::Rollback(reply))?;
-        answer
-            .recv()
-            .map_err(|_| ReplicationError::Shadow("replication ended".into()))?
-            .map_err(ReplicationError::Shadow)?;
-        self.status_mut().state = ReplicationState::Stopped;
-        Ok(())
-    }
+        })
+        .map_err(|e| ReplicationError::Shadow(format!("cannot start the replication thread: {e}")))?;
+    Ok(send)
 }
 
 /// The replication thread: the first pass, then an epoch every `epoch` until told otherwise.
@@ -404,13 +280,14 @@ fn run(
     vm: &Weak<Vm>,
     stream: Box<dyn Stream>,
     epoch: Duration,
-    status: &Mutex<ReplicationStatus>,
+    status: &Mutex<ShadowStatus>,
+    consumer: u64,
     commands: &Receiver<Command>,
 ) -> Result<ReplicationState, WireError> {
     let Some(memory_bytes) = vm.upgrade().map(|vm| vm.replication_memory_bytes()) else {
         return Ok(ReplicationState::Stopped);
     };
-    let mut link = Link { stream, encoder: Encoder::new(CACHE_PAGES), status, trials: Vec::new(), next: 0 };
+    let mut link = Link { stream, encoder: Encoder::new(CACHE_PAGES), status, consumer, trials: Vec::new(), next: 0 };
     link.stream.set_read_timeout(Some(SHADOW_TIMEOUT))?;
     link.stream.set_write_timeout(Some(SHADOW_TIMEOUT))?;
     let hello = Control::Hello { version: wire::PROTOCOL_VERSION, memory_bytes };
@@ -449,7 +326,8 @@ fn run(
                 link.update(|s| s.state = ReplicationState::SwitchingOver);
                 link.catch_up(&live)?;
                 let number = link.next;
-                let outcome = live.switch_over_on(number, &mut link.encoder, &mut link.stream, &update, &health);
+                let outcome =
+                    live.switch_over_on(consumer, number, &mut link.encoder, &mut link.stream, &update, &health);
                 let in_doubt = outcome.as_ref().is_err_and(|e| e.starts_with(crate::vm::IN_DOUBT));
                 // The state first: a commit may follow the answer at once.
                 match &outcome {
@@ -480,7 +358,9 @@ fn run(
 struct Link<'a> {
     stream: Box<dyn Stream>,
     encoder: Encoder,
-    status: &'a Mutex<ReplicationStatus>,
+    status: &'a Mutex<ShadowStatus>,
+    /// Which of the dirty log's consumers this link is.
+    consumer: u64,
     /// Validations whose trial runs on the shadow, and who waits for each verdict.
     trials: Vec<(u64, Sender<Result<ValidationRecord, String>>)>,
     /// The next epoch's number.
@@ -488,14 +368,15 @@ struct Link<'a> {
 }
 
 impl Link<'_> {
-    fn update(&self, f: impl FnOnce(&mut ReplicationStatus)) {
+    fn update(&self, f: impl FnOnce(&mut ShadowStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Sends one epoch (every populated page with `everything`) and waits for its ack.
     fn epoch(&mut self, vm: &Vm, everything: bool) -> Result<(CodecStats, u64), WireError> {
         let number = self.next;
-        let (stats, encode_us) = send_epoch(vm, number, &mut self.encoder, &mut self.stream, everything, false)?;
+        let (stats, encode_us) =
+            send_epoch(vm, self.consumer, number, &mut self.encoder, &mut self.stream, everything, false)?;
         wire::write_frame(&mut self.stream, &Frame::Control(Control::EpochEnd { epoch: number, stats }))?;
         self.expect_ack(number)?;
         self.next += 1;
@@ -529,14 +410,8 @@ impl Link<'_> {
             let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
             status.validations.last().map_or(1, |v| v.id + 1)
         };
-        let pause_us = match vm.send_for_trial(
-            number,
-            &mut self.encoder,
-            &mut self.stream,
-            id,
-            &request.update,
-            &request.health,
-        ) {
+        let pause_us = match vm.send_for_trial(self.consumer, number, &mut self.encoder, &mut self.stream, id, &request)
+        {
             Ok(pause_us) => pause_us,
             Err(e) => {
                 // The stream may hold half the state: the link is no longer usable.
@@ -634,6 +509,7 @@ fn after_switchover(stream: &mut Box<dyn Stream>, commands: &Receiver<Command>) 
 /// Returns what it cost and the microseconds spent encoding.
 pub(crate) fn send_epoch(
     vm: &Vm,
+    consumer: u64,
     epoch: u64,
     encoder: &mut Encoder,
     out: &mut dyn Write,
@@ -648,7 +524,7 @@ pub(crate) fn send_epoch(
         total.add(&stats);
         wire::write_frame(out, &Frame::Pages { epoch, batch })
     };
-    let pages = vm.replication_pages(everything).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let pages = vm.replication_pages(consumer, everything).map_err(|e| WireError::Malformed(e.to_string()))?;
     for (offset, memory) in pages {
         let started = Instant::now();
         let bytes = if frozen { memory.copy_out(0..PAGE) } else { memory.copy_volatile(0..PAGE) };

@@ -21,7 +21,7 @@ use crate::device_manager::DeviceManager;
 use crate::exit::ExitState;
 use crate::hv::KvmVm;
 use crate::memory::{GuestRam, RegionInfo};
-use crate::replication::primary::ReplicationManager;
+use crate::replication::ReplicationManager;
 use crate::snapshot::{DirtyTracker, SnapshotError, SnapshotReport, SnapshotRequest, SnapshotSource};
 use crate::swap::memory::MemorySwap;
 use crate::swap::{

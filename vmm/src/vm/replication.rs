@@ -10,8 +10,8 @@ use crate::device_manager::DeviceManager;
 use crate::quiesce::{Quiesced, thaw};
 use crate::replication::codec::{Encoder, PAGE};
 use crate::replication::primary::{
-    self, ReplicationError, ReplicationRequest, ReplicationStatus, SwitchoverReport, SwitchoverRequest,
-    ValidateRequest, ValidationRecord,
+    self, ReplicationError, ReplicationRequest, ReplicationStatus, ShadowSelector, ShadowStatus, SwitchoverReport,
+    SwitchoverRequest, ValidateRequest, ValidationRecord,
 };
 use crate::replication::update::VmUpdate;
 use crate::replication::wire::{self, Control, Frame, Stream};
@@ -25,11 +25,9 @@ const SWITCHOVER_DRAIN: Duration = Duration::from_secs(2);
 
 impl Vm {
     /// Starts replicating this VM to the shadow `request.target` names (`vmm shadow`): a full
-    /// first pass, then an epoch of changed pages every `request.epoch_ms`.
-    pub fn start_replication(
-        self: &Arc<Self>,
-        request: &ReplicationRequest,
-    ) -> Result<ReplicationStatus, ReplicationError> {
+    /// first pass, then an epoch of changed pages every `request.epoch_ms`. Up to
+    /// [`MAX_SHADOWS`](crate::replication::manager::MAX_SHADOWS) shadows may replicate at once.
+    pub fn start_replication(self: &Arc<Self>, request: &ReplicationRequest) -> Result<ShadowStatus, ReplicationError> {
         if let Some(exit) = self.exit.get() {
             return Err(ReplicationError::Conflict(format!("the VM has exited ({exit})")));
         }
@@ -47,9 +45,10 @@ impl Vm {
         self.replication.status()
     }
 
-    /// Stops replicating; the shadow discards what it has.
-    pub fn stop_replication(&self) -> Result<(), ReplicationError> {
-        self.replication.stop()
+    /// Stops replicating to the shadow `selector` names (or the only one); the shadow
+    /// discards what it has.
+    pub fn stop_replication(&self, selector: &ShadowSelector) -> Result<(), ReplicationError> {
+        self.replication.stop(selector)
     }
 
     /// Freezes this VM, sends the shadow the last changed pages and the machine's state, and
@@ -72,24 +71,29 @@ impl Vm {
     }
 
     /// Ends this VM for good after a switchover: the shadow has it.
-    pub fn commit_switchover(&self) -> Result<(), ReplicationError> {
-        self.replication.commit()?;
+    pub fn commit_switchover(&self) -> Result<ShadowStatus, ReplicationError> {
+        let status = self.replication.commit()?;
         log::info!("switchover committed: the VM runs on the shadow; this one stops");
         self.stop();
-        Ok(())
+        Ok(status)
     }
 
-    /// Undoes a switchover: the shadow stops the VM, and this one runs again from where it
-    /// froze. What the guest wrote to its disks on the shadow meanwhile stays there.
-    pub fn rollback_switchover(&self) -> Result<(), ReplicationError> {
-        self.replication.rollback()?;
+    /// Undoes a switchover: the shadow stops the VM and takes back what the guest wrote to
+    /// its disks there, and this one runs again from where it froze.
+    pub fn rollback_switchover(&self) -> Result<ShadowStatus, ReplicationError> {
+        let status = self.replication.rollback()?;
         let vcpus = self.vcpus();
         let devices = self.devices();
         // vCPUs the user had paused before the switchover stay paused.
-        let resume_vcpus = self.replication.status().switchover.is_some_and(|s| s.resume_vcpus);
+        let resume_vcpus = status.switchover.as_ref().is_some_and(|s| s.resume_vcpus);
         thaw(&vcpus, &devices, resume_vcpus);
         log::info!("switchover rolled back: the VM runs here again");
-        Ok(())
+        Ok(status)
+    }
+
+    /// A replication ended: it reads the dirty log no more.
+    pub(crate) fn forget_replication_consumer(&self, consumer: u64) {
+        self.replication.forget_consumer(consumer);
     }
 
     /// Guest memory, its regions laid end to end.
@@ -100,9 +104,15 @@ impl Vm {
     /// The pages an epoch sends, each with its offset in memory laid end to end: those changed
     /// since the last epoch, or every populated one for the first. Reading the dirty log
     /// breaks the chain of diff snapshots.
-    pub(crate) fn replication_pages(&self, everything: bool) -> Result<Vec<(u64, LiveMemory)>, DirtyError> {
-        let dirty = self.dirty.take(&self.ram, &self.kvm)?;
+    pub(crate) fn replication_pages(
+        &self,
+        consumer: u64,
+        everything: bool,
+    ) -> Result<Vec<(u64, LiveMemory)>, DirtyError> {
+        let read = self.dirty.take(&self.ram, &self.kvm)?;
         self.dirty.forget(true);
+        // Other replications need what the log said too.
+        let dirty = self.replication.dirty_for(consumer, read);
         let mut pages = Vec::new();
         let mut offset = 0;
         for (region, dirty) in self.ram.regions().iter().zip(dirty) {
@@ -130,6 +140,7 @@ impl Vm {
         &self,
         vcpus: &'a Vcpus,
         devices: &'a DeviceManager,
+        consumer: u64,
         epoch: u64,
         encoder: &mut Encoder,
         stream: &mut Box<dyn Stream>,
@@ -140,7 +151,7 @@ impl Vm {
         let quiesced = Quiesced::new(vcpus, devices, SWITCHOVER_DRAIN, resume_vcpus).map_err(|e| e.to_string())?;
         let frozen_at = Instant::now();
         let wire_err = |e: wire::WireError| e.to_string();
-        let (stats, _) = primary::send_epoch(self, epoch, encoder, stream, false, true).map_err(wire_err)?;
+        let (stats, _) = primary::send_epoch(self, consumer, epoch, encoder, stream, false, true).map_err(wire_err)?;
         wire::write_frame(stream, &Frame::Control(Control::EpochEnd { epoch, stats })).map_err(wire_err)?;
         let machine = source.capture(&quiesced).map_err(|e| e.to_string())?;
         let mut file_offset = 0;
@@ -173,20 +184,17 @@ impl Vm {
     /// microseconds. The caller then waits for the epoch's ack as usual.
     pub(crate) fn send_for_trial(
         &self,
+        consumer: u64,
         epoch: u64,
         encoder: &mut Encoder,
         stream: &mut Box<dyn Stream>,
         id: u64,
-        update: &VmUpdate,
-        health: &VerifyPolicy,
+        request: &ValidateRequest,
     ) -> Result<u64, String> {
-        let (update, health) = (update.clone(), *health);
+        let (update, health) = (request.update.clone(), request.health);
         let (vcpus, devices) = (self.vcpus(), self.devices());
-        let frozen = self.freeze_and_send(&vcpus, &devices, epoch, encoder, stream, |state| Control::Validate {
-            id,
-            state,
-            update,
-            health,
+        let frozen = self.freeze_and_send(&vcpus, &devices, consumer, epoch, encoder, stream, |state| {
+            Control::Validate { id, state, update, health }
         })?;
         Ok(frozen.frozen_at.elapsed().as_micros() as u64)
     }
@@ -194,8 +202,10 @@ impl Vm {
     /// The switchover, on the replication thread: freeze, last epoch, state, wait for the
     /// shadow's word. On success the VM stays frozen; if the shadow could not start the VM or
     /// it failed its health check there, this one thaws and runs on.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn switch_over_on(
         &self,
+        consumer: u64,
         epoch: u64,
         encoder: &mut Encoder,
         stream: &mut Box<dyn Stream>,
@@ -205,10 +215,8 @@ impl Vm {
         let started = Instant::now();
         let (message_update, message_health) = (update.clone(), *health);
         let (vcpus, devices) = (self.vcpus(), self.devices());
-        let frozen = self.freeze_and_send(&vcpus, &devices, epoch, encoder, stream, |state| Control::Switchover {
-            state,
-            update: message_update,
-            health: message_health,
+        let frozen = self.freeze_and_send(&vcpus, &devices, consumer, epoch, encoder, stream, |state| {
+            Control::Switchover { state, update: message_update, health: message_health }
         })?;
         // From here the shadow may be running the VM: an answer that does not come, or makes
         // no sense, leaves this VM frozen (two running copies would share its disks).

@@ -61,10 +61,17 @@ pub enum ReplicateCommand {
         watch: bool,
     },
     /// Stop replicating (POST /replication/stop).
-    Stop,
+    Stop {
+        /// The shadow, when several replicate: unix:PATH or tcp:ADDR:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        to: Option<String>,
+    },
     /// Try an update on a clone of the shadow's copy, apart from everything this VM uses
     /// (POST /replication/validate); fails unless the update passed.
     Validate {
+        /// The shadow to run the trial, when several replicate.
+        #[arg(long, value_name = "ENDPOINT")]
+        to: Option<String>,
         /// A new backend for a device, as `ID=BACKEND` with BACKEND in the device flag's form
         /// (`disk0=path=/images/new.img,engine=io_uring`) or as a JSON object; repeatable.
         #[arg(long = "device", value_name = "ID=BACKEND", value_parser = parse_device_update)]
@@ -79,6 +86,9 @@ pub enum ReplicateCommand {
     /// Freeze this VM and hand it to the shadow (POST /replication/switchover); it comes back
     /// by itself if the VM fails its health check there.
     Switchover {
+        /// The shadow to switch to, when several replicate.
+        #[arg(long, value_name = "ENDPOINT")]
+        to: Option<String>,
         /// Apply the update of this passed validation on the shadow.
         #[arg(long, value_name = "ID")]
         validation: Option<u64>,
@@ -210,6 +220,15 @@ pub struct SwapArgs {
 
 /// `key=value,...` (the device flags' syntax) or a JSON object. Paths become absolute: the
 /// VMM does not share our working directory (and its API refuses relative paths).
+/// A shadow's endpoint as the VMM must see it: it does not share our directory, so a
+/// relative socket path is made ours.
+fn shadow_endpoint(to: &str) -> String {
+    match to.strip_prefix("unix:") {
+        Some(path) if !path.starts_with('/') => format!("unix:{}", absolute(path)),
+        _ => to.to_string(),
+    }
+}
+
 /// `ID=BACKEND`: a device and its new backend.
 fn parse_device_update(s: &str) -> Result<(String, Value), String> {
     match s.split_once('=') {
@@ -382,12 +401,7 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
         }
         CtlCommand::Replicate(command) => match command {
             ReplicateCommand::Start { to, epoch_ms } => {
-                // The VMM does not share our directory: a relative socket path is ours.
-                let to = match to.strip_prefix("unix:") {
-                    Some(path) if !path.starts_with('/') => format!("unix:{}", absolute(path)),
-                    _ => to.clone(),
-                };
-                let mut body = json!({ "target": to });
+                let mut body = json!({ "target": shadow_endpoint(to) });
                 if let Some(ms) = epoch_ms {
                     body["epoch_ms"] = json!(ms);
                 }
@@ -395,8 +409,11 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
             }
             ReplicateCommand::Status { watch: false } => call("GET", "/replication", None)?,
             ReplicateCommand::Status { watch: true } => return watch_replication(&mut call, poll_ms),
-            ReplicateCommand::Stop => call("POST", "/replication/stop", None)?,
-            ReplicateCommand::Validate { devices, ram_backing, window_ms } => {
+            ReplicateCommand::Stop { to } => {
+                let body = to.as_deref().map(|to| json!({ "target": shadow_endpoint(to) }));
+                call("POST", "/replication/stop", body)?
+            }
+            ReplicateCommand::Validate { to, devices, ram_backing, window_ms } => {
                 let mut update = json!({});
                 if !devices.is_empty() {
                     let devices: Map<String, Value> =
@@ -407,6 +424,9 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
                     update["ram_backing"] = backing.clone();
                 }
                 let mut body = json!({ "update": update });
+                if let Some(to) = to {
+                    body["target"] = json!(shadow_endpoint(to));
+                }
                 if let Some(ms) = window_ms {
                     body["health"] = json!({ "window_ms": ms });
                 }
@@ -421,8 +441,11 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
                     }
                 };
             }
-            ReplicateCommand::Switchover { validation, window_ms } => {
+            ReplicateCommand::Switchover { to, validation, window_ms } => {
                 let mut body = json!({});
+                if let Some(to) = to {
+                    body["target"] = json!(shadow_endpoint(to));
+                }
                 if let Some(id) = validation {
                     body["validation"] = json!(id);
                 }
@@ -508,19 +531,36 @@ fn watch_replication(
     loop {
         let response = call("GET", "/replication", None)?;
         let status: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-        let state = status["state"].as_str().unwrap_or("?").to_string();
-        let n = |k: &str| status[k].as_u64().unwrap_or(0);
-        let totals = &status["totals"];
-        let (raw, sent) = (totals["raw_bytes"].as_u64().unwrap_or(0), totals["sent_bytes"].as_u64().unwrap_or(0));
-        let line = format!(
-            "replication {state}: {} epochs, lag {:.1} ms, {} MiB of pages sent as {} MiB, {:.1} MiB/s",
-            n("epochs"),
-            n("lag_us") as f64 / 1e3,
-            raw >> 20,
-            sent >> 20,
-            n("rate_bytes_per_s") as f64 / f64::from(1 << 20)
-        );
-        let running = matches!(state.as_str(), "starting" | "replicating" | "switching_over");
+        let shadows = status["shadows"].as_array().cloned().unwrap_or_default();
+        let state_of = |shadow: &Value| shadow["state"].as_str().unwrap_or("?").to_string();
+        // One part per shadow; with one, no target needed.
+        let parts: Vec<String> = shadows
+            .iter()
+            .map(|shadow| {
+                let n = |k: &str| shadow[k].as_u64().unwrap_or(0);
+                let totals = &shadow["totals"];
+                let (raw, sent) =
+                    (totals["raw_bytes"].as_u64().unwrap_or(0), totals["sent_bytes"].as_u64().unwrap_or(0));
+                let to = if shadows.len() > 1 {
+                    format!(" to {}", shadow["target"].as_str().unwrap_or("?"))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "replication{to} {}: {} epochs, lag {:.1} ms, {} MiB of pages sent as {} MiB, {:.1} MiB/s",
+                    state_of(shadow),
+                    n("epochs"),
+                    n("lag_us") as f64 / 1e3,
+                    raw >> 20,
+                    sent >> 20,
+                    n("rate_bytes_per_s") as f64 / f64::from(1 << 20)
+                )
+            })
+            .collect();
+        let line = if parts.is_empty() { "no replication".to_string() } else { parts.join(" | ") };
+        let running =
+            shadows.iter().any(|s| matches!(state_of(s).as_str(), "starting" | "replicating" | "switching_over"));
+        let failed = !shadows.is_empty() && shadows.iter().all(|s| state_of(s) == "failed");
         match (terminal, running) {
             (true, true) => eprint!("\r\x1b[K{line}"),
             (true, false) => eprintln!("\r\x1b[K{line}"),
@@ -528,7 +568,7 @@ fn watch_replication(
         }
         if !running {
             print(&response);
-            return Ok(if state == "failed" { 1 } else { 0 });
+            return Ok(if failed { 1 } else { 0 });
         }
         std::thread::sleep(Duration::from_millis(poll_ms.max(100)));
     }

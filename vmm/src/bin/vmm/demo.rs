@@ -420,14 +420,14 @@ fn replication_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Fai
         vm.start_replication(&ReplicationRequest { target: endpoint.clone(), epoch_ms: 20 })
             .map_err(|e| runtime(&e))?;
         let deadline = Instant::now() + wait;
-        while vm.replication().epochs < 3 && Instant::now() < deadline {
+        let epochs = |vm: &vmm::Vm| vm.replication().shadows.first().map_or(0, |s| s.epochs);
+        while epochs(&vm) < 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let report = vm.switch_over(&Default::default()).map_err(|e| runtime(&e))?;
-        vm.commit_switchover().map_err(|e| runtime(&e))?;
-        let status = vm.replication();
+        let status = vm.commit_switchover().map_err(|e| runtime(&e))?;
         say(format!(
-            "   -> switchover {}: {} epochs, {:.1} MiB of pages sent as {:.1} MiB; VM frozen {:.2} ms ({} pages in the last epoch, restore {:.2} ms)",
+            "   -> switchover {}: {} epochs, {:.1} MiB of pages sent as {:.1} MiB; VM frozen {:.2} ms ({} pages in the last epoch, restore {:.2} ms), healthy on the shadow",
             round + 1,
             status.epochs,
             status.totals.raw_bytes as f64 / f64::from(1 << 20),
