@@ -211,7 +211,10 @@ impl ReplicationManager {
             .map_err(ReplicationError::Shadow)?;
         for entry in self.entries().iter() {
             if matches!(entry.state(), ReplicationState::Starting | ReplicationState::Replicating) {
-                entry.commands.as_ref().map(|c| c.send(Command::Stop));
+                if let Some(commands) = &entry.commands {
+                    // A replication that ended meanwhile has nothing to stop.
+                    let _ = commands.send(Command::Stop);
+                }
             }
         }
         Ok(report)
