@@ -210,11 +210,11 @@ impl ReplicationManager {
             .map_err(|_| ReplicationError::Shadow("replication ended during the switchover".into()))?
             .map_err(ReplicationError::Shadow)?;
         for entry in self.entries().iter() {
-            if matches!(entry.state(), ReplicationState::Starting | ReplicationState::Replicating) {
-                if let Some(commands) = &entry.commands {
-                    // A replication that ended meanwhile has nothing to stop.
-                    let _ = commands.send(Command::Stop);
-                }
+            if matches!(entry.state(), ReplicationState::Starting | ReplicationState::Replicating)
+                && let Some(commands) = &entry.commands
+            {
+                // A replication that ended meanwhile has nothing to stop.
+                let _ = commands.send(Command::Stop);
             }
         }
         Ok(report)
