@@ -313,15 +313,21 @@ fn a_shadow_that_dies_leaves_the_primary_running() {
 struct Hosts {
     names: [String; 2],
     addresses: [String; 2],
+    /// Each host's end of the link.
+    devices: [String; 2],
 }
 
 impl Hosts {
     fn new() -> Self {
-        let tag = std::process::id() % 100_000;
+        // Unique among this process's tests too; interface names stay under 16 bytes.
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 10;
+        let tag = std::process::id() % 10_000 * 10 + n;
         let names = [format!("vmmA{tag}"), format!("vmmB{tag}")];
         let subnet = (tag % 250) + 1;
         let addresses = [format!("10.213.{subnet}.1"), format!("10.213.{subnet}.2")];
-        let hosts = Self { names, addresses };
+        let devices = [format!("va{tag}"), format!("vb{tag}")];
+        let hosts = Self { names, addresses, devices };
         let run = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().expect("run ip");
             assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -329,7 +335,7 @@ impl Hosts {
         let (a, b) = (&hosts.names[0], &hosts.names[1]);
         run(&["netns", "add", a]);
         run(&["netns", "add", b]);
-        let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
+        let (va, vb) = (hosts.devices[0].clone(), hosts.devices[1].clone());
         run(&["link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b]);
         for (ns, dev, addr) in [(a, &va, &hosts.addresses[0]), (b, &vb, &hosts.addresses[1])] {
             run(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
@@ -355,47 +361,74 @@ impl Drop for Hosts {
     }
 }
 
+/// A primary on host 0 and a shadow on host 1, replicating over TCP.
+struct AcrossHosts {
+    primary: Reaped,
+    socket: PathBuf,
+    log: PathBuf,
+    shadow: Reaped,
+    shadow_socket: PathBuf,
+    shadow_log: PathBuf,
+}
+
+impl AcrossHosts {
+    fn start(dir: &TempDir, hosts: &Hosts, cmdline: &str, replication: Value) -> Self {
+        let port = 7000 + std::process::id() % 1000;
+        let listen = format!("tcp:{}:{port}", hosts.addresses[1]);
+        let (shadow_socket, shadow_log) = (dir.join("shadow.sock"), dir.join("shadow.log"));
+        let mut shadow = hosts.command(1, common::vmm_bin());
+        shadow
+            .args(["shadow", "--listen", &listen, "--api-sock", shadow_socket.to_str().unwrap()])
+            .args(["--dir", dir.join("shadow-state").to_str().unwrap()])
+            .args(["--serial", &format!("file:{}", shadow_log.display())])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut shadow = Reaped(shadow.spawn().expect("spawn the shadow"));
+        let mut stderr = BufReader::new(shadow.0.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.contains("waiting for a primary"), "{line}");
+        // The rest goes to the test's output (a pipe nobody reads would fill and block it).
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("shadow: {line}");
+            }
+        });
+
+        let (socket, log) = (dir.join("primary.sock"), dir.join("primary.log"));
+        let mut primary = hosts.command(0, common::vmm_bin());
+        primary
+            .args(["run", "--kernel", common::microguest(), "--cmdline", cmdline])
+            .args(["--api-sock", socket.to_str().unwrap(), "--serial", &format!("file:{}", log.display())])
+            .stdin(Stdio::null());
+        let primary = Reaped(primary.spawn().expect("spawn the primary"));
+        ApiClient::connect_within(&socket, WAIT, WAIT).expect("the primary's API answers");
+        // The shadow binds its port after printing; a refused first try is retried.
+        let mut body = replication;
+        body["target"] = json!(listen);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, started) = call(&socket, "POST", "/replication", Some(body.clone()));
+            if status == 202 {
+                break;
+            }
+            assert!(status == 422 && Instant::now() < deadline, "{status}: {started}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_for_epochs_at(&socket, 3);
+        Self { primary, socket, log, shadow, shadow_socket, shadow_log }
+    }
+}
+
 /// The shadow on another "host": replication over TCP between two network namespaces, a
 /// switchover and a commit; the guest verifies every page on the other side.
 #[test]
 fn shadow_over_tcp_on_another_host() {
     let dir = TempDir::new("repl-tcp");
     let hosts = Hosts::new();
-    let port = 7000 + std::process::id() % 1000;
-    let listen = format!("tcp:{}:{port}", hosts.addresses[1]);
-    let (shadow_socket, shadow_log) = (dir.join("shadow.sock"), dir.join("shadow.log"));
-    let mut shadow = hosts.command(1, common::vmm_bin());
-    shadow
-        .args(["shadow", "--listen", &listen, "--api-sock", shadow_socket.to_str().unwrap()])
-        .args(["--dir", dir.join("shadow-state").to_str().unwrap()])
-        .args(["--serial", &format!("file:{}", shadow_log.display())])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut shadow = Reaped(shadow.spawn().expect("spawn the shadow"));
-    let mut stderr = BufReader::new(shadow.0.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("waiting for a primary"), "{line}");
-
-    let (socket, log) = (dir.join("primary.sock"), dir.join("primary.log"));
-    let mut primary = hosts.command(0, common::vmm_bin());
-    primary
-        .args(["run", "--kernel", common::microguest(), "--cmdline", "prog=memdirty mib=8 pages_per_ms=5"])
-        .args(["--api-sock", socket.to_str().unwrap(), "--serial", &format!("file:{}", log.display())])
-        .stdin(Stdio::null());
-    let mut primary = Reaped(primary.spawn().expect("spawn the primary"));
-    ApiClient::connect_within(&socket, WAIT, WAIT).expect("the primary's API answers");
-    // The shadow binds its port after printing; a refused first try is retried.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, started) = call(&socket, "POST", "/replication", Some(json!({"target": listen, "epoch_ms": 20})));
-        if status == 202 {
-            break;
-        }
-        assert!(status == 422 && Instant::now() < deadline, "{status}: {started}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    wait_for_epochs_at(&socket, 3);
+    let cmdline = "prog=memdirty mib=8 pages_per_ms=5";
+    let AcrossHosts { mut primary, socket, mut shadow, shadow_socket, shadow_log, .. } =
+        AcrossHosts::start(&dir, &hosts, cmdline, json!({"epoch_ms": 20}));
     let (status, report) = call(&socket, "POST", "/replication/switchover", None);
     assert_eq!(status, 200, "{report}");
     eprintln!("switchover over TCP: {report}");
@@ -407,6 +440,46 @@ fn shadow_over_tcp_on_another_host() {
     assert_eq!(status, 200);
     assert_eq!(exit_status(&mut shadow), Some(0), "{}", console(&shadow_log));
     assert!(console(&shadow_log).contains("all verified"), "{}", console(&shadow_log));
+}
+
+/// The link between the hosts goes down mid-replication (no reset, packets just stop): the
+/// primary gives up after its timeout and runs on, the shadow gives up too, and the guest
+/// keeps verifying every page.
+#[test]
+fn a_link_cut_mid_epoch_leaves_both_sides_sane() {
+    let dir = TempDir::new("repl-link-cut");
+    let hosts = Hosts::new();
+    // Busy enough that the cut lands inside an epoch's transfer most of the time.
+    let cmdline = "prog=memdirty mib=16 pages_per_ms=20";
+    let AcrossHosts { mut primary, socket, log, mut shadow, .. } =
+        AcrossHosts::start(&dir, &hosts, cmdline, json!({"epoch_ms": 5, "timeout_ms": 1000}));
+    let out = hosts.command(0, "ip").args(["link", "set", &hosts.devices[0], "down"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + WAIT;
+    let failed = loop {
+        let (_, all) = call(&socket, "GET", "/replication", None);
+        let status = all["shadows"][0].clone();
+        if status["state"] == "failed" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the primary never gave up: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("after the cut: {failed}");
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("silent")), "{failed}");
+    assert_ne!(exit_status(&mut shadow), Some(0), "the shadow gives up on a silent primary");
+    let (_, vm) = call(&socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let rounds = console(&log).matches("ok (").count();
+    let deadline = Instant::now() + WAIT;
+    while console(&log).matches("ok (").count() < rounds + 2 {
+        assert!(Instant::now() < deadline, "the guest stopped:\n{}", console(&log));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, _) = call(&socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut primary), Some(0), "{}", console(&log));
+    assert!(console(&log).contains("all verified"), "{}", console(&log));
 }
 
 /// A switchover while `net-stream` streams frames through a NIC (the Unix datagram backend,

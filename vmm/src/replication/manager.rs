@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use super::primary::{
     self, Command, ReplicationError, ReplicationRequest, ReplicationState, ReplicationStatus, ShadowSelector,
@@ -112,8 +111,7 @@ impl ReplicationManager {
         // Registered before the first pass reads memory: what the guest writes meanwhile is
         // in the next epoch.
         self.dirty_lock().insert(consumer, Vec::new());
-        let epoch = Duration::from_millis(request.epoch_ms);
-        match primary::spawn(vm, &request.target, epoch, status.clone(), consumer) {
+        match primary::spawn(vm, request, status.clone(), consumer) {
             Ok(commands) => {
                 let mut entries = self.entries();
                 if let Some(entry) = entries.iter_mut().find(|e| Arc::ptr_eq(&e.status, &status)) {

@@ -31,7 +31,18 @@ pub struct ReplicationRequest {
     /// Time from one epoch's start to the next's, in milliseconds.
     #[serde(default = "default_epoch_ms")]
     pub epoch_ms: u64,
+    /// How long either side waits for the other (an ack, a write taken, the next frame)
+    /// before it gives up on the link, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
 }
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// The longest link timeout a request may ask for.
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
 
 fn default_epoch_ms() -> u64 {
     100
@@ -116,13 +127,12 @@ const BATCH_PAGES: usize = 4096;
 const CATCH_UP_EPOCHS: usize = 4;
 /// An epoch this small ends the catch-up: the frozen one will be about as small.
 const CONVERGED_PAGES: u64 = 256;
-/// How long the primary waits for the shadow to acknowledge an epoch or to start the VM.
-pub(crate) const SHADOW_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ReplicationRequest {
     /// Refuses values no replication can run with.
     pub fn check(&self) -> Result<(), FieldError> {
-        crate::swap::check_ms("epoch_ms", self.epoch_ms, MAX_EPOCH_MS)
+        crate::swap::check_ms("epoch_ms", self.epoch_ms, MAX_EPOCH_MS)?;
+        crate::swap::check_ms("timeout_ms", self.timeout_ms, MAX_TIMEOUT_MS)
     }
 }
 
@@ -244,20 +254,22 @@ pub(crate) enum Command {
 /// read the dirty log as `consumer`. Returns where to send commands.
 pub(crate) fn spawn(
     vm: &Arc<Vm>,
-    target: &Endpoint,
-    epoch: Duration,
+    request: &ReplicationRequest,
     status: Arc<Mutex<ShadowStatus>>,
     consumer: u64,
 ) -> Result<Sender<Command>, ReplicationError> {
+    let target = &request.target;
     let stream = target
         .connect(Duration::from_secs(5))
         .map_err(|e| ReplicationError::Unreachable(format!("cannot reach the shadow at {target}: {e}")))?;
+    let timing =
+        Timing { epoch: Duration::from_millis(request.epoch_ms), timeout: Duration::from_millis(request.timeout_ms) };
     let (send, receive) = std::sync::mpsc::channel();
     let weak = Arc::downgrade(vm);
     std::thread::Builder::new()
         .name("replication".into())
         .spawn(move || {
-            let outcome = run(&weak, stream, epoch, &status, consumer, &receive);
+            let outcome = run(&weak, stream, timing, &status, consumer, &receive);
             if let Some(vm) = weak.upgrade() {
                 vm.forget_replication_consumer(consumer);
             }
@@ -276,10 +288,17 @@ pub(crate) fn spawn(
 }
 
 /// The replication thread: the first pass, then an epoch every `epoch` until told otherwise.
+/// How often epochs start, and how long to wait on the shadow.
+#[derive(Clone, Copy)]
+struct Timing {
+    epoch: Duration,
+    timeout: Duration,
+}
+
 fn run(
     vm: &Weak<Vm>,
     stream: Box<dyn Stream>,
-    epoch: Duration,
+    Timing { epoch, timeout }: Timing,
     status: &Mutex<ShadowStatus>,
     consumer: u64,
     commands: &Receiver<Command>,
@@ -288,9 +307,11 @@ fn run(
         return Ok(ReplicationState::Stopped);
     };
     let mut link = Link { stream, encoder: Encoder::new(CACHE_PAGES), status, consumer, trials: Vec::new(), next: 0 };
-    link.stream.set_read_timeout(Some(SHADOW_TIMEOUT))?;
-    link.stream.set_write_timeout(Some(SHADOW_TIMEOUT))?;
-    let hello = Control::Hello { version: wire::PROTOCOL_VERSION, memory_bytes };
+    link.stream.set_read_timeout(Some(timeout))?;
+    link.stream.set_write_timeout(Some(timeout))?;
+    // The shadow hears from us at least once an epoch: silence past this means the link died.
+    let idle_ms = (epoch + timeout).as_millis() as u64;
+    let hello = Control::Hello { version: wire::PROTOCOL_VERSION, memory_bytes, idle_ms };
     wire::write_frame(&mut link.stream, &Frame::Control(hello))?;
     loop {
         let started = Instant::now();
@@ -328,6 +349,8 @@ fn run(
                 let number = link.next;
                 let outcome =
                     live.switch_over_on(consumer, number, &mut link.encoder, &mut link.stream, &update, &health);
+                // The verdict's wait set its own timeout.
+                let _ = link.stream.set_read_timeout(Some(timeout));
                 let in_doubt = outcome.as_ref().is_err_and(|e| e.starts_with(crate::vm::IN_DOUBT));
                 // The state first: a commit may follow the answer at once.
                 match &outcome {

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::codec::{self, DecodeError, PageStore};
 use super::trial::{self, TrialReport};
@@ -120,14 +120,17 @@ pub fn receive(
     let mut stream =
         endpoint.accept_one().map_err(|source| ShadowError::Io { path: endpoint.to_string().into(), source })?;
     let memory_bytes = match wire::read_frame(&mut stream)? {
-        Frame::Control(Control::Hello { version, memory_bytes })
+        Frame::Control(Control::Hello { version, memory_bytes, idle_ms })
             if version == wire::PROTOCOL_VERSION
                 && memory_bytes.is_multiple_of(codec::PAGE as u64)
                 && memory_bytes <= MAX_MEMORY =>
         {
+            // A primary gone quiet (a cut link sends no reset) must not hold the shadow.
+            let idle = Duration::from_millis(idle_ms.clamp(MIN_IDLE_MS, MAX_IDLE_MS));
+            stream.set_read_timeout(Some(idle)).map_err(WireError::from)?;
             memory_bytes
         }
-        Frame::Control(Control::Hello { version, memory_bytes }) if version == wire::PROTOCOL_VERSION => {
+        Frame::Control(Control::Hello { version, memory_bytes, .. }) if version == wire::PROTOCOL_VERSION => {
             return Err(ShadowError::Protocol(format!("guest memory of {memory_bytes} bytes")));
         }
         Frame::Control(Control::Hello { version, .. }) => return Err(ShadowError::Version(version)),
@@ -204,6 +207,10 @@ fn start_trial(
         let _ = verdicts.send((id, failed(format!("cannot start the trial's thread: {e}"))));
     }
 }
+
+/// Bounds on how long a shadow waits for its primary's next frame, whatever the primary asks.
+const MIN_IDLE_MS: u64 = 1000;
+const MAX_IDLE_MS: u64 = 3_600_000;
 
 /// The most guest memory a shadow takes (the VMM's own limit on `mem_mib` is lower).
 const MAX_MEMORY: u64 = 1 << 40;

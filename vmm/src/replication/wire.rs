@@ -160,6 +160,8 @@ pub enum Control {
         version: u32,
         /// Guest memory, in bytes.
         memory_bytes: u64,
+        /// The shadow gives up on a primary it has not heard from for this long.
+        idle_ms: u64,
     },
     /// Primary -> shadow: the pages of epoch `epoch` are all sent.
     EpochEnd {
@@ -258,12 +260,31 @@ impl std::fmt::Debug for Frame {
     }
 }
 
+impl From<io::Error> for WireError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            // A socket timeout reads as either, depending on the call.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => WireError::Silent,
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                WireError::Closed
+            }
+            _ => WireError::Io(e),
+        }
+    }
+}
+
 /// Why the stream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    /// The connection failed or closed.
+    /// The connection failed.
     #[error("replication stream: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    /// Nothing came, or nothing could be sent, within the link's timeout.
+    #[error("replication stream: the other side went silent past the link's timeout (link down, or peer stuck)")]
+    Silent,
+    /// The other side closed the connection.
+    #[error("replication stream: the other side closed the link")]
+    Closed,
     /// The peer sent something no `vmm` writes.
     #[error("replication stream: malformed frame: {0}")]
     Malformed(String),

@@ -254,7 +254,6 @@ impl Vm {
             return in_doubt(frozen.quiesced, e.to_string());
         }
         let verdict = wire::read_frame(stream);
-        let _ = stream.set_read_timeout(Some(primary::SHADOW_TIMEOUT));
         let (applied, health) = match verdict {
             Ok(Frame::Control(Control::Healthy { applied, health })) => (applied, health),
             // The shadow stopped the VM: it runs here again, from where it froze.

@@ -53,6 +53,9 @@ pub enum ReplicateCommand {
         /// Milliseconds from one epoch's start to the next [default: 100].
         #[arg(long, value_name = "MS")]
         epoch_ms: Option<u64>,
+        /// Give up on a link silent this long, in milliseconds [default: 10000].
+        #[arg(long, value_name = "MS")]
+        timeout_ms: Option<u64>,
     },
     /// Where replication stands (GET /replication); --watch redraws a progress line.
     Status {
@@ -400,10 +403,13 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
             response
         }
         CtlCommand::Replicate(command) => match command {
-            ReplicateCommand::Start { to, epoch_ms } => {
+            ReplicateCommand::Start { to, epoch_ms, timeout_ms } => {
                 let mut body = json!({ "target": shadow_endpoint(to) });
                 if let Some(ms) = epoch_ms {
                     body["epoch_ms"] = json!(ms);
+                }
+                if let Some(ms) = timeout_ms {
+                    body["timeout_ms"] = json!(ms);
                 }
                 call("POST", "/replication", Some(body))?
             }

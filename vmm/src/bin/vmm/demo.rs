@@ -417,7 +417,7 @@ fn replication_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Fai
         while !path.exists() {
             std::thread::sleep(Duration::from_millis(1));
         }
-        vm.start_replication(&ReplicationRequest { target: endpoint.clone(), epoch_ms: 20 })
+        vm.start_replication(&ReplicationRequest { target: endpoint.clone(), epoch_ms: 20, timeout_ms: 10_000 })
             .map_err(|e| runtime(&e))?;
         let deadline = Instant::now() + wait;
         let epochs = |vm: &vmm::Vm| vm.replication().shadows.first().map_or(0, |s| s.epochs);
