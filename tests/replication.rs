@@ -50,10 +50,15 @@ struct Shadow {
 
 impl Shadow {
     fn start(dir: &TempDir, name: &str) -> Self {
+        Self::start_from(common::vmm_bin(), dir, name)
+    }
+
+    /// A shadow run by the `vmm` executable `binary`.
+    fn start_from(binary: &str, dir: &TempDir, name: &str) -> Self {
         let listen = dir.join(&format!("{name}-repl.sock"));
         let socket = dir.join(&format!("{name}.sock"));
         let console = dir.join(&format!("{name}.log"));
-        let mut cmd = Command::new(common::vmm_bin());
+        let mut cmd = Command::new(binary);
         cmd.args(["shadow", "--listen", &format!("unix:{}", listen.display()), "--api-sock"])
             .arg(&socket)
             .args(["--dir", dir.join(&format!("{name}-state")).to_str().unwrap()])
@@ -562,6 +567,11 @@ fn a_waiting_shadow_stopped_by_a_signal_cleans_up() {
 
 /// Starts `blk-stress` on a primary with a disk of its own, and replication to a new shadow.
 fn replicating_blk_stress(dir: &TempDir, blocks: u32) -> (Primary, Shadow, PathBuf) {
+    replicating_blk_stress_to(common::vmm_bin(), dir, blocks)
+}
+
+/// The same, the shadow run by the `vmm` executable `shadow_binary`.
+fn replicating_blk_stress_to(shadow_binary: &str, dir: &TempDir, blocks: u32) -> (Primary, Shadow, PathBuf) {
     let image = dir.join("disk.img");
     std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
     let primary = Primary::start(
@@ -574,7 +584,7 @@ fn replicating_blk_stress(dir: &TempDir, blocks: u32) -> (Primary, Shadow, PathB
         assert!(Instant::now() < deadline, "blk-stress never ran:\n{}", console(&primary.console));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let shadow = Shadow::start(dir, "shadow");
+    let shadow = Shadow::start_from(shadow_binary, dir, "shadow");
     let (status, started) =
         call(&primary.socket, "POST", "/replication", Some(json!({"target": shadow.target(), "epoch_ms": 50})));
     assert_eq!(status, 202, "{started}");
@@ -741,4 +751,41 @@ fn two_shadows_at_once_and_a_switchover_to_either() {
     assert_eq!(exit_status(&mut second.child), Some(0), "{}", console(&second.console));
     let text = console(&second.console);
     assert!(text.contains("all verified") && !text.contains("FAILED"), "{text}");
+}
+
+/// An update to another `vmm` build: the shadow is the optimized build (`cargo build
+/// --release`, which `.ci/run` makes), the primary the test build. The VM is validated on the
+/// new build (an empty update: the build is the update), switched over to it and committed;
+/// `blk-stress` carries on there and loses nothing.
+#[test]
+fn an_update_to_another_vmm_build() {
+    let other = std::env::var_os("VMM_OTHER_BUILD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/vmm"));
+    let Ok(other) = other.canonicalize() else {
+        eprintln!(
+            "SKIPPED: no other vmm build at {} (run `cargo build --release -p vmm`, or set VMM_OTHER_BUILD)",
+            other.display()
+        );
+        return;
+    };
+    const BLOCKS: u32 = 1024;
+    let dir = TempDir::new("repl-build");
+    let (mut primary, shadow, _) = replicating_blk_stress_to(other.to_str().unwrap(), &dir, BLOCKS);
+    let (status, validated) = call(&primary.socket, "POST", "/replication/validate", Some(json!({"update": {}})));
+    assert_eq!(status, 200, "{validated}");
+    assert_eq!(validated["report"]["passed"], true, "{validated}");
+    let build = validated["report"]["build"].as_str().unwrap_or_default().to_string();
+    assert!(build.contains("(release)") && build.contains(other.to_str().unwrap()), "{validated}");
+    let body = json!({ "validation": validated["id"] });
+    let (status, report) = call(&primary.socket, "POST", "/replication/switchover", Some(body));
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["build"], json!(build), "{report}");
+    ApiClient::connect_within(&shadow.socket, WAIT, WAIT).expect("the shadow's API answers");
+    let (status, _) = call(&primary.socket, "POST", "/replication/commit", None);
+    assert_eq!(status, 200);
+    assert_eq!(exit_status(&mut primary.child), Some(0));
+    let Shadow { child: mut shadow_child, socket, console: log, .. } = shadow;
+    let summary = finish_blk_stress(&mut shadow_child, &socket, &log, BLOCKS);
+    eprintln!("on {build}: {summary}");
 }

@@ -222,10 +222,8 @@ impl ReplicationManager {
     /// verdict.
     pub(crate) fn validate(&self, request: &ValidateRequest) -> Result<ValidationRecord, ReplicationError> {
         update::check_health_policy("health", &request.health)?;
+        // An empty update is a trial of the shadow's own build.
         request.update.check()?;
-        if request.update.is_empty() {
-            return Err(FieldError::new("update", "names nothing to change").into());
-        }
         let (reply, answer) = std::sync::mpsc::channel();
         let command = Command::Validate(request.clone(), reply);
         self.send(request.target.as_ref(), &[ReplicationState::Starting, ReplicationState::Replicating], command)?;

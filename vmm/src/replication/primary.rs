@@ -172,6 +172,8 @@ pub struct SwitchoverReport {
     pub state_bytes: u64,
     /// The shadow's restore, from the state's arrival to the VM running, in microseconds.
     pub restore_us: u64,
+    /// The `vmm` build the VM runs on now (the shadow's).
+    pub build: String,
     /// What each step of the validated update did on the shadow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied: Vec<String>,

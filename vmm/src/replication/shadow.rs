@@ -274,7 +274,8 @@ impl Received {
             }
         };
         let restore_us = arrived.elapsed().as_micros() as u64;
-        wire::write_frame(&mut stream, &Frame::Control(Control::Activated { restore_us }))?;
+        let activated = Control::Activated { restore_us, build: trial::build_id() };
+        wire::write_frame(&mut stream, &Frame::Control(activated))?;
         let verdict = update::apply(&vm, &update)
             .and_then(|applied| update::check_health(&vm, &health).map(|health| (applied, health)));
         let (applied, health) = match verdict {

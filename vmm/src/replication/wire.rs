@@ -189,6 +189,8 @@ pub enum Control {
     Activated {
         /// From the state's arrival to the VM running.
         restore_us: u64,
+        /// The `vmm` build running the VM now.
+        build: String,
     },
     /// Shadow -> primary, after `Activated`: the update applied and the VM passed its health
     /// check; it stays on the shadow.

@@ -238,8 +238,8 @@ impl Vm {
             }
             Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
         }
-        let restore_us = match wire::read_frame(stream) {
-            Ok(Frame::Control(Control::Activated { restore_us })) => restore_us,
+        let (restore_us, build) = match wire::read_frame(stream) {
+            Ok(Frame::Control(Control::Activated { restore_us, build })) => (restore_us, build),
             Ok(Frame::Control(Control::Failed { reason })) => {
                 return Err(format!("the shadow could not start the VM: {reason}"));
             }
@@ -270,6 +270,7 @@ impl Vm {
             final_pages: frozen.final_pages,
             state_bytes: frozen.state_bytes,
             restore_us,
+            build,
             applied,
             health: Some(health),
             resume_vcpus: frozen.resume_vcpus,
