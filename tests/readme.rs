@@ -65,7 +65,11 @@ fn paste_into_a_shell(dir: &TempDir, block: &str) -> String {
 
 /// The summary line `blk-stress` printed at the end, which must report a clean run.
 fn blk_stress_summary(dir: &TempDir, shown: &str) -> String {
-    let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
+    blk_stress_summary_in(dir, "console.log", shown)
+}
+
+fn blk_stress_summary_in(dir: &TempDir, log: &str, shown: &str) -> String {
+    let console = std::fs::read_to_string(dir.join(log)).unwrap();
     let summary = console.lines().rev().find(|l| l.starts_with("blk-stress: ops=")).unwrap_or_else(|| {
         panic!("blk-stress printed no summary:\n{console}\n--- terminal\n{shown}");
     });
@@ -105,4 +109,23 @@ fn the_live_swap_walkthrough_works_as_pasted() {
     assert!(shown.contains("\"verified\": true"), "the memory swap: {shown}");
     assert!(shown.contains("exit status 0"), "{shown}");
     blk_stress_summary(&dir, &shown);
+}
+
+#[test]
+fn the_readme_shadow_walkthrough_works_as_pasted() {
+    let dir = TempDir::new("readme-shadow");
+    let _stop = StopVmm(dir.join("vm.sock"));
+    let _stop_shadow = StopVmm(dir.join("shadow-api.sock"));
+    let private = format!("{}/", dir.path().display());
+    // The quick-start's files first: this block continues it.
+    let setup = doc_block("README.md", "Start a guest that keeps").lines().next().unwrap().to_string();
+    let block = doc_block("README.md", "**Moving the whole VM to another process**");
+    let shown = paste_into_a_shell(&dir, &format!("{setup}\n{block}").replace("/tmp/", &private));
+
+    assert!(shown.contains("\"passed\": true"), "the validation passes:\n{shown}");
+    assert!(shown.contains("\"downtime_us\""), "the switchover reports its downtime:\n{shown}");
+    assert!(shown.contains("engine io_uring") || shown.contains("io_uring file"), "the update applied:\n{shown}");
+    assert!(shown.contains("exit status 0"), "{shown}");
+    let summary = blk_stress_summary_in(&dir, "shadow.log", &shown);
+    assert!(shown.contains(&summary), "the README's `tail` shows the summary:\n{shown}");
 }

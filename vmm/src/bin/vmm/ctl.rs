@@ -411,7 +411,18 @@ pub fn run(args: &CtlArgs) -> Result<u8, Failure> {
                 if let Some(ms) = timeout_ms {
                     body["timeout_ms"] = json!(ms);
                 }
-                call("POST", "/replication", Some(body))?
+                // A shadow started in the background a moment ago may not listen yet.
+                let asked = std::time::Instant::now();
+                loop {
+                    match call("POST", "/replication", Some(body.clone())) {
+                        Err(e)
+                            if e.error.to_string().contains("cannot reach the shadow") && asked.elapsed() < startup =>
+                        {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        answer => break answer?,
+                    }
+                }
             }
             ReplicateCommand::Status { watch: false } => call("GET", "/replication", None)?,
             ReplicateCommand::Status { watch: true } => return watch_replication(&mut call, poll_ms),
