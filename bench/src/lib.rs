@@ -312,6 +312,10 @@ impl Samples {
     pub fn median(&self) -> f64 {
         self.pct(50.0)
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// A plain-text table with a header row.

@@ -8,12 +8,15 @@
 //! - time to replicate from scratch: ours, the first full pass (every populated page, encoded)
 //!   acknowledged by the shadow; QEMU, the migration's `total-time`;
 //! - epochs per second with `epoch_ms` 10, and the lag (one epoch's send-to-ack);
+//! - bytes on the wire per dirtied page in the steady state; QEMU's with XBZRLE on (a 64 MiB
+//!   cache, as ours) and a downtime limit it cannot meet, so that it keeps iterating;
 //! - the guest's slowdown while replicating: `memdirty` rounds per second, replicated vs not.
 //!
 //! Then the page codec alone, in process, on three workloads (sparse writes into pages sent
 //! before, pages rewritten whole, zero pages): encode throughput per core and bytes sent.
 //!
-//! `cargo run --release -p bench --bin replication [RUNS]` (default 5).
+//! `cargo run --release -p bench --bin replication [RUNS]` (default 5); `... replication codec`
+//! prints the codec's table alone.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,6 +33,9 @@ const WAIT: Duration = Duration::from_secs(180);
 const PAGES_PER_MS: u64 = 13;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("codec") {
+        return codec_table();
+    }
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let vmm = vmm_binary();
     let guest = microguest_file();
@@ -70,6 +76,17 @@ fn main() {
         ]);
         table.row(vec![
             label.clone(),
+            "bytes sent per dirtied page, 16 B written per page (QEMU: XBZRLE)".into(),
+            format!("{:.0} B", ours.bytes_per_page.median()),
+            peer.as_ref()
+                .filter(|p| !p.xbzrle_bytes_per_page.is_empty())
+                .map_or("n/a (128 MiB only)".into(), |p| format!("{:.0} B", p.xbzrle_bytes_per_page.median())),
+            peer.as_ref()
+                .filter(|p| !p.xbzrle_bytes_per_page.is_empty())
+                .map_or("".into(), |p| ratio(p.xbzrle_bytes_per_page.median(), ours.bytes_per_page.median())),
+        ]);
+        table.row(vec![
+            label.clone(),
             "slowdown of a guest dirtying 16 MiB flat out, epoch_ms 10".into(),
             format!("{:.1}%", ours.slowdown_pct.median()),
             "n/a".into(),
@@ -96,6 +113,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// `memdirty`'s setting for small writes: 2 words (16 bytes) of each page it dirties.
+const SPARSE: &str = "words=2";
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
 fn cmdline(mem: u64) -> String {
     format!("prog=memdirty mib={} pages_per_ms={PAGES_PER_MS}", mem / 2)
 }
@@ -107,6 +131,8 @@ struct OurResults {
     lag_ms: Samples,
     slowdown_pct: Samples,
     populated_mib: f64,
+    /// Bytes on the wire per dirtied page, in the steady state.
+    bytes_per_page: Samples,
 }
 
 struct Ours<'a> {
@@ -205,9 +231,57 @@ impl Ours<'_> {
         100.0 * (1.0 - replicated / alone)
     }
 
+    /// Bytes on the wire per dirtied page while `memdirty` writes 16 bytes into each page it
+    /// dirties ([`SPARSE`]), over two seconds of epochs (`epoch_ms` 10) past the first pass.
+    fn sparse_bytes_per_page(&self, run: usize) -> f64 {
+        let dir = self.work.join(format!("sparse-{}-{run}", self.mem));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (socket, listen) = (dir.join("primary.sock"), dir.join("shadow-repl.sock"));
+        let cmdline = format!("{} {SPARSE}", cmdline(self.mem));
+        let args = strings(&[
+            "run",
+            "--kernel",
+            &self.guest.display().to_string(),
+            "--cmdline",
+            &cmdline,
+            "--mem-mib",
+            &self.mem.to_string(),
+            "--api-sock",
+            &socket.display().to_string(),
+        ]);
+        let mut primary = GuestProcess::spawn(self.vmm, &args);
+        primary.wait_line("round 1 ok", WAIT);
+        let shadow_args = strings(&[
+            "shadow",
+            "--listen",
+            &format!("unix:{}", listen.display()),
+            "--dir",
+            &dir.join("state").display().to_string(),
+        ]);
+        let mut shadow = GuestProcess::spawn(self.vmm, &shadow_args);
+        while !listen.exists() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let body = json!({"target": format!("unix:{}", listen.display()), "epoch_ms": 10});
+        call(&socket, "POST", "/replication", Some(body));
+        let before = wait_epochs(&socket, 2);
+        std::thread::sleep(Duration::from_secs(2));
+        let after = call(&socket, "GET", "/replication", None)["shadows"][0].clone();
+        call(&socket, "POST", "/replication/stop", None);
+        let _ = primary.child.kill();
+        primary.wait_exit();
+        let _ = shadow.child.kill();
+        shadow.wait_exit();
+        let _ = std::fs::remove_dir_all(&dir);
+        let total = |v: &Value, k: &str| v["totals"][k].as_f64().unwrap_or(0.0);
+        let pages = total(&after, "pages") - total(&before, "pages");
+        (total(&after, "sent_bytes") - total(&before, "sent_bytes")) / pages.max(1.0)
+    }
+
     fn run(&self, runs: usize) -> OurResults {
         let (mut downtime, mut first, mut eps, mut lag, mut slowdown, mut populated) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0.0);
+        let bytes_per_page = (0..runs).map(|run| self.sparse_bytes_per_page(run)).collect();
         for run in 0..runs {
             let dir = self.work.join(format!("ours-{}-{run}", self.mem));
             std::fs::create_dir_all(&dir).unwrap();
@@ -280,6 +354,7 @@ impl Ours<'_> {
             lag_ms: Samples::new(lag),
             slowdown_pct: Samples::new(slowdown),
             populated_mib: populated,
+            bytes_per_page: Samples::new(bytes_per_page),
         }
     }
 }
@@ -287,6 +362,8 @@ impl Ours<'_> {
 struct PeerResults {
     downtime_ms: Samples,
     total_ms: Samples,
+    /// With XBZRLE on: bytes on the wire per page sent, once past the first pass.
+    xbzrle_bytes_per_page: Samples,
 }
 
 struct Peer<'a> {
@@ -298,9 +375,13 @@ struct Peer<'a> {
 
 impl Peer<'_> {
     fn start(&self, tag: &str, incoming: bool) -> (GuestProcess, Qmp) {
+        self.start_with(tag, incoming, &cmdline(self.mem))
+    }
+
+    fn start_with(&self, tag: &str, incoming: bool, cmdline: &str) -> (GuestProcess, Qmp) {
         let sock = self.work.join(format!("qemu-{tag}.sock"));
         let _ = std::fs::remove_file(&sock);
-        let mut args = qemu_args(self.guest, &cmdline(self.mem), self.mem, 1);
+        let mut args = qemu_args(self.guest, cmdline, self.mem, 1);
         args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", sock.display())]);
         if incoming {
             args.extend(["-incoming".into(), "defer".into()]);
@@ -339,13 +420,89 @@ impl Peer<'_> {
             dest.wait_exit();
             let _ = std::fs::remove_file(&channel);
         }
-        PeerResults { downtime_ms: Samples::new(downtime), total_ms: Samples::new(total) }
+        // At 16 MiB/s the first pass of a 1 GiB guest takes half a minute: 128 MiB only.
+        let xbzrle = match self.mem <= 128 {
+            true => (0..runs).map(|run| self.xbzrle_bytes_per_page(run)).collect(),
+            false => vec![],
+        };
+        PeerResults {
+            downtime_ms: Samples::new(downtime),
+            total_ms: Samples::new(total),
+            xbzrle_bytes_per_page: Samples::new(xbzrle),
+        }
+    }
+
+    /// Migrates the guest writing 16 bytes into each page it dirties with XBZRLE on (a 64 MiB
+    /// cache, as our encoder's), so that it keeps sending dirtied pages; returns the bytes
+    /// sent per page once past the first pass (over two seconds, or until QEMU converges),
+    /// then cancels.
+    fn xbzrle_bytes_per_page(&self, run: usize) -> f64 {
+        let sparse = format!("{} {SPARSE}", cmdline(self.mem));
+        let (mut source, mut src) = self.start_with("xbzrle-source", false, &sparse);
+        source.wait_line("round 1 ok", WAIT);
+        let (mut dest, mut dst) = self.start_with("xbzrle-dest", true, &sparse);
+        let channel: PathBuf = self.work.join(format!("qemu-xbzrle-{run}.sock"));
+        let uri = format!("unix:{}", channel.display());
+        dst.execute(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{"capability": "xbzrle", "state": true}] }),
+            WAIT,
+        )
+        .expect("xbzrle on the destination");
+        dst.execute("migrate-incoming", json!({ "uri": uri }), WAIT).expect("migrate-incoming");
+        src.execute(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{"capability": "xbzrle", "state": true}] }),
+            WAIT,
+        )
+        .expect("xbzrle");
+        // QEMU completes as soon as what is left fits its downtime limit at the bandwidth it
+        // measured; capped at 16 MiB/s with a 1 ms limit, it cannot, and keeps iterating.
+        let parameters = json!({ "max-bandwidth": 16u64 << 20, "xbzrle-cache-size": 64u64 << 20, "downtime-limit": 1 });
+        src.execute("migrate-set-parameters", parameters, WAIT).expect("parameters");
+        src.execute("migrate", json!({ "uri": uri }), WAIT).expect("migrate");
+        let sample = |src: &mut Qmp| {
+            let info = src.execute("query-migrate", json!({}), WAIT).expect("query-migrate");
+            let ram = &info["ram"];
+            let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+            let pages = n(&ram["normal"]) + n(&ram["duplicate"]) + n(&info["xbzrle-cache"]["pages"]);
+            (n(&ram["transferred"]), pages, n(&ram["dirty-sync-count"]), info["status"].as_str().map(String::from))
+        };
+        // From the end of the first pass (the second dirty sync) to two seconds later, or to
+        // the end if QEMU converges sooner.
+        let deadline = Instant::now() + WAIT;
+        let before = loop {
+            let now = sample(&mut src);
+            assert!(now.3.as_deref() != Some("failed"), "QEMU's XBZRLE migration failed");
+            if now.2 >= 2.0 || now.3.as_deref() == Some("completed") {
+                break now;
+            }
+            assert!(Instant::now() < deadline, "QEMU's migration never got past its first pass");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut after = sample(&mut src);
+        while Instant::now() < until && after.3.as_deref() != Some("completed") {
+            std::thread::sleep(Duration::from_millis(20));
+            after = sample(&mut src);
+        }
+        let _ = src.execute("migrate_cancel", json!({}), WAIT);
+        let _ = source.child.kill();
+        source.wait_exit();
+        let _ = dest.child.kill();
+        dest.wait_exit();
+        let _ = std::fs::remove_file(&channel);
+        match after.1 > before.1 {
+            true => (after.0 - before.0) / (after.1 - before.1),
+            false => f64::NAN,
+        }
     }
 }
 
 /// The codec alone: encode throughput and bytes for three kinds of page changes.
 fn codec_table() {
     const PAGES: usize = 64 << 8; // 64 MiB
+    const BATCH_PAGES: usize = 4096;
     let mut table = Table::new(&["workload (64 MiB of pages)", "encode GB/s per core", "bytes sent / raw", "how sent"]);
     let noise = |seed: u64, len: usize| {
         let mut x = seed | 1;
@@ -368,21 +525,34 @@ fn codec_table() {
     for (name, previous, now) in [
         ("sparse writes (16 bytes per page) into pages sent before", Some(&base), &sparse),
         ("pages rewritten whole (random bytes)", Some(&base), &full),
-        ("zero pages", None, &zero),
+        ("zero pages written over pages sent before", Some(&base), &zero),
+        ("zero pages never sent", None, &zero),
     ] {
+        // Batches of the size the replication sends (4096 pages), as it sends them.
+        let encode = |encoder: &mut Encoder, pages: &[u8]| {
+            let mut sent = 0;
+            let mut stats = vmm::replication::codec::CodecStats::default();
+            for (n, page) in pages.chunks(PAGE).enumerate() {
+                encoder.page((n * PAGE) as u64, page);
+                if (n + 1) % BATCH_PAGES == 0 || (n + 1) * PAGE == pages.len() {
+                    let (batch, batch_stats) = encoder.finish();
+                    sent += batch.len();
+                    stats.add(&batch_stats);
+                }
+            }
+            (sent, stats)
+        };
         let mut encoder = Encoder::new(PAGES);
         if let Some(previous) = previous {
-            previous.chunks(PAGE).enumerate().for_each(|(i, p)| encoder.page((i * PAGE) as u64, p));
-            encoder.finish();
+            encode(&mut encoder, previous);
         }
         let started = Instant::now();
-        now.chunks(PAGE).enumerate().for_each(|(i, p)| encoder.page((i * PAGE) as u64, p));
-        let (batch, stats) = encoder.finish();
+        let (sent, stats) = encode(&mut encoder, now);
         let seconds = started.elapsed().as_secs_f64();
         table.row(vec![
             name.into(),
             format!("{:.2}", now.len() as f64 / seconds / 1e9),
-            format!("{:.4} ({} of {} MiB)", batch.len() as f64 / now.len() as f64, batch.len() >> 20, now.len() >> 20),
+            format!("{:.4} ({} of {} MiB)", sent as f64 / now.len() as f64, sent >> 20, now.len() >> 20),
             format!("{} zero, {} same, {} delta, {} full", stats.zero, stats.same, stats.delta, stats.full),
         ]);
     }

@@ -11,9 +11,10 @@
 //! bounded cache of the versions it sent (for deltas and dedup); the decoder needs none, since
 //! it applies records to the shadow's own copy of guest memory.
 
-use std::collections::HashMap;
-
 use twox_hash::XxHash3_64;
+
+/// Maps keyed by page offsets and content hashes.
+type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Guest page size.
 pub const PAGE: usize = 4096;
@@ -66,13 +67,13 @@ impl CodecStats {
 pub struct Encoder {
     /// The last version sent of recently sent pages, by guest memory offset, at most
     /// `capacity` of them (the oldest go first).
-    sent: HashMap<u64, Box<[u8]>>,
+    sent: FastMap<u64, Box<[u8]>>,
     order: std::collections::VecDeque<u64>,
     capacity: usize,
     /// Content hash -> an offset whose page, as the shadow holds it, has that content.
-    by_hash: HashMap<u64, u64>,
+    by_hash: FastMap<u64, u64>,
     /// Offset -> the hash `by_hash` files it under.
-    hash_of: HashMap<u64, u64>,
+    hash_of: FastMap<u64, u64>,
     batch: Vec<u8>,
     stats: CodecStats,
 }
@@ -81,12 +82,12 @@ impl Encoder {
     /// An encoder keeping at most `cache_pages` sent pages for deltas and dedup.
     pub fn new(cache_pages: usize) -> Self {
         Self {
-            sent: HashMap::new(),
+            sent: FastMap::default(),
             order: Default::default(),
             capacity: cache_pages,
-            by_hash: HashMap::new(),
-            hash_of: HashMap::new(),
-            batch: Vec::new(),
+            by_hash: FastMap::default(),
+            hash_of: FastMap::default(),
+            batch: vec![RAW],
             stats: CodecStats::default(),
         }
     }
@@ -141,18 +142,21 @@ impl Encoder {
 
     /// Ends the batch: its bytes for the wire (compressed where that pays) and what it cost.
     pub fn finish(&mut self) -> (Vec<u8>, CodecStats) {
-        let records = std::mem::take(&mut self.batch);
-        let mut out = Vec::with_capacity(records.len() + 1);
-        match worth_compressing(&records).then(|| lz4_flex::compress_prepend_size(&records)) {
+        // The batch starts with a byte kept for its flag: sent raw, it goes as it is.
+        let mut batch = std::mem::replace(&mut self.batch, vec![RAW]);
+        let records = &batch[1..];
+        let out = match worth_compressing(records).then(|| lz4_flex::compress_prepend_size(records)) {
             Some(compressed) if compressed.len() < records.len() => {
+                let mut out = Vec::with_capacity(compressed.len() + 1);
                 out.push(LZ4);
                 out.extend_from_slice(&compressed);
+                out
             }
             _ => {
-                out.push(RAW);
-                out.extend_from_slice(&records);
+                batch[0] = RAW;
+                batch
             }
-        }
+        };
         let mut stats = std::mem::take(&mut self.stats);
         stats.sent_bytes = out.len() as u64;
         (out, stats)
@@ -285,15 +289,23 @@ pub fn apply(batch: &[u8], store: &mut impl PageStore) -> Result<u64, DecodeErro
     Ok(pages)
 }
 
+/// The 8 bytes at `i` as a word (comparing words, not slices: a slice comparison is a call).
+#[inline]
+fn word(bytes: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[i..i + 8]);
+    u64::from_ne_bytes(w)
+}
+
 /// Whether a page is all zeros, a word at a time.
 fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()) == 0)
+    (0..page.len()).step_by(8).all(|i| word(page, i) == 0)
 }
 
 /// The number of bytes from `i` on that are equal in `a` and `b`, skipping equal words whole.
 fn equal_run(a: &[u8], b: &[u8], mut i: usize) -> usize {
     let start = i;
-    while i + 8 <= a.len() && a[i..i + 8] == b[i..i + 8] {
+    while i + 8 <= a.len() && word(a, i) == word(b, i) {
         i += 8;
     }
     while i < a.len() && a[i] == b[i] {
@@ -319,7 +331,7 @@ fn worth_compressing(records: &[u8]) -> bool {
 fn xor_runs(old: &[u8], new: &[u8], limit: usize) -> Option<Vec<u8>> {
     // Most pages either barely changed or changed all over: count changed words first, and
     // give up at once when half of them changed (the delta would hardly be smaller).
-    let changed_words = old.chunks_exact(8).zip(new.chunks_exact(8)).filter(|(a, b)| a != b).count();
+    let changed_words = (0..new.len()).step_by(8).filter(|&i| word(old, i) != word(new, i)).count();
     if changed_words * 2 > new.len() / 8 {
         return None;
     }

@@ -1,4 +1,4 @@
-//! `prog=memdirty mib=N [pages_per_ms=R]`: keeps rewriting pages of N MiB of free RAM in a
+//! `prog=memdirty mib=N [pages_per_ms=R] [words=W]`: keeps rewriting pages of N MiB of free RAM in a
 //! scattered order and verifies the whole range after every round, so a snapshot, restore or
 //! switchover that loses a page, or brings back an old copy of one (or of all of them), shows
 //! up as a mismatch.
@@ -9,7 +9,9 @@
 //! total number of writes alone, which the guest keeps in a register: pages that went back in
 //! time, even consistently with each other, no longer match it.
 //!
-//! `pages_per_ms` limits the dirtying rate (0: as fast as the CPU goes). Runs until a byte
+//! `pages_per_ms` limits the dirtying rate (0: as fast as the CPU goes). `words` (1 to 512,
+//! all by default) is how many of a page's first 64-bit words each write rewrites, the rest
+//! staying zero: small writes into pages, for a delta encoder to show what it saves. Runs until a byte
 //! arrives on the serial port (looked at between rounds), verifies once more and exits 0;
 //! prints `memdirty: round N ok (W writes)` after each round and
 //! `memdirty: W writes in N rounds over M MiB, all verified` at the end.
@@ -36,13 +38,15 @@ fn pattern(page: u64, generation: u64, word: u64) -> u64 {
 struct Region {
     start: u64,
     pages: u64,
+    /// Words of a page each write rewrites (the rest stay zero).
+    words: u64,
     /// STEP's inverse modulo `pages`.
     step_inverse: u64,
 }
 
 impl Region {
-    fn new(start: u64, pages: u64) -> Self {
-        Self { start, pages, step_inverse: inverse(STEP % pages, pages) }
+    fn new(start: u64, pages: u64, words: u64) -> Self {
+        Self { start, pages, words, step_inverse: inverse(STEP % pages, pages) }
     }
 
     fn offset(&self, round: u64) -> u64 {
@@ -64,7 +68,7 @@ impl Region {
 
     fn write(&self, page: u64, generation: u64) {
         let base = self.start + page * PAGE;
-        for word in 0..PAGE / 8 {
+        for word in 0..self.words {
             // SAFETY: inside the free range reserved in `run`, identity-mapped.
             unsafe { core::ptr::write_volatile((base + word * 8) as *mut u64, pattern(page, generation, word)) };
         }
@@ -78,7 +82,7 @@ impl Region {
             for word in 0..PAGE / 8 {
                 // SAFETY: as above.
                 let found = unsafe { core::ptr::read_volatile((base + word * 8) as *const u64) };
-                let expected = pattern(page, generation, word);
+                let expected = if word < self.words { pattern(page, generation, word) } else { 0 };
                 if found != expected {
                     return Some((page, word, found, expected));
                 }
@@ -117,6 +121,7 @@ fn check(region: &Region, writes: u64, round: u64) -> Outcome {
 fn run(ctx: &Context) -> Outcome {
     let mib = ctx.args.u64_in("mib", 16, 1, 1 << 14).map_err(|e| usage("memdirty", e))?;
     let rate = ctx.args.u64_in("pages_per_ms", 0, 0, 1 << 30).map_err(|e| usage("memdirty", e))?;
+    let words = ctx.args.u64_in("words", PAGE / 8, 1, PAGE / 8).map_err(|e| usage("memdirty", e))?;
     let pages = mib * MIB / PAGE;
     let floor = (arch::image_end() + 2 * MIB).next_multiple_of(2 * MIB);
     let Some(range) = ctx.boot.largest_free_range_above(floor) else {
@@ -128,7 +133,7 @@ fn run(ctx: &Context) -> Outcome {
         println!("memdirty: mib={mib} does not fit: {} MiB free at {:#x}", (limit - range.start) / MIB, range.start);
         return Err(Failure::Usage);
     }
-    let region = Region::new(range.start, pages);
+    let region = Region::new(range.start, pages, words);
     // Fresh RAM reads as zeros, which is generation 0 everywhere.
     check(&region, 0, 0)?;
     println!(
