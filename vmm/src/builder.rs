@@ -30,7 +30,7 @@ pub enum BuildError {
     /// The configuration is invalid (checked before KVM is opened, then against KVM's vCPU limit).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A disk's undo log could not start ([`VmBuilder::undo_disk_writes`]).
+    /// A disk's undo log could not start ([`VmBuilder::log_disk_overwrites`]).
     #[error("cannot log disk writes for undo: {0}")]
     Undo(String),
     /// KVM could not be opened, or refused to create or set up the VM or a vCPU.
@@ -173,7 +173,7 @@ impl VmBuilder {
     /// Has every disk log, in `dir`, the blocks its writes overwrite, from before the guest
     /// runs, so that [`Vm::undo_disk_writes`] can take them all back (a shadow that may have
     /// to hand the VM back to its primary); [`Vm::keep_disk_writes`] ends the logging.
-    pub fn undo_disk_writes(mut self, dir: impl Into<PathBuf>) -> Self {
+    pub fn log_disk_overwrites(mut self, dir: impl Into<PathBuf>) -> Self {
         self.undo_dir = Some(dir.into());
         self
     }

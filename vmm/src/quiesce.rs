@@ -102,7 +102,7 @@ pub fn thaw(vcpus: &Vcpus, devices: &DeviceManager, resume_vcpus: bool) {
 
 /// Quiesces every device, then waits until none has a request in flight; on timeout resumes
 /// them all and names the one still busy.
-fn drain_devices(entries: &[DeviceEntry], timeout: Duration) -> Result<(), QuiesceError> {
+pub(crate) fn drain_devices(entries: &[DeviceEntry], timeout: Duration) -> Result<(), QuiesceError> {
     for entry in entries {
         entry.handle.lifecycle(|d| d.quiesce());
     }

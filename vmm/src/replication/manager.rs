@@ -154,27 +154,49 @@ impl ReplicationManager {
         f(entry)
     }
 
-    /// Sends `command` to the replication `target` names if its state is one of `states`.
+    /// Sends `command` to the replication `target` names if its state is one of `states`
+    /// and no switchover holds the VM; with `claim`, marks it switching over at once, so that
+    /// no second switchover or validation gets in.
     fn send(
         &self,
         target: Option<&Endpoint>,
         states: &[ReplicationState],
+        claim: bool,
         command: Command,
     ) -> Result<(), ReplicationError> {
+        if self.frozen() {
+            return Err(ReplicationError::Conflict("the VM is switching over".into()));
+        }
         self.select(target, |entry| {
             let state = entry.state();
             if !states.contains(&state) {
-                return Err(ReplicationError::Conflict(format!(
-                    "replication to {} is {state:?}",
-                    entry.status().target
-                )));
+                let target = entry.status().target.clone();
+                return Err(ReplicationError::Conflict(format!("replication to {target} is {state:?}")));
             }
-            entry
-                .commands
-                .as_ref()
-                .and_then(|c| c.send(command).ok())
-                .ok_or_else(|| ReplicationError::Conflict("replication has ended".into()))
+            if claim {
+                entry.status().state = ReplicationState::SwitchingOver;
+            }
+            let sent = entry.commands.as_ref().and_then(|c| c.send(command).ok());
+            if sent.is_none() {
+                if claim {
+                    entry.status().state = state;
+                }
+                return Err(ReplicationError::Conflict("replication has ended".into()));
+            }
+            Ok(())
         })
+    }
+
+    /// Stops every replication still sending epochs: the VM has left, or may have.
+    fn stop_others(&self) {
+        for entry in self.entries().iter() {
+            if matches!(entry.state(), ReplicationState::Starting | ReplicationState::Replicating)
+                && let Some(commands) = &entry.commands
+            {
+                // A replication that ended meanwhile has nothing to stop.
+                let _ = commands.send(Command::Stop);
+            }
+        }
     }
 
     /// Freezes the VM, sends the last epoch and the state to the shadow the request names,
@@ -202,20 +224,17 @@ impl ReplicationManager {
         })?;
         let (reply, answer) = std::sync::mpsc::channel();
         let command = Command::Switchover(update, request.health, reply);
-        self.send(request.target.as_ref(), &[ReplicationState::Starting, ReplicationState::Replicating], command)?;
-        let report = answer
+        let running = [ReplicationState::Starting, ReplicationState::Replicating];
+        self.send(request.target.as_ref(), &running, true, command)?;
+        let outcome = answer
             .recv()
-            .map_err(|_| ReplicationError::Shadow("replication ended during the switchover".into()))?
-            .map_err(ReplicationError::Shadow)?;
-        for entry in self.entries().iter() {
-            if matches!(entry.state(), ReplicationState::Starting | ReplicationState::Replicating)
-                && let Some(commands) = &entry.commands
-            {
-                // A replication that ended meanwhile has nothing to stop.
-                let _ = commands.send(Command::Stop);
-            }
+            .map_err(|_| ReplicationError::Shadow("replication ended during the switchover".into()))
+            .and_then(|answer| answer.map_err(ReplicationError::Shadow));
+        // Switched over, or in doubt: either way the VM may run elsewhere now.
+        if self.frozen() {
+            self.stop_others();
         }
-        Ok(report)
+        outcome
     }
 
     /// Runs a trial of `request.update` on the shadow the request names and waits for its
@@ -226,7 +245,8 @@ impl ReplicationManager {
         request.update.check()?;
         let (reply, answer) = std::sync::mpsc::channel();
         let command = Command::Validate(request.clone(), reply);
-        self.send(request.target.as_ref(), &[ReplicationState::Starting, ReplicationState::Replicating], command)?;
+        let running = [ReplicationState::Starting, ReplicationState::Replicating];
+        self.send(request.target.as_ref(), &running, false, command)?;
         answer
             .recv()
             .map_err(|_| ReplicationError::Shadow("replication ended during the validation".into()))?
@@ -236,7 +256,7 @@ impl ReplicationManager {
     /// Stops the epochs to the shadow `selector` names (it is told nothing more and gives up).
     pub(crate) fn stop(&self, selector: &ShadowSelector) -> Result<(), ReplicationError> {
         let states = [ReplicationState::Starting, ReplicationState::Replicating];
-        self.send(selector.target.as_ref(), &states, Command::Stop)
+        self.send(selector.target.as_ref(), &states, false, Command::Stop)
     }
 
     /// After a switchover, the last word to the shadow that has the VM; returns that shadow's
@@ -279,10 +299,17 @@ impl ReplicationManager {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds what the dirty log just said (per RAM region) to every consumer's pages, and
-    /// returns (and clears) `consumer`'s.
-    pub(crate) fn dirty_for(&self, consumer: u64, read: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
+    /// Reads the dirty log with `read` (per RAM region), adds what it says to every
+    /// consumer's pages, and returns (and clears) `consumer`'s. The read and the merge are one
+    /// step: a consumer freezing the VM for its last epoch must not miss pages another has
+    /// read and not merged yet.
+    pub(crate) fn dirty_for<E>(
+        &self,
+        consumer: u64,
+        read: impl FnOnce() -> Result<Vec<Vec<u64>>, E>,
+    ) -> Result<Vec<Vec<u64>>, E> {
         let mut dirty = self.dirty_lock();
+        let read = read()?;
         for pending in dirty.values_mut() {
             pending.resize(pending.len().max(read.len()), Vec::new());
             for (into, from) in pending.iter_mut().zip(&read) {
@@ -292,7 +319,7 @@ impl ReplicationManager {
                 }
             }
         }
-        dirty.get_mut(&consumer).map(std::mem::take).unwrap_or(read)
+        Ok(dirty.get_mut(&consumer).map(std::mem::take).unwrap_or(read))
     }
 
     /// `consumer` reads the dirty log no more.
@@ -311,11 +338,11 @@ mod tests {
         manager.dirty_lock().insert(1, Vec::new());
         manager.dirty_lock().insert(2, Vec::new());
         // Consumer 1 reads: the log said pages 0 and 65 (two words in one region).
-        assert_eq!(manager.dirty_for(1, vec![vec![0b1, 0b10]]), vec![vec![0b1, 0b10]]);
+        assert_eq!(manager.dirty_for(1, || Ok::<_, ()>(vec![vec![0b1, 0b10]])), Ok(vec![vec![0b1, 0b10]]));
         // Consumer 2 reads later: what 1 saw, and what the log says now.
-        assert_eq!(manager.dirty_for(2, vec![vec![0b100, 0]]), vec![vec![0b101, 0b10]]);
+        assert_eq!(manager.dirty_for(2, || Ok::<_, ()>(vec![vec![0b100, 0]])), Ok(vec![vec![0b101, 0b10]]));
         // Consumer 1 again: only what came after its last read.
-        assert_eq!(manager.dirty_for(1, vec![vec![0, 0]]), vec![vec![0b100, 0]]);
+        assert_eq!(manager.dirty_for(1, || Ok::<_, ()>(vec![vec![0, 0]])), Ok(vec![vec![0b100, 0]]));
         manager.forget_consumer(2);
         assert_eq!(manager.dirty_lock().len(), 1);
     }

@@ -289,7 +289,9 @@ pub(crate) fn spawn(
     Ok(send)
 }
 
-/// The replication thread: the first pass, then an epoch every `epoch` until told otherwise.
+/// How long a rollback waits for the shadow to stop the VM and undo its disk writes.
+const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// How often epochs start, and how long to wait on the shadow.
 #[derive(Clone, Copy)]
 struct Timing {
@@ -297,6 +299,7 @@ struct Timing {
     timeout: Duration,
 }
 
+/// The replication thread: the first pass, then an epoch every `epoch` until told otherwise.
 fn run(
     vm: &Weak<Vm>,
     stream: Box<dyn Stream>,
@@ -344,6 +347,11 @@ fn run(
                 let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
                 link.validate(&live, request, reply)?;
             }
+            Ok(Command::Switchover(_, _, reply)) if !link.trials.is_empty() => {
+                // A verdict would arrive where the switchover expects the shadow's ack.
+                let _ = reply.send(Err("a validation is still running; switch over once it has ended".into()));
+                link.update(|s| s.state = ReplicationState::Replicating);
+            }
             Ok(Command::Switchover(update, health, reply)) => {
                 let Some(live) = vm.upgrade() else { return Ok(ReplicationState::Stopped) };
                 link.update(|s| s.state = ReplicationState::SwitchingOver);
@@ -372,7 +380,7 @@ fn run(
                 return match outcome {
                     Ok(_) => after_switchover(&mut link.stream, commands),
                     Err(_) if in_doubt => after_switchover(&mut link.stream, commands),
-                    Err(e) => Err(WireError::Malformed(format!("switchover failed, this VM runs on: {e}"))),
+                    Err(e) => Err(WireError::Ended(format!("the switchover failed and this VM runs on: {e}"))),
                 };
             }
         }
@@ -505,17 +513,24 @@ fn after_switchover(stream: &mut Box<dyn Stream>, commands: &Receiver<Command>) 
                 return Ok(ReplicationState::Committed);
             }
             Ok(Command::Rollback(reply)) => {
-                let outcome =
-                    wire::write_frame(stream, &Frame::Control(Control::Rollback)).and_then(
-                        |()| match wire::read_frame(stream)? {
-                            Frame::Control(Control::RolledBack) => Ok(()),
-                            other => {
-                                Err(WireError::Malformed(format!("expected the shadow's rollback, got {other:?}")))
-                            }
-                        },
-                    );
-                let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                return outcome.map(|()| ReplicationState::Stopped);
+                // Undoing the shadow's disk writes takes as long as it takes to write them back.
+                let _ = stream.set_read_timeout(Some(ROLLBACK_TIMEOUT));
+                let outcome = wire::write_frame(stream, &Frame::Control(Control::Rollback))
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| match wire::read_frame(stream).map_err(|e| e.to_string())? {
+                        Frame::Control(Control::RolledBack) => Ok(()),
+                        Frame::Control(Control::UndoFailed { reason }) => Err(format!(
+                            "the shadow stopped the VM but could not undo its disk writes, so this VM stays frozen \
+                             (its disks hold the shadow's writes): {reason}"
+                        )),
+                        other => Err(format!("expected the shadow's rollback, got {other:?}")),
+                    });
+                let done = outcome.is_ok();
+                let _ = reply.send(outcome);
+                // A rollback that failed leaves the switchover where it was: frozen here.
+                if done {
+                    return Ok(ReplicationState::Stopped);
+                }
             }
             Ok(Command::Switchover(_, _, reply)) => {
                 let _ = reply.send(Err("switched over already".into()));

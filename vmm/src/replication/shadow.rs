@@ -264,7 +264,7 @@ impl Received {
         let Received { dir, mut stream, arrived, update, health, .. } = self;
         // Until the commit, what the VM overwrites on its disks is saved: a rollback hands
         // the primary its disks as they were when it froze.
-        let builder = VmBuilder::restore(&dir, MemoryMode::Mmap).undo_disk_writes(&dir);
+        let builder = VmBuilder::restore(&dir, MemoryMode::Mmap).log_disk_overwrites(&dir);
         let vm = match configure(builder).start() {
             Ok(vm) => Arc::new(vm),
             Err(e) => {
@@ -283,15 +283,14 @@ impl Received {
             Err(reason) => {
                 // Stopped, and its disk writes undone, before the primary hears: never two
                 // copies running, and the primary finds its disks as it left them.
-                let reason = match vm.undo_disk_writes() {
+                let answer = match vm.undo_disk_writes() {
                     Ok(undone) => {
                         log::info!("shadow: disk writes undone: {undone:?}");
-                        reason
+                        Control::Failed { reason: reason.clone() }
                     }
-                    Err(e) => format!("{reason}; and {e}"),
+                    Err(e) => Control::UndoFailed { reason: format!("{reason}; then {e}") },
                 };
-                let failed = Control::Failed { reason: reason.clone() };
-                wire::write_frame(&mut stream, &Frame::Control(failed))?;
+                wire::write_frame(&mut stream, &Frame::Control(answer))?;
                 return Err(ShadowError::Unhealthy(reason));
             }
         };
@@ -316,7 +315,7 @@ impl Received {
                                 log::info!("shadow: rolled back; disk writes undone: {undone:?}");
                                 Control::RolledBack
                             }
-                            Err(reason) => Control::Failed { reason },
+                            Err(reason) => Control::UndoFailed { reason },
                         };
                         let _ = wire::write_frame(&mut stream, &Frame::Control(answer));
                     }

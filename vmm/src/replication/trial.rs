@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::update::{self, HealthReport, VmUpdate};
 use crate::VmBuilder;
 use crate::config::{DiskConfig, NbdAddress, SerialConfig, VmConfig};
+use crate::memory::RamBacking;
 use crate::snapshot::{MemoryMode, VmSnapshot, format};
 use crate::swap::VerifyPolicy;
 
@@ -57,7 +58,10 @@ pub fn build_id() -> String {
 pub(crate) fn clone_memory(shadow_dir: &Path, id: u64) -> std::io::Result<PathBuf> {
     let dir = shadow_dir.join(format!("trial-{id}"));
     std::fs::create_dir(&dir)?;
-    std::fs::copy(shadow_dir.join(format::MEMORY_FILE), dir.join(format::MEMORY_FILE))?;
+    if let Err(e) = std::fs::copy(shadow_dir.join(format::MEMORY_FILE), dir.join(format::MEMORY_FILE)) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
     Ok(dir)
 }
 
@@ -139,6 +143,10 @@ impl Apart {
     /// The update as the clone takes it: the new backends kept apart like the old ones.
     fn isolate_update(&mut self, config: &VmConfig, update: &VmUpdate) -> Result<VmUpdate, String> {
         let mut isolated = update.clone();
+        // A RAM backing file of the clone's own, beside its memory.
+        if let Some(RamBacking::File { path }) = &mut isolated.ram_backing {
+            *path = self.dir.join("ram");
+        }
         for (id, body) in &mut isolated.devices {
             let Some(backend) = body.get_mut("backend") else { continue };
             let kind = config_kind(config, id);
@@ -189,7 +197,9 @@ impl Apart {
         let mut serve = Command::new("qemu-nbd");
         // --fork returns once the socket accepts; the daemon's pid is in the pid file.
         serve
-            .args(["--fork", "--persistent", "--shared=8", "--format=qcow2", "--cache=writeback", "--socket"])
+            // Not persistent: it exits with its last client, so a shadow that dies mid-trial
+            // leaves no server behind.
+            .args(["--fork", "--shared=8", "--format=qcow2", "--cache=writeback", "--socket"])
             .arg(&socket)
             .arg("--pid-file")
             .arg(&pid_file)

@@ -72,7 +72,7 @@ pub fn check_health_policy(field: &str, policy: &VerifyPolicy) -> Result<(), Fie
 }
 
 /// How long one step of an update may take (a swap's drain, probe and verification).
-const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Applies `update` to `vm`, step by step; returns what each step did, in words. The first
 /// step that fails ends it (a swap that failed has rolled itself back).
@@ -89,7 +89,11 @@ pub fn apply(vm: &Vm, update: &VmUpdate) -> Result<Vec<String>, String> {
         done.push(format!("{id}: {} -> {}", record.from, record.to));
     }
     if let Some(backing) = &update.ram_backing {
-        for region in vm.memory_regions() {
+        let regions = vm.memory_regions();
+        if matches!(backing, RamBacking::File { .. }) && regions.len() > 1 {
+            return Err(format!("a file backing holds one RAM region, and this VM has {}", regions.len()));
+        }
+        for region in regions {
             let request = MemorySwapRequest { backing: backing.clone(), verify: false, drain_timeout_ms: 2000 };
             let report = vm.swap_memory(region.slot, &request).map_err(|e| format!("RAM slot {}: {e}", region.slot))?;
             done.push(format!("RAM slot {}: {} -> {}", report.slot, report.from, report.to));

@@ -225,6 +225,13 @@ pub enum Control {
         /// Why.
         reason: String,
     },
+    /// Shadow -> primary, instead of `Failed` or `RolledBack`: the shadow stopped the VM but
+    /// could not undo its disk writes; the primary must not run on those disks as if nothing
+    /// happened.
+    UndoFailed {
+        /// What failed.
+        reason: String,
+    },
     /// Primary -> shadow, after a switchover: the VM is the shadow's for good.
     Commit,
     /// Primary -> shadow, after a switchover: stop the VM, the primary takes it back.
@@ -287,6 +294,9 @@ pub enum WireError {
     /// The other side closed the connection.
     #[error("replication stream: the other side closed the link")]
     Closed,
+    /// The replication ended for the reason given (not a fault of the stream).
+    #[error("{0}")]
+    Ended(String),
     /// The peer sent something no `vmm` writes.
     #[error("replication stream: malformed frame: {0}")]
     Malformed(String),
@@ -353,7 +363,7 @@ mod tests {
         let mut input = &buf[..];
         assert!(matches!(read_frame(&mut input).unwrap(), Frame::Pages { epoch: 7, ref batch } if batch == &[1, 2, 3]));
         assert!(matches!(read_frame(&mut input).unwrap(), Frame::Control(Control::Ack { epoch: 9 })));
-        assert!(matches!(read_frame(&mut input), Err(WireError::Io(_))), "end of stream");
+        assert!(matches!(read_frame(&mut input), Err(WireError::Closed)), "end of stream");
         for garbage in [&[0u8, 0, 0, 0][..], &[255, 255, 255, 255], &[2, 0, 0, 0, 9, 9], &[3, 0, 0, 0, 2, 0xff, 0xff]] {
             let mut input = garbage;
             assert!(read_frame(&mut input).is_err(), "{garbage:?}");

@@ -104,6 +104,9 @@ pub struct DeviceInfo {
     pub counters: BTreeMap<&'static str, MetricsSnapshot>,
 }
 
+/// How long undoing disk writes waits for the requests in flight.
+const UNDO_DRAIN: Duration = Duration::from_secs(10);
+
 /// A running VM.
 ///
 /// Dropping it stops the guest. Field order is drop order: vCPU threads end before the VM
@@ -160,18 +163,28 @@ impl Vm {
     }
 
     /// Takes back every disk write since the VM started, for a VM built with
-    /// [`VmBuilder::undo_disk_writes`](crate::VmBuilder::undo_disk_writes): stops the VM first
+    /// [`VmBuilder::log_disk_overwrites`](crate::VmBuilder::log_disk_overwrites): stops the VM first
     /// (nothing may write meanwhile), then writes the saved blocks back. Returns the blocks
     /// restored per disk, in words.
     pub fn undo_disk_writes(&self) -> Result<Vec<String>, String> {
+        // Requests in flight finish first (the devices take no new ones): a write landing
+        // after the undo would stay.
+        let drained = crate::quiesce::drain_devices(self.devices().devices(), UNDO_DRAIN);
         self.stop();
-        self.undo
-            .iter()
-            .map(|(id, log)| match log.roll_back() {
-                Ok(undone) => Ok(format!("{id}: {} blocks ({} bytes) restored", undone.blocks, undone.bytes)),
-                Err(e) => Err(format!("{id}: cannot undo its writes: {e}")),
-            })
-            .collect()
+        let mut failed: Vec<String> =
+            drained.err().map(|e| format!("the disks did not drain: {e}")).into_iter().collect();
+        let mut undone = Vec::new();
+        // Every disk, whatever happened to the one before.
+        for (id, log) in &self.undo {
+            match log.roll_back() {
+                Ok(u) => undone.push(format!("{id}: {} blocks ({} bytes) restored", u.blocks, u.bytes)),
+                Err(e) => failed.push(format!("{id}: cannot undo its writes: {e}")),
+            }
+        }
+        match failed.is_empty() {
+            true => Ok(undone),
+            false => Err(failed.join("; ")),
+        }
     }
 
     /// Keeps every disk write for good and stops logging them (see

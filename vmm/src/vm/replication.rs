@@ -13,7 +13,7 @@ use crate::replication::primary::{
     self, ReplicationError, ReplicationRequest, ReplicationStatus, ShadowSelector, ShadowStatus, SwitchoverReport,
     SwitchoverRequest, ValidateRequest, ValidationRecord,
 };
-use crate::replication::update::VmUpdate;
+use crate::replication::update::{self, VmUpdate};
 use crate::replication::wire::{self, Control, Frame, Stream};
 use crate::snapshot::format::LiveMemory;
 use crate::snapshot::{DirtyError, RegionSnapshot, SnapshotKind, VmSnapshot, dirty_ranges};
@@ -109,10 +109,12 @@ impl Vm {
         consumer: u64,
         everything: bool,
     ) -> Result<Vec<(u64, LiveMemory)>, DirtyError> {
-        let read = self.dirty.take(&self.ram, &self.kvm)?;
-        self.dirty.forget(true);
         // Other replications need what the log said too.
-        let dirty = self.replication.dirty_for(consumer, read);
+        let dirty = self.replication.dirty_for(consumer, || {
+            let read = self.dirty.take(&self.ram, &self.kvm)?;
+            self.dirty.forget(true);
+            Ok::<_, DirtyError>(read)
+        })?;
         let mut pages = Vec::new();
         let mut offset = 0;
         for (region, dirty) in self.ram.regions().iter().zip(dirty) {
@@ -214,72 +216,92 @@ impl Vm {
     ) -> Result<SwitchoverReport, String> {
         let started = Instant::now();
         let (message_update, message_health) = (update.clone(), *health);
-        let (vcpus, devices) = (self.vcpus(), self.devices());
-        let frozen = self.freeze_and_send(&vcpus, &devices, consumer, epoch, encoder, stream, |state| {
-            Control::Switchover { state, update: message_update, health: message_health }
-        })?;
-        // From here the shadow may be running the VM: an answer that does not come, or makes
-        // no sense, leaves this VM frozen (two running copies would share its disks).
-        let in_doubt = |quiesced: Quiesced, why: String| {
+        // The vCPUs and devices are held until the VM runs on the shadow; then this one stays
+        // frozen but lets go of them: the API and the other replications must not wait for
+        // the verdict.
+        let (downtime_us, restore_us, build, frozen) = {
+            let (vcpus, devices) = (self.vcpus(), self.devices());
+            let frozen = self.freeze_and_send(&vcpus, &devices, consumer, epoch, encoder, stream, |state| {
+                Control::Switchover { state, update: message_update, health: message_health }
+            })?;
+            // From here the shadow may be running the VM: an answer that does not come, or makes
+            // no sense, leaves this VM frozen (two running copies would share its disks).
+            // The shadow acknowledges the last epoch, then says how the restore went.
+            match wire::read_frame(stream) {
+                Ok(Frame::Control(Control::Ack { epoch: acked })) if acked == epoch => {}
+                Ok(Frame::Control(Control::Failed { reason })) => {
+                    return Err(format!("the shadow could not start the VM: {reason}"));
+                }
+                Ok(other) => {
+                    return in_doubt(
+                        frozen.quiesced,
+                        format!("expected the shadow's ack of the last epoch, got {other:?}"),
+                    );
+                }
+                Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
+            }
+            let (restore_us, build) = match wire::read_frame(stream) {
+                Ok(Frame::Control(Control::Activated { restore_us, build })) => (restore_us, build),
+                Ok(Frame::Control(Control::Failed { reason })) => {
+                    return Err(format!("the shadow could not start the VM: {reason}"));
+                }
+                Ok(other) => {
+                    return in_doubt(frozen.quiesced, format!("expected the shadow's activation, got {other:?}"));
+                }
+                Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
+            };
+            let downtime_us = frozen.frozen_at.elapsed().as_micros() as u64;
+            let Frozen { quiesced, devices_quiesce_us, final_pages, state_bytes, resume_vcpus, .. } = frozen;
             quiesced.keep();
-            Err(format!("{IN_DOUBT}: {why}"))
+            (downtime_us, restore_us, build, (devices_quiesce_us, final_pages, state_bytes, resume_vcpus))
         };
-        // The shadow acknowledges the last epoch, then says how the restore went.
-        match wire::read_frame(stream) {
-            Ok(Frame::Control(Control::Ack { epoch: acked })) if acked == epoch => {}
-            Ok(Frame::Control(Control::Failed { reason })) => {
-                return Err(format!("the shadow could not start the VM: {reason}"));
-            }
-            Ok(other) => {
-                return in_doubt(
-                    frozen.quiesced,
-                    format!("expected the shadow's ack of the last epoch, got {other:?}"),
-                );
-            }
-            Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
-        }
-        let (restore_us, build) = match wire::read_frame(stream) {
-            Ok(Frame::Control(Control::Activated { restore_us, build })) => (restore_us, build),
-            Ok(Frame::Control(Control::Failed { reason })) => {
-                return Err(format!("the shadow could not start the VM: {reason}"));
-            }
-            Ok(other) => return in_doubt(frozen.quiesced, format!("expected the shadow's activation, got {other:?}")),
-            Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
-        };
-        let downtime_us = frozen.frozen_at.elapsed().as_micros() as u64;
-        // The VM runs on the shadow; its verdict on the update and the VM's health decides
-        // whether it stays there. The update's swaps may take a while on top of the window.
-        let patience = Duration::from_millis(health.window_ms) + VERDICT_SLACK;
+        let (devices_quiesce_us, final_pages, state_bytes, resume_vcpus) = frozen;
+        // Its verdict on the update and the VM's health decides whether it stays there; the
+        // update's swaps may take a while on top of the window.
+        let steps = update.devices.len() + usize::from(update.ram_backing.is_some()) * self.ram.regions().len();
+        let patience = Duration::from_millis(health.window_ms) + VERDICT_SLACK + update::STEP_TIMEOUT * steps as u32;
         if let Err(e) = stream.set_read_timeout(Some(patience)) {
-            return in_doubt(frozen.quiesced, e.to_string());
+            return Err(format!("{IN_DOUBT}: {e}"));
         }
-        let verdict = wire::read_frame(stream);
-        let (applied, health) = match verdict {
+        let (applied, health) = match wire::read_frame(stream) {
             Ok(Frame::Control(Control::Healthy { applied, health })) => (applied, health),
-            // The shadow stopped the VM: it runs here again, from where it froze.
+            // The shadow stopped the VM and undid its disk writes: it runs here again, from
+            // where it froze.
             Ok(Frame::Control(Control::Failed { reason })) => {
                 log::warn!("the switchover rolled back by itself: {reason}");
+                thaw(&self.vcpus(), &self.devices(), resume_vcpus);
                 return Err(format!("the VM failed on the shadow, which stopped it; it runs here again: {reason}"));
             }
-            Ok(other) => return in_doubt(frozen.quiesced, format!("expected the shadow's verdict, got {other:?}")),
-            Err(e) => return in_doubt(frozen.quiesced, e.to_string()),
+            Ok(Frame::Control(Control::UndoFailed { reason })) => {
+                return Err(format!(
+                    "{IN_DOUBT}: the VM failed on the shadow, which stopped it but could not undo its disk writes \
+                     (this VM would find its disks changed): {reason}"
+                ));
+            }
+            Ok(other) => return Err(format!("{IN_DOUBT}: expected the shadow's verdict, got {other:?}")),
+            Err(e) => return Err(format!("{IN_DOUBT}: {e}")),
         };
         let report = SwitchoverReport {
             downtime_us,
-            devices_quiesce_us: frozen.devices_quiesce_us,
-            final_pages: frozen.final_pages,
-            state_bytes: frozen.state_bytes,
+            devices_quiesce_us,
+            final_pages,
+            state_bytes,
             restore_us,
             build,
             applied,
             health: Some(health),
-            resume_vcpus: frozen.resume_vcpus,
+            resume_vcpus,
         };
         log::info!("switched over in {:?} ({} us frozen)", started.elapsed(), report.downtime_us);
         // Frozen until commit: the shadow runs the VM and owns its disks now.
-        frozen.quiesced.keep();
         Ok(report)
     }
+}
+
+/// Leaves the VM frozen: the shadow may be running it.
+fn in_doubt(quiesced: Quiesced<'_>, why: String) -> Result<SwitchoverReport, String> {
+    quiesced.keep();
+    Err(format!("{IN_DOUBT}: {why}"))
 }
 
 /// A VM frozen for a switchover or a validation, its last epoch and state sent.
