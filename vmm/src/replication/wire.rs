@@ -133,10 +133,24 @@ impl Endpoint {
     pub fn accept_one(&self) -> io::Result<Box<dyn Stream>> {
         Ok(match self {
             Endpoint::Unix(path) => {
-                let listener = UnixListener::bind(path)?;
-                // Only this user's processes may connect (the API socket is 0600 too).
+                // Bound and listening under another name, then renamed into place: the path
+                // appears only once a primary can connect, and only as 0600 (this user's
+                // processes; the API socket is 0600 too).
+                if path.exists() {
+                    let e = format!("{} exists (another shadow's socket, or one left behind)", path.display());
+                    return Err(io::Error::new(io::ErrorKind::AddrInUse, e));
+                }
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let staging = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+                let _ = std::fs::remove_file(&staging);
+                let listener = UnixListener::bind(&staging)?;
                 use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+                    .and_then(|()| std::fs::rename(&staging, path));
+                if let Err(e) = placed {
+                    let _ = std::fs::remove_file(&staging);
+                    return Err(e);
+                }
                 let (stream, _) = listener.accept()?;
                 let _ = std::fs::remove_file(path);
                 Box::new(stream)
