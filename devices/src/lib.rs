@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod net;
 pub mod ratelimit;
+pub mod shm;
 pub mod virtio;
 pub mod vsock;
 

@@ -16,6 +16,7 @@ use vm_memory::GuestAddressSpace;
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
 use crate::config::{ConfigError, NetConfig, SerialConfig, VmConfig};
+use crate::device_manager::shm::ShmError;
 use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder, Registered, backends};
 use crate::exit::ExitState;
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
@@ -63,6 +64,9 @@ pub enum BuildError {
     /// The snapshot to restore could not be loaded or does not fit the rebuilt machine.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A shared-memory region could not be attached.
+    #[error(transparent)]
+    Shm(#[from] ShmError),
     /// A host resource (event loop, interrupt eventfd, thread...) could not be set up.
     #[error("cannot set up {what}: {source}")]
     Io {
@@ -230,7 +234,11 @@ impl VmBuilder {
             unsafe { kvm.set_memslot(&slot)? };
         }
 
-        let devices = add_devices(&kvm, &ram, &config)?;
+        let mut devices = add_devices(&kvm, &ram, &config)?;
+        let shm = devices.add_shm_windows(config.shm_window_count(), ram.size())?;
+        for (window, region) in (0..).zip(&config.shm) {
+            shm.attach(&kvm, window, region)?;
+        }
         let serial_output = match self.serial_output {
             Some(output) => output,
             None => serial_output(&config.serial)?,
@@ -239,7 +247,7 @@ impl VmBuilder {
         let (pio, serial) = legacy_devices(&kvm, &exit, serial_output, snapshot.map(|s| &s.serial))?;
 
         let (vcpus, info) = match snapshot {
-            None => boot(&hv, &kvm, &ram, &config, &devices)?,
+            None => boot(&hv, &kvm, &ram, &config, &devices, &shm.cmdline_entries())?,
             Some(snapshot) => {
                 let vcpus = restore_machine(&hv, &kvm, snapshot)?;
                 snapshot::restore::import_devices(devices.entries(), snapshot).map_err(SnapshotError::from)?;
@@ -257,7 +265,7 @@ impl VmBuilder {
         let (mmio, devices) = devices.start().map_err(|source| BuildError::Io { what: "device event loop", source })?;
         let ctx = Arc::new(ExitContext::new(Arc::new(pio), Arc::new(mmio), exit.clone()));
         let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io { what: "vCPU threads", source })?;
-        Ok(Vm::new(VmParts { vcpus, exit, serial, devices, info, config, kvm, ram, undo }))
+        Ok(Vm::new(VmParts { vcpus, exit, serial, devices, info, config, kvm, shm, ram, undo }))
     }
 }
 
@@ -307,13 +315,14 @@ fn boot(
     ram: &GuestRam,
     config: &VmConfig,
     devices: &DeviceManagerBuilder,
+    more_cmdline: &[String],
 ) -> Result<(Vec<KvmVcpu>, VmInfo), BuildError> {
     // Devices are announced on the command line (the microguest, kernels with
     // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI DSDT (distribution kernels).
     let mut cmdline = config.cmdline.clone();
-    for entry in devices.cmdline_entries() {
+    for entry in devices.cmdline_entries().iter().chain(more_cmdline) {
         cmdline.push(' ');
-        cmdline.push_str(&entry);
+        cmdline.push_str(entry);
     }
     let guest_mem = ram.memory().memory();
     let acpi_config = AcpiConfig {

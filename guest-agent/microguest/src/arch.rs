@@ -61,6 +61,7 @@ pub fn rdtsc() -> u64 {
 /// Ring-0 services, requested by executing HLT in ring 3 with the number in RDI (see boot.S).
 const SERVICE_HALT: u64 = 0;
 const SERVICE_CPUID: u64 = 1;
+const SERVICE_WAIT: u64 = 2;
 
 /// CPUID as the VMM defines it. Native (ring-3) CPUID may show the host's values instead (it
 /// does on the PVM host), so this asks ring 0, whose CPUID the hypervisor always intercepts.
@@ -100,6 +101,13 @@ pub unsafe fn mmio_read32(addr: u64) -> u32 {
 pub unsafe fn mmio_write32(addr: u64, value: u32) {
     // SAFETY: guaranteed by the caller.
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}
+
+/// Sleeps until an interrupt arrives (one pending since the last wait ends it at once). Costs
+/// the host nothing while asleep: the vCPU thread blocks in KVM.
+pub fn wait_for_interrupt() {
+    // SAFETY: ring 0 sees service 2, enables interrupts for one HLT and returns after it.
+    unsafe { asm!("hlt", in("rdi") SERVICE_WAIT, options(nomem, nostack)) };
 }
 
 /// Halts this CPU for good (ring-0 `cli; hlt`), so an idle CPU costs the host nothing.

@@ -15,6 +15,7 @@ mod console;
 mod dma;
 mod programs;
 mod rt;
+mod shm;
 mod smp;
 mod time;
 mod virtio;

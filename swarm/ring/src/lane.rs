@@ -6,6 +6,9 @@ use crate::{CACHE_LINE, RingError};
 
 /// Where `tail` sits in a lane.
 const TAIL: usize = CACHE_LINE;
+/// Where the consumer says it is about to sleep until a doorbell (on its own cache line, next
+/// to `tail`).
+const SLEEPING: usize = CACHE_LINE + 8;
 /// Where the slots start.
 const SLOTS: usize = 2 * CACHE_LINE;
 /// A slot's header: the message's length, then 4 bytes kept zero (the message stays 8-byte
@@ -64,6 +67,12 @@ impl LaneMemory {
     pub fn reset(&self) {
         self.head().store(0, Ordering::Release);
         self.tail().store(0, Ordering::Release);
+        self.sleeping().store(0, Ordering::Release);
+    }
+
+    fn sleeping(&self) -> &AtomicU32 {
+        // SAFETY: as for `head`, at offset SLEEPING.
+        unsafe { &*(self.base.add(SLEEPING) as *const AtomicU32) }
     }
 
     fn head(&self) -> &AtomicU32 {
@@ -162,6 +171,15 @@ impl Producer {
         Ok(())
     }
 
+    /// Whether the consumer said it sleeps until a doorbell: call after
+    /// [`publish`](Self::publish), and ring the consumer's doorbell when it does. Together with
+    /// [`Consumer::prepare_sleep`] no wake-up is lost: each side writes its own word, fences,
+    /// then reads the other's, so at least one of them sees the other's write.
+    pub fn consumer_sleeping(&self) -> bool {
+        core::sync::atomic::fence(Ordering::SeqCst);
+        self.lane.sleeping().load(Ordering::Relaxed) != 0
+    }
+
     /// Messages published and not yet consumed, as of the consumer's index last read.
     pub fn depth(&self) -> u32 {
         self.head.wrapping_sub(self.tail)
@@ -220,6 +238,25 @@ impl Consumer {
     /// Hands every slot read so far back to the producer.
     pub fn release(&mut self) {
         self.lane.tail().store(self.tail, Ordering::Release);
+    }
+
+    /// Says this consumer is about to sleep until a doorbell, then looks once more: `Ok(true)`
+    /// when the lane is still empty and it may sleep (the producer will ring), `Ok(false)` when
+    /// a message came meanwhile (the flag is taken back). Call [`woke`](Self::woke) after the
+    /// sleep.
+    pub fn prepare_sleep(&mut self) -> Result<bool, RingError> {
+        self.lane.sleeping().store(1, Ordering::Relaxed);
+        core::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting()? > 0 {
+            self.woke();
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Takes back the word [`prepare_sleep`](Self::prepare_sleep) gave.
+    pub fn woke(&mut self) {
+        self.lane.sleeping().store(0, Ordering::Relaxed);
     }
 
     /// Reads and releases one message.

@@ -1,7 +1,7 @@
 //! Rings in a memory region shared between sibling VMs (and the VMMs that map it): the region's
 //! layout, single-producer single-consumer lanes of fixed-size slots, the header of a request
-//! moving through a pipeline of VMs ([`packet`]) and the status record each VM publishes
-//! ([`status`]).
+//! moving through a pipeline of VMs ([`packet`]), the status record each VM publishes
+//! ([`status`]) and the register window that announces a region to a VM ([`window`]).
 //!
 //! `no_std` and without allocation, so the bare-metal microguest and the host crates compile the
 //! very same code. Nothing here trusts the peer: every index and length read from shared memory
@@ -26,6 +26,7 @@
 pub mod packet;
 pub mod region;
 pub mod status;
+pub mod window;
 
 mod lane;
 

@@ -232,3 +232,23 @@ fn packets_and_status_records_round_trip_and_garbage_is_refused() {
     assert_eq!(VmStatus::decode(&bad), None);
     assert_eq!(VmStatus::decode(&bad[..31]), None);
 }
+
+#[test]
+fn a_consumer_about_to_sleep_is_seen_or_sees_the_message() {
+    let mut shared = Shared::new(swarm_ring::lane_bytes(4, 64));
+    // SAFETY: `shared` is cache-line aligned, large enough, and outlives the lane.
+    let lane = unsafe { swarm_ring::LaneMemory::new(shared.base(), 4, 64) }.unwrap();
+    lane.reset();
+    let mut producer = Producer::attach(lane).unwrap();
+    let mut consumer = Consumer::attach(lane).unwrap();
+    assert!(!producer.consumer_sleeping());
+    assert!(consumer.prepare_sleep().unwrap(), "an empty lane may be slept on");
+    producer.push(b"wake up").unwrap();
+    assert!(producer.consumer_sleeping(), "the producer sees the consumer asleep and rings");
+    consumer.woke();
+    assert!(!producer.consumer_sleeping());
+    assert!(!consumer.prepare_sleep().unwrap(), "a message is waiting: no sleep");
+    assert!(!producer.consumer_sleeping(), "the flag is taken back");
+    let mut out = [0u8; 56];
+    assert_eq!(consumer.pop(&mut out).unwrap(), Some(7));
+}

@@ -20,6 +20,7 @@ pub use routes::ROUTES;
 pub use server::{ApiServer, ServerError};
 
 use crate::config::json::FieldError;
+use crate::device_manager::shm::ShmError;
 use crate::memory::MemoryError;
 use crate::quiesce::QuiesceError;
 use crate::replication::ReplicationError;
@@ -115,6 +116,18 @@ impl From<MemorySwapError> for ApiError {
     }
 }
 
+impl From<ShmError> for ApiError {
+    fn from(e: ShmError) -> Self {
+        let (status, field) = match &e {
+            ShmError::NoWindow(..) => (404, None),
+            ShmError::Busy(..) | ShmError::Empty(_) => (409, None),
+            ShmError::Fabric(_) | ShmError::TooBig { .. } => (422, Some("region")),
+            ShmError::Map { .. } | ShmError::Kvm { .. } => (500, None),
+        };
+        Self { status, error: e.to_string(), field: field.map(String::from) }
+    }
+}
+
 impl From<SnapshotError> for ApiError {
     fn from(e: SnapshotError) -> Self {
         let (status, field) = match &e {
@@ -123,7 +136,8 @@ impl From<SnapshotError> for ApiError {
             SnapshotError::Exited(_)
             | SnapshotError::SwapRunning { .. }
             | SnapshotError::NoParent
-            | SnapshotError::Replicating => (409, None),
+            | SnapshotError::Replicating
+            | SnapshotError::SharedMemory => (409, None),
             SnapshotError::Quiesce(QuiesceError::Drain { .. }) => (503, None),
             SnapshotError::Quiesce(QuiesceError::Pause(ControlError::Stopped)) => (409, None),
             _ => (500, None),

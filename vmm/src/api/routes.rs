@@ -15,6 +15,7 @@ use crate::device_manager::DeviceEntry;
 use crate::replication::{ReplicationRequest, SwitchoverRequest, ValidateRequest};
 use crate::snapshot::SnapshotRequest;
 use crate::swap::{MemorySwapRequest, SwapRecord, SwapRequest};
+use crate::config::ShmConfig;
 use crate::{RamBacking, Vm, VmState};
 
 /// Every endpoint, as (method, path template). Kept in step with `openapi.json` by a test.
@@ -37,6 +38,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/replication/validate"),
     ("POST", "/replication/commit"),
     ("POST", "/replication/rollback"),
+    ("GET", "/shm"),
+    ("PUT", "/shm/{window}"),
+    ("DELETE", "/shm/{window}"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
@@ -156,6 +160,26 @@ fn dispatch(
         }
         ("POST", "/replication/commit") => Ok(Response::json(200, &vm.commit_switchover()?)),
         ("POST", "/replication/rollback") => Ok(Response::json(200, &vm.rollback_switchover()?)),
+        ("GET", "/shm") => Ok(Response::json(200, &vm.shm())),
+        ("PUT", "/shm/{window}") => {
+            let window = params[0].parse::<u32>().map_err(|_| no_window(params[0]))?;
+            let config: ShmConfig = body(request)?;
+            config.check().map_err(|e| FieldError::new("region", e))?;
+            absolute("socket", &config.socket)?;
+            Ok(Response::json(200, &vm.attach_shm(window, &config)?))
+        }
+        ("DELETE", "/shm/{window}") => {
+            let window = params[0].parse::<u32>().map_err(|_| no_window(params[0]))?;
+            let timeout = match request.query("timeout_ms") {
+                Some(ms) => Some(Duration::from_millis(
+                    ms.parse::<u64>().ok().filter(|&ms| ms <= 60_000).ok_or_else(|| {
+                        ApiError::new(400, format!("timeout_ms={ms:?}: expected 0 to 60000"))
+                    })?,
+                )),
+                None => None,
+            };
+            Ok(Response::json(200, &vm.detach_shm(window, timeout)?))
+        }
         ("GET", "/metrics") => Ok(Response::new(200, "text/plain; version=0.0.4", metrics::render(vm).into_bytes())),
         ("GET", "/openapi.json") => Ok(Response::new(200, "application/json", super::OPENAPI.as_bytes().to_vec())),
         _ => Err(ApiError::new(500, format!("route {method} {template} has no handler"))),
@@ -213,6 +237,10 @@ fn absolute_backend_paths(backend: &serde_json::Value) -> Result<(), ApiError> {
 
 fn no_device(id: &str) -> ApiError {
     ApiError::new(404, format!("no device {id:?}"))
+}
+
+fn no_window(window: &str) -> ApiError {
+    ApiError::new(404, format!("no shared-memory window {window:?}: windows are numbered from 0"))
 }
 
 fn no_region(slot: &str) -> ApiError {

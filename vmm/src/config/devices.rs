@@ -297,6 +297,51 @@ impl NetConfig {
     }
 }
 
+/// A shared-memory region of a swarm fabric, attached to the VM (see `docs/swarm.md`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShmConfig {
+    /// The fabric server's Unix socket, which hands over the region's memory and doorbells.
+    pub socket: PathBuf,
+    /// The region's name on that server.
+    pub region: String,
+    /// This VM's party in the region (its doorbell; which lanes it uses is the guest's
+    /// convention).
+    pub party: u16,
+}
+
+impl FromStr for ShmConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let o = options("--shm", s, &["socket", "region", "party"], |_| "socket")?;
+        let need = |key: &str| o.get(key).copied().ok_or_else(|| format!("--shm: needs {key}="));
+        let party = need("party")?;
+        let shm = ShmConfig {
+            socket: PathBuf::from(need("socket")?),
+            region: need("region")?.to_string(),
+            party: party.parse().map_err(|_| format!("--shm: party={party:?} is not a number"))?,
+        };
+        shm.check().map_err(|e| format!("--shm: {e}"))?;
+        Ok(shm)
+    }
+}
+
+impl ShmConfig {
+    /// Checks the fields.
+    pub fn check(&self) -> Result<(), String> {
+        if self.socket.as_os_str().is_empty() {
+            return Err("socket= is empty".into());
+        }
+        if self.region.is_empty() || self.region.len() > 64 {
+            return Err(format!("region={:?}: names are 1 to 64 characters", self.region));
+        }
+        if self.party >= 16 {
+            return Err(format!("party={}: a region has at most 16 parties", self.party));
+        }
+        Ok(())
+    }
+}
+
 impl FromStr for VsockConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

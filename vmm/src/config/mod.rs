@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use devices::{BlockEngine, DiskConfig, NbdAddress, NetConfig, VsockConfig, parse_mac};
+pub use devices::{BlockEngine, DiskConfig, NbdAddress, NetConfig, ShmConfig, VsockConfig, parse_mac};
 
 use crate::boot::BootProtocol;
 use crate::memory::RamBacking;
@@ -142,7 +142,17 @@ pub struct VmConfig {
     /// The virtio-vsock device, if any (default id `vsock0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// Shared-memory regions attached at start, to windows 0, 1, ... in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shm: Vec<ShmConfig>,
+    /// Shared-memory windows, for regions attached now or later (at most
+    /// [`MAX_SHM_WINDOWS`]); defaults to one per region in `shm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_windows: Option<u32>,
 }
+
+/// The most shared-memory windows a VM may have.
+pub const MAX_SHM_WINDOWS: u32 = 4;
 
 /// A configuration that cannot work; the message names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -206,6 +216,8 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            shm: Vec::new(),
+            shm_windows: None,
         }
     }
 
@@ -241,6 +253,11 @@ impl VmConfig {
         self.validate_machine(max_vcpus)
     }
 
+    /// The shared-memory windows the VM gets.
+    pub fn shm_window_count(&self) -> u32 {
+        self.shm_windows.unwrap_or(self.shm.len() as u32)
+    }
+
     /// Everything [`validate`](Self::validate) checks but the kernel and initrd: what a VM
     /// restored from a snapshot (which boots nothing) must still get right.
     pub fn validate_machine(&self, max_vcpus: Option<u32>) -> Result<(), ConfigError> {
@@ -261,6 +278,17 @@ impl VmConfig {
             {
                 return Err(ConfigError::Missing { what: "disk image", path: path.clone() });
             }
+        }
+        if self.shm_window_count() > MAX_SHM_WINDOWS || self.shm.len() as u32 > self.shm_window_count() {
+            let message = format!(
+                "shm: {} regions for {} windows (at most {MAX_SHM_WINDOWS} windows)",
+                self.shm.len(),
+                self.shm_window_count()
+            );
+            return Err(ConfigError::Device(message));
+        }
+        for shm in &self.shm {
+            shm.check().map_err(|e| ConfigError::Device(format!("shm: {e}")))?;
         }
         for net in &self.nets {
             net.check().map_err(|e| ConfigError::Device(format!("net: {e}")))?;

@@ -7,6 +7,7 @@ mod block;
 mod event_loop;
 mod net;
 mod registry;
+pub mod shm;
 mod vsock;
 
 use std::sync::{Arc, Mutex};
@@ -144,6 +145,18 @@ impl DeviceManagerBuilder {
         self.event_loop.add(Box::new(worker));
         self.entries.push(DeviceEntry { id: id.to_string(), slot, handle: handle(device), resync });
         Ok(slot)
+    }
+
+    /// `count` shared-memory windows, their interrupt lines taken from the top (virtio devices
+    /// take theirs from the bottom), their regions placed above `ram_bytes` of RAM.
+    pub fn add_shm_windows(&mut self, count: u32, ram_bytes: u64) -> Result<shm::ShmWindows, DeviceError> {
+        let irqs: Vec<u32> = (0..count).map(|i| LAST_IRQ - i).collect();
+        let virtio_top = FIRST_VIRTIO_IRQ + self.entries.len() as u32;
+        if irqs.last().is_some_and(|&lowest| lowest < virtio_top) {
+            return Err(DeviceError::NoSlot);
+        }
+        shm::ShmWindows::new(count, &irqs, ram_bytes, &mut self.mmio)
+            .map_err(|e| DeviceError::Backend { id: "shm".into(), reason: e.to_string() })
     }
 
     /// The devices added so far, in order.

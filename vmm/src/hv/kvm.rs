@@ -147,6 +147,21 @@ impl KvmVm {
         self.fd.register_irqfd(evt, gsi).op("KVM_IRQFD")
     }
 
+    /// Stops routing `evt` into `gsi`.
+    pub fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
+        self.fd.unregister_irqfd(evt, gsi).op("KVM_IRQFD (deassign)")
+    }
+
+    /// Undoes [`register_mmio_ioevent`](Self::register_mmio_ioevent) with the same arguments.
+    pub fn unregister_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: Option<u32>) -> Result<()> {
+        let addr = IoEventAddress::Mmio(addr);
+        match datamatch {
+            Some(value) => self.fd.unregister_ioevent(evt, &addr, value),
+            None => self.fd.unregister_ioevent(evt, &addr, kvm_ioctls::NoDatamatch),
+        }
+        .op("KVM_IOEVENTFD (deassign)")
+    }
+
     /// Makes guest writes to `addr` signal `evt` in the kernel instead of exiting to the VMM.
     pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: Option<u32>) -> Result<()> {
         let addr = IoEventAddress::Mmio(addr);

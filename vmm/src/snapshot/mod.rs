@@ -258,6 +258,9 @@ pub enum SnapshotError {
     /// The VM is replicating to a shadow, which reads the same dirty log.
     #[error("the VM is replicating to a shadow; stop replication (or switch over) first")]
     Replicating,
+    /// A shared-memory region is attached: its memory belongs to the fabric, not the VM.
+    #[error("a shared-memory region is attached; a snapshot cannot carry it: detach it first")]
+    SharedMemory,
     /// A device is in the middle of a backend swap.
     #[error("device {device} is swapping its backend; take the snapshot once the swap has ended")]
     SwapRunning {

@@ -1,6 +1,7 @@
 //! A running VM: the handle the builder returns and embedders drive.
 
 mod replication;
+mod shm;
 
 pub(crate) use replication::IN_DOUBT;
 
@@ -18,6 +19,7 @@ pub use crate::exit::{Crash, CrashKind, VmExit};
 
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
+use crate::device_manager::shm::ShmWindows;
 use crate::exit::ExitState;
 use crate::hv::KvmVm;
 use crate::memory::{GuestRam, RegionInfo};
@@ -125,6 +127,8 @@ pub struct Vm {
     /// What the VM was built from: a snapshot rebuilds the same machine from it.
     config: VmConfig,
     kvm: KvmVm,
+    /// Shared-memory regions: after `kvm`, so their memory outlives the slots that map it.
+    shm: ShmWindows,
     ram: GuestRam,
     /// Disks logging what they overwrite (a shadow's, until commit or rollback).
     undo: Vec<(String, UndoLog)>,
@@ -139,13 +143,14 @@ pub(crate) struct VmParts {
     pub info: VmInfo,
     pub config: VmConfig,
     pub kvm: KvmVm,
+    pub shm: ShmWindows,
     pub ram: GuestRam,
     pub undo: Vec<(String, UndoLog)>,
 }
 
 impl Vm {
     pub(crate) fn new(parts: VmParts) -> Self {
-        let VmParts { vcpus, exit, serial, devices, info, config, kvm, ram, undo } = parts;
+        let VmParts { vcpus, exit, serial, devices, info, config, kvm, shm, ram, undo } = parts;
         Self {
             vcpus: Mutex::new(vcpus),
             exit,
@@ -157,6 +162,7 @@ impl Vm {
             info,
             config,
             kvm,
+            shm,
             ram,
             undo,
         }
@@ -353,6 +359,9 @@ impl Vm {
         }
         if self.replication.in_use() {
             return Err(SnapshotError::Replicating);
+        }
+        if self.shm_attached() {
+            return Err(SnapshotError::SharedMemory);
         }
         let vcpus = self.vcpus();
         let devices = self.devices();

@@ -37,6 +37,10 @@ impl Vm {
                 "device {device} is swapping its backend; replicate once the swap has ended"
             )));
         }
+        if self.shm_attached() {
+            let why = "a shared-memory region is attached; its memory is not the VM's to replicate: detach it first";
+            return Err(ReplicationError::Conflict(why.into()));
+        }
         self.replication.start(self, request)
     }
 

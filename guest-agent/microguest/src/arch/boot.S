@@ -12,7 +12,10 @@
  * the BSP into microguest_main(boot_info, protocol), application processors into ap_main(index).
  * Ring 3 calls ring 0 by executing HLT with a service number in RDI: the #GP it raises lands
  * in ring 0, which sees the HLT and serves the request (0 = halt this CPU, 1 = CPUID with
- * EAX/ECX in, EAX-EDX out). On the PVM host INT n from ring 3 raises #UD and SYSCALL does not
+ * EAX/ECX in, EAX-EDX out, 2 = wait for an interrupt: STI; HLT; CLI, so an idle CPU sleeps
+ * until a device, a doorbell or its LAPIC timer wakes it). Ring 3 runs with interrupts off;
+ * one that arrives meanwhile stays pending and ends the next wait at once. Vectors 0x30-0x3f
+ * only acknowledge the LAPIC (EOI): ring 3 looks at its devices itself after a wait. On the PVM host INT n from ring 3 raises #UD and SYSCALL does not
  * reach CPL0, while exceptions are delivered faithfully; and only ring-0 CPUID (emulated by
  * KVM) sees the VMM's CPUID table, ring-3 CPUID runs natively on the host.
  */
@@ -51,6 +54,10 @@
     .set OPCODE_HLT, 0xf4
     .set SERVICE_HALT, 0
     .set SERVICE_CPUID, 1
+    .set SERVICE_WAIT, 2
+    .set IRQ_VECTOR_FIRST, 0x30
+    .set IRQ_VECTORS, 16
+    .set LAPIC_EOI, 0xfee000b0
 
 /* ---------------------------------------------------------------------------------------- */
 /* PVH ELF note: XEN_ELFNOTE_PHYS32_ENTRY, read by our VMM (linux-loader) and by QEMU.      */
@@ -219,7 +226,22 @@ build_idt:
     add $16, %rsi
     dec %ecx
     jnz 1b
+    lea idt + IRQ_VECTOR_FIRST * 16(%rip), %rdi
+    mov $IRQ_VECTORS, %ecx
+2:  lea irq_stub(%rip), %rax
+    call write_gate
+    add $16, %rdi
+    dec %ecx
+    jnz 2b
     ret
+
+/* Interrupts (only taken inside the wait service): acknowledge and return to the HLT's end. */
+irq_stub:
+    push %rax
+    mov $LAPIC_EOI, %eax
+    movl $0, (%rax)
+    pop %rax
+    iretq
 
 /* rax = handler, rdi = gate, r9 = selector and attributes */
 write_gate:
@@ -268,10 +290,16 @@ exc_common:
     jne 1f
     cmp $SERVICE_HALT, %rdi     /* a service request from ring 3 */
     je halt_forever
-    cmp $SERVICE_CPUID, %rdi
+    cmp $SERVICE_WAIT, %rdi
+    jne 2f
+    sti
+    hlt
+    cli
+    jmp 3f
+2:  cmp $SERVICE_CPUID, %rdi
     jne 1f
     cpuid
-    incq 16(%rsp)               /* return after the one-byte HLT */
+3:  incq 16(%rsp)               /* return after the one-byte HLT */
     add $16, %rsp               /* drop vector and error code */
     iretq
 1:  lea msg_exc(%rip), %rsi

@@ -15,6 +15,7 @@ mod memtouch;
 mod net;
 mod net_stream;
 mod platform;
+mod ring;
 mod smp;
 mod virtio_list;
 mod virtio_util;
@@ -57,6 +58,7 @@ pub static PROGRAMS: &[Program] = &[
     net::ECHO,
     net_stream::STREAM,
     vsock::ECHO,
+    ring::PAIR,
 ];
 
 const DEFAULT_PROGRAM: &str = "hello";

@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 use vmm::api::ApiServer;
-use vmm::config::{DEFAULT_CMDLINE, DiskConfig, NetConfig, VsockConfig};
+use vmm::config::{DEFAULT_CMDLINE, DiskConfig, NetConfig, ShmConfig, VsockConfig};
 use vmm::snapshot::MemoryMode;
 use vmm::{BootProtocol, BuildError, RamBacking, SerialConfig, VmBuilder, VmConfig};
 
@@ -109,6 +109,14 @@ pub struct RunArgs {
     /// The virtio-vsock device: cid=N,socket=PATH[,id=NAME]; the id defaults to vsock0.
     #[arg(long, value_name = "OPTIONS", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
+    /// A region of a swarm fabric, mapped as shared guest RAM with doorbells:
+    /// socket=PATH,region=NAME,party=N (see docs/swarm.md). Repeatable: windows 0, 1, ...
+    #[arg(long = "shm", value_name = "OPTIONS", value_parser = parse_shm)]
+    pub shm: Vec<ShmConfig>,
+    /// Shared-memory windows to have, for regions attached now or later through the API
+    /// (PUT /shm/{window}) [default: one per --shm].
+    #[arg(long, value_name = "N")]
+    pub shm_windows: Option<u32>,
     /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib, vcpus, serial,
     /// boot_protocol, ram_backing, disks, nets, vsock); flags override it. Examples in
     /// the repository's examples/ directory.
@@ -123,7 +131,7 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "ram_backing", "boot_protocol", "disks", "nets", "vsock", "config"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "ram_backing", "boot_protocol", "disks", "nets", "vsock", "shm", "shm_windows", "config"]
     )]
     pub restore: Option<PathBuf>,
     /// With --restore, how guest RAM is filled: eager (read before the guest runs), mmap (the
@@ -157,6 +165,10 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
+}
+
+fn parse_shm(s: &str) -> Result<ShmConfig, String> {
     s.parse()
 }
 
@@ -251,6 +263,8 @@ pub fn resolve_config(args: &RunArgs) -> Result<VmConfig, Failure> {
     set("disks", (!args.disks.is_empty()).then(|| json(serde_json::to_value(&args.disks))));
     set("nets", (!args.nets.is_empty()).then(|| json(serde_json::to_value(&args.nets))));
     set("vsock", args.vsock.as_ref().map(|v| json(serde_json::to_value(v))));
+    set("shm", (!args.shm.is_empty()).then(|| json(serde_json::to_value(&args.shm))));
+    set("shm_windows", args.shm_windows.map(Value::from));
     if !fields.contains_key("kernel") {
         return Err(Failure::bad_input(anyhow!(
             "no kernel given: pass --kernel PATH or set \"kernel\" in the --config file"
