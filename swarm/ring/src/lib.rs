@@ -27,6 +27,7 @@ pub mod packet;
 pub mod region;
 pub mod status;
 pub mod window;
+pub mod work;
 
 mod lane;
 

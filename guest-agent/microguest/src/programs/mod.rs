@@ -16,6 +16,7 @@ mod net;
 mod net_stream;
 mod platform;
 mod ring;
+mod swarm_worker;
 mod smp;
 mod virtio_list;
 mod virtio_util;
@@ -59,6 +60,7 @@ pub static PROGRAMS: &[Program] = &[
     net_stream::STREAM,
     vsock::ECHO,
     ring::PAIR,
+    swarm_worker::WORKER,
 ];
 
 const DEFAULT_PROGRAM: &str = "hello";

@@ -47,6 +47,8 @@ pub enum Command {
     Ctl(crate::ctl::CtlArgs),
     /// Wait for a primary to replicate to this process, and become the VM at its switchover.
     Shadow(crate::shadow::ShadowArgs),
+    /// Run a swarm: per-layer VMs joined by shared-memory rings behind an HTTP front end.
+    Swarm(crate::swarm::SwarmArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell; e.g. `vmm completions bash > /etc/bash_completion.d/vmm`.

@@ -13,6 +13,7 @@ mod ctl;
 mod demo;
 mod logger;
 mod shadow;
+mod swarm;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         Command::Completions { shell } => cli::completions(shell),
         Command::Man { out } => cli::man(&out),
         Command::Shadow(args) => shadow::run(&args),
+        Command::Swarm(args) => swarm::run(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

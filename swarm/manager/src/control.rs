@@ -1,0 +1,149 @@
+//! The control API, HTTP/1.1 on a Unix socket, one request per connection:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /swarm` | layers, VMs (state, pid, load, served), request counters |
+//! | `GET /metrics` | the same as Prometheus text |
+//! | `POST /layers/{name}/scale` `{"instances": N}` | starts or drains VMs of the layer |
+//! | `POST /vms/{id}/kill` | kills a VM's process (to test what the swarm does then) |
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::front::RouterHandle;
+use crate::router::Command;
+
+pub fn serve(listener: UnixListener, router: RouterHandle, shared: Arc<Mutex<Value>>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let (code, content_type, body) = match read(&stream) {
+            Ok((method, path, body)) => handle(&method, &path, &body, &router, &shared),
+            Err(why) => (400, "application/json", json!({"error": why}).to_string()),
+        };
+        let mut stream = stream;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            if code < 300 { "OK" } else { "Error" },
+            body.len()
+        );
+    }
+}
+
+fn read(stream: &UnixStream) -> Result<(String, String, Vec<u8>), String> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(path)) = (parts.next(), parts.next()) else { return Err("bad request line".into()) };
+    let (method, path) = (method.to_string(), path.to_string());
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).map_err(|e| e.to_string())? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().map_err(|_| "bad content-length".to_string())?;
+        }
+    }
+    if length > 64 * 1024 {
+        return Err("body too large".into());
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+    Ok((method, path, body))
+}
+
+fn handle(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    router: &RouterHandle,
+    shared: &Arc<Mutex<Value>>,
+) -> (u16, &'static str, String) {
+    let error = |code: u16, why: String| (code, "application/json", json!({"error": why}).to_string());
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        ("GET", ["swarm"]) => {
+            let (reply, answer) = channel();
+            router.send(Command::Status { reply });
+            match answer.recv_timeout(Duration::from_secs(5)) {
+                Ok(status) => (200, "application/json", status.to_string()),
+                Err(_) => error(503, "the router did not answer".into()),
+            }
+        }
+        ("GET", ["metrics"]) => {
+            let status = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            (200, "text/plain; version=0.0.4", metrics(&status))
+        }
+        ("POST", ["layers", name, "scale"]) => {
+            let instances = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v.get("instances").and_then(Value::as_u64))
+                .filter(|&n| n <= 16);
+            let Some(instances) = instances else {
+                return error(400, "expected {\"instances\": N} with N from 1 to 16".into());
+            };
+            let (reply, answer) = channel();
+            router.send(Command::Scale { layer: name.to_string(), instances: instances as u32, reply });
+            match answer.recv_timeout(Duration::from_secs(30)) {
+                Ok(Ok(status)) => (200, "application/json", status.to_string()),
+                Ok(Err(why)) => error(if why.starts_with("no layer") { 404 } else { 400 }, why),
+                Err(_) => error(503, "the router did not answer".into()),
+            }
+        }
+        ("POST", ["vms", id, "kill"]) => {
+            let Ok(vm) = id.parse::<u16>() else { return error(404, format!("no VM {id:?}")) };
+            let (reply, answer) = channel();
+            router.send(Command::Kill { vm, reply });
+            match answer.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(())) => (200, "application/json", json!({"killed": vm}).to_string()),
+                Ok(Err(why)) => error(404, why),
+                Err(_) => error(503, "the router did not answer".into()),
+            }
+        }
+        _ => error(404, format!("no endpoint {method} {path}")),
+    }
+}
+
+/// Prometheus text from a status document.
+fn metrics(status: &Value) -> String {
+    let mut out = String::new();
+    let requests = &status["requests"];
+    for (name, key, help) in [
+        ("swarm_requests_answered_total{result=\"ok\"}", "answered_ok", "Requests answered"),
+        ("swarm_requests_answered_total{result=\"error\"}", "answered_error", ""),
+        ("swarm_requests_retried_total", "retried", "Requests sent again after their VM died"),
+        ("swarm_duplicates_dropped_total", "duplicates_dropped", "Results dropped: not from the VM holding the request"),
+        ("swarm_vms_lost_total", "vms_lost", "VMs that died"),
+        ("swarm_requests_in_flight", "in_flight", "Requests not answered yet"),
+    ] {
+        if !help.is_empty() {
+            let family = name.split('{').next().unwrap_or(name);
+            out.push_str(&format!("# HELP {family} {help}\n"));
+        }
+        out.push_str(&format!("{name} {}\n", requests[key].as_u64().unwrap_or(0)));
+    }
+    out.push_str("# HELP swarm_layer_vms VMs ready per layer\n");
+    for layer in status["layers"].as_array().into_iter().flatten() {
+        let name = layer["name"].as_str().unwrap_or("");
+        out.push_str(&format!("swarm_layer_vms{{layer=\"{name}\"}} {}\n", layer["ready"]));
+        out.push_str(&format!("swarm_layer_queued{{layer=\"{name}\"}} {}\n", layer["queued"]));
+    }
+    out.push_str("# HELP swarm_vm_served_total Requests each VM served\n");
+    for vm in status["vms"].as_array().into_iter().flatten() {
+        let labels = format!("vm=\"{}\",layer=\"{}\"", vm["vm"], vm["layer"].as_str().unwrap_or(""));
+        out.push_str(&format!("swarm_vm_served_total{{{labels}}} {}\n", vm["served"]));
+        out.push_str(&format!("swarm_vm_in_flight{{{labels}}} {}\n", vm["in_flight"]));
+    }
+    out
+}

@@ -1,0 +1,138 @@
+//! The HTTP/1.1 front end: each connection on its own thread, each request handed to the
+//! router as it came (the first layer parses it) and answered with the last layer's response.
+//! Keep-alive, so `wrk` can drive it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::mpsc::{Sender, channel};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::router::{Answer, Command};
+
+/// The most bytes of headers read.
+const MAX_HEAD: usize = 16 * 1024;
+/// How long a request may take end to end.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends commands to the router and wakes it.
+#[derive(Clone)]
+pub struct RouterHandle {
+    pub commands: Sender<Command>,
+    pub wake: Arc<EventFd>,
+}
+
+impl RouterHandle {
+    pub fn send(&self, command: Command) -> bool {
+        let sent = self.commands.send(command).is_ok();
+        let _ = self.wake.write(1);
+        sent
+    }
+}
+
+/// Accepts connections until the listener fails.
+pub fn serve(listener: TcpListener, router: RouterHandle) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let router = router.clone();
+        let _ = std::thread::Builder::new().name("swarm-conn".into()).spawn(move || connection(stream, router));
+    }
+}
+
+fn connection(stream: TcpStream, router: RouterHandle) {
+    let _ = stream.set_nodelay(true);
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let request = match read_request(&mut reader) {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(why) => {
+                let _ = writer.write_all(&refusal(400, &why, true));
+                return;
+            }
+        };
+        let (reply, answer) = channel();
+        let needs = request.needs;
+        if !router.send(Command::Submit { payload: request.raw, needs, reply }) {
+            let _ = writer.write_all(&refusal(503, "the swarm is stopping", true));
+            return;
+        }
+        let bytes = match answer.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(Answer::Done(response)) => response,
+            Ok(Answer::Refused(code, why)) => refusal(code, &why, request.close),
+            Err(_) => refusal(504, "no answer in time", request.close),
+        };
+        if writer.write_all(&bytes).is_err() || request.close {
+            return;
+        }
+    }
+}
+
+struct HttpRequest {
+    raw: Vec<u8>,
+    needs: Vec<String>,
+    close: bool,
+}
+
+/// Reads one request (headers and body) as it came; `None` at a clean end of stream.
+fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>, String> {
+    let mut raw = Vec::new();
+    loop {
+        let before = raw.len();
+        let n = reader.read_until(b'\n', &mut raw).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return if raw.is_empty() { Ok(None) } else { Err("the connection ended mid-request".into()) };
+        }
+        if raw.len() > MAX_HEAD {
+            return Err("headers too large".into());
+        }
+        if &raw[before..] == b"\r\n" || &raw[before..] == b"\n" {
+            break;
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(&raw) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete request".into()),
+        Err(e) => return Err(format!("malformed request: {e}")),
+    }
+    let mut length = 0usize;
+    let mut needs = Vec::new();
+    let mut close = parsed.version == Some(0);
+    for header in parsed.headers.iter() {
+        let value = String::from_utf8_lossy(header.value);
+        if header.name.eq_ignore_ascii_case("content-length") {
+            length = value.trim().parse().map_err(|_| "bad content-length".to_string())?;
+        } else if header.name.eq_ignore_ascii_case("x-needs") {
+            needs.extend(value.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()));
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+    }
+    if length > 1 << 20 {
+        return Err("body too large".into());
+    }
+    let start = raw.len();
+    raw.resize(start + length, 0);
+    reader.read_exact(&mut raw[start..]).map_err(|e| e.to_string())?;
+    Ok(Some(HttpRequest { raw, needs, close }))
+}
+
+fn refusal(code: u16, why: &str, close: bool) -> Vec<u8> {
+    let reason = match code {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        413 => "Payload Too Large",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
+    let body = format!("{why}\n");
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    format!("HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n{connection}Content-Length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
+}

@@ -1,0 +1,123 @@
+//! One layer VM: a `vmm run` process, the region it shares with the manager and the manager's
+//! ends of its lanes (lane 0 in, lane 1 out; the manager is party 0, the VM party 1).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use swarm_fabric::{FabricServer, RegionSpec, SharedRegion};
+use swarm_ring::{Consumer, Producer};
+
+use crate::config::{LayerConfig, SwarmConfig};
+
+/// Where a VM stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Booting: not announced yet.
+    Starting,
+    /// Taking requests.
+    Ready,
+    /// Finishing what it has, taking nothing new; stopped when done.
+    Draining,
+}
+
+impl VmState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+pub struct Instance {
+    pub id: u16,
+    pub layer: usize,
+    pub labels: Vec<String>,
+    pub state: VmState,
+    pub region: Arc<SharedRegion>,
+    pub to_vm: Producer,
+    pub from_vm: Consumer,
+    pub child: Child,
+    /// Requests it holds.
+    pub in_flight: HashSet<u64>,
+    pub served: u64,
+}
+
+impl Instance {
+    /// Creates the VM's region, offers it on the fabric and starts `vmm run` for it.
+    pub fn start(
+        id: u16,
+        layer_index: usize,
+        layer: &LayerConfig,
+        config: &SwarmConfig,
+        fabric: &FabricServer,
+        vmm: &Path,
+        kernel: &Path,
+    ) -> Result<Self, String> {
+        let name = format!("vm{id}");
+        let spec = RegionSpec {
+            name: name.clone(),
+            parties: 2,
+            lanes: 2,
+            slots: config.slots,
+            slot_size: config.slot_size,
+            hugetlb: false,
+        };
+        let region = Arc::new(SharedRegion::create(spec).map_err(|e| e.to_string())?);
+        let rings = region.rings();
+        let lane = |i| rings.lane(i).map_err(|e| e.to_string());
+        let to_vm = Producer::attach(lane(0)?).map_err(|e| e.to_string())?;
+        let from_vm = Consumer::attach(lane(1)?).map_err(|e| e.to_string())?;
+        fabric.add(region.clone());
+        let work = layer.work.join("+");
+        let cmdline = format!("prog=swarm-worker work={work} vm={id} key={}", config.key);
+        let console = config.state_dir.join(format!("{name}.log"));
+        let shm = format!("socket={},region={name},party=1", fabric.path().display());
+        let child = Command::new(vmm)
+            .args(["run", "--kernel"])
+            .arg(kernel)
+            .args(["--mem-mib", &config.mem_mib.to_string(), "--cmdline", &cmdline, "--shm", &shm])
+            .args(["--serial", &format!("file:{}", console.display())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", vmm.display()))?;
+        log::info!("swarm: vm{id} (layer {}) started as process {}", layer.name, child.id());
+        Ok(Self {
+            id,
+            layer: layer_index,
+            labels: layer.labels.clone(),
+            state: VmState::Starting,
+            region,
+            to_vm,
+            from_vm,
+            child,
+            in_flight: HashSet::new(),
+            served: 0,
+        })
+    }
+
+    /// Rings the VM's doorbell if it sleeps.
+    pub fn wake(&self) {
+        if self.to_vm.consumer_sleeping()
+            && let Some(doorbell) = self.region.doorbell(1)
+        {
+            let _ = doorbell.write(1);
+        }
+    }
+
+    /// Stops the process and reaps it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,515 @@
+//! The router: one thread that owns every layer VM's lanes, moves each request through the
+//! layers (to the least loaded VM of the next layer that has the labels it needs), answers the
+//! front end, notices dead or misbehaving VMs and retries what they held, and scales layers.
+//!
+//! Exactly once: a request is held by one VM at a time (`Instance::in_flight`); a result is
+//! taken only from the VM holding it, for the layer it was sent to, so a late or forged copy
+//! is dropped (and counted). When a VM dies, what it finished is still read from its lanes
+//! (the manager maps them), and only the rest is sent again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use swarm_fabric::FabricServer;
+use swarm_ring::packet::{PacketHeader, PacketStatus};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SwarmConfig;
+use crate::instance::{Instance, VmState};
+
+/// How often a request may be sent again after the VM holding it died.
+const MAX_RETRIES: u32 = 3;
+/// How often the policy looks at the load.
+const POLICY_TICK: Duration = Duration::from_millis(250);
+
+/// What the front end gets back.
+pub enum Answer {
+    /// The last layer's output: a whole HTTP response.
+    Done(Vec<u8>),
+    /// A refusal: status code and reason.
+    Refused(u16, String),
+}
+
+/// What the router is asked to do.
+pub enum Command {
+    Submit { payload: Vec<u8>, needs: Vec<String>, reply: Sender<Answer> },
+    Scale { layer: String, instances: u32, reply: Sender<Result<Value, String>> },
+    Kill { vm: u16, reply: Sender<Result<(), String>> },
+    Status { reply: Sender<Value> },
+    Stop,
+}
+
+struct Request {
+    layer: usize,
+    payload: Vec<u8>,
+    needs: Vec<String>,
+    reply: Sender<Answer>,
+    retries: u32,
+    vm: Option<u16>,
+    started: Instant,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub answered_ok: u64,
+    pub answered_error: u64,
+    pub retried: u64,
+    pub duplicates_dropped: u64,
+    pub vms_lost: u64,
+    pub latency_us_sum: u64,
+}
+
+struct LayerState {
+    target: u32,
+    above: u32,
+    below: u32,
+}
+
+pub struct Router {
+    config: SwarmConfig,
+    fabric: FabricServer,
+    vmm: PathBuf,
+    kernel: PathBuf,
+    instances: BTreeMap<u16, Instance>,
+    requests: HashMap<u64, Request>,
+    /// Per layer, requests waiting for a VM.
+    queued: Vec<VecDeque<u64>>,
+    layers: Vec<LayerState>,
+    next_id: u64,
+    next_vm: u16,
+    counters: Counters,
+    shared: Arc<Mutex<Value>>,
+    last_policy: Instant,
+}
+
+impl Router {
+    pub fn new(config: SwarmConfig, fabric: FabricServer, vmm: PathBuf, kernel: PathBuf, shared: Arc<Mutex<Value>>) -> Self {
+        let layers = config.layers.iter().map(|l| LayerState { target: l.instances, above: 0, below: 0 }).collect();
+        let queued = vec![VecDeque::new(); config.layers.len()];
+        Self {
+            config,
+            fabric,
+            vmm,
+            kernel,
+            instances: BTreeMap::new(),
+            requests: HashMap::new(),
+            queued,
+            layers,
+            next_id: 1,
+            next_vm: 1,
+            counters: Counters::default(),
+            shared,
+            last_policy: Instant::now(),
+        }
+    }
+
+    /// Runs until `Stop`; `wake` is signalled with every command sent.
+    pub fn run(mut self, commands: Receiver<Command>, wake: Arc<EventFd>) {
+        loop {
+            let mut busy = false;
+            while let Ok(command) = commands.try_recv() {
+                busy = true;
+                if !self.command(command) {
+                    return;
+                }
+            }
+            busy |= self.collect();
+            busy |= self.dispatch();
+            self.reap();
+            if self.last_policy.elapsed() >= POLICY_TICK {
+                self.last_policy = Instant::now();
+                self.policy();
+                self.publish();
+            }
+            if !busy {
+                self.sleep(&wake);
+            }
+        }
+    }
+
+    /// Sleeps until a VM rings, a command comes, or a few milliseconds pass (to reap).
+    fn sleep(&mut self, wake: &EventFd) {
+        let mut fds = vec![libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        for instance in self.instances.values_mut() {
+            // Said before looking again: a VM publishing after this sees it and rings.
+            if !instance.from_vm.prepare_sleep().unwrap_or(false) {
+                for instance in self.instances.values_mut() {
+                    instance.from_vm.woke();
+                }
+                return;
+            }
+            if let Some(doorbell) = instance.region.doorbell(0) {
+                fds.push(libc::pollfd { fd: doorbell.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+        }
+        // SAFETY: valid pollfd entries for descriptors that outlive the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5) };
+        let _ = wake.read();
+        for instance in self.instances.values_mut() {
+            instance.from_vm.woke();
+            if let Some(doorbell) = instance.region.doorbell(0) {
+                let _ = doorbell.read();
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) -> bool {
+        match command {
+            Command::Submit { payload, needs, reply } => {
+                if self.instances.is_empty() && self.layers.iter().all(|l| l.target == 0) {
+                    let _ = reply.send(Answer::Refused(503, "no VMs".into()));
+                    return true;
+                }
+                let id = self.next_id;
+                self.next_id += 1;
+                let request =
+                    Request { layer: 0, payload, needs, reply, retries: 0, vm: None, started: Instant::now() };
+                self.requests.insert(id, request);
+                self.queued[0].push_back(id);
+            }
+            Command::Scale { layer, instances, reply } => {
+                let answer = match self.config.layers.iter().position(|l| l.name == layer) {
+                    None => Err(format!("no layer {layer:?}")),
+                    Some(_) if !(1..=16).contains(&instances) => Err("instances: 1 to 16".into()),
+                    Some(index) => {
+                        self.layers[index].target = instances;
+                        self.converge(index);
+                        Ok(self.status())
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Kill { vm, reply } => {
+                let answer = match self.instances.get_mut(&vm) {
+                    Some(instance) => {
+                        let _ = instance.child.kill();
+                        Ok(())
+                    }
+                    None => Err(format!("no VM {vm}")),
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Stop => {
+                for (_, request) in self.requests.drain() {
+                    let _ = request.reply.send(Answer::Refused(503, "the swarm is stopping".into()));
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Reads every VM's results; true if any came.
+    fn collect(&mut self) -> bool {
+        let mut any = false;
+        let mut faulty = Vec::new();
+        let mut buf = vec![0u8; self.config.slot_size as usize];
+        let ids: Vec<u16> = self.instances.keys().copied().collect();
+        for vm in ids {
+            loop {
+                let read = self.instances.get_mut(&vm).map(|i| i.from_vm.read(&mut buf));
+                match read {
+                    Some(Ok(Some(len))) => {
+                        any = true;
+                        if !self.result(vm, &buf[..len]) {
+                            faulty.push(vm);
+                            break;
+                        }
+                    }
+                    Some(Ok(None)) | None => break,
+                    Some(Err(e)) => {
+                        log::warn!("swarm: vm{vm} corrupted its lane ({e}); removing it");
+                        faulty.push(vm);
+                        break;
+                    }
+                }
+            }
+            if let Some(instance) = self.instances.get_mut(&vm) {
+                instance.from_vm.release();
+            }
+        }
+        for vm in faulty {
+            self.lose(vm);
+        }
+        any
+    }
+
+    /// One result from `vm`; false if it is garbage (the VM is then removed).
+    fn result(&mut self, vm: u16, bytes: &[u8]) -> bool {
+        let Ok((header, payload)) = PacketHeader::decode(bytes) else {
+            log::warn!("swarm: vm{vm} wrote a malformed packet; removing it");
+            return false;
+        };
+        let Some(instance) = self.instances.get_mut(&vm) else { return true };
+        if header.request_id == 0 {
+            if header.status == PacketStatus::Completed && instance.state == VmState::Starting {
+                instance.state = VmState::Ready;
+                log::info!("swarm: vm{vm} ready");
+            }
+            return true;
+        }
+        // Only the VM holding the request, for the layer it was sent to.
+        let holds = instance.in_flight.contains(&header.request_id)
+            && self.requests.get(&header.request_id).is_some_and(|r| r.vm == Some(vm) && r.layer == instance.layer);
+        if !holds {
+            self.counters.duplicates_dropped += 1;
+            return true;
+        }
+        instance.in_flight.remove(&header.request_id);
+        instance.served += 1;
+        let mut request = self.requests.remove(&header.request_id).expect("checked");
+        request.vm = None;
+        match header.status {
+            PacketStatus::Pending if request.layer + 1 < self.config.layers.len() => {
+                request.layer += 1;
+                request.payload = payload.to_vec();
+                self.queued[request.layer].push_back(header.request_id);
+                self.requests.insert(header.request_id, request);
+            }
+            PacketStatus::Pending | PacketStatus::Completed => self.answer(request, Answer::Done(payload.to_vec())),
+            PacketStatus::Error | PacketStatus::InProgress => {
+                let text = String::from_utf8_lossy(payload);
+                let code = text.get(..3).and_then(|c| c.parse().ok()).filter(|c| (400..600).contains(c)).unwrap_or(502);
+                let reason = text.get(4..).unwrap_or("refused").to_string();
+                self.answer(request, Answer::Refused(code, reason));
+            }
+        }
+        true
+    }
+
+    fn answer(&mut self, request: Request, answer: Answer) {
+        match &answer {
+            Answer::Done(_) => self.counters.answered_ok += 1,
+            Answer::Refused(..) => self.counters.answered_error += 1,
+        }
+        self.counters.latency_us_sum += request.started.elapsed().as_micros() as u64;
+        let _ = request.reply.send(answer);
+    }
+
+    /// Sends queued requests to VMs; true if any went.
+    fn dispatch(&mut self) -> bool {
+        let mut any = false;
+        let mut buf = vec![0u8; self.config.slot_size as usize];
+        for layer in 0..self.queued.len() {
+            let mut woken = Vec::new();
+            while let Some(&id) = self.queued[layer].front() {
+                let Some(request) = self.requests.get(&id) else {
+                    self.queued[layer].pop_front();
+                    continue;
+                };
+                let Some(vm) = pick(&mut self.instances, layer, &request.needs) else { break };
+                let header = PacketHeader {
+                    request_id: id,
+                    next_vm: vm,
+                    layer: layer as u16,
+                    status: PacketStatus::InProgress,
+                    payload_len: request.payload.len() as u32,
+                };
+                let Some(len) = header.encode(&request.payload, &mut buf) else {
+                    self.queued[layer].pop_front();
+                    let request = self.requests.remove(&id).expect("present");
+                    self.answer(request, Answer::Refused(413, "the request does not fit a ring slot".into()));
+                    continue;
+                };
+                let instance = self.instances.get_mut(&vm).expect("picked");
+                if instance.to_vm.write(&buf[..len]).is_err() {
+                    break;
+                }
+                instance.in_flight.insert(id);
+                self.requests.get_mut(&id).expect("present").vm = Some(vm);
+                self.queued[layer].pop_front();
+                woken.push(vm);
+                any = true;
+            }
+            woken.dedup();
+            for vm in woken {
+                if let Some(instance) = self.instances.get_mut(&vm) {
+                    instance.to_vm.publish();
+                    instance.wake();
+                }
+            }
+        }
+        any
+    }
+
+    /// Notices VMs whose process ended.
+    fn reap(&mut self) {
+        let dead: Vec<u16> = self
+            .instances
+            .iter_mut()
+            .filter_map(|(&id, i)| matches!(i.child.try_wait(), Ok(Some(_))).then_some(id))
+            .collect();
+        for vm in dead {
+            log::warn!("swarm: vm{vm} died; retrying what it held");
+            self.counters.vms_lost += 1;
+            // What it finished before dying is still in its lane.
+            self.collect();
+            self.lose(vm);
+        }
+        // Drained VMs are stopped.
+        let drained: Vec<u16> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.state == VmState::Draining && i.in_flight.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        for vm in drained {
+            if let Some(mut instance) = self.instances.remove(&vm) {
+                instance.stop();
+                self.fabric.remove(&format!("vm{vm}"));
+                log::info!("swarm: vm{vm} drained and stopped");
+            }
+        }
+    }
+
+    /// Removes `vm`; its requests go back to their layer's queue (or fail after retries).
+    fn lose(&mut self, vm: u16) {
+        let Some(mut instance) = self.instances.remove(&vm) else { return };
+        instance.stop();
+        self.fabric.remove(&format!("vm{vm}"));
+        let layer = instance.layer;
+        for id in instance.in_flight.drain() {
+            let Some(request) = self.requests.get_mut(&id) else { continue };
+            request.vm = None;
+            request.retries += 1;
+            if request.retries > MAX_RETRIES {
+                let request = self.requests.remove(&id).expect("present");
+                self.answer(request, Answer::Refused(503, "every VM that took it died".into()));
+            } else {
+                self.counters.retried += 1;
+                self.queued[layer].push_front(id);
+            }
+        }
+        self.converge(layer);
+    }
+
+    /// Starts or drains VMs of `layer` until it has its target.
+    fn converge(&mut self, layer: usize) {
+        let live = |s: &Self| s.instances.values().filter(|i| i.layer == layer && i.state != VmState::Draining).count();
+        while live(self) < self.layers[layer].target as usize {
+            let id = self.next_vm;
+            self.next_vm = self.next_vm.wrapping_add(1).max(1);
+            let config = &self.config.layers[layer];
+            match Instance::start(id, layer, config, &self.config, &self.fabric, &self.vmm, &self.kernel) {
+                Ok(instance) => {
+                    self.instances.insert(id, instance);
+                }
+                Err(e) => {
+                    log::error!("swarm: cannot start a VM for layer {}: {e}", config.name);
+                    break;
+                }
+            }
+        }
+        while live(self) > self.layers[layer].target as usize {
+            let victim = self
+                .instances
+                .values()
+                .filter(|i| i.layer == layer && i.state != VmState::Draining)
+                .min_by_key(|i| (i.state == VmState::Ready, i.in_flight.len()))
+                .map(|i| i.id);
+            let Some(victim) = victim else { break };
+            if let Some(instance) = self.instances.get_mut(&victim) {
+                instance.state = VmState::Draining;
+                log::info!("swarm: draining vm{victim}");
+            }
+        }
+    }
+
+    /// Load per layer against the thresholds, with hysteresis (two ticks above to grow, eight
+    /// below to shrink).
+    fn policy(&mut self) {
+        if !self.config.autoscale {
+            return;
+        }
+        for layer in 0..self.layers.len() {
+            let ready = self.instances.values().filter(|i| i.layer == layer && i.state == VmState::Ready);
+            let (count, held) = ready.fold((0usize, 0usize), |(c, h), i| (c + 1, h + i.in_flight.len()));
+            if count == 0 {
+                continue;
+            }
+            let load = (held + self.queued[layer].len()) as f64 / count as f64;
+            let config = &self.config.layers[layer];
+            let state = &mut self.layers[layer];
+            state.above = if load > config.scale_up_load { state.above + 1 } else { 0 };
+            state.below = if load < config.scale_down_load { state.below + 1 } else { 0 };
+            if state.above >= 2 && state.target < config.max {
+                state.target += 1;
+                state.above = 0;
+                log::info!("swarm: layer {} load {load:.1} per VM: scaling up to {}", config.name, state.target);
+                self.converge(layer);
+            } else if state.below >= 8 && state.target > config.min {
+                state.target -= 1;
+                state.below = 0;
+                log::info!("swarm: layer {} load {load:.1} per VM: scaling down to {}", config.name, state.target);
+                self.converge(layer);
+            }
+        }
+    }
+
+    fn status(&self) -> Value {
+        let vms: Vec<Value> = self
+            .instances
+            .values()
+            .map(|i| {
+                json!({"vm": i.id, "layer": self.config.layers[i.layer].name, "state": i.state.name(),
+                       "pid": i.child.id(), "in_flight": i.in_flight.len(), "served": i.served, "labels": i.labels})
+            })
+            .collect();
+        let layers: Vec<Value> = self
+            .config
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(n, l)| {
+                let ready = self.instances.values().filter(|i| i.layer == n && i.state == VmState::Ready).count();
+                json!({"name": l.name, "work": l.work, "target": self.layers[n].target, "ready": ready,
+                       "queued": self.queued[n].len()})
+            })
+            .collect();
+        let c = &self.counters;
+        json!({
+            "layers": layers,
+            "vms": vms,
+            "requests": {"in_flight": self.requests.len(), "answered_ok": c.answered_ok,
+                         "answered_error": c.answered_error, "retried": c.retried,
+                         "duplicates_dropped": c.duplicates_dropped, "vms_lost": c.vms_lost,
+                         "latency_us_sum": c.latency_us_sum},
+        })
+    }
+
+    /// Keeps a copy of the status for the metrics endpoint (read without asking the router).
+    fn publish(&self) {
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = self.status();
+    }
+
+    /// Starts every layer's VMs.
+    pub fn start_layers(&mut self) {
+        for layer in 0..self.layers.len() {
+            self.converge(layer);
+        }
+        self.publish();
+    }
+}
+
+/// The ready VM of `layer` with the labels `needs` and room in its lane, least loaded first.
+fn pick(instances: &mut BTreeMap<u16, Instance>, layer: usize, needs: &[String]) -> Option<u16> {
+    instances
+        .values_mut()
+        .filter(|i| i.layer == layer && i.state == VmState::Ready)
+        .filter(|i| needs.iter().all(|n| i.labels.contains(n)))
+        .filter_map(|i| match i.to_vm.free() {
+            Ok(free) if free > 0 => Some((i.in_flight.len(), i.served, i.id)),
+            _ => None,
+        })
+        .min()
+        .map(|(_, _, id)| id)
+}
+
