@@ -67,8 +67,8 @@ mod vm;
 
 pub use boot::BootProtocol;
 pub use builder::{BuildError, VmBuilder};
-pub use device_manager::shm::{ShmError, ShmStatus};
 pub use config::{SerialConfig, VmConfig};
+pub use device_manager::shm::{ShmError, ShmStatus};
 pub use devices::legacy::SerialOutput;
 pub use memory::{HUGE_PAGE, RamBacking, RegionInfo, free_huge_pages};
 pub use vm::{Crash, CrashKind, DeviceInfo, SerialInput, Vm, VmError, VmExit, VmInfo, VmState};

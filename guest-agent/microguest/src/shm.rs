@@ -75,8 +75,8 @@ impl Window {
         self.read(reg::PARTY) as u16
     }
 
-    /// The region's rings, while one is attached.
-    pub fn region(&self) -> Result<Region, &'static str> {
+    /// Where the attached region is: guest-physical address and size, inside the identity map.
+    pub fn range(&self) -> Result<(u64, u64), &'static str> {
         if self.state() != Some(WindowState::Attached) {
             return Err("no region attached");
         }
@@ -85,6 +85,12 @@ impl Window {
         if addr == 0 || size == 0 || addr.checked_add(size).is_none_or(|end| end > 16 << 30) {
             return Err("the region is outside the identity map");
         }
+        Ok((addr, size))
+    }
+
+    /// The region's rings, while one is attached.
+    pub fn region(&self) -> Result<Region, &'static str> {
+        let (addr, size) = self.range()?;
         // SAFETY: the VMM mapped `size` bytes of shared memory at `addr`, identity mapped and
         // page aligned; the ring code validates everything it reads there.
         unsafe { Region::open(addr as *mut u8, size as usize) }.map_err(|_| "the region holds no rings")

@@ -104,7 +104,8 @@ impl SharedRegion {
                 return Err(FabricError::io(format!("sealing region {:?}", spec.name), last_error()));
             }
         }
-        let map = map_shared(&memfd, size as usize).map_err(|e| FabricError::io(format!("mapping region {:?}", spec.name), e))?;
+        let map = map_shared(&memfd, size as usize)
+            .map_err(|e| FabricError::io(format!("mapping region {:?}", spec.name), e))?;
         let doorbells = (0..spec.parties)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()
@@ -161,14 +162,7 @@ impl Drop for SharedRegion {
 pub(crate) fn map_shared(fd: &OwnedFd, len: usize) -> std::io::Result<*mut u8> {
     // SAFETY: a fresh mapping at an address the kernel picks; the result is checked.
     let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
     };
     if map == libc::MAP_FAILED {
         return Err(last_error());

@@ -52,10 +52,14 @@ pub struct LayerConfig {
     /// Most VMs the policy starts.
     #[serde(default = "four")]
     pub max: u32,
-    /// Hardware labels of its VMs (e.g. `crypto`): a request needing a label goes only to VMs
-    /// that have it.
+    /// Hardware labels (e.g. `crypto`) of the layer's first `labeled` VMs: a request whose
+    /// `X-Needs` header names one of them goes only to VMs that have it; other requests
+    /// prefer VMs without labels, keeping the labelled ones free.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// How many of the layer's VMs carry `labels` (default: all).
+    #[serde(default)]
+    pub labeled: Option<u32>,
     /// Requests queued or in flight per VM above which the policy adds one.
     #[serde(default = "up")]
     pub scale_up_load: f64,
@@ -121,8 +125,8 @@ impl SwarmConfig {
     /// Reads and checks a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         config.check()?;
         Ok(config)
     }
@@ -156,7 +160,11 @@ impl SwarmConfig {
             if let Some(w) = layer.work.iter().find(|w| Work::from_name(w).is_none()) {
                 return bad(format!("{at}: work {w:?} is none of http, auth, digest, respond"));
             }
-            if layer.min == 0 || layer.min > layer.max || layer.max > 16 || !(layer.min..=layer.max).contains(&layer.instances) {
+            if layer.min == 0
+                || layer.min > layer.max
+                || layer.max > 16
+                || !(layer.min..=layer.max).contains(&layer.instances)
+            {
                 return bad(format!("{at}: need 1 <= min <= instances <= max <= 16"));
             }
             if layer.scale_down_load >= layer.scale_up_load || layer.scale_down_load < 0.0 {

@@ -123,7 +123,11 @@ fn metrics(status: &Value) -> String {
         ("swarm_requests_answered_total{result=\"ok\"}", "answered_ok", "Requests answered"),
         ("swarm_requests_answered_total{result=\"error\"}", "answered_error", ""),
         ("swarm_requests_retried_total", "retried", "Requests sent again after their VM died"),
-        ("swarm_duplicates_dropped_total", "duplicates_dropped", "Results dropped: not from the VM holding the request"),
+        (
+            "swarm_duplicates_dropped_total",
+            "duplicates_dropped",
+            "Results dropped: not from the VM holding the request",
+        ),
         ("swarm_vms_lost_total", "vms_lost", "VMs that died"),
         ("swarm_requests_in_flight", "in_flight", "Requests not answered yet"),
     ] {

@@ -133,6 +133,9 @@ fn refusal(code: u16, why: &str, close: bool) -> Vec<u8> {
     };
     let body = format!("{why}\n");
     let connection = if close { "Connection: close\r\n" } else { "" };
-    format!("HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n{connection}Content-Length: {}\r\n\r\n{body}", body.len())
-        .into_bytes()
+    format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n{connection}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }

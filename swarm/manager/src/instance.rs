@@ -52,6 +52,7 @@ impl Instance {
         id: u16,
         layer_index: usize,
         layer: &LayerConfig,
+        labels: Vec<String>,
         config: &SwarmConfig,
         fabric: &FabricServer,
         vmm: &Path,
@@ -89,7 +90,7 @@ impl Instance {
         Ok(Self {
             id,
             layer: layer_index,
-            labels: layer.labels.clone(),
+            labels,
             state: VmState::Starting,
             region,
             to_vm,

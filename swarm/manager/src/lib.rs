@@ -84,7 +84,8 @@ impl Swarm {
         let fabric = FabricServer::bind(fabric_path)?;
         let listener = TcpListener::bind(&config.listen).map_err(io(format!("listening on {}", config.listen)))?;
         let address = listener.local_addr().map_err(io("reading the front end's address"))?;
-        let control = UnixListener::bind(&config.control).map_err(io(format!("binding {}", config.control.display())))?;
+        let control =
+            UnixListener::bind(&config.control).map_err(io(format!("binding {}", config.control.display())))?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?);
         let (commands, receiver) = channel();
         let router = RouterHandle { commands, wake: wake.clone() };

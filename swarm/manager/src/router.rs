@@ -88,7 +88,13 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(config: SwarmConfig, fabric: FabricServer, vmm: PathBuf, kernel: PathBuf, shared: Arc<Mutex<Value>>) -> Self {
+    pub fn new(
+        config: SwarmConfig,
+        fabric: FabricServer,
+        vmm: PathBuf,
+        kernel: PathBuf,
+        shared: Arc<Mutex<Value>>,
+    ) -> Self {
         let layers = config.layers.iter().map(|l| LayerState { target: l.instances, above: 0, below: 0 }).collect();
         let queued = vec![VecDeque::new(); config.layers.len()];
         Self {
@@ -305,7 +311,17 @@ impl Router {
                     self.queued[layer].pop_front();
                     continue;
                 };
-                let Some(vm) = pick(&mut self.instances, layer, &request.needs) else { break };
+                let needs: Vec<String> =
+                    request.needs.iter().filter(|n| self.config.layers[layer].labels.contains(n)).cloned().collect();
+                let vm = match pick(&mut self.instances, layer, &needs) {
+                    Ok(Some(vm)) => vm,
+                    Ok(None) => break,
+                    Err(vm) => {
+                        log::warn!("swarm: vm{vm} corrupted its request lane; removing it");
+                        self.lose(vm);
+                        continue;
+                    }
+                };
                 let header = PacketHeader {
                     request_id: id,
                     next_vm: vm,
@@ -398,7 +414,16 @@ impl Router {
             let id = self.next_vm;
             self.next_vm = self.next_vm.wrapping_add(1).max(1);
             let config = &self.config.layers[layer];
-            match Instance::start(id, layer, config, &self.config, &self.fabric, &self.vmm, &self.kernel) {
+            let labeled = self
+                .instances
+                .values()
+                .filter(|i| i.layer == layer && i.state != VmState::Draining && !i.labels.is_empty())
+                .count();
+            let labels = match labeled < config.labeled.unwrap_or(u32::MAX) as usize {
+                true => config.labels.clone(),
+                false => Vec::new(),
+            };
+            match Instance::start(id, layer, config, labels, &self.config, &self.fabric, &self.vmm, &self.kernel) {
                 Ok(instance) => {
                     self.instances.insert(id, instance);
                 }
@@ -499,17 +524,25 @@ impl Router {
     }
 }
 
-/// The ready VM of `layer` with the labels `needs` and room in its lane, least loaded first.
-fn pick(instances: &mut BTreeMap<u16, Instance>, layer: usize, needs: &[String]) -> Option<u16> {
-    instances
-        .values_mut()
-        .filter(|i| i.layer == layer && i.state == VmState::Ready)
-        .filter(|i| needs.iter().all(|n| i.labels.contains(n)))
-        .filter_map(|i| match i.to_vm.free() {
-            Ok(free) if free > 0 => Some((i.in_flight.len(), i.served, i.id)),
-            _ => None,
-        })
-        .min()
-        .map(|(_, _, id)| id)
+/// The ready VM of `layer` with the labels `needs` and room in its lane: the least loaded,
+/// then one without labels it was not asked for (keeping labelled VMs for those needing them).
+/// `Err(vm)` names a VM whose lane indices are corrupt.
+fn pick(instances: &mut BTreeMap<u16, Instance>, layer: usize, needs: &[String]) -> Result<Option<u16>, u16> {
+    let mut best = None;
+    for i in instances.values_mut().filter(|i| i.layer == layer && i.state == VmState::Ready) {
+        if !needs.iter().all(|n| i.labels.contains(n)) {
+            continue;
+        }
+        match i.to_vm.free() {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(_) => return Err(i.id),
+        }
+        let spare_labels = i.labels.iter().filter(|l| !needs.contains(l)).count();
+        let key = (i.in_flight.len(), spare_labels, i.served, i.id);
+        if best.is_none_or(|b| key < b) {
+            best = Some(key);
+        }
+    }
+    Ok(best.map(|(_, _, _, id)| id))
 }
-

@@ -257,12 +257,16 @@ mod tests {
         let mut w = Writer::new(&mut req);
         w.put(b"POST /hello HTTP/1.1\r\nHost: x\r\nX-Auth: ").hex(tag).put(b"\r\nContent-Length: 3\r\n\r\nabc");
         let n = w.len;
-        let (out, len) = pipeline(b"k", &req[..n]).map_err(|(o, l)| core::str::from_utf8(&o[..l]).unwrap().to_owned()).unwrap();
+        let (out, len) =
+            pipeline(b"k", &req[..n]).map_err(|(o, l)| core::str::from_utf8(&o[..l]).unwrap().to_owned()).unwrap();
         let text = core::str::from_utf8(&out[..len]).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         let mut hex = [0u8; 16];
         Writer::new(&mut hex).hex(fnv1a(&[b"abc"]));
-        assert!(text.ends_with(&format!("path=/hello bytes=3 fnv={} vm=7\n", core::str::from_utf8(&hex).unwrap())), "{text}");
+        assert!(
+            text.ends_with(&format!("path=/hello bytes=3 fnv={} vm=7\n", core::str::from_utf8(&hex).unwrap())),
+            "{text}"
+        );
     }
 
     #[test]

@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{Request, Response};
 use super::{ApiError, metrics};
+use crate::config::ShmConfig;
 use crate::config::json::{self, FieldError};
 use crate::device_manager::DeviceEntry;
 use crate::replication::{ReplicationRequest, SwitchoverRequest, ValidateRequest};
 use crate::snapshot::SnapshotRequest;
 use crate::swap::{MemorySwapRequest, SwapRecord, SwapRequest};
-use crate::config::ShmConfig;
 use crate::{RamBacking, Vm, VmState};
 
 /// Every endpoint, as (method, path template). Kept in step with `openapi.json` by a test.
@@ -172,9 +172,10 @@ fn dispatch(
             let window = params[0].parse::<u32>().map_err(|_| no_window(params[0]))?;
             let timeout = match request.query("timeout_ms") {
                 Some(ms) => Some(Duration::from_millis(
-                    ms.parse::<u64>().ok().filter(|&ms| ms <= 60_000).ok_or_else(|| {
-                        ApiError::new(400, format!("timeout_ms={ms:?}: expected 0 to 60000"))
-                    })?,
+                    ms.parse::<u64>()
+                        .ok()
+                        .filter(|&ms| ms <= 60_000)
+                        .ok_or_else(|| ApiError::new(400, format!("timeout_ms={ms:?}: expected 0 to 60000")))?,
                 )),
                 None => None,
             };

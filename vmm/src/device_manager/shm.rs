@@ -193,8 +193,12 @@ impl ShmWindows {
             let _ = kvm.remove_memslot(slot.slot);
             return Err(kvm_err(e));
         }
-        let contents =
-            WindowContents { party: new.files.party, parties: new.files.parties, addr: window.guest_addr, size: new.size };
+        let contents = WindowContents {
+            party: new.files.party,
+            parties: new.files.parties,
+            addr: window.guest_addr,
+            size: new.size,
+        };
         window.registers.attached(contents);
         window.notify(&new);
         log::info!("shm window {index}: region {:?} attached as party {}", config.region, config.party);
@@ -262,7 +266,13 @@ impl Window {
 
     fn peers<'a>(&self, mapped: &'a Mapped) -> impl Iterator<Item = (u32, &'a vmm_sys_util::eventfd::EventFd)> {
         let own = mapped.files.party;
-        mapped.files.doorbells.iter().enumerate().filter(move |&(p, _)| p != usize::from(own)).map(|(p, d)| (p as u32, d))
+        mapped
+            .files
+            .doorbells
+            .iter()
+            .enumerate()
+            .filter(move |&(p, _)| p != usize::from(own))
+            .map(|(p, d)| (p as u32, d))
     }
 
     /// Raises the window's interrupt (through this VM's own doorbell) so the guest rereads it.

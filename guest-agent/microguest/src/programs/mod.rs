@@ -16,6 +16,7 @@ mod net;
 mod net_stream;
 mod platform;
 mod ring;
+mod ring_garbage;
 mod swarm_worker;
 mod smp;
 mod virtio_list;
@@ -61,6 +62,7 @@ pub static PROGRAMS: &[Program] = &[
     vsock::ECHO,
     ring::PAIR,
     swarm_worker::WORKER,
+    ring_garbage::GARBAGE,
 ];
 
 const DEFAULT_PROGRAM: &str = "hello";
