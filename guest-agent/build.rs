@@ -15,6 +15,9 @@ fn main() {
         rerun_if_changed_recursive(&guest_dir.join(path));
     }
     rerun_if_changed_recursive(&manifest_dir.join("protocol/src"));
+    // The rings the microguest shares with the host side.
+    rerun_if_changed_recursive(&manifest_dir.join("../swarm/ring/src"));
+    rerun_if_changed_recursive(&manifest_dir.join("../swarm/ring/Cargo.toml"));
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);

@@ -251,3 +251,364 @@ fn a_guest_scribbling_garbage_over_the_ring_crashes_nothing_and_hangs_nothing() 
     assert_eq!(status, 0, "{text}");
     assert!(text.contains("rounds of garbage written"), "{text}");
 }
+
+// --- The swarm manager: `vmm swarm` with real layer VMs, driven over HTTP ---------------------
+
+const KEY: &str = "test-key";
+
+/// A `vmm swarm` process: its front end's address and its control socket.
+struct SwarmProc {
+    child: Reaped,
+    address: String,
+    control: PathBuf,
+    state: PathBuf,
+}
+
+impl SwarmProc {
+    fn start(dir: &TempDir, layers: Value) -> Self {
+        let control = dir.join("swarm.sock");
+        let state = dir.join("swarm-state");
+        let config = json!({
+            "listen": "127.0.0.1:0", "control": control, "state_dir": state, "key": KEY, "layers": layers,
+        });
+        let path = dir.join("swarm.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let mut cmd = Command::new(common::vmm_bin());
+        cmd.args(["swarm", "--config"]).arg(&path).stdin(Stdio::null()).stderr(Stdio::piped());
+        let mut child = Reaped(cmd.spawn().expect("spawn vmm swarm"));
+        let stderr = child.0.stderr.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        let line = lines.next().expect("a first line").unwrap();
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .unwrap_or_else(|| panic!("no front end address in {line:?}"))
+            .to_string();
+        // The rest of stderr is drained, so the swarm never blocks writing its log.
+        std::thread::spawn(move || lines.for_each(|_| {}));
+        let swarm = Self { child, address, control, state };
+        swarm.wait_until("every VM ready", |s| {
+            s["layers"].as_array().unwrap().iter().all(|l| l["ready"] == l["target"])
+        });
+        swarm
+    }
+
+    fn control(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(stream, "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let status = answer[9..12].parse().unwrap();
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (status, serde_json::from_str(body).unwrap_or(Value::String(body.into())))
+    }
+
+    fn status(&self) -> Value {
+        let (code, status) = self.control("GET", "/swarm", None);
+        assert_eq!(code, 200, "{status}");
+        status
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no {what} after {WAIT:?}: {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn vms_of(status: &Value, layer: &str) -> Vec<Value> {
+        status["vms"].as_array().unwrap().iter().filter(|v| v["layer"] == layer).cloned().collect()
+    }
+}
+
+impl Drop for SwarmProc {
+    /// SIGTERM first, so the swarm stops its VMs (they would die with it anyway: they get
+    /// SIGKILL when their parent does).
+    fn drop(&mut self) {
+        // SAFETY: signals our own child, not reaped yet.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The `X-Auth` tag for `path` (FNV-1a 64 of the key, a newline and the path).
+fn tag(path: &str) -> String {
+    format!("{:016x}", swarm_ring::work::auth_tag(KEY.as_bytes(), path.as_bytes()))
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+struct Client {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl Client {
+    fn connect(address: &str) -> Self {
+        let stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        Self { reader: std::io::BufReader::new(stream.try_clone().unwrap()), writer: stream }
+    }
+
+    /// Sends one request; the status and the body.
+    fn request(&mut self, raw: &str) -> (u16, String) {
+        use std::io::{BufRead, Read, Write};
+        self.writer.write_all(raw.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        let status = line.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            self.reader.read_line(&mut header).unwrap();
+            if header.trim().is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
+
+    fn post(&mut self, path: &str, body: &str, extra: &str) -> (u16, String) {
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: swarm\r\nX-Auth: {}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            tag(path),
+            body.len()
+        );
+        self.request(&raw)
+    }
+}
+
+fn three_layers(auth_instances: u32, autoscale_max: u32) -> Value {
+    json!([
+        {"name": "parse", "work": ["http"]},
+        {"name": "auth", "work": ["auth"], "instances": auth_instances, "min": 1, "max": autoscale_max.max(auth_instances),
+         "labels": ["crypto"], "labeled": 1, "scale_up_load": 1000.0, "scale_down_load": 0.0},
+        {"name": "respond", "work": ["digest", "respond"], "scale_up_load": 1000.0, "scale_down_load": 0.0}
+    ])
+}
+
+/// What a correct answer to `POST path` with `body` says.
+fn expected_line(path: &str, body: &str) -> String {
+    let fnv = swarm_ring::work::fnv1a(&[body.as_bytes()]);
+    format!("path={path} bytes={} fnv={fnv:016x} vm=", body.len())
+}
+
+#[test]
+fn a_three_layer_pipeline_answers_real_http() {
+    let dir = TempDir::new("swarm-http");
+    let swarm = SwarmProc::start(&dir, three_layers(2, 2));
+    let mut client = Client::connect(&swarm.address);
+    let (status, body) = client.post("/orders/17", "hello, swarm", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with(&expected_line("/orders/17", "hello, swarm")), "{body}");
+    // A wrong tag is refused by the auth layer, a request it does not serve by the parse layer
+    // (both in their VMs); the connection stays usable.
+    let (status, body) = client.request("GET /x HTTP/1.1\r\nX-Auth: 0123\r\n\r\n");
+    assert_eq!((status, body.trim()), (401, "bad or missing X-Auth tag"));
+    let (status, body) = client.request("BREW /x HTTP/1.1\r\n\r\n");
+    assert_eq!((status, body.trim()), (400, "bad request line"));
+    // Bytes that are not HTTP at all are refused by the front end, which closes the connection:
+    // it cannot tell where the next request would start.
+    let (status, _) = Client::connect(&swarm.address).request("GET /x HTTP/1.1\r\nX-Auth\r\n\r\n");
+    assert_eq!(status, 400);
+    // Affinity: a request needing `crypto` is authenticated by the one auth VM that has it;
+    // others prefer the VM without it.
+    for i in 0..20 {
+        let (status, body) = client.post(&format!("/c/{i}"), "x", "X-Needs: crypto\r\n");
+        assert_eq!(status, 200, "{body}");
+    }
+    let status = swarm.status();
+    let auth = SwarmProc::vms_of(&status, "auth");
+    let crypto = auth.iter().find(|v| v["labels"][0] == "crypto").expect("a crypto VM");
+    let plain = auth.iter().find(|v| v["labels"].as_array().unwrap().is_empty()).expect("a plain VM");
+    assert_eq!(crypto["served"], 20, "{status}");
+    // The plain VM took the two requests that needed nothing (the first and the refused one).
+    assert_eq!(plain["served"], 2, "{status}");
+    // Metrics name every layer and VM.
+    let (code, metrics) = swarm.control("GET", "/metrics", None);
+    assert_eq!(code, 200);
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("swarm_layer_vms{layer=\"auth\"} 2"), "{metrics}");
+    assert!(metrics.contains("swarm_vm_served_total{vm="), "{metrics}");
+    drop(client);
+    drop(swarm);
+    assert!(!dir.join("swarm.sock").exists());
+}
+
+/// Answers the clients got: correct ones, and refusals (any status but 200).
+#[derive(Debug, Default)]
+struct Answered {
+    ok: usize,
+    refused: usize,
+}
+
+/// Client threads sending requests until `stop`, every 200 answer checked against its
+/// request. With `refusals_allowed`, other answers are counted instead of failing the test.
+fn load(address: &str, threads: usize, stop: Arc<std::sync::atomic::AtomicBool>, refusals_allowed: bool) -> Answered {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (address, stop) = (address.to_string(), stop.clone());
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&address);
+                let mut answered = Answered::default();
+                for i in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) && i > 0 {
+                        break;
+                    }
+                    let (path, body) = (format!("/load/{t}/{i}"), format!("request {t}-{i}"));
+                    let (status, answer) = client.post(&path, &body, "");
+                    if status != 200 && refusals_allowed {
+                        answered.refused += 1;
+                        continue;
+                    }
+                    assert_eq!(status, 200, "{path}: {answer}");
+                    assert!(answer.starts_with(&expected_line(&path, &body)), "{path}: {answer}");
+                    answered.ok += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .fold(Answered::default(), |a, b| Answered { ok: a.ok + b.ok, refused: a.refused + b.refused })
+}
+
+fn counters(swarm: &SwarmProc) -> Value {
+    swarm.wait_until("no request in flight", |s| s["requests"]["in_flight"] == 0)["requests"].clone()
+}
+
+#[test]
+fn scaling_a_layer_up_and_down_under_load_answers_every_request_once() {
+    let dir = TempDir::new("swarm-scale");
+    let swarm = SwarmProc::start(&dir, three_layers(1, 4));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let address = swarm.address.clone();
+    let clients = {
+        let stop = stop.clone();
+        std::thread::spawn(move || load(&address, 4, stop, false))
+    };
+    let (code, body) = swarm.control("POST", "/layers/auth/scale", Some(json!({"instances": 3})));
+    assert_eq!(code, 200, "{body}");
+    let grown = swarm.wait_until("three auth VMs ready", |s| {
+        SwarmProc::vms_of(s, "auth").iter().filter(|v| v["state"] == "ready").count() == 3
+    });
+    let before: u64 = SwarmProc::vms_of(&grown, "auth").iter().map(|v| v["served"].as_u64().unwrap()).sum();
+    // The new VMs take a share of the load.
+    swarm.wait_until("every auth VM serving", |s| {
+        SwarmProc::vms_of(s, "auth").iter().all(|v| v["served"].as_u64().unwrap() > 0)
+    });
+    let (code, body) = swarm.control("POST", "/layers/auth/scale", Some(json!({"instances": 1})));
+    assert_eq!(code, 200, "{body}");
+    swarm.wait_until("the auth layer back to one VM", |s| SwarmProc::vms_of(s, "auth").len() == 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = clients.join().unwrap().ok;
+    let requests = counters(&swarm);
+    eprintln!("scaling under load: {answered} requests, {before} through auth before scaling down; {requests}");
+    assert!(answered > 0);
+    // Every request answered once: the clients checked each answer against its request, and
+    // the router answered exactly as many, dropping no result as a duplicate.
+    assert_eq!(requests["answered_ok"].as_u64().unwrap(), answered as u64, "{requests}");
+    assert_eq!(requests["answered_error"], 0, "{requests}");
+    assert_eq!(requests["duplicates_dropped"], 0, "{requests}");
+}
+
+#[test]
+fn a_layer_vm_killed_mid_load_loses_no_request() {
+    let dir = TempDir::new("swarm-kill");
+    let swarm = SwarmProc::start(&dir, three_layers(2, 2));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let address = swarm.address.clone();
+    let clients = {
+        let stop = stop.clone();
+        std::thread::spawn(move || load(&address, 4, stop, false))
+    };
+    let busy = swarm.wait_until("both auth VMs serving", |s| {
+        SwarmProc::vms_of(s, "auth").iter().all(|v| v["served"].as_u64().unwrap() > 50)
+    });
+    let victim = SwarmProc::vms_of(&busy, "auth")[0].clone();
+    // SIGKILL, as an OOM killer would: the VM's process is gone mid-request.
+    // SAFETY: sends a signal to the swarm's own child, which is alive (listed as ready).
+    unsafe { libc::kill(victim["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
+    let vm = victim["vm"].as_u64().unwrap();
+    let healed = swarm.wait_until("a replacement auth VM", |s| {
+        let auth = SwarmProc::vms_of(s, "auth");
+        auth.len() == 2 && auth.iter().all(|v| v["vm"].as_u64() != Some(vm) && v["state"] == "ready")
+    });
+    swarm.wait_until("the replacement serving", |s| {
+        SwarmProc::vms_of(s, "auth").iter().all(|v| v["served"].as_u64().unwrap() > 0)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = clients.join().unwrap().ok;
+    let requests = counters(&swarm);
+    eprintln!("kill under load: {answered} requests answered; {requests}; {}", healed["vms"]);
+    assert_eq!(requests["vms_lost"], 1, "{requests}");
+    assert_eq!(requests["answered_ok"].as_u64().unwrap(), answered as u64, "{requests}");
+    assert_eq!(requests["answered_error"], 0, "{requests}");
+    assert_eq!(requests["duplicates_dropped"], 0, "{requests}");
+}
+
+#[test]
+fn a_hostile_guest_on_a_layer_vm_ring_is_cut_off_and_its_requests_retried() {
+    let dir = TempDir::new("swarm-hostile");
+    let swarm = SwarmProc::start(&dir, three_layers(2, 2));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let address = swarm.address.clone();
+    let clients = {
+        let stop = stop.clone();
+        std::thread::spawn(move || load(&address, 4, stop, true))
+    };
+    let busy = swarm.wait_until("both auth VMs serving", |s| {
+        SwarmProc::vms_of(s, "auth").iter().all(|v| v["served"].as_u64().unwrap() > 50)
+    });
+    let victim = SwarmProc::vms_of(&busy, "auth")[0]["vm"].as_u64().unwrap();
+    // A second VM maps the victim's region (the fabric hands it to anyone on its socket, as it
+    // does to a restarted VM) and scribbles over all of it: the lanes both ways, the header.
+    // It attaches as party 0, the router's: party 1's doorbell is wired into the victim, and
+    // KVM gives an eventfd to one VM's interrupt only.
+    let fabric = swarm.state.join("fabric.sock");
+    let hostile = Guest::start(
+        &dir,
+        "hostile",
+        "prog=ring-garbage seconds=2",
+        &["--shm", &shm_arg(&fabric, &format!("vm{victim}"), 0)],
+    );
+    let (status, text) = hostile.wait();
+    assert_eq!(status, 0, "{text}");
+    swarm.wait_until("the scribbled VM removed and replaced", |s| {
+        let auth = SwarmProc::vms_of(s, "auth");
+        auth.len() == 2 && auth.iter().all(|v| v["vm"].as_u64() != Some(victim) && v["state"] == "ready")
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = clients.join().unwrap();
+    let requests = counters(&swarm);
+    eprintln!("hostile guest: {answered:?}; {requests}");
+    // Every request answered once. The requests the scribbled VM held are at the hostile
+    // writer's mercy (it wrote over them: a refusal, or a retry elsewhere once the VM is cut
+    // off), but no more than its two lanes held: every other request was served correctly.
+    assert_eq!(requests["answered_ok"].as_u64().unwrap(), answered.ok as u64, "{requests}");
+    assert_eq!(requests["answered_error"].as_u64().unwrap(), answered.refused as u64, "{requests}");
+    assert!(answered.refused <= 2 * 64, "{answered:?}");
+    assert_eq!(requests["vms_lost"], 1, "{requests}");
+    // The swarm still answers.
+    let (status, body) = Client::connect(&swarm.address).post("/after", "still here", "");
+    assert_eq!(status, 200, "{body}");
+}

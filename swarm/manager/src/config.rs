@@ -137,7 +137,7 @@ impl SwarmConfig {
         if self.layers.is_empty() || self.layers.len() > 8 {
             return bad("layers: 1 to 8 layers".into());
         }
-        if !(256..=65536).contains(&self.slot_size) || self.slot_size % 8 != 0 {
+        if !(256..=65536).contains(&self.slot_size) || !self.slot_size.is_multiple_of(8) {
             return bad(format!("slot_size {}: a multiple of 8 from 256 to 65536", self.slot_size));
         }
         if !self.slots.is_power_of_two() || !(2..=4096).contains(&self.slots) {

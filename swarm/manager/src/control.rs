@@ -10,7 +10,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -18,12 +17,12 @@ use serde_json::{Value, json};
 use crate::front::RouterHandle;
 use crate::router::Command;
 
-pub fn serve(listener: UnixListener, router: RouterHandle, shared: Arc<Mutex<Value>>) {
+pub fn serve(listener: UnixListener, router: RouterHandle) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let (code, content_type, body) = match read(&stream) {
-            Ok((method, path, body)) => handle(&method, &path, &body, &router, &shared),
+            Ok((method, path, body)) => handle(&method, &path, &body, &router),
             Err(why) => (400, "application/json", json!({"error": why}).to_string()),
         };
         let mut stream = stream;
@@ -63,28 +62,23 @@ fn read(stream: &UnixStream) -> Result<(String, String, Vec<u8>), String> {
     Ok((method, path, body))
 }
 
-fn handle(
-    method: &str,
-    path: &str,
-    body: &[u8],
-    router: &RouterHandle,
-    shared: &Arc<Mutex<Value>>,
-) -> (u16, &'static str, String) {
+fn handle(method: &str, path: &str, body: &[u8], router: &RouterHandle) -> (u16, &'static str, String) {
     let error = |code: u16, why: String| (code, "application/json", json!({"error": why}).to_string());
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let status = || {
+        let (reply, answer) = channel();
+        router.send(Command::Status { reply });
+        answer.recv_timeout(Duration::from_secs(5)).map_err(|_| error(503, "the router did not answer".into()))
+    };
     match (method, segments.as_slice()) {
-        ("GET", ["swarm"]) => {
-            let (reply, answer) = channel();
-            router.send(Command::Status { reply });
-            match answer.recv_timeout(Duration::from_secs(5)) {
-                Ok(status) => (200, "application/json", status.to_string()),
-                Err(_) => error(503, "the router did not answer".into()),
-            }
-        }
-        ("GET", ["metrics"]) => {
-            let status = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            (200, "text/plain; version=0.0.4", metrics(&status))
-        }
+        ("GET", ["swarm"]) => match status() {
+            Ok(status) => (200, "application/json", status.to_string()),
+            Err(e) => e,
+        },
+        ("GET", ["metrics"]) => match status() {
+            Ok(status) => (200, "text/plain; version=0.0.4", metrics(&status)),
+            Err(e) => e,
+        },
         ("POST", ["layers", name, "scale"]) => {
             let instances = serde_json::from_slice::<Value>(body)
                 .ok()

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use swarm_fabric::{FabricServer, RegionSpec, SharedRegion};
 use swarm_ring::{Consumer, Producer};
 
-use crate::config::{LayerConfig, SwarmConfig};
+use crate::config::SwarmConfig;
 
 /// Where a VM stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,18 +46,22 @@ pub struct Instance {
     pub served: u64,
 }
 
+/// What starting a VM takes.
+pub struct Launcher<'a> {
+    pub config: &'a SwarmConfig,
+    pub fabric: &'a FabricServer,
+    /// The `vmm` executable.
+    pub vmm: &'a Path,
+    /// The microguest.
+    pub kernel: &'a Path,
+}
+
 impl Instance {
-    /// Creates the VM's region, offers it on the fabric and starts `vmm run` for it.
-    pub fn start(
-        id: u16,
-        layer_index: usize,
-        layer: &LayerConfig,
-        labels: Vec<String>,
-        config: &SwarmConfig,
-        fabric: &FabricServer,
-        vmm: &Path,
-        kernel: &Path,
-    ) -> Result<Self, String> {
+    /// Creates the VM's region, offers it on the fabric and starts `vmm run` for it, serving
+    /// layer `layer_index`.
+    pub fn start(launcher: &Launcher, id: u16, layer_index: usize, labels: Vec<String>) -> Result<Self, String> {
+        let Launcher { config, fabric, vmm, kernel } = *launcher;
+        let layer = &config.layers[layer_index];
         let name = format!("vm{id}");
         let spec = RegionSpec {
             name: name.clone(),
@@ -77,7 +81,16 @@ impl Instance {
         let cmdline = format!("prog=swarm-worker work={work} vm={id} key={}", config.key);
         let console = config.state_dir.join(format!("{name}.log"));
         let shm = format!("socket={},region={name},party=1", fabric.path().display());
-        let child = Command::new(vmm)
+        let mut command = Command::new(vmm);
+        // SAFETY: only async-signal-safe prctl between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                // A manager that dies (even by SIGKILL) takes its VMs with it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .args(["run", "--kernel"])
             .arg(kernel)
             .args(["--mem-mib", &config.mem_mib.to_string(), "--cmdline", &cmdline, "--shm", &shm])

@@ -13,12 +13,11 @@ pub mod router;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use config::{ConfigError, LayerConfig, SwarmConfig};
-use serde_json::Value;
 use swarm_fabric::FabricServer;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -89,9 +88,8 @@ impl Swarm {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?);
         let (commands, receiver) = channel();
         let router = RouterHandle { commands, wake: wake.clone() };
-        let shared = Arc::new(Mutex::new(Value::Null));
         let control_path = config.control.clone();
-        let mut core = Router::new(config, fabric, vmm, kernel, shared.clone());
+        let mut core = Router::new(config, fabric, vmm, kernel);
         core.start_layers();
         let thread = std::thread::Builder::new()
             .name("swarm-router".into())
@@ -108,7 +106,7 @@ impl Swarm {
             let router = router.clone();
             std::thread::Builder::new()
                 .name("swarm-control".into())
-                .spawn(move || control::serve(control, router, shared))
+                .spawn(move || control::serve(control, router))
                 .map_err(io("starting the control API"))?;
         }
         Ok(Self { router, thread: Some(thread), address, control: control_path })

@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -20,7 +20,7 @@ use swarm_ring::packet::{PacketHeader, PacketStatus};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SwarmConfig;
-use crate::instance::{Instance, VmState};
+use crate::instance::{Instance, Launcher, VmState};
 
 /// How often a request may be sent again after the VM holding it died.
 const MAX_RETRIES: u32 = 3;
@@ -83,18 +83,11 @@ pub struct Router {
     next_id: u64,
     next_vm: u16,
     counters: Counters,
-    shared: Arc<Mutex<Value>>,
     last_policy: Instant,
 }
 
 impl Router {
-    pub fn new(
-        config: SwarmConfig,
-        fabric: FabricServer,
-        vmm: PathBuf,
-        kernel: PathBuf,
-        shared: Arc<Mutex<Value>>,
-    ) -> Self {
+    pub fn new(config: SwarmConfig, fabric: FabricServer, vmm: PathBuf, kernel: PathBuf) -> Self {
         let layers = config.layers.iter().map(|l| LayerState { target: l.instances, above: 0, below: 0 }).collect();
         let queued = vec![VecDeque::new(); config.layers.len()];
         Self {
@@ -109,7 +102,6 @@ impl Router {
             next_id: 1,
             next_vm: 1,
             counters: Counters::default(),
-            shared,
             last_policy: Instant::now(),
         }
     }
@@ -130,7 +122,6 @@ impl Router {
             if self.last_policy.elapsed() >= POLICY_TICK {
                 self.last_policy = Instant::now();
                 self.policy();
-                self.publish();
             }
             if !busy {
                 self.sleep(&wake);
@@ -365,7 +356,6 @@ impl Router {
             .collect();
         for vm in dead {
             log::warn!("swarm: vm{vm} died; retrying what it held");
-            self.counters.vms_lost += 1;
             // What it finished before dying is still in its lane.
             self.collect();
             self.lose(vm);
@@ -386,9 +376,10 @@ impl Router {
         }
     }
 
-    /// Removes `vm`; its requests go back to their layer's queue (or fail after retries).
+    /// Removes `vm` (dead, or writing what no worker writes); its requests go back to their layer's queue (or fail after retries).
     fn lose(&mut self, vm: u16) {
         let Some(mut instance) = self.instances.remove(&vm) else { return };
+        self.counters.vms_lost += 1;
         instance.stop();
         self.fabric.remove(&format!("vm{vm}"));
         let layer = instance.layer;
@@ -423,7 +414,9 @@ impl Router {
                 true => config.labels.clone(),
                 false => Vec::new(),
             };
-            match Instance::start(id, layer, config, labels, &self.config, &self.fabric, &self.vmm, &self.kernel) {
+            let launcher =
+                Launcher { config: &self.config, fabric: &self.fabric, vmm: &self.vmm, kernel: &self.kernel };
+            match Instance::start(&launcher, id, layer, labels) {
                 Ok(instance) => {
                     self.instances.insert(id, instance);
                 }
@@ -510,17 +503,11 @@ impl Router {
         })
     }
 
-    /// Keeps a copy of the status for the metrics endpoint (read without asking the router).
-    fn publish(&self) {
-        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = self.status();
-    }
-
     /// Starts every layer's VMs.
     pub fn start_layers(&mut self) {
         for layer in 0..self.layers.len() {
             self.converge(layer);
         }
-        self.publish();
     }
 }
 

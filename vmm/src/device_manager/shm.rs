@@ -57,6 +57,14 @@ pub enum ShmError {
         #[source]
         source: std::io::Error,
     },
+    /// Another VM already sleeps on this party's doorbell (KVM lets one irqfd use an eventfd).
+    #[error("party {party} of region {region:?} is taken: its doorbell is wired into another VM already")]
+    PartyTaken {
+        /// The region.
+        region: String,
+        /// The party.
+        party: u16,
+    },
     /// KVM refused a memory slot or an eventfd route.
     #[error("wiring region {region:?} into KVM: {source}")]
     Kvm {
@@ -191,6 +199,11 @@ impl ShmWindows {
         unsafe { kvm.set_memslot(&slot) }.map_err(kvm_err)?;
         if let Err(e) = window.wire(kvm, &new) {
             let _ = kvm.remove_memslot(slot.slot);
+            if let HvError::Ioctl { op: "KVM_IRQFD", source } = &e
+                && source.errno() == libc::EBUSY
+            {
+                return Err(ShmError::PartyTaken { region: config.region.clone(), party: config.party });
+            }
             return Err(kvm_err(e));
         }
         let contents = WindowContents {

@@ -327,10 +327,7 @@ fn answer(link: &mut Link, echo: bool) -> Result<(), RingError> {
         if seq == END {
             link.rx.release();
             send_control(link, REPORT, expected, bad)?;
-            println!(
-                "{P}: received {expected} messages, {bad} out of order or corrupt, {} wake-ups",
-                link.wakeups
-            );
+            println!("{P}: received {expected} messages, {bad} out of order or corrupt, {} wake-ups", link.wakeups);
             return match bad {
                 0 => Ok(()),
                 _ => Err(RingError::BadRegion("messages arrived out of order or corrupt")),

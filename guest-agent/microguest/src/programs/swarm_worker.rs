@@ -115,7 +115,10 @@ fn serve_batch(
         let (header, payload) = match PacketHeader::decode(&input[..len]) {
             Ok(packet) => packet,
             // A packet no manager writes: answered as an error under id 0, not acted on.
-            Err(_) => (PacketHeader { request_id: 0, next_vm: vm, layer: 0, status: PacketStatus::Error, payload_len: 0 }, &[][..]),
+            Err(_) => (
+                PacketHeader { request_id: 0, next_vm: vm, layer: 0, status: PacketStatus::Error, payload_len: 0 },
+                &[][..],
+            ),
         };
         // The work chain: each layer's output is the next one's input.
         let mut status = PacketStatus::Pending;
