@@ -208,6 +208,15 @@ fn every_endpoint_answers_in_the_documented_shape() {
     assert_eq!((created.status, report["kind"].as_str()), (201, Some("diff")));
     assert!(report["memory_written_bytes"].as_u64() < Some(report["memory_bytes"].as_u64().unwrap()), "{report}");
 
+    // No shared-memory windows on this VM: an empty list, and a window that is not there.
+    let (_, windows) = call("GET", "/shm", "/shm", None);
+    assert_eq!(windows, json!([]));
+    let (missing, _) = call("DELETE", "/shm/{window}", "/shm/0", None);
+    assert_eq!(missing.status, 404);
+    let attach = json!({"socket": rig.dir.join("no-fabric.sock"), "region": "r", "party": 1});
+    let (missing, _) = call("PUT", "/shm/{window}", "/shm/0", Some(attach));
+    assert_eq!(missing.status, 404);
+
     let (metrics, _) = call("GET", "/metrics", "/metrics", None);
     let text = String::from_utf8(metrics.body).unwrap();
     check_prometheus(&text);

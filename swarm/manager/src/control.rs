@@ -112,32 +112,31 @@ fn handle(method: &str, path: &str, body: &[u8], router: &RouterHandle) -> (u16,
 /// Prometheus text from a status document.
 fn metrics(status: &Value) -> String {
     let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    };
+    family("swarm_requests_answered_total", "counter", "Requests answered, by result");
+    family("swarm_requests_retried_total", "counter", "Requests sent again after the VM holding them was lost");
+    family("swarm_duplicates_dropped_total", "counter", "Results dropped: not from the VM holding the request");
+    family("swarm_vms_lost_total", "counter", "VMs that died or were cut off for corrupting their rings");
+    family("swarm_requests_in_flight", "gauge", "Requests not answered yet");
+    family("swarm_layer_vms", "gauge", "VMs ready per layer");
+    family("swarm_layer_queued", "gauge", "Requests waiting for a VM of the layer");
+    family("swarm_vm_served_total", "counter", "Requests each VM served");
+    family("swarm_vm_in_flight", "gauge", "Requests each VM holds");
     let requests = &status["requests"];
-    for (name, key, help) in [
-        ("swarm_requests_answered_total{result=\"ok\"}", "answered_ok", "Requests answered"),
-        ("swarm_requests_answered_total{result=\"error\"}", "answered_error", ""),
-        ("swarm_requests_retried_total", "retried", "Requests sent again after their VM died"),
-        (
-            "swarm_duplicates_dropped_total",
-            "duplicates_dropped",
-            "Results dropped: not from the VM holding the request",
-        ),
-        ("swarm_vms_lost_total", "vms_lost", "VMs that died"),
-        ("swarm_requests_in_flight", "in_flight", "Requests not answered yet"),
-    ] {
-        if !help.is_empty() {
-            let family = name.split('{').next().unwrap_or(name);
-            out.push_str(&format!("# HELP {family} {help}\n"));
-        }
-        out.push_str(&format!("{name} {}\n", requests[key].as_u64().unwrap_or(0)));
-    }
-    out.push_str("# HELP swarm_layer_vms VMs ready per layer\n");
+    let count = |key: &str| requests[key].as_u64().unwrap_or(0);
+    out.push_str(&format!("swarm_requests_answered_total{{result=\"ok\"}} {}\n", count("answered_ok")));
+    out.push_str(&format!("swarm_requests_answered_total{{result=\"error\"}} {}\n", count("answered_error")));
+    out.push_str(&format!("swarm_requests_retried_total {}\n", count("retried")));
+    out.push_str(&format!("swarm_duplicates_dropped_total {}\n", count("duplicates_dropped")));
+    out.push_str(&format!("swarm_vms_lost_total {}\n", count("vms_lost")));
+    out.push_str(&format!("swarm_requests_in_flight {}\n", count("in_flight")));
     for layer in status["layers"].as_array().into_iter().flatten() {
         let name = layer["name"].as_str().unwrap_or("");
         out.push_str(&format!("swarm_layer_vms{{layer=\"{name}\"}} {}\n", layer["ready"]));
         out.push_str(&format!("swarm_layer_queued{{layer=\"{name}\"}} {}\n", layer["queued"]));
     }
-    out.push_str("# HELP swarm_vm_served_total Requests each VM served\n");
     for vm in status["vms"].as_array().into_iter().flatten() {
         let labels = format!("vm=\"{}\",layer=\"{}\"", vm["vm"], vm["layer"].as_str().unwrap_or(""));
         out.push_str(&format!("swarm_vm_served_total{{{labels}}} {}\n", vm["served"]));
