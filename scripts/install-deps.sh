@@ -3,7 +3,7 @@
 #   iasl                (acpica-tools)    decodes our ACPI tables
 #   qemu-system-x86_64  (qemu-system-x86) the peer VMM the microguest's drivers are checked on
 #   qemu-nbd, qemu-img  (qemu-utils)      a real NBD server
-#   wrk                 (wrk)             the HTTP load generator driving the swarm's front end
+#   wrk, curl           (wrk, curl)       HTTP clients driving the swarm's front end
 #   st                  (schemathesis, PyPI, in a venv at /opt/vmm-test-tools)
 #                                         generates API requests from our OpenAPI document
 # Installs only what is missing, never downgrades, and touches nothing when all are present.
@@ -38,6 +38,7 @@ command -v iasl >/dev/null || need+=(acpica-tools)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 { command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null; } || need+=(qemu-utils)
 command -v wrk >/dev/null || need+=(wrk)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -eq 0 ]; then
     install_schemathesis
     exit 0

@@ -129,3 +129,21 @@ fn the_readme_shadow_walkthrough_works_as_pasted() {
     let summary = blk_stress_summary_in(&dir, "shadow.log", &shown);
     assert!(shown.contains(&summary), "the README's `tail` shows the summary:\n{shown}");
 }
+
+#[test]
+fn the_readme_swarm_walkthrough_works_as_pasted() {
+    let dir = TempDir::new("readme-swarm");
+    let private = format!("{}/", dir.path().display());
+    // A free port instead of the README's 8080, so tests and other programs do not collide.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let block = doc_block("README.md", "**A pipeline of VMs behind one HTTP port**")
+        .replace("/tmp/", &private)
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    let shown = paste_into_a_shell(&dir, &block);
+
+    assert!(shown.contains("path=/hello bytes=12 fnv="), "curl's answer went through every layer:\n{shown}");
+    assert!(shown.contains("Requests/sec"), "wrk ran:\n{shown}");
+    assert!(!shown.contains("Non-2xx") && !shown.contains("Socket errors"), "wrk saw errors:\n{shown}");
+    assert!(shown.contains("\"answered_error\": 0") && shown.contains("\"duplicates_dropped\": 0"), "{shown}");
+    assert!(!dir.join("swarm.sock").exists(), "the control socket was left behind");
+}

@@ -13,6 +13,7 @@ mod idle;
 mod memdirty;
 mod memtouch;
 mod net;
+mod net_reflect;
 mod net_stream;
 mod platform;
 mod ring;
@@ -59,6 +60,7 @@ pub static PROGRAMS: &[Program] = &[
     blk_stress::STRESS,
     net::ECHO,
     net_stream::STREAM,
+    net_reflect::REFLECT,
     vsock::ECHO,
     ring::PAIR,
     swarm_worker::WORKER,
