@@ -64,6 +64,9 @@ fn remove_stale_socket(path: &std::path::Path) -> Result<(), SwarmError> {
     }
 }
 
+/// How long a library call waits for the router.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A running swarm; dropping it stops every VM.
 pub struct Swarm {
     router: RouterHandle,
@@ -115,6 +118,20 @@ impl Swarm {
     /// Where the HTTP front end listens.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Layers, VMs and request counters, as `GET /swarm` answers; `None` if the router is gone.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let (reply, answer) = channel();
+        self.router.send(Command::Status { reply });
+        answer.recv_timeout(ANSWER_TIMEOUT).ok()
+    }
+
+    /// Starts or drains VMs until `layer` has `instances`; the status after.
+    pub fn scale(&self, layer: &str, instances: u32) -> Result<serde_json::Value, String> {
+        let (reply, answer) = channel();
+        self.router.send(Command::Scale { layer: layer.into(), instances, reply });
+        answer.recv_timeout(ANSWER_TIMEOUT).map_err(|_| "the router did not answer".to_string())?
     }
 }
 

@@ -99,6 +99,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, Failure> {
     failures += swap_steps(&image.0, &say)?;
     failures += snapshot_steps(&image.0, &say)?;
     failures += replication_steps(&image.0, &say)?;
+    failures += swarm_steps(&image.0, &say)?;
 
     say("\n== pause and resume a running 4-vCPU guest 100 times".into());
     let vm = VmBuilder::new(&image.0)
@@ -449,6 +450,115 @@ fn replication_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Fai
         if clean { "no I/O error, every block read back as last written" } else { "VERIFICATION FAILED" }
     ));
     Ok(usize::from(exit != VmExit::Guest(0) || !clean))
+}
+
+/// A three-layer swarm under load from four HTTP clients, its auth layer scaled 1 -> 3 -> 1.
+fn swarm_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let runtime = |e: &dyn std::fmt::Display| Failure::runtime(anyhow!("{e}"));
+    let dir = std::env::temp_dir().join(format!("vmm-demo-swarm-{}", std::process::id()));
+    let _cleanup = Temp(dir.clone());
+    say("\n== a swarm: HTTP requests through three layer VMs joined by shared-memory rings; the auth layer scaled 1 -> 3 -> 1 under load".into());
+    let config: swarm::SwarmConfig = serde_json::from_value(json!({
+        "listen": "127.0.0.1:0", "control": dir.join("swarm.sock"), "state_dir": dir, "key": "demo-key",
+        "autoscale": false,
+        "layers": [{"name": "parse", "work": ["http"]}, {"name": "auth", "work": ["auth"], "max": 3},
+                   {"name": "respond", "work": ["digest", "respond"]}]
+    }))
+    .map_err(|e| runtime(&e))?;
+    let vmm = std::env::current_exe().map_err(|e| runtime(&e))?;
+    let swarm = swarm::Swarm::start(config, vmm, image.clone()).map_err(|e| runtime(&e))?;
+    let status = || swarm.status().unwrap_or_default();
+    let auth_ready = |s: &serde_json::Value| {
+        s["vms"].as_array().map_or(0, |v| v.iter().filter(|v| v["layer"] == "auth" && v["state"] == "ready").count())
+    };
+    let wait_until = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| -> Result<(), Failure> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(&status()) {
+            if Instant::now() > deadline {
+                return Err(runtime(&format!("the swarm never reached: {what}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    wait_until("every VM ready", &|s| {
+        s["layers"].as_array().is_some_and(|l| l.iter().all(|l| l["ready"] == l["target"]))
+    })?;
+    let (stop, ok, bad) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tag = format!("{:016x}", swarm_ring::work::auth_tag(b"demo-key", b"/demo"));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, bad, tag, address) = (stop.clone(), ok.clone(), bad.clone(), tag.clone(), swarm.address());
+            std::thread::spawn(move || {
+                let Ok(mut stream) = std::net::TcpStream::connect(address) else { return };
+                let request = format!("POST /demo HTTP/1.1\r\nX-Auth: {tag}\r\nContent-Length: 5\r\n\r\nhello");
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone a socket"));
+                while !stop.load(Ordering::Relaxed) {
+                    let answered = stream.write_all(request.as_bytes()).ok().and_then(|_| http_answer(&mut reader));
+                    match answered {
+                        Some(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => bad.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    swarm.scale("auth", 3).map_err(|e| runtime(&e))?;
+    wait_until("three auth VMs", &|s| auth_ready(s) == 3)?;
+    say(format!(
+        "   -> {:.1} s: auth layer at 3 VMs, {} requests answered so far",
+        started.elapsed().as_secs_f64(),
+        ok.load(Ordering::Relaxed)
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    swarm.scale("auth", 1).map_err(|e| runtime(&e))?;
+    wait_until("one auth VM", &|s| {
+        s["vms"].as_array().is_some_and(|v| v.iter().filter(|v| v["layer"] == "auth").count() == 1)
+    })?;
+    say(format!(
+        "   -> {:.1} s: auth layer drained back to 1 VM, {} requests answered so far",
+        started.elapsed().as_secs_f64(),
+        ok.load(Ordering::Relaxed)
+    ));
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.join();
+    }
+    let r = status()["requests"].clone();
+    let (ok, bad) = (ok.load(Ordering::Relaxed), bad.load(Ordering::Relaxed));
+    say(format!(
+        "   -> {ok} requests answered 200 ({:.0}/s), {bad} failed; the router answered {} once each, dropped {} duplicates",
+        ok as f64 / started.elapsed().as_secs_f64(),
+        r["answered_ok"],
+        r["duplicates_dropped"]
+    ));
+    Ok(usize::from(bad != 0 || r["answered_ok"].as_u64() != Some(ok) || r["duplicates_dropped"] != 0))
+}
+
+/// Reads one HTTP response (status line, headers, Content-Length body); its status.
+fn http_answer(reader: &mut impl std::io::BufRead) -> Option<u16> {
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let status = line.get(9..12)?.parse().ok()?;
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).ok()?;
+        if header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(status)
 }
 
 fn ms(d: Duration) -> f64 {
