@@ -453,7 +453,7 @@ fn replication_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Fai
 }
 
 /// A three-layer swarm under load from four HTTP clients, its auth layer scaled 1 -> 3 -> 1.
-fn swarm_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> {
+fn swarm_steps(image: &std::path::Path, say: &dyn Fn(String)) -> Result<usize, Failure> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let runtime = |e: &dyn std::fmt::Display| Failure::runtime(anyhow!("{e}"));
     let dir = std::env::temp_dir().join(format!("vmm-demo-swarm-{}", std::process::id()));
@@ -467,7 +467,7 @@ fn swarm_steps(image: &PathBuf, say: &dyn Fn(String)) -> Result<usize, Failure> 
     }))
     .map_err(|e| runtime(&e))?;
     let vmm = std::env::current_exe().map_err(|e| runtime(&e))?;
-    let swarm = swarm::Swarm::start(config, vmm, image.clone()).map_err(|e| runtime(&e))?;
+    let swarm = swarm::Swarm::start(config, vmm, image.to_path_buf()).map_err(|e| runtime(&e))?;
     let status = || swarm.status().unwrap_or_default();
     let auth_ready = |s: &serde_json::Value| {
         s["vms"].as_array().map_or(0, |v| v.iter().filter(|v| v["layer"] == "auth" && v["state"] == "ready").count())
