@@ -1,4 +1,4 @@
-//! `prog=ring-pair role=ping|pong [count=N] [size=BYTES] [mode=poll|doorbell] [rtt=0|1]`: two
+//! `prog=ring-pair role=ping|pong [count=N] [size=BYTES] [mode=poll|doorbell] [spin_us=N] [rtt=0|1]`: two
 //! VMs sharing a region (window 0) exchange messages through its lanes. Each VM produces on
 //! lane `party` and consumes lane `1 - party`.
 //!
@@ -8,8 +8,8 @@
 //! - pong verifies every message (in order, none lost, none corrupt), sends a credit back
 //!   every half lane so a sleeping ping wakes, echoes with `rtt=1`, and reports at the end.
 //!
-//! `mode=doorbell` sleeps on the doorbell whenever there is nothing to do (the producer rings
-//! only when the consumer said it sleeps); `mode=poll` spins. Both VMs also watch their other
+//! `mode=doorbell` spins for `spin_us` (default 50) when there is nothing to do, then sleeps on
+//! the doorbell (the producer rings only when the consumer said it sleeps); `mode=poll` spins. Both VMs also watch their other
 //! windows: a region attached there gets a greeting on its lane `party`, a region being
 //! detached is let go of at once. Prints
 //! `ring-pair: sent N messages of S bytes in T us: R msg/s` (ping),
@@ -32,7 +32,9 @@ const REPORT: u64 = u64::MAX - 2;
 const MAX_SIZE: usize = 4096;
 const RTT_SAMPLES: usize = 4096;
 /// pong hands slots back this many at a time.
-const RELEASE_EVERY: u32 = 8;
+const RELEASE_EVERY: u32 = 32;
+/// ping publishes this many at a time: pong starts on a batch while ping writes the next.
+const BATCH: u32 = 32;
 /// The longest a doorbell sleep lasts before looking around anyway.
 const SLEEP_US: u32 = 50_000;
 /// How long either side waits for the other before giving up.
@@ -44,6 +46,8 @@ struct Link {
     tx: Producer,
     rx: Consumer,
     doorbell: bool,
+    /// How long a doorbell-mode side spins before it sleeps.
+    spin_ticks: u64,
     wakeups: u64,
     /// Other windows and the generation last seen.
     others: [(Option<Window>, u32); 4],
@@ -64,6 +68,14 @@ impl Link {
     /// it sees this side asleep.
     fn idle(&mut self, sending: bool) -> Result<(), RingError> {
         if self.doorbell {
+            // Busy: spin a moment first, a sleep and a wake-up cost two VM exits.
+            let spin = arch::rdtsc();
+            while arch::rdtsc().wrapping_sub(spin) < self.spin_ticks {
+                if self.rx.waiting()? > 0 || (sending && self.tx.free()? > 0) {
+                    return Ok(());
+                }
+                arch::pause();
+            }
             // The sleep flag is up before the free slots are counted: a peer that frees one
             // afterwards sees the flag and sends a credit.
             if self.rx.prepare_sleep()? && !(sending && self.tx.free()? > 0) {
@@ -131,8 +143,10 @@ fn format_greeting(out: &mut [u8; 64], party: u16) -> usize {
     head.len() + 1
 }
 
+/// Word `i` of message `seq`: a multiple of the sequence number (so a stale or misdirected
+/// message differs in every word) mixed with the word's place (so a shifted one does too).
 fn word(seq: u64, i: usize) -> u64 {
-    (seq ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+    seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64).wrapping_mul(0x0100_0000_01b3)
 }
 
 fn fill(buf: &mut [u8], seq: u64) {
@@ -155,6 +169,7 @@ fn run(ctx: &Context) -> Outcome {
     let count = arg("count", 100_000, 1, 1 << 40)?;
     let size = arg("size", 64, 16, MAX_SIZE as u64)? as usize;
     let rtt = arg("rtt", 0, 0, 1)? == 1;
+    let spin_us = arg("spin_us", 50, 0, 1_000_000)?;
     let doorbell = match ctx.args.get("mode").unwrap_or("doorbell") {
         "doorbell" => true,
         "poll" => false,
@@ -203,7 +218,8 @@ fn run(ctx: &Context) -> Outcome {
     for (slot, window) in others.iter_mut().zip(windows[1..found].iter()) {
         *slot = (*window, window.map_or(0, |w| w.generation()));
     }
-    let mut link = Link { window, peer: 1 - party, tx, rx, doorbell, wakeups: 0, others, last_look: 0 };
+    let spin_ticks = time::ticks_for_ms(1) * spin_us / 1000;
+    let mut link = Link { window, peer: 1 - party, tx, rx, doorbell, spin_ticks, wakeups: 0, others, last_look: 0 };
     println!("{P}: party {party}, {} mode, ready", if doorbell { "doorbell" } else { "poll" });
     let result = match (ping, rtt) {
         (true, false) => stream(&mut link, count, size),
@@ -226,7 +242,9 @@ fn stream(link: &mut Link, count: u64, size: usize) -> Result<(), RingError> {
     while report.is_none() {
         // Write as many as fit, publish once.
         let mut wrote = false;
-        while seq <= count && link.tx.free()? > 0 {
+        let mut batch = 0;
+        while seq <= count && batch < BATCH && link.tx.free()? > 0 {
+            batch += 1;
             let message = if seq == count { END } else { seq };
             fill(&mut buf[..size], message);
             link.tx.write(&buf[..size])?;

@@ -1,10 +1,11 @@
-//! `prog=swarm-worker work=LAYER[+LAYER...] vm=N key=KEY`: one layer VM of a swarm. Window 0
+//! `prog=swarm-worker work=LAYER[+LAYER...] vm=N key=KEY [spin_us=N]`: one layer VM of a swarm. Window 0
 //! holds the region the swarm manager shares with it (the manager is party 0, this VM party
 //! 1): requests come in on lane 0, results go out on lane 1. Each request is a
 //! `swarm_ring::packet` whose payload goes through the named layers' work
 //! (`swarm_ring::work`: http, auth, digest, respond; several, joined by `+`, for one VM doing
 //! them all) and comes back with the same id: `Pending` for the next layer, `Error` with a
-//! status line when a layer refuses it. Sleeps on its doorbell when idle; announces itself with
+//! status line when a layer refuses it. Spins `spin_us` (default 50) when idle, then sleeps on
+//! its doorbell; announces itself with
 //! a packet of id 0 once ready. Runs until the VM is stopped.
 use swarm_ring::packet::{HEADER_BYTES, PacketHeader, PacketStatus};
 use swarm_ring::work::Work;
@@ -41,6 +42,8 @@ fn run(ctx: &Context) -> Outcome {
     let works = &works[..count];
     let vm = ctx.args.u64_in("vm", 0, 0, u64::from(u16::MAX)).map_err(|e| usage(P, e))? as u16;
     let key = ctx.args.get("key").unwrap_or("").as_bytes();
+    let spin_us = ctx.args.u64_in("spin_us", 50, 0, 1_000_000).map_err(|e| usage(P, e))?;
+    let spin_ticks = crate::time::ticks_for_ms(1) * spin_us / 1000;
     let (windows, found) = shm::windows(ctx.args);
     let Some(window) = windows[0].filter(|w| found > 0 && w.present()) else {
         println!("{P}: FAILED: no shared-memory window (run with --shm)");
@@ -73,7 +76,13 @@ fn run(ctx: &Context) -> Outcome {
         let result = serve_batch(&mut rx, &mut tx, works, key, vm, &mut input, &mut scratch, &mut out);
         match result {
             Ok(0) => {
-                if rx.prepare_sleep().unwrap_or(false) {
+                // Spin a moment before sleeping: under load the next request is near, and a
+                // sleep and its wake-up cost two VM exits.
+                let spin = arch::rdtsc();
+                while arch::rdtsc().wrapping_sub(spin) < spin_ticks && rx.waiting().unwrap_or(1) == 0 {
+                    arch::pause();
+                }
+                if rx.waiting().unwrap_or(1) == 0 && rx.prepare_sleep().unwrap_or(false) {
                     shm::sleep_us(SLEEP_US);
                 }
                 rx.woke();
@@ -90,9 +99,6 @@ fn run(ctx: &Context) -> Outcome {
                 println!("{P}: FAILED after {served} requests: {e}");
                 return Err(Failure::Check);
             }
-        }
-        if served % 1024 == 1023 {
-            arch::pause();
         }
     }
 }
