@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::time::Duration;
 
@@ -17,17 +18,25 @@ const MAX_HEAD: usize = 16 * 1024;
 /// How long a request may take end to end.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Sends commands to the router and wakes it.
+/// Sends commands to the router, and wakes it when it sleeps.
 #[derive(Clone)]
 pub struct RouterHandle {
     pub commands: Sender<Command>,
     pub wake: Arc<EventFd>,
+    /// Set by the router before it sleeps; a busy router is not woken (a system call saved
+    /// per request).
+    pub sleeping: Arc<AtomicBool>,
 }
 
 impl RouterHandle {
     pub fn send(&self, command: Command) -> bool {
         let sent = self.commands.send(command).is_ok();
-        let _ = self.wake.write(1);
+        // The router sets its flag, fences, then looks at the channel; this side sends,
+        // fences, then looks at the flag: one of the two sees the other.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) {
+            let _ = self.wake.write(1);
+        }
         sent
     }
 }

@@ -90,13 +90,14 @@ impl Swarm {
             UnixListener::bind(&config.control).map_err(io(format!("binding {}", config.control.display())))?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?);
         let (commands, receiver) = channel();
-        let router = RouterHandle { commands, wake: wake.clone() };
+        let sleeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let router = RouterHandle { commands, wake: wake.clone(), sleeping: sleeping.clone() };
         let control_path = config.control.clone();
         let mut core = Router::new(config, fabric, vmm, kernel);
         core.start_layers();
         let thread = std::thread::Builder::new()
             .name("swarm-router".into())
-            .spawn(move || core.run(receiver, wake))
+            .spawn(move || core.run(receiver, wake, sleeping))
             .map_err(io("starting the router"))?;
         {
             let router = router.clone();

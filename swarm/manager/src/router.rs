@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
@@ -111,12 +112,13 @@ impl Router {
         }
     }
 
-    /// Runs until `Stop`; `wake` is signalled with every command sent.
-    pub fn run(mut self, commands: Receiver<Command>, wake: Arc<EventFd>) {
+    /// Runs until `Stop`. Senders signal `wake` when they see `sleeping` set.
+    pub fn run(mut self, commands: Receiver<Command>, wake: Arc<EventFd>, sleeping: Arc<AtomicBool>) {
         let (mut idle_since, mut last_reap) = (Instant::now(), Instant::now());
+        let mut pending = None;
         loop {
             let mut busy = false;
-            while let Ok(command) = commands.try_recv() {
+            while let Some(command) = pending.take().or_else(|| commands.try_recv().ok()) {
                 busy = true;
                 if !self.command(command) {
                     return;
@@ -135,8 +137,15 @@ impl Router {
             if busy {
                 idle_since = Instant::now();
             } else if idle_since.elapsed() >= SPIN {
-                // Idle for a while: sleep until a VM rings or a command comes.
-                self.sleep(&wake);
+                // Idle for a while: sleep until a VM rings or a command comes (looking at the
+                // channel once more after saying so, see RouterHandle::send).
+                sleeping.store(true, Ordering::Relaxed);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                pending = commands.try_recv().ok();
+                if pending.is_none() {
+                    self.sleep(&wake);
+                }
+                sleeping.store(false, Ordering::Relaxed);
                 idle_since = Instant::now();
             } else {
                 std::hint::spin_loop();
