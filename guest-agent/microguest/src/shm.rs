@@ -23,6 +23,7 @@ const IOAPIC: u64 = 0xfec0_0000;
 /// Vectors 0x30-0x3f only acknowledge (see boot.S); the timer takes the last.
 const VECTOR_BASE: u32 = 0x30;
 const TIMER_VECTOR: u32 = 0x3f;
+const SPURIOUS_VECTOR: u32 = 0x3e;
 const MASKED: u32 = 1 << 16;
 
 /// One window.
@@ -129,7 +130,8 @@ pub fn enable_interrupts(windows: &[Option<Window>]) {
         arch::mmio_write32(LAPIC_LVT_LINT0, MASKED);
         arch::mmio_write32(LAPIC_LVT_LINT1, MASKED);
         arch::mmio_write32(LAPIC_TPR, 0);
-        arch::mmio_write32(LAPIC_SVR, 0x100 | 0xff);
+        // Enabled; spurious interrupts on a vector that has a gate (0xff has none).
+        arch::mmio_write32(LAPIC_SVR, 0x100 | SPURIOUS_VECTOR);
         arch::mmio_write32(LAPIC_TIMER_DIVIDE, 0xb); // divide by 1
         arch::mmio_write32(LAPIC_LVT_TIMER, TIMER_VECTOR); // one-shot
     }

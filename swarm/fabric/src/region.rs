@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 use swarm_ring::{Region, RegionLayout};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::{FabricError, MAX_PARTIES, Result};
 
@@ -96,18 +96,16 @@ impl SharedRegion {
         if unsafe { libc::ftruncate(memfd.as_raw_fd(), size as libc::off_t) } != 0 {
             return Err(FabricError::io(format!("sizing region {:?} to {size} bytes", spec.name), last_error()));
         }
-        // Hugetlbfs memfds cannot be sealed; their size cannot change after mapping anyway.
-        if !spec.hugetlb {
-            let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-            // SAFETY: as above.
-            if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-                return Err(FabricError::io(format!("sealing region {:?}", spec.name), last_error()));
-            }
+        // Sealed, so no holder can shrink it under the others' mappings (a fault in each).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(FabricError::io(format!("sealing region {:?}", spec.name), last_error()));
         }
         let map = map_shared(&memfd, size as usize)
             .map_err(|e| FabricError::io(format!("mapping region {:?}", spec.name), e))?;
         let doorbells = (0..spec.parties)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| FabricError::io("creating doorbells", e))?;
         let region = Self { spec, memfd, map, size: size as usize, doorbells };
@@ -129,8 +127,13 @@ impl SharedRegion {
     }
 
     /// Its lanes, as mapped here.
-    pub fn rings(&self) -> Region {
-        // SAFETY: the mapping lives as long as `self`; `create` formatted it.
+    ///
+    /// # Safety
+    /// The lanes (and anything attached to them) must not be used after `self` is dropped: the
+    /// returned value does not borrow it, so that a holder can keep both side by side.
+    pub unsafe fn rings(&self) -> Region {
+        // SAFETY: the mapping lives as long as `self`, which the caller outlives; `create`
+        // formatted it.
         unsafe { Region::open(self.map, self.size) }.expect("formatted by create")
     }
 
@@ -187,7 +190,8 @@ mod tests {
         let region = SharedRegion::create(spec(3)).unwrap();
         assert_eq!(region.size() % 4096, 0);
         assert_eq!(region.doorbells().len(), 3);
-        assert_eq!(region.rings().layout().lanes, 2);
+        // SAFETY: used while `region` lives.
+        assert_eq!(unsafe { region.rings() }.layout().lanes, 2);
         // SAFETY: our own descriptor.
         let grown = unsafe { libc::ftruncate(region.memfd().as_raw_fd(), region.size() as i64 * 2) };
         assert_ne!(grown, 0, "the seal keeps the region's size");

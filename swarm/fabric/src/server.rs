@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::{FabricError, MAX_PARTIES, Result, SharedRegion};
@@ -65,9 +65,13 @@ impl FabricServer {
         let bind_err = |e| FabricError::io(format!("binding the fabric socket {}", path.display()), e);
         let listener = UnixListener::bind(&staging).map_err(bind_err)?;
         std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-        std::fs::rename(&staging, &path).map_err(bind_err)?;
+        rename_noreplace(&staging, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&staging);
+            bind_err(e)
+        })?;
         let regions = Regions::default();
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| FabricError::io("creating an eventfd", e))?);
+        let stop =
+            Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|e| FabricError::io("creating an eventfd", e))?);
         let thread = {
             let (regions, stop) = (regions.clone(), stop.clone());
             std::thread::Builder::new()
@@ -136,7 +140,11 @@ fn serve(listener: UnixListener, regions: Regions, stop: Arc<EventFd>) {
                     log::warn!("fabric: a hand-over failed: {e}");
                 }
             }
-            Err(e) => log::warn!("fabric: accept failed: {e}"),
+            Err(e) => {
+                // Out of descriptors, say: wait a little rather than spin on the error.
+                log::warn!("fabric: accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 }
@@ -166,6 +174,20 @@ fn hand_over(stream: UnixStream, regions: &Regions) -> std::io::Result<()> {
     let mut fds: Vec<RawFd> = vec![region.memfd().as_raw_fd()];
     fds.extend(region.doorbells().iter().map(|d| d.as_raw_fd()));
     stream.send_with_fds(&[&reply[..]], &fds).map(|_| ()).map_err(std::io::Error::from)
+}
+
+/// Renames `from` to `to` unless `to` exists (checked by the kernel, not before).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two valid C strings; renameat2 only reads them.
+    let done =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A region's files as handed over: the memfd and every party's doorbell.
@@ -202,6 +224,11 @@ pub fn attach(socket: &Path, region: &str, party: u16) -> Result<Attachment> {
     let (len, count) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }.map_err(|e| io("reading from", e.into()))?;
     // SAFETY: the first `count` descriptors were just received and are ours to close.
     let mut received: Vec<OwnedFd> = raw[..count].iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+    // Received without MSG_CMSG_CLOEXEC: keep them from every process this one starts.
+    for fd in &received {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let protocol = |why: String| FabricError::Protocol { socket: shown.clone(), why };
     let reply: Reply = serde_json::from_slice(&buf[..len]).map_err(|e| protocol(format!("not a reply: {e}")))?;
     if let Some(reason) = reply.error {

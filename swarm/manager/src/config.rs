@@ -23,7 +23,7 @@ pub struct SwarmConfig {
     /// Slots per lane.
     #[serde(default = "default_slots")]
     pub slots: u32,
-    /// Bytes per slot: the largest request or response, plus a 32-byte header.
+    /// Bytes per slot (256 to 4104): the largest request or answer, plus 32 bytes of headers.
     #[serde(default = "default_slot_size")]
     pub slot_size: u32,
     /// Guest RAM per layer VM, MiB.
@@ -131,14 +131,29 @@ impl SwarmConfig {
         Ok(config)
     }
 
+    /// Every label any layer names, in a fixed order: label *i* is affinity bit *i*.
+    pub fn label_table(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.layers.iter().flat_map(|l| l.labels.iter().cloned()).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// The affinity bits of `labels`.
+    pub fn affinity_bits(&self, labels: &[String]) -> u32 {
+        let table = self.label_table();
+        labels.iter().filter_map(|l| table.iter().position(|t| t == l)).fold(0, |bits, i| bits | 1 << i)
+    }
+
     /// Checks the values.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.layers.is_empty() || self.layers.len() > 8 {
             return bad("layers: 1 to 8 layers".into());
         }
-        if !(256..=65536).contains(&self.slot_size) || !self.slot_size.is_multiple_of(8) {
-            return bad(format!("slot_size {}: a multiple of 8 from 256 to 65536", self.slot_size));
+        // The worker's buffers hold 4 KiB messages.
+        if !(256..=4104).contains(&self.slot_size) || !self.slot_size.is_multiple_of(8) {
+            return bad(format!("slot_size {}: a multiple of 8 from 256 to 4104", self.slot_size));
         }
         if !self.slots.is_power_of_two() || !(2..=4096).contains(&self.slots) {
             return bad(format!("slots {}: a power of two from 2 to 4096", self.slots));
@@ -171,9 +186,52 @@ impl SwarmConfig {
                 return bad(format!("{at}: scale_down_load must be below scale_up_load"));
             }
         }
+        if self.label_table().len() > 32 {
+            return bad("labels: at most 32 different labels (they are bits of a VM's affinity)".into());
+        }
         if self.key.contains(char::is_whitespace) || self.key.len() > 64 {
             return bad("key: up to 64 characters, no spaces (it goes on a kernel command line)".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(layers: serde_json::Value) -> Result<SwarmConfig, String> {
+        let value = serde_json::json!({"listen": "127.0.0.1:0", "control": "/c", "state_dir": "/s", "layers": layers});
+        let config: SwarmConfig = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        config.check().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn bad_layers_are_refused_naming_the_layer_and_the_field() {
+        let err = |layers| config(layers).unwrap_err();
+        assert!(err(serde_json::json!([])).contains("1 to 8 layers"));
+        assert!(err(serde_json::json!([{"name": "a", "work": ["zip"]}])).contains("layers[0] (\"a\"): work \"zip\""));
+        assert!(
+            err(serde_json::json!([{"name": "a", "work": ["http"], "min": 3, "max": 2}])).contains("min <= instances")
+        );
+        assert!(
+            err(serde_json::json!([{"name": "a", "work": ["http"]}, {"name": "a", "work": ["auth"]}]))
+                .contains("second layer")
+        );
+        assert!(err(serde_json::json!([{"name": "a", "work": ["http"], "extra": 1}])).contains("unknown field"));
+    }
+
+    #[test]
+    fn labels_become_affinity_bits_in_one_order_for_every_layer() {
+        let c = config(serde_json::json!([
+            {"name": "a", "work": ["http"], "labels": ["gpu", "crypto"]},
+            {"name": "b", "work": ["auth"], "labels": ["crypto"]}
+        ]))
+        .unwrap();
+        assert_eq!(c.label_table(), ["crypto", "gpu"]);
+        assert_eq!(c.affinity_bits(&["crypto".into()]), 1);
+        assert_eq!(c.affinity_bits(&["gpu".into(), "crypto".into()]), 3);
+        assert_eq!(c.affinity_bits(&["unknown".into()]), 0);
     }
 }

@@ -9,6 +9,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::time::Duration;
 
@@ -17,9 +19,15 @@ use serde_json::{Value, json};
 use crate::front::RouterHandle;
 use crate::router::Command;
 
-pub fn serve(listener: UnixListener, router: RouterHandle) {
+pub fn serve(listener: UnixListener, router: RouterHandle, stop: Arc<AtomicBool>) {
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(stream) = stream else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let (code, content_type, body) = match read(&stream) {
             Ok((method, path, body)) => handle(&method, &path, &body, &router),

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::time::Duration;
 
@@ -15,6 +15,10 @@ use crate::router::{Answer, Command};
 
 /// The most bytes of headers read.
 const MAX_HEAD: usize = 16 * 1024;
+/// The most connections served at once (a thread each).
+const MAX_CONNECTIONS: usize = 512;
+/// How long a connection may stay silent.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request may take end to end.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -41,25 +45,48 @@ impl RouterHandle {
     }
 }
 
-/// Accepts connections until the listener fails.
-pub fn serve(listener: TcpListener, router: RouterHandle) {
+/// Accepts connections until `stop` is set (then one more connection, from `Swarm`'s drop,
+/// wakes it). At most `MAX_CONNECTIONS` are served at once; more are answered 503 and closed.
+pub fn serve(listener: TcpListener, router: RouterHandle, stop: Arc<AtomicBool>, max_body: usize) {
+    let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let router = router.clone();
-        let _ = std::thread::Builder::new().name("swarm-conn".into()).spawn(move || connection(stream, router));
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(mut stream) = stream else {
+            // Out of descriptors, say: do not spin on the error.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        if open.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            let _ = stream.write_all(&refusal(503, "too many connections", true));
+            continue;
+        }
+        let (router, open) = (router.clone(), open.clone());
+        let spawned = std::thread::Builder::new().name("swarm-conn".into()).spawn(move || {
+            connection(stream, router, max_body);
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+        if spawned.is_err() {
+            log::warn!("swarm: cannot start a connection thread");
+        }
     }
 }
 
-fn connection(stream: TcpStream, router: RouterHandle) {
+fn connection(stream: TcpStream, router: RouterHandle, max_body: usize) {
     let _ = stream.set_nodelay(true);
+    // A client that sends nothing for this long is dropped (slow clients hold a thread each).
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
     let Ok(mut writer) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
     loop {
-        let request = match read_request(&mut reader) {
+        let request = match read_request(&mut reader, max_body) {
             Ok(Some(request)) => request,
             Ok(None) => return,
-            Err(why) => {
-                let _ = writer.write_all(&refusal(400, &why, true));
+            Err((code, why)) => {
+                let _ = writer.write_all(&refusal(code, &why, true));
                 return;
             }
         };
@@ -86,17 +113,25 @@ struct HttpRequest {
     close: bool,
 }
 
-/// Reads one request (headers and body) as it came; `None` at a clean end of stream.
-fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>, String> {
+/// Reads one request (headers and body) as it came; `None` at a clean end of stream (or a
+/// client idle past the timeout between requests). Errors carry the status to answer.
+fn read_request(reader: &mut BufReader<TcpStream>, max_body: usize) -> Result<Option<HttpRequest>, (u16, String)> {
+    let bad = |why: String| (400, why);
     let mut raw = Vec::new();
     loop {
         let before = raw.len();
-        let n = reader.read_until(b'\n', &mut raw).map_err(|e| e.to_string())?;
+        // Bounded: a line without end cannot grow past the header limit.
+        let left = (MAX_HEAD + 1 - raw.len()) as u64;
+        let n = match reader.by_ref().take(left).read_until(b'\n', &mut raw) {
+            Ok(n) => n,
+            Err(_) if raw.is_empty() => return Ok(None),
+            Err(e) => return Err(bad(e.to_string())),
+        };
         if n == 0 {
-            return if raw.is_empty() { Ok(None) } else { Err("the connection ended mid-request".into()) };
+            return if raw.is_empty() { Ok(None) } else { Err(bad("the connection ended mid-request".into())) };
         }
         if raw.len() > MAX_HEAD {
-            return Err("headers too large".into());
+            return Err((431, "headers too large".into()));
         }
         if &raw[before..] == b"\r\n" || &raw[before..] == b"\n" {
             break;
@@ -106,8 +141,8 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(&raw) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err("incomplete request".into()),
-        Err(e) => return Err(format!("malformed request: {e}")),
+        Ok(httparse::Status::Partial) => return Err(bad("incomplete request".into())),
+        Err(e) => return Err(bad(format!("malformed request: {e}"))),
     }
     let mut length = 0usize;
     let mut needs = Vec::new();
@@ -115,19 +150,20 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<HttpRequest>
     for header in parsed.headers.iter() {
         let value = String::from_utf8_lossy(header.value);
         if header.name.eq_ignore_ascii_case("content-length") {
-            length = value.trim().parse().map_err(|_| "bad content-length".to_string())?;
+            length = value.trim().parse().map_err(|_| bad("bad content-length".into()))?;
         } else if header.name.eq_ignore_ascii_case("x-needs") {
             needs.extend(value.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()));
         } else if header.name.eq_ignore_ascii_case("connection") {
             close = value.eq_ignore_ascii_case("close");
         }
     }
-    if length > 1 << 20 {
-        return Err("body too large".into());
+    // The whole request travels in one ring slot.
+    if raw.len() + length > max_body {
+        return Err((413, format!("a request is at most {max_body} bytes, headers included")));
     }
     let start = raw.len();
     raw.resize(start + length, 0);
-    reader.read_exact(&mut raw[start..]).map_err(|e| e.to_string())?;
+    reader.read_exact(&mut raw[start..]).map_err(|e| bad(e.to_string()))?;
     Ok(Some(HttpRequest { raw, needs, close }))
 }
 
@@ -136,6 +172,7 @@ fn refusal(code: u16, why: &str, close: bool) -> Vec<u8> {
         400 => "Bad Request",
         401 => "Unauthorized",
         413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Error",

@@ -1,5 +1,6 @@
 //! One layer VM: a `vmm run` process, the region it shares with the manager and the manager's
-//! ends of its lanes (lane 0 in, lane 1 out; the manager is party 0, the VM party 1).
+//! ends of its lanes (lane 0 requests in, lane 1 results out, lane 2 the VM's status records;
+//! the manager is party 0, the VM party 1).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -7,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use swarm_fabric::{FabricServer, RegionSpec, SharedRegion};
+use swarm_ring::status::VmStatus;
 use swarm_ring::{Consumer, Producer};
 
 use crate::config::SwarmConfig;
@@ -37,9 +39,17 @@ pub struct Instance {
     pub layer: usize,
     pub labels: Vec<String>,
     pub state: VmState,
+    /// When it entered that state.
+    pub state_since: std::time::Instant,
     pub region: Arc<SharedRegion>,
     pub to_vm: Producer,
     pub from_vm: Consumer,
+    /// The VM's control lane: its `VmStatus` records.
+    pub status_from_vm: Consumer,
+    /// The affinity bits its labels give (what it must report).
+    pub affinity: u32,
+    /// What it last reported.
+    pub reported: Option<VmStatus>,
     pub child: Child,
     /// Requests it holds.
     pub in_flight: HashSet<u64>,
@@ -66,19 +76,23 @@ impl Instance {
         let spec = RegionSpec {
             name: name.clone(),
             parties: 2,
-            lanes: 2,
+            lanes: 3,
             slots: config.slots,
             slot_size: config.slot_size,
             hugetlb: false,
         };
         let region = Arc::new(SharedRegion::create(spec).map_err(|e| e.to_string())?);
-        let rings = region.rings();
+        // SAFETY: the lanes are used by this Instance only, which holds `region` as long.
+        let rings = unsafe { region.rings() };
         let lane = |i| rings.lane(i).map_err(|e| e.to_string());
         let to_vm = Producer::attach(lane(0)?).map_err(|e| e.to_string())?;
         let from_vm = Consumer::attach(lane(1)?).map_err(|e| e.to_string())?;
+        let status_from_vm = Consumer::attach(lane(2)?).map_err(|e| e.to_string())?;
+        let affinity = config.affinity_bits(&labels);
         fabric.add(region.clone());
         let work = layer.work.join("+");
-        let cmdline = format!("prog=swarm-worker work={work} vm={id} key={}", config.key);
+        let cmdline =
+            format!("prog=swarm-worker work={work} vm={id} layer={layer_index} affinity={affinity} key={}", config.key);
         let console = config.state_dir.join(format!("{name}.log"));
         let shm = format!("socket={},region={name},party=1", fabric.path().display());
         let mut command = Command::new(vmm);
@@ -105,13 +119,22 @@ impl Instance {
             layer: layer_index,
             labels,
             state: VmState::Starting,
+            state_since: std::time::Instant::now(),
             region,
             to_vm,
             from_vm,
+            status_from_vm,
+            affinity,
+            reported: None,
             child,
             in_flight: HashSet::new(),
             served: 0,
         })
+    }
+
+    pub fn set_state(&mut self, state: VmState) {
+        self.state = state;
+        self.state_since = std::time::Instant::now();
     }
 
     /// Rings the VM's doorbell if it sleeps.

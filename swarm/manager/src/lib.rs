@@ -14,12 +14,13 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::thread::JoinHandle;
 
 pub use config::{ConfigError, LayerConfig, SwarmConfig};
 use swarm_fabric::FabricServer;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use front::RouterHandle;
 use router::{Command, Router};
@@ -73,6 +74,8 @@ pub struct Swarm {
     thread: Option<JoinHandle<()>>,
     address: SocketAddr,
     control: PathBuf,
+    /// Tells the front end and the control API to stop accepting.
+    stop: Arc<AtomicBool>,
 }
 
 impl Swarm {
@@ -88,32 +91,37 @@ impl Swarm {
         let address = listener.local_addr().map_err(io("reading the front end's address"))?;
         let control =
             UnixListener::bind(&config.control).map_err(io(format!("binding {}", config.control.display())))?;
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?);
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(io("creating an eventfd"))?);
         let (commands, receiver) = channel();
         let sleeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let router = RouterHandle { commands, wake: wake.clone(), sleeping: sleeping.clone() };
         let control_path = config.control.clone();
+        // A request and its packet header fill a slot at most.
+        let max_request = config.slot_size as usize - 8 - swarm_ring::packet::HEADER_BYTES;
+        let stop = Arc::new(AtomicBool::new(false));
         let mut core = Router::new(config, fabric, vmm, kernel);
         core.start_layers();
         let thread = std::thread::Builder::new()
             .name("swarm-router".into())
             .spawn(move || core.run(receiver, wake, sleeping))
             .map_err(io("starting the router"))?;
-        {
-            let router = router.clone();
+        // From here on a failure must stop the router (and its VMs): `swarm` does, when dropped.
+        let swarm = Self { router: router.clone(), thread: Some(thread), address, control: control_path, stop };
+        let front = {
+            let (router, stop) = (router.clone(), swarm.stop.clone());
             std::thread::Builder::new()
                 .name("swarm-front".into())
-                .spawn(move || front::serve(listener, router))
-                .map_err(io("starting the front end"))?;
-        }
-        {
-            let router = router.clone();
+                .spawn(move || front::serve(listener, router, stop, max_request))
+        };
+        front.map_err(io("starting the front end"))?;
+        let control = {
+            let stop = swarm.stop.clone();
             std::thread::Builder::new()
                 .name("swarm-control".into())
-                .spawn(move || control::serve(control, router))
-                .map_err(io("starting the control API"))?;
-        }
-        Ok(Self { router, thread: Some(thread), address, control: control_path })
+                .spawn(move || control::serve(control, router, stop))
+        };
+        control.map_err(io("starting the control API"))?;
+        Ok(swarm)
     }
 
     /// Where the HTTP front end listens.
@@ -142,6 +150,11 @@ impl Drop for Swarm {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // The accepting threads wake on one more connection each, see the flag and end,
+        // closing their listeners.
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(self.address);
+        let _ = std::os::unix::net::UnixStream::connect(&self.control);
         let _ = std::fs::remove_file(&self.control);
     }
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use swarm_fabric::FabricServer;
+use swarm_ring::RingError;
 use swarm_ring::packet::{PacketHeader, PacketStatus};
+use swarm_ring::status::{STATUS_BYTES, VmStatus};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SwarmConfig;
@@ -30,6 +32,15 @@ const MAX_RETRIES: u32 = 3;
 const SPIN: Duration = Duration::from_micros(30);
 /// How often the router looks for VMs whose process ended.
 const REAP_TICK: Duration = Duration::from_millis(5);
+/// How long a request may take end to end: the front end gives up then too.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// A VM holding a request this long without answering is hung: it is removed and what it
+/// held goes to another VM.
+const HUNG: Duration = Duration::from_secs(10);
+/// How long a VM may take to boot and report, or to finish what it holds once draining.
+const BOOT_OR_DRAIN: Duration = Duration::from_secs(30);
+/// After a VM failed to start, how long before the next attempt.
+const START_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the policy looks at the load.
 const POLICY_TICK: Duration = Duration::from_millis(250);
 
@@ -58,6 +69,8 @@ struct Request {
     retries: u32,
     vm: Option<u16>,
     started: Instant,
+    /// When the VM holding it got it.
+    sent: Instant,
 }
 
 #[derive(Default)]
@@ -74,6 +87,8 @@ struct LayerState {
     target: u32,
     above: u32,
     below: u32,
+    /// A VM of the layer failed to start: no other attempt before this.
+    retry_start_after: Option<Instant>,
 }
 
 pub struct Router {
@@ -94,7 +109,11 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: SwarmConfig, fabric: FabricServer, vmm: PathBuf, kernel: PathBuf) -> Self {
-        let layers = config.layers.iter().map(|l| LayerState { target: l.instances, above: 0, below: 0 }).collect();
+        let layers = config
+            .layers
+            .iter()
+            .map(|l| LayerState { target: l.instances, above: 0, below: 0, retry_start_after: None })
+            .collect();
         let queued = vec![VecDeque::new(); config.layers.len()];
         Self {
             config,
@@ -188,8 +207,9 @@ impl Router {
                 }
                 let id = self.next_id;
                 self.next_id += 1;
+                let now = Instant::now();
                 let request =
-                    Request { layer: 0, payload, needs, reply, retries: 0, vm: None, started: Instant::now() };
+                    Request { layer: 0, payload, needs, reply, retries: 0, vm: None, started: now, sent: now };
                 self.requests.insert(id, request);
                 self.queued[0].push_back(id);
             }
@@ -235,7 +255,13 @@ impl Router {
         let mut buf = vec![0u8; self.config.slot_size as usize];
         let ids: Vec<u16> = self.instances.keys().copied().collect();
         for vm in ids {
-            loop {
+            if let Err(why) = self.read_status(vm) {
+                log::warn!("swarm: vm{vm} {why}; removing it");
+                faulty.push(vm);
+                continue;
+            }
+            let lane_slots = self.instances.get(&vm).map_or(0, |i| i.from_vm.slots());
+            for _ in 0..lane_slots {
                 let read = self.instances.get_mut(&vm).map(|i| i.from_vm.read(&mut buf));
                 match read {
                     Some(Ok(Some(len))) => {
@@ -263,6 +289,33 @@ impl Router {
         any
     }
 
+    /// Reads `vm`'s status records (its control lane); the first makes it ready. A record
+    /// that is not one, or that claims another VM, layer or affinity than it was given, is
+    /// an error.
+    fn read_status(&mut self, vm: u16) -> Result<(), String> {
+        let Some(instance) = self.instances.get_mut(&vm) else { return Ok(()) };
+        let mut record = [0u8; STATUS_BYTES];
+        // At most a lane's worth per pass: a VM refilling it cannot keep the router here.
+        for _ in 0..instance.status_from_vm.slots() {
+            let read =
+                instance.status_from_vm.pop(&mut record).map_err(|e| format!("corrupted its control lane ({e})"))?;
+            let Some(len) = read else { break };
+            let status = VmStatus::decode(&record[..len]).ok_or("wrote a malformed status record")?;
+            if status.vm != vm || status.layers != 1 << instance.layer || status.affinity != instance.affinity {
+                return Err(format!(
+                    "reported itself as vm{} of layers {:#x} with affinity {:#x}",
+                    status.vm, status.layers, status.affinity
+                ));
+            }
+            if instance.state == VmState::Starting {
+                instance.set_state(VmState::Ready);
+                log::info!("swarm: vm{vm} ready (capacity {})", status.capacity);
+            }
+            instance.reported = Some(status);
+        }
+        Ok(())
+    }
+
     /// One result from `vm`; false if it is garbage (the VM is then removed).
     fn result(&mut self, vm: u16, bytes: &[u8]) -> bool {
         let Ok((header, payload)) = PacketHeader::decode(bytes) else {
@@ -270,13 +323,6 @@ impl Router {
             return false;
         };
         let Some(instance) = self.instances.get_mut(&vm) else { return true };
-        if header.request_id == 0 {
-            if header.status == PacketStatus::Completed && instance.state == VmState::Starting {
-                instance.state = VmState::Ready;
-                log::info!("swarm: vm{vm} ready");
-            }
-            return true;
-        }
         // Only the VM holding the request, for the layer it was sent to.
         let holds = instance.in_flight.contains(&header.request_id)
             && self.requests.get(&header.request_id).is_some_and(|r| r.vm == Some(vm) && r.layer == instance.layer);
@@ -315,28 +361,42 @@ impl Router {
         let _ = request.reply.send(answer);
     }
 
-    /// Sends queued requests to VMs; true if any went.
+    /// Sends queued requests to VMs; true if any went. A request no VM can take now waits
+    /// without holding up the others; one no VM of its layer could ever take is refused.
     fn dispatch(&mut self) -> bool {
         let mut any = false;
-        let mut buf = vec![0u8; self.config.slot_size as usize];
         for layer in 0..self.queued.len() {
             let mut woken = Vec::new();
-            while let Some(&id) = self.queued[layer].front() {
-                let Some(request) = self.requests.get(&id) else {
-                    self.queued[layer].pop_front();
-                    continue;
-                };
+            let mut waiting = VecDeque::new();
+            while let Some(id) = self.queued[layer].pop_front() {
+                let Some(request) = self.requests.get(&id) else { continue };
+                // Only the labels this layer knows constrain it.
                 let needs: Vec<String> =
                     request.needs.iter().filter(|n| self.config.layers[layer].labels.contains(n)).cloned().collect();
-                let vm = match pick(&mut self.instances, layer, &needs) {
+                let needs = self.config.affinity_bits(&needs);
+                let vm = match pick(&mut self.instances, layer, needs) {
                     Ok(Some(vm)) => vm,
-                    Ok(None) => break,
+                    Ok(None) if self.could_ever_take(layer, needs) => {
+                        waiting.push_back(id);
+                        continue;
+                    }
+                    Ok(None) => {
+                        let request = self.requests.remove(&id).expect("present");
+                        let why = format!(
+                            "no VM of layer {} has the labels this request needs",
+                            self.config.layers[layer].name
+                        );
+                        self.answer(request, Answer::Refused(503, why));
+                        continue;
+                    }
                     Err(vm) => {
                         log::warn!("swarm: vm{vm} corrupted its request lane; removing it");
+                        waiting.push_back(id);
                         self.lose(vm);
                         continue;
                     }
                 };
+                let request = self.requests.get_mut(&id).expect("present");
                 let header = PacketHeader {
                     request_id: id,
                     next_vm: vm,
@@ -344,22 +404,30 @@ impl Router {
                     status: PacketStatus::InProgress,
                     payload_len: request.payload.len() as u32,
                 };
-                let Some(len) = header.encode(&request.payload, &mut buf) else {
-                    self.queued[layer].pop_front();
-                    let request = self.requests.remove(&id).expect("present");
-                    self.answer(request, Answer::Refused(413, "the request does not fit a ring slot".into()));
-                    continue;
-                };
                 let instance = self.instances.get_mut(&vm).expect("picked");
-                if instance.to_vm.write(&buf[..len]).is_err() {
-                    break;
+                let mut buf = vec![0u8; instance.to_vm.max_message()];
+                let written = header.encode(&request.payload, &mut buf).map(|len| instance.to_vm.write(&buf[..len]));
+                match written {
+                    Some(Ok(())) => {
+                        instance.in_flight.insert(id);
+                        request.vm = Some(vm);
+                        request.sent = Instant::now();
+                        woken.push(vm);
+                        any = true;
+                    }
+                    Some(Err(RingError::Full)) => waiting.push_back(id),
+                    // Too long for a slot (the front end refuses most such requests; a layer's
+                    // output can still grow past it).
+                    None | Some(Err(_)) => {
+                        let request = self.requests.remove(&id).expect("present");
+                        self.answer(request, Answer::Refused(413, "the request does not fit a ring slot".into()));
+                    }
                 }
-                instance.in_flight.insert(id);
-                self.requests.get_mut(&id).expect("present").vm = Some(vm);
-                self.queued[layer].pop_front();
-                woken.push(vm);
-                any = true;
             }
+            // Those that wait keep their order, ahead of any queued meanwhile.
+            waiting.append(&mut self.queued[layer]);
+            self.queued[layer] = waiting;
+            woken.sort_unstable();
             woken.dedup();
             for vm in woken {
                 if let Some(instance) = self.instances.get_mut(&vm) {
@@ -371,8 +439,47 @@ impl Router {
         any
     }
 
-    /// Notices VMs whose process ended.
+    /// Whether some VM of `layer`, ready or starting, has the affinity `needs`.
+    fn could_ever_take(&self, layer: usize, needs: u32) -> bool {
+        self.instances.values().any(|i| i.layer == layer && i.state != VmState::Draining && i.affinity & needs == needs)
+    }
+
+    /// Answers requests past their deadline (the front end has given up on them), and removes
+    /// VMs that hold a request too long, do not finish booting, or do not finish draining.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> =
+            self.requests.iter().filter(|(_, r)| now - r.started > REQUEST_DEADLINE).map(|(&id, _)| id).collect();
+        for id in late {
+            let request = self.requests.remove(&id).expect("listed");
+            if let Some(instance) = request.vm.and_then(|vm| self.instances.get_mut(&vm)) {
+                instance.in_flight.remove(&id);
+            }
+            self.answer(request, Answer::Refused(504, "no answer in time".into()));
+        }
+        let stuck: Vec<(u16, &'static str)> = self
+            .instances
+            .values()
+            .filter_map(|i| {
+                let hung = i.in_flight.iter().any(|id| self.requests.get(id).is_some_and(|r| now - r.sent > HUNG));
+                let since = now - i.state_since;
+                match i.state {
+                    _ if hung => Some((i.id, "stopped answering")),
+                    VmState::Starting if since > BOOT_OR_DRAIN => Some((i.id, "never reported ready")),
+                    VmState::Draining if since > BOOT_OR_DRAIN => Some((i.id, "did not finish draining")),
+                    _ => None,
+                }
+            })
+            .collect();
+        for (vm, why) in stuck {
+            log::warn!("swarm: vm{vm} {why}; removing it");
+            self.lose(vm);
+        }
+    }
+
+    /// Notices VMs whose process ended, requests past their deadline, and VMs stuck.
     fn reap(&mut self) {
+        self.expire();
         let dead: Vec<u16> = self
             .instances
             .iter_mut()
@@ -426,8 +533,15 @@ impl Router {
     fn converge(&mut self, layer: usize) {
         let live = |s: &Self| s.instances.values().filter(|i| i.layer == layer && i.state != VmState::Draining).count();
         while live(self) < self.layers[layer].target as usize {
-            let id = self.next_vm;
-            self.next_vm = self.next_vm.wrapping_add(1).max(1);
+            if self.layers[layer].retry_start_after.is_some_and(|t| Instant::now() < t) {
+                break;
+            }
+            // Ids wrap after 65535 starts: skip those still in use.
+            let mut id = self.next_vm;
+            while self.instances.contains_key(&id) || id == 0 {
+                id = id.wrapping_add(1);
+            }
+            self.next_vm = id.wrapping_add(1);
             let config = &self.config.layers[layer];
             let labeled = self
                 .instances
@@ -445,7 +559,12 @@ impl Router {
                     self.instances.insert(id, instance);
                 }
                 Err(e) => {
-                    log::error!("swarm: cannot start a VM for layer {}: {e}", config.name);
+                    log::error!(
+                        "swarm: cannot start a VM for layer {}: {e}; trying again in {START_BACKOFF:?}",
+                        config.name
+                    );
+                    self.fabric.remove(&format!("vm{id}"));
+                    self.layers[layer].retry_start_after = Some(Instant::now() + START_BACKOFF);
                     break;
                 }
             }
@@ -455,11 +574,13 @@ impl Router {
                 .instances
                 .values()
                 .filter(|i| i.layer == layer && i.state != VmState::Draining)
-                .min_by_key(|i| (i.state == VmState::Ready, i.in_flight.len()))
+                // Starting ones first, then the least loaded; labelled ones last, so requests
+                // needing a label keep a VM that has it.
+                .min_by_key(|i| (i.state == VmState::Ready, i.affinity != 0, i.in_flight.len()))
                 .map(|i| i.id);
             let Some(victim) = victim else { break };
             if let Some(instance) = self.instances.get_mut(&victim) {
-                instance.state = VmState::Draining;
+                instance.set_state(VmState::Draining);
                 log::info!("swarm: draining vm{victim}");
             }
         }
@@ -468,6 +589,10 @@ impl Router {
     /// Load per layer against the thresholds, with hysteresis (two ticks above to grow, eight
     /// below to shrink).
     fn policy(&mut self) {
+        // Layers below their target (a VM lost, a start that failed) are topped up.
+        for layer in 0..self.layers.len() {
+            self.converge(layer);
+        }
         if !self.config.autoscale {
             return;
         }
@@ -501,8 +626,13 @@ impl Router {
             .instances
             .values()
             .map(|i| {
+                let reported = i.reported.map(|r| {
+                    json!({"load": r.load, "capacity": r.capacity, "served": r.served,
+                                                          "affinity": r.affinity})
+                });
                 json!({"vm": i.id, "layer": self.config.layers[i.layer].name, "state": i.state.name(),
-                       "pid": i.child.id(), "in_flight": i.in_flight.len(), "served": i.served, "labels": i.labels})
+                       "pid": i.child.id(), "in_flight": i.in_flight.len(), "served": i.served, "labels": i.labels,
+                       "reported": reported})
             })
             .collect();
         let layers: Vec<Value> = self
@@ -535,13 +665,15 @@ impl Router {
     }
 }
 
-/// The ready VM of `layer` with the labels `needs` and room in its lane: the least loaded,
-/// then one without labels it was not asked for (keeping labelled VMs for those needing them).
+/// The ready VM of `layer` whose reported affinity has the bits `needs`, holding fewer
+/// requests than the capacity it reported, with room in its lane: the least loaded, then one
+/// without affinity it was not asked for (keeping labelled VMs for those needing them).
 /// `Err(vm)` names a VM whose lane indices are corrupt.
-fn pick(instances: &mut BTreeMap<u16, Instance>, layer: usize, needs: &[String]) -> Result<Option<u16>, u16> {
+fn pick(instances: &mut BTreeMap<u16, Instance>, layer: usize, needs: u32) -> Result<Option<u16>, u16> {
     let mut best = None;
     for i in instances.values_mut().filter(|i| i.layer == layer && i.state == VmState::Ready) {
-        if !needs.iter().all(|n| i.labels.contains(n)) {
+        let Some(reported) = i.reported else { continue };
+        if reported.affinity & needs != needs || i.in_flight.len() >= reported.capacity as usize {
             continue;
         }
         match i.to_vm.free() {
@@ -549,8 +681,8 @@ fn pick(instances: &mut BTreeMap<u16, Instance>, layer: usize, needs: &[String])
             Ok(_) => {}
             Err(_) => return Err(i.id),
         }
-        let spare_labels = i.labels.iter().filter(|l| !needs.contains(l)).count();
-        let key = (i.in_flight.len(), spare_labels, i.served, i.id);
+        let spare = (reported.affinity & !needs).count_ones();
+        let key = (i.in_flight.len(), spare, i.served, i.id);
         if best.is_none_or(|b| key < b) {
             best = Some(key);
         }

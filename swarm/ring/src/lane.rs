@@ -205,6 +205,11 @@ impl Consumer {
         Ok(Self { lane, tail, head })
     }
 
+    /// The lane's slots: the most messages that can wait in it.
+    pub fn slots(&self) -> u32 {
+        self.lane.slots
+    }
+
     /// Messages waiting, reading the producer's index again.
     pub fn waiting(&mut self) -> Result<u32, RingError> {
         self.head = self.lane.head().load(Ordering::Acquire);

@@ -120,7 +120,7 @@ impl From<ShmError> for ApiError {
     fn from(e: ShmError) -> Self {
         let (status, field) = match &e {
             ShmError::NoWindow(..) => (404, None),
-            ShmError::Busy(..) | ShmError::Empty(_) => (409, None),
+            ShmError::Busy(..) | ShmError::Empty(_) | ShmError::Replicating => (409, None),
             ShmError::PartyTaken { .. } => (409, Some("party")),
             ShmError::Fabric(_) | ShmError::TooBig { .. } => (422, Some("region")),
             ShmError::Map { .. } | ShmError::Kvm { .. } => (500, None),

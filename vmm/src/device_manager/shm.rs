@@ -34,6 +34,9 @@ pub enum ShmError {
     /// The window holds a region already.
     #[error("window {0} holds region {1:?} already: detach it first")]
     Busy(u32, String),
+    /// The VM replicates to a shadow, which could not carry the region.
+    #[error("the VM is replicating to a shadow, which cannot carry a shared region: stop replication first")]
+    Replicating,
     /// The window holds no region.
     #[error("window {0} holds no region")]
     Empty(u32),
@@ -198,7 +201,12 @@ impl ShmWindows {
         // SAFETY: the mapping lives in `new`, which the window keeps until the slot is removed.
         unsafe { kvm.set_memslot(&slot) }.map_err(kvm_err)?;
         if let Err(e) = window.wire(kvm, &new) {
-            let _ = kvm.remove_memslot(slot.slot);
+            if kvm.remove_memslot(slot.slot).is_err() {
+                // The slot may still point at the mapping: it must never be reused.
+                log::error!("shm window {index}: the memory slot could not be removed; keeping its mapping");
+                std::mem::forget(new);
+                return Err(kvm_err(e));
+            }
             if let HvError::Ioctl { op: "KVM_IRQFD", source } = &e
                 && source.errno() == libc::EBUSY
             {
@@ -232,10 +240,13 @@ impl ShmWindows {
         if forced {
             log::warn!("shm window {index}: the guest did not let go of its region within {timeout:?}; taking it");
         }
-        let current = mapped.take().expect("checked above");
         let region = current.config.region.clone();
-        window.unwire(kvm, &current);
-        kvm.remove_memslot(window.memslot(&current).slot).map_err(|source| ShmError::Kvm { region, source })?;
+        window.unwire(kvm, current);
+        if let Err(source) = kvm.remove_memslot(window.memslot(current).slot) {
+            // The guest may still reach the mapping: keep it (and the window busy).
+            return Err(ShmError::Kvm { region, source });
+        }
+        let current = mapped.take().expect("checked above");
         window.registers.detached();
         drop(current);
         Ok(window.status(&mapped, forced))

@@ -15,6 +15,10 @@ impl Vm {
 
     /// Attaches the region `config` names to window `window`, while the guest runs.
     pub fn attach_shm(&self, window: u32, config: &ShmConfig) -> Result<ShmStatus, ShmError> {
+        // A shadow would not get the region: replication and attached regions exclude each other.
+        if self.replication.in_use() {
+            return Err(ShmError::Replicating);
+        }
         self.shm.attach(&self.kvm, window, config)
     }
 

@@ -324,6 +324,10 @@ fn answer(link: &mut Link, echo: bool) -> Result<(), RingError> {
     loop {
         let Some(len) = link.rx.read(&mut buf)? else {
             link.rx.release();
+            // Everything read is handed back: a ping asleep for want of room learns of it.
+            if since_credit > 0 && !echo && link.doorbell && link.tx.consumer_sleeping() {
+                send_control(link, CREDIT, 0, 0)?;
+            }
             since_credit = 0;
             link.idle(false)?;
             if time::elapsed_us(last_heard, arch::rdtsc()).is_some_and(|us| us > PEER_TIMEOUT_MS * 1000) {

@@ -1,13 +1,15 @@
-//! `prog=swarm-worker work=LAYER[+LAYER...] vm=N key=KEY [spin_us=N]`: one layer VM of a swarm. Window 0
-//! holds the region the swarm manager shares with it (the manager is party 0, this VM party
-//! 1): requests come in on lane 0, results go out on lane 1. Each request is a
+//! `prog=swarm-worker work=LAYER[+LAYER...] vm=N layer=L affinity=BITS key=KEY [spin_us=N]`:
+//! one layer VM of a swarm. Window 0 holds the region the swarm manager shares with it (the
+//! manager is party 0, this VM party 1): requests come in on lane 0, results go out on lane 1,
+//! and this VM's `VmStatus` (layer, load, capacity, requests served, hardware affinity) goes out
+//! on lane 2, the control channel: once when ready, then every 256 requests and before sleeping. Each request is a
 //! `swarm_ring::packet` whose payload goes through the named layers' work
 //! (`swarm_ring::work`: http, auth, digest, respond; several, joined by `+`, for one VM doing
 //! them all) and comes back with the same id: `Pending` for the next layer, `Error` with a
 //! status line when a layer refuses it. Spins `spin_us` (default 50) when idle, then sleeps on
-//! its doorbell; announces itself with
-//! a packet of id 0 once ready. Runs until the VM is stopped.
+//! its doorbell. Runs until the VM is stopped.
 use swarm_ring::packet::{HEADER_BYTES, PacketHeader, PacketStatus};
+use swarm_ring::status::VmStatus;
 use swarm_ring::work::Work;
 use swarm_ring::{Consumer, Producer, RingError};
 
@@ -41,6 +43,8 @@ fn run(ctx: &Context) -> Outcome {
     }
     let works = &works[..count];
     let vm = ctx.args.u64_in("vm", 0, 0, u64::from(u16::MAX)).map_err(|e| usage(P, e))? as u16;
+    let layer = ctx.args.u64_in("layer", 0, 0, 31).map_err(|e| usage(P, e))? as u32;
+    let affinity = ctx.args.u64_in("affinity", 0, 0, u64::from(u32::MAX)).map_err(|e| usage(P, e))? as u32;
     let key = ctx.args.get("key").unwrap_or("").as_bytes();
     let spin_us = ctx.args.u64_in("spin_us", 50, 0, 1_000_000).map_err(|e| usage(P, e))?;
     let spin_ticks = crate::time::ticks_for_ms(1) * spin_us / 1000;
@@ -53,29 +57,33 @@ fn run(ctx: &Context) -> Outcome {
     let lanes = window.region().and_then(|r| {
         let rx = Consumer::attach(r.lane(0).map_err(|_| "no lane 0")?).map_err(|_| "lane 0 is corrupt")?;
         let tx = Producer::attach(r.lane(1).map_err(|_| "no lane 1")?).map_err(|_| "lane 1 is corrupt")?;
-        Ok((rx, tx))
+        let control = Producer::attach(r.lane(2).map_err(|_| "no lane 2")?).map_err(|_| "lane 2 is corrupt")?;
+        Ok((rx, tx, control))
     });
-    let (mut rx, mut tx) = lanes.map_err(|why| {
+    let (mut rx, mut tx, mut control) = lanes.map_err(|why| {
         println!("{P}: FAILED: {why}");
         Failure::Check
     })?;
     let mut input = [0u8; MAX_MESSAGE];
     let mut scratch = [[0u8; MAX_MESSAGE]; 2];
     let mut out = [0u8; MAX_MESSAGE];
-    // Announce: id 0 never names a request.
-    let hello = PacketHeader { request_id: 0, next_vm: vm, layer: 0, status: PacketStatus::Completed, payload_len: 0 };
-    let len = hello.encode(&[], &mut out).unwrap_or(0);
-    if tx.push(&out[..len]).is_err() {
+    let mut status = VmStatus { vm, layers: 1 << layer, load: 0, capacity: rx.slots(), served: 0, affinity };
+    // The first status says this VM is ready.
+    if control.push(&status.encode()).is_err() {
         println!("{P}: FAILED: cannot announce myself");
         return Err(Failure::Check);
     }
     window.ring(MANAGER);
     println!("{P}: vm {vm} serving {count} layer(s), ready");
-    let mut served = 0u64;
+    let (mut served, mut reported) = (0u64, 0u64);
     loop {
         let result = serve_batch(&mut rx, &mut tx, works, key, vm, &mut input, &mut scratch, &mut out);
         match result {
             Ok(0) => {
+                if served != reported {
+                    report(&mut control, &mut status, &mut rx, served);
+                    reported = served;
+                }
                 // Spin a moment before sleeping: under load the next request is near, and a
                 // sleep and its wake-up cost two VM exits.
                 let spin = arch::rdtsc();
@@ -93,6 +101,10 @@ fn run(ctx: &Context) -> Outcome {
                 if tx.consumer_sleeping() {
                     window.ring(MANAGER);
                 }
+                if served - reported >= REPORT_EVERY {
+                    report(&mut control, &mut status, &mut rx, served);
+                    reported = served;
+                }
             }
             Err(e) => {
                 // The manager's side is corrupt: nothing sane can be read from it any more.
@@ -101,6 +113,17 @@ fn run(ctx: &Context) -> Outcome {
             }
         }
     }
+}
+
+/// Requests between two status records while busy.
+const REPORT_EVERY: u64 = 256;
+
+/// Publishes the status on the control lane (dropped when the manager has not read the last
+/// ones: a newer one follows).
+fn report(control: &mut Producer, status: &mut VmStatus, rx: &mut Consumer, served: u64) {
+    status.served = served;
+    status.load = rx.waiting().unwrap_or(0);
+    let _ = control.push(&status.encode());
 }
 
 /// Serves what is waiting (up to a lane's worth); returns how many requests.
