@@ -16,7 +16,7 @@ use vm_memory::GuestAddressSpace;
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
 use crate::config::{ConfigError, NetConfig, SerialConfig, VmConfig};
-use crate::device_manager::shm::ShmError;
+use crate::device_manager::shm::{ShmError, ShmWindows};
 use crate::device_manager::{DeviceError, DeviceHandle, DeviceManagerBuilder, Registered, backends};
 use crate::exit::ExitState;
 use crate::hv::{CpuidShape, HvError, Hypervisor, KvmVcpu, KvmVm, MemSlot, shape_cpuid};
@@ -247,7 +247,7 @@ impl VmBuilder {
         let (pio, serial) = legacy_devices(&kvm, &exit, serial_output, snapshot.map(|s| &s.serial))?;
 
         let (vcpus, info) = match snapshot {
-            None => boot(&hv, &kvm, &ram, &config, &devices, &shm.cmdline_entries())?,
+            None => boot(&hv, &kvm, &ram, &config, &devices, &shm)?,
             Some(snapshot) => {
                 let vcpus = restore_machine(&hv, &kvm, snapshot)?;
                 snapshot::restore::import_devices(devices.entries(), snapshot).map_err(SnapshotError::from)?;
@@ -315,12 +315,12 @@ fn boot(
     ram: &GuestRam,
     config: &VmConfig,
     devices: &DeviceManagerBuilder,
-    more_cmdline: &[String],
+    shm: &ShmWindows,
 ) -> Result<(Vec<KvmVcpu>, VmInfo), BuildError> {
     // Devices are announced on the command line (the microguest, kernels with
     // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI DSDT (distribution kernels).
     let mut cmdline = config.cmdline.clone();
-    for entry in devices.cmdline_entries().iter().chain(more_cmdline) {
+    for entry in devices.cmdline_entries().iter().chain(&shm.cmdline_entries()) {
         cmdline.push(' ');
         cmdline.push_str(entry);
     }
@@ -328,6 +328,7 @@ fn boot(
     let acpi_config = AcpiConfig {
         vcpus: config.vcpus,
         virtio_mmio: devices.slots().iter().map(|s| MmioDevice { base: s.base, size: s.size, irq: s.irq }).collect(),
+        shm_windows: shm.acpi_windows(),
     };
     let rsdp = acpi::write(&guest_mem, &acpi_config)?;
 

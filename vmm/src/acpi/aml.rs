@@ -21,6 +21,7 @@ const STRING_PREFIX: u8 = 0x0d;
 const QWORD_PREFIX: u8 = 0x0e;
 const SCOPE_OP: u8 = 0x10;
 const BUFFER_OP: u8 = 0x11;
+const PACKAGE_OP: u8 = 0x12;
 const DUAL_NAME_PREFIX: u8 = 0x2e;
 const MULTI_NAME_PREFIX: u8 = 0x2f;
 const EXT_OP_PREFIX: u8 = 0x5b;
@@ -184,6 +185,24 @@ pub fn buffer(bytes: &[u8]) -> Vec<u8> {
     with_pkg_length(&[BUFFER_OP], &body)
 }
 
+/// `Package () { elements }` (at most 255 elements, each an encoded data object).
+pub fn package(elements: &[Vec<u8>]) -> Vec<u8> {
+    let count = u8::try_from(elements.len()).expect("a package holds at most 255 elements");
+    let mut body = vec![count];
+    body.extend(elements.concat());
+    with_pkg_length(&[PACKAGE_OP], &body)
+}
+
+/// `ToUUID ("aabbccdd-eeff-gghh-iijj-kkllmmnnoopp")`: a 16-byte buffer, the first three
+/// fields little-endian, the last two as written.
+pub fn uuid(text: &str) -> Vec<u8> {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    assert!(hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()), "invalid UUID {text:?}");
+    let byte = |i: usize| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
+    let order = [3, 2, 1, 0, 5, 4, 7, 6, 8, 9, 10, 11, 12, 13, 14, 15];
+    buffer(&order.map(byte))
+}
+
 /// Resource descriptors (ACPI 6.5 section 6.4) for `_CRS` buffers.
 pub mod resource {
     const IO: u8 = 0x47;
@@ -219,6 +238,24 @@ pub mod resource {
         out.push(MEMORY_READ_WRITE);
         out.extend_from_slice(&base.to_le_bytes());
         out.extend_from_slice(&size.to_le_bytes());
+        out
+    }
+
+    /// `QWordMemory (ResourceConsumer, PosDecode, MinFixed, MaxFixed, Cacheable, ReadWrite,
+    /// 0, base, base + len - 1, 0, len)`: a fixed memory range anywhere in 64 bits.
+    pub fn qword_memory(base: u64, len: u64) -> Vec<u8> {
+        const QWORD_ADDRESS_SPACE: u8 = 0x8a;
+        const MEMORY_RANGE: u8 = 0;
+        // Consumer, MinFixed, MaxFixed.
+        const GENERAL: u8 = 1 | 1 << 2 | 1 << 3;
+        // ReadWrite, Cacheable.
+        const TYPE_SPECIFIC: u8 = 1 | 1 << 1;
+        let mut out = vec![QWORD_ADDRESS_SPACE];
+        out.extend_from_slice(&43u16.to_le_bytes());
+        out.extend_from_slice(&[MEMORY_RANGE, GENERAL, TYPE_SPECIFIC]);
+        for field in [0, base, base + len - 1, 0, len] {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
         out
     }
 

@@ -16,10 +16,10 @@
 
 use devices::legacy::ports;
 
-use super::MmioDevice;
 use super::aml::resource::{self, INT_CONSUMER, INT_EDGE};
-use super::aml::{device, eisa_id, integer, name, scope, string};
+use super::aml::{device, eisa_id, integer, name, package, scope, string, uuid};
 use super::tables::{DSDT_REVISION, table};
+use super::{MmioDevice, ShmWindowAcpi};
 
 /// The ID Linux's virtio_mmio driver matches in its ACPI table.
 pub const VIRTIO_MMIO_HID: &str = "LNRO0005";
@@ -79,10 +79,42 @@ fn virtio_mmio(index: usize, dev: &MmioDevice) -> Vec<u8> {
     )
 }
 
-/// The DSDT for COM1 and `devices`.
-pub fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+/// The ID that makes Linux match a device by its `compatible` property (ACPI PRP0001).
+const PRP0001: &str = "PRP0001";
+/// The `_DSD` UUID of device properties.
+const DEVICE_PROPERTIES_UUID: &str = "daffd814-6eba-4d8c-8a91-bc9bbf4aa301";
+/// What a shared-memory window is `compatible` with: Linux's generic UIO driver binds it when
+/// given `uio_pdrv_genirq.of_id=` this string, and maps the register page and the region.
+pub const SHM_WINDOW_COMPATIBLE: &str = "vmm,shm-window";
+
+/// One shared-memory window: its register page, the range its region is mapped in, its
+/// interrupt, and `compatible` for Linux's generic UIO driver.
+fn shm_window(index: usize, window: &ShmWindowAcpi) -> Vec<u8> {
+    assert!(index < 10, "callers validate the window count");
+    let properties = package(&[package(&[string("compatible"), string(SHM_WINDOW_COMPATIBLE)])]);
+    device(
+        &format!("SHM{index}"),
+        &[
+            name("_HID", &string(PRP0001)),
+            name("_UID", &integer(index as u64)),
+            name(
+                "_CRS",
+                &resource::template(&[
+                    resource::memory32_fixed(window.base as u32, window.size as u32),
+                    resource::qword_memory(window.region_base, window.region_span),
+                    resource::interrupt(INTERRUPT_FLAGS, window.irq),
+                ]),
+            ),
+            name("_DSD", &package(&[uuid(DEVICE_PROPERTIES_UUID), properties])),
+        ],
+    )
+}
+
+/// The DSDT for COM1, the virtio `devices` and the shared-memory `windows`.
+pub fn dsdt(devices: &[MmioDevice], windows: &[ShmWindowAcpi]) -> Vec<u8> {
     let mut sb = vec![com1()];
     sb.extend(devices.iter().enumerate().map(|(i, d)| virtio_mmio(i, d)));
+    sb.extend(windows.iter().enumerate().map(|(i, w)| shm_window(i, w)));
     table(b"DSDT", DSDT_REVISION, &scope("\\_SB_", &sb))
 }
 
@@ -142,7 +174,7 @@ mod tests {
             MmioDevice { base: 0xd000_0000, size: 0x1000, irq: 5 },
             MmioDevice { base: 0xd000_1000, size: 0x1000, irq: 6 },
         ];
-        let t = dsdt(&devs);
+        let t = dsdt(&devs, &[]);
         assert_eq!(&t[0..4], b"DSDT");
         assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
         assert_eq!(t[8], 2);

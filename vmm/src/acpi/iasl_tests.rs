@@ -65,6 +65,22 @@ fn iasl_reads_the_dsdt() {
     assert!(dsl.contains("EisaId (\"PNP0501\")"), "{dsl}");
     assert!(dsl.contains("0x03F8"), "{dsl}");
     assert!(dsl.contains("0x00000004,"), "{dsl}");
+    // The shared-memory window: matched by `compatible` (PRP0001), register page, region range
+    // above 4 GiB, interrupt.
+    let shm = dsl.split("Device (").find(|s| s.starts_with("SHM0)")).unwrap_or_else(|| panic!("no SHM0:\n{dsl}"));
+    for needle in [
+        "\"PRP0001\"",
+        "QWordMemory",
+        "0x0000000200000000",
+        "0x000000023FFFFFFF",
+        "0xE0000000",
+        "0x00000017,",
+        "ToUUID (\"daffd814-6eba-4d8c-8a91-bc9bbf4aa301\")",
+        "\"compatible\"",
+        "\"vmm,shm-window\"",
+    ] {
+        assert!(shm.contains(needle), "no {needle} in SHM0:\n{shm}");
+    }
     for (i, d) in realistic().virtio_mmio.iter().enumerate() {
         let device = dsl
             .split("Device (")

@@ -27,6 +27,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::boot::layout::{BIOS_AREA_START, MPTABLE_ADDR};
 use crate::memory::GuestMem;
 use dsdt::MAX_MMIO_DEVICES;
+pub use dsdt::SHM_WINDOW_COMPATIBLE;
 use tables::{FADT_LEN, MAX_CPUS, RSDP_LEN};
 
 /// Guest-physical region reserved for ACPI tables (already reserved in the e820 map by the
@@ -56,6 +57,19 @@ pub struct MmioDevice {
 pub struct AcpiConfig {
     pub vcpus: u32,
     pub virtio_mmio: Vec<MmioDevice>,
+    pub shm_windows: Vec<ShmWindowAcpi>,
+}
+
+/// A shared-memory window as the DSDT describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShmWindowAcpi {
+    /// The register page.
+    pub base: u64,
+    pub size: u64,
+    /// The range the window's region is mapped in when attached.
+    pub region_base: u64,
+    pub region_span: u64,
+    pub irq: u32,
 }
 
 /// Every table, laid out for one guest address.
@@ -149,7 +163,10 @@ fn validate(config: &AcpiConfig) -> Result<(), AcpiError> {
 /// and DSDT, each 8-byte aligned.
 pub fn build(config: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError> {
     validate(config)?;
-    let dsdt = dsdt::dsdt(&config.virtio_mmio);
+    if config.shm_windows.len() > 10 {
+        return Err(AcpiError::TooManyDevices(config.shm_windows.len()));
+    }
+    let dsdt = dsdt::dsdt(&config.virtio_mmio, &config.shm_windows);
     let madt = tables::madt(config.vcpus);
 
     let rsdp_addr = base.next_multiple_of(16);
@@ -194,6 +211,13 @@ pub(crate) mod tests {
             virtio_mmio: (0..3)
                 .map(|i| MmioDevice { base: 0xd000_0000 + i * 0x1000, size: 0x1000, irq: 5 + i as u32 })
                 .collect(),
+            shm_windows: vec![ShmWindowAcpi {
+                base: 0xe000_0000,
+                size: 0x1000,
+                region_base: 8 << 30,
+                region_span: 1 << 30,
+                irq: 23,
+            }],
         }
     }
 
@@ -270,8 +294,9 @@ pub(crate) mod tests {
 
     #[test]
     fn no_virtio_devices_leaves_just_com1() {
-        let t = build(&AcpiConfig { vcpus: 1, virtio_mmio: Vec::new() }, ACPI_TABLES_ADDR).unwrap();
-        assert_eq!(t.dsdt, dsdt::dsdt(&[]));
+        let t = build(&AcpiConfig { vcpus: 1, virtio_mmio: Vec::new(), shm_windows: Vec::new() }, ACPI_TABLES_ADDR)
+            .unwrap();
+        assert_eq!(t.dsdt, dsdt::dsdt(&[], &[]));
         assert!(!t.dsdt.windows(8).any(|w| w == b"LNRO0005"));
     }
 
@@ -294,7 +319,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tables_that_do_not_fit_the_area_are_an_error() {
-        let mut c = AcpiConfig { vcpus: MAX_CPUS, virtio_mmio: windows(1000) };
+        let mut c = AcpiConfig { vcpus: MAX_CPUS, virtio_mmio: windows(1000), shm_windows: Vec::new() };
         let fits = build(&c, ACPI_TABLES_ADDR).unwrap();
         assert!(fits.bytes.len() <= ACPI_TABLES_MAX);
         c.virtio_mmio = windows(1100);

@@ -162,9 +162,29 @@ impl ShmWindows {
         Ok(Self { windows })
     }
 
-    /// The kernel command-line announcements (`shm.window=ADDRESS:IRQ`).
+    /// The kernel command-line announcements: `shm.window=ADDRESS:IRQ` for each window (the
+    /// microguest reads them), and for Linux, which finds the windows in the DSDT, the
+    /// `compatible` its generic UIO driver is to bind (each window then is a `/dev/uioN` whose
+    /// maps are the register page and the region).
     pub fn cmdline_entries(&self) -> Vec<String> {
-        self.windows.iter().map(|w| format!("shm.window={:#x}:{}", w.base, w.irq)).collect()
+        let mut entries: Vec<String> =
+            self.windows.iter().map(|w| format!("shm.window={:#x}:{}", w.base, w.irq)).collect();
+        if !self.windows.is_empty() {
+            entries.push(format!("uio_pdrv_genirq.of_id={}", crate::acpi::SHM_WINDOW_COMPATIBLE));
+        }
+        entries
+    }
+
+    /// The windows as the DSDT describes them.
+    pub fn acpi_windows(&self) -> Vec<crate::acpi::ShmWindowAcpi> {
+        let describe = |w: &Window| crate::acpi::ShmWindowAcpi {
+            base: w.base,
+            size: WINDOW_SIZE,
+            region_base: w.guest_addr,
+            region_span: SHM_REGION_SPAN,
+            irq: w.irq,
+        };
+        self.windows.iter().map(describe).collect()
     }
 
     /// Whether any window holds a region (snapshots cannot carry one).
