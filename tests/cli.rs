@@ -396,3 +396,11 @@ fn man_pages_and_completions() {
     let out = vmm(&["completions", "bash"]);
     out.expect_status(0).expect_stdout("_vmm()").expect_stdout("serial-input");
 }
+
+#[test]
+fn a_guest_larger_than_the_host_is_refused_before_it_runs() {
+    // 1 TiB: more than any machine this runs on has as memory and swap.
+    common::run_microguest("prog=hello", &["--mem-mib", "1048576"])
+        .expect_status(1)
+        .expect_one_line_error("guest RAM of 1048576 MiB is more than this host's");
+}

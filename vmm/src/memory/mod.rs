@@ -142,6 +142,19 @@ pub enum MemoryError {
         /// Its length in bytes.
         len: u64,
     },
+    /// More guest RAM than the host has, counting its swap: it could never all be backed, and
+    /// the guest would be killed (or take the host down) when it touches the rest.
+    #[error(
+        "guest RAM of {} MiB is more than this host's {} MiB of memory and swap",
+        wanted >> 20,
+        host >> 20
+    )]
+    HostTooSmall {
+        /// Bytes of guest RAM asked for.
+        wanted: u64,
+        /// Bytes of host memory plus swap.
+        host: u64,
+    },
     /// Too few free huge pages in the kernel's pool for a hugetlbfs backing.
     #[error("hugetlbfs backing needs {needed} free 2 MiB huge pages, {free} are free (raise vm.nr_hugepages)")]
     HugePages {
@@ -307,6 +320,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// Allocates `size` bytes of RAM laid out around the MMIO gap, all with `backing`.
     pub fn new(size: u64, backing: &RamBacking) -> Result<Self, MemoryError> {
+        check_host_fits(size, backing)?;
         Self::laid_out(size, |slot, guest_addr, len, file_offset| {
             RamRegion::map(slot, guest_addr, len, backing, file_offset)
         })
@@ -437,6 +451,51 @@ impl GuestRam {
 fn collection(regions: &[RamRegion]) -> Result<GuestMem, MemoryError> {
     GuestMem::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
         .map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+/// Refuses anonymous or memfd RAM larger than the host's memory and swap together (pages come
+/// on first touch, so nothing else would say so before the OOM killer), and warns when it is
+/// larger than what is available now. A file backing is paged to its file; hugetlbfs has its
+/// own check against the free huge pages.
+fn check_host_fits(size: u64, backing: &RamBacking) -> Result<(), MemoryError> {
+    if !matches!(backing, RamBacking::Anonymous | RamBacking::Memfd) {
+        return Ok(());
+    }
+    let Some(info) = host_memory() else { return Ok(()) };
+    if size > info.total + info.swap_total {
+        return Err(MemoryError::HostTooSmall { wanted: size, host: info.total + info.swap_total });
+    }
+    if size > info.available + info.swap_free {
+        log::warn!(
+            "guest RAM of {} MiB is more than the {} MiB of memory and swap available now: the guest may be killed if it uses it all",
+            size >> 20,
+            (info.available + info.swap_free) >> 20
+        );
+    }
+    Ok(())
+}
+
+/// The host's memory, from /proc/meminfo, in bytes.
+struct HostMemory {
+    total: u64,
+    available: u64,
+    swap_total: u64,
+    swap_free: u64,
+}
+
+fn host_memory() -> Option<HostMemory> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))?;
+        let kib: u64 = line[name.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib << 10)
+    };
+    Some(HostMemory {
+        total: field("MemTotal")?,
+        available: field("MemAvailable")?,
+        swap_total: field("SwapTotal").unwrap_or(0),
+        swap_free: field("SwapFree").unwrap_or(0),
+    })
 }
 
 fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<MmapRegion<DirtyBitmap>, MemoryError> {
@@ -640,6 +699,20 @@ fn memfd(size: u64, flags: libc::c_uint) -> std::io::Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn ram_larger_than_the_host_is_refused_and_a_file_backing_is_not_counted() {
+        let host = host_memory().expect("/proc/meminfo");
+        let too_much = (host.total + host.swap_total + (1 << 30)).next_multiple_of(1 << 20);
+        let err = GuestRam::new(too_much, &RamBacking::Anonymous).err().expect("refused").to_string();
+        assert!(err.contains("more than this host's"), "{err}");
+        assert!(check_host_fits(too_much, &RamBacking::File { path: "/nonexistent".into() }).is_ok());
+    }
 }
 
 #[cfg(test)]
