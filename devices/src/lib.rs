@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod net;
 pub mod ratelimit;
 pub mod shm;
+pub mod unix_socket;
 pub mod virtio;
 pub mod vsock;
 

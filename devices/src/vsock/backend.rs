@@ -2,10 +2,11 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+
+use crate::unix_socket::{bind_private, connect_nonblocking};
 
 /// The host side of a vsock device.
 pub trait VsockBackend: Send {
@@ -37,22 +38,7 @@ impl UnixVsockBackend {
     /// someone still listens on (another VMM, or this one under another name for the same
     /// file) is refused, not taken over.
     pub fn bind(path: &Path) -> io::Result<Self> {
-        if std::fs::symlink_metadata(path).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_socket()
-        }) {
-            // Only a socket nobody listens on (connection refused) is stale; anything else
-            // (someone answers, its backlog is full, or we may not even try) leaves it alone.
-            match connect_nonblocking(path) {
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)?,
-                Ok(_) => {
-                    let e = format!("{} is a live socket: something is listening on it", path.display());
-                    return Err(io::Error::new(io::ErrorKind::AddrInUse, e));
-                }
-                Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
-            }
-        }
-        let listener = UnixListener::bind(path)?;
+        let listener = bind_private(path)?;
         listener.set_nonblocking(true)?;
         Ok(Self { path: path.to_path_buf(), listener, handshakes: HashMap::new() })
     }
@@ -138,39 +124,6 @@ impl VsockBackend for UnixVsockBackend {
         target.push(format!("_{port}"));
         connect_nonblocking(Path::new(&target))
     }
-}
-
-/// Connects to the Unix stream socket at `path` without ever waiting: the event loop calls
-/// this for guest-initiated connections, and a host program that listens but never accepts
-/// (its backlog full) would otherwise stall every device on the loop. A full backlog fails
-/// with `WouldBlock`, like a refusal. The stream returned is non-blocking.
-pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        let e =
-            format!("{}: not a usable Unix socket path (at most {} bytes)", path.display(), addr.sun_path.len() - 1);
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
-    }
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: creates a new descriptor, owned below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: `addr` is a valid sockaddr_un and `len` is within it.
-    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len as libc::socklen_t) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::io::{BufReader, ErrorKind, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,9 +88,10 @@ impl ApiServer {
     /// Listens on `path` (mode 0600: only the owner controls the VM) and serves `vm`.
     pub fn start(path: &Path, vm: Arc<Vm>) -> Result<Self, ServerError> {
         let bind_err = |source| ServerError::Bind { path: path.to_path_buf(), source };
-        remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        let listener = devices::unix_socket::bind_private(path).map_err(|e| match e.kind() {
+            ErrorKind::AddrInUse => ServerError::InUse(path.to_path_buf()),
+            _ => bind_err(e),
+        })?;
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(bind_err)?);
         let connections = Arc::new(Connections::default());
         let thread = {
@@ -118,19 +118,6 @@ impl Drop for ApiServer {
         }
         self.connections.close_all(CLOSE_GRACE);
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// A socket file left by a VMM that died is replaced; one that answers is not.
-fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
-    let bind_err = |source| ServerError::Bind { path: path.to_path_buf(), source };
-    if !meta.file_type().is_socket() {
-        return Err(bind_err(std::io::Error::new(ErrorKind::AlreadyExists, "a file that is not a socket is there")));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
-        Err(_) => std::fs::remove_file(path).map_err(bind_err),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod uffd;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -517,8 +518,15 @@ fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<Mmap
         }
         RamBacking::File { path } => {
             let file_err = |source| MemoryError::File { path: path.clone(), source };
-            let file =
-                OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(file_err)?;
+            // Guest RAM is the guest's secrets: a file created for it is the owner's alone.
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(file_err)?;
             let len = file.metadata().map_err(file_err)?.len();
             // Guest RAM starts as zeros (and a swap skips copying zero chunks), so a file with
             // data in it would be overwritten: it may be a disk image, or back another region.
@@ -704,6 +712,21 @@ fn memfd(size: u64, flags: libc::c_uint) -> std::io::Result<File> {
 #[cfg(test)]
 mod host_tests {
     use super::*;
+
+    #[test]
+    fn a_ram_file_is_created_for_its_owner_only_whatever_the_umask() {
+        let path = std::env::temp_dir().join(format!("ram-mode-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        // SAFETY: umask changes only this process's creation mask; restored below.
+        let old = unsafe { libc::umask(0) };
+        let ram = GuestRam::new(2 << 20, &RamBacking::File { path: path.clone() });
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let _ram = ram.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn ram_larger_than_the_host_is_refused_and_a_file_backing_is_not_counted() {
