@@ -44,7 +44,13 @@ fuzz_target!(|input: &[u8]| {
     queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
     queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
     queue.set_ready(true);
-    let limits = Limits { capacity_sectors: 4096, read_only: input[0] & 0x80 != 0, discard: true, write_zeroes: true };
+    let limits = Limits {
+        capacity_sectors: 4096,
+        read_only: input[0] & 0x80 != 0,
+        discard: true,
+        write_zeroes: true,
+        max_descriptors: 256,
+    };
     let Ok(iter) = queue.iter(&mem) else { return };
     for chain in iter.take(usize::from(size)) {
         // Whatever the input, parsing returns a request or a rejection, never panics or hangs,

@@ -200,6 +200,8 @@ impl VirtioBlock {
             read_only: info.read_only,
             discard: info.discard,
             write_zeroes: info.write_zeroes,
+            // seg_max (what the config space announces) plus the header and the status.
+            max_descriptors: usize::from(BLOCK_QUEUE_SIZE),
         }
     }
 

@@ -160,6 +160,9 @@ pub struct Limits {
     pub discard: bool,
     /// Write-zeroes requests are accepted.
     pub write_zeroes: bool,
+    /// The most descriptors a request may have: the `seg_max` data segments the device
+    /// announces, plus the header and the status.
+    pub max_descriptors: usize,
 }
 
 /// Parses and validates one chain.
@@ -172,9 +175,11 @@ where
     let reject = |status, code, reason| Rejected { head, status, code, reason };
 
     let (mut readable, mut writable) = (Vec::new(), Vec::new());
-    let mut out_of_order = false;
-    // The iterator stops after as many descriptors as the queue has, so loops end.
-    for desc in chain {
+    let (mut out_of_order, mut descriptors) = (false, 0);
+    // The iterator stops after as many descriptors as the queue has, so loops end; an
+    // indirect table may hold 65,535, so the walk also stops one past what seg_max allows.
+    for desc in chain.take(limits.max_descriptors + 1) {
+        descriptors += 1;
         let seg = Segment { addr: desc.addr(), len: u64::from(desc.len()) };
         if desc.is_write_only() {
             writable.push(seg);
@@ -185,6 +190,10 @@ where
         }
     }
 
+    // The walk stopped early: the status byte was never seen, so the chain is returned unused.
+    if descriptors > limits.max_descriptors {
+        return Err(reject(None, status::IOERR, "more descriptors than the announced seg_max allows"));
+    }
     // The status byte: the last writable byte, if it is in guest memory.
     let wtotal = total(&writable);
     let status = (wtotal > 0)
@@ -296,7 +305,8 @@ mod tests {
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
 
-    pub const LIMITS: Limits = Limits { capacity_sectors: 2048, read_only: false, discard: true, write_zeroes: true };
+    pub const LIMITS: Limits =
+        Limits { capacity_sectors: 2048, read_only: false, discard: true, write_zeroes: true, max_descriptors: 8 };
 
     fn mem() -> GuestMem {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
@@ -310,7 +320,17 @@ mod tests {
 
     /// Builds a chain of (addr, len, flags) descriptors and parses it.
     fn parse_descs(mem: &GuestMem, descs: &[(u64, u32, u16)], limits: &Limits) -> Result<Request, Rejected> {
-        let q = MockSplitQueue::new(mem, 16);
+        parse_descs_in(mem, descs, limits, 16)
+    }
+
+    /// The same, on a queue of `size` descriptors.
+    fn parse_descs_in(
+        mem: &GuestMem,
+        descs: &[(u64, u32, u16)],
+        limits: &Limits,
+        size: u16,
+    ) -> Result<Request, Rejected> {
+        let q = MockSplitQueue::new(mem, size);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
@@ -435,6 +455,22 @@ mod tests {
         header(&m, 0x8000, request_type::OUT, 0);
         let err = parse_descs(&m, &[(0x8000, 16, 0), (0x9000, 512, 0), (0xa000, 1, F_WRITE)], &ro).unwrap_err();
         assert_eq!((err.code, err.reason), (status::IOERR, "write to a read-only disk"));
+    }
+
+    #[test]
+    fn a_chain_longer_than_seg_max_is_refused_after_reading_one_descriptor_too_many() {
+        let m = mem();
+        header(&m, 0x8000, request_type::IN, 0);
+        // Header, 8 data segments, status: 10 descriptors for a limit of 8.
+        let mut descs = vec![(0x8000, 16, 0)];
+        descs.extend((0..8).map(|i| (0x9000 + i * 0x200, 512, F_WRITE)));
+        descs.push((0xb000, 1, F_WRITE));
+        let err = parse_descs_in(&m, &descs, &LIMITS, 32).unwrap_err();
+        assert_eq!(err.reason, "more descriptors than the announced seg_max allows");
+        assert!(err.status.is_none(), "the walk stopped before the status byte: returned unused");
+        // At the limit it is fine.
+        let fits = [(0x8000, 16, 0), (0x9000, 512, F_WRITE), (0xb000, 1, F_WRITE)];
+        assert!(parse_descs_in(&m, &fits, &LIMITS, 32).is_ok());
     }
 
     #[test]
