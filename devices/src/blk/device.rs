@@ -679,6 +679,32 @@ mod tests {
     }
 
     #[test]
+    fn an_indirect_table_never_offered_is_not_followed() {
+        const F_INDIRECT: u16 = 4;
+        let path = image("indirect", 0);
+        let (mut dev, _) = device(&path, false);
+        let mem = dev.core.mem();
+        // A well-formed read behind an indirect table: followed (as virtio-queue's iterator
+        // would), it would be served; never offered, it is returned unused.
+        let table = 0x10_0000u64;
+        header(&mem, 0x8_0000, request_type::IN, 0);
+        let descs = [(0x8_0000u64, 16u32, 1u16, 1u16), (0x8_1000, 512, 1 | F_WRITE, 2), (0x8_3000, 1, F_WRITE, 0)];
+        for (i, (addr, len, flags, next)) in descs.into_iter().enumerate() {
+            let raw = [addr, u64::from(len) | u64::from(flags) << 32 | u64::from(next) << 48];
+            mem.write_obj(raw, GuestAddress(table + i as u64 * 16)).unwrap();
+        }
+        add_chain(&dev.core, 0, &[(table, 3 * 16, F_INDIRECT)], 0);
+        header(&mem, 0x8_0500, request_type::GET_ID, 0); // a good one after it
+        add_chain(&dev.core, 0, &[(0x8_0500, 16, 0), (0x8_4000, 20, F_WRITE), (0x8_3004, 1, F_WRITE)], 1);
+        dev.queue_notified(0);
+        let (n, elems) = used(&dev.core, 0);
+        assert_eq!(n, 2, "both chains are returned");
+        assert_eq!(elems[0].1, 0, "the indirect chain is returned unused");
+        assert_eq!(elems[1].1, 21, "the queue goes on");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn quiesced_device_takes_nothing_until_resumed() {
         let path = image("quiesce", 7);
         let (mut dev, _) = device(&path, false);

@@ -265,8 +265,11 @@ impl VirtioNet {
                 return None;
             };
             let head = chain.head_index();
-            let segs: Vec<(GuestAddress, usize)> =
-                chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
+            // An indirect table never offered is not followed: the buffer counts as empty.
+            let segs: Vec<(GuestAddress, usize)> = match self.core.indirect_not_negotiated(RX, head) {
+                true => Vec::new(),
+                false => chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect(),
+            };
             capacity += segs.iter().map(|s| s.1).sum::<usize>();
             chains.push((head, segs));
             if !mergeable {

@@ -164,6 +164,17 @@ impl VirtioCore {
         self.acked_features & bit != 0
     }
 
+    /// Whether the chain at `head` of queue `index` uses an indirect table the device never
+    /// offered (reported once as a guest error): its descriptors must not be followed.
+    pub fn indirect_not_negotiated(&self, index: usize, head: u16) -> bool {
+        let refused = !self.has_feature(super::features::RING_INDIRECT_DESC)
+            && uses_indirect_table(&self.queues[index], &*self.mem(), head);
+        if refused {
+            self.guest_error("indirect descriptor not negotiated", format_args!("queue {index}"));
+        }
+        refused
+    }
+
     /// The current guest memory mappings (kept alive while the guard lives).
     pub fn mem(&self) -> GuestMemoryLoadGuard<GuestMem> {
         self.memory.memory()
@@ -310,6 +321,17 @@ impl QueueProcessor {
                 };
                 let Some(chain) = chain else { break };
                 taken += 1;
+                // Indirect tables were never offered: following one would let the driver name
+                // 65,535 descriptors per chain. Such a chain goes back unused.
+                if core.indirect_not_negotiated(index, chain.head_index()) {
+                    let (head, mem) = (chain.head_index(), core.mem());
+                    if core.queues[index].add_used(&*mem, head, 0).is_err() {
+                        core.guest_error("bad used ring", format_args!("queue {index}"));
+                        return taken;
+                    }
+                    core.pending_notifications |= 1 << index;
+                    continue;
+                }
                 if !handle(core, chain) {
                     return taken;
                 }
@@ -329,6 +351,32 @@ impl QueueProcessor {
     pub fn unpop(core: &mut VirtioCore, index: usize) {
         core.queues[index].go_to_previous_position();
     }
+}
+
+/// Whether the chain from `head` reaches a descriptor flagged INDIRECT, walking the queue's
+/// descriptor table (at most its size: a looping chain ends the walk).
+pub fn uses_indirect_table<M: vm_memory::GuestMemory>(queue: &Queue, mem: &M, head: u16) -> bool {
+    use vm_memory::{Address, Bytes};
+    const F_NEXT: u16 = 1;
+    const F_INDIRECT: u16 = 4;
+    let (table, size) = (queue.desc_table(), queue.size());
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return false;
+        }
+        let at = vm_memory::GuestAddress(table + u64::from(index) * 16);
+        let Ok(flags) = mem.read_obj::<u16>(at.unchecked_add(12)) else { return false };
+        if flags & F_INDIRECT != 0 {
+            return true;
+        }
+        if flags & F_NEXT == 0 {
+            return false;
+        }
+        let Ok(next) = mem.read_obj::<u16>(at.unchecked_add(14)) else { return false };
+        index = next;
+    }
+    false
 }
 
 /// A virtio device model. The transport calls the configuration side from vCPU threads; the

@@ -28,6 +28,9 @@ pub mod features {
     pub const VERSION_1: u64 = 1 << 32;
     /// Driver and device suppress notifications with the used/avail event fields.
     pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// Descriptors may point at tables of descriptors (no device offers it: a driver that uses
+    /// them anyway gets its chain back unused).
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
 }
 
 /// Device status bits (virtio 1.x section 2.1).

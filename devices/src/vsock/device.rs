@@ -354,6 +354,10 @@ impl VirtioVsock {
             };
             self.rx_starved = false;
             let head = chain.head_index();
+            if self.core.indirect_not_negotiated(RX, head) {
+                self.core.complete(RX, head, 0);
+                continue;
+            }
             let segs: Vec<(GuestAddress, usize)> =
                 chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
             let capacity: usize = segs.iter().map(|s| s.1).sum();
