@@ -679,6 +679,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_ring_is_served_a_budget_at_a_time() {
+        let path = image("budget", 0);
+        let (mut dev, _) = device(&path, false);
+        let mem = dev.core.mem();
+        let chains = crate::virtio::PASS_BUDGET as u16 + 36;
+        for i in 0..chains {
+            let at = 0x8_0000 + u64::from(i) * 0x100;
+            header(&mem, at, request_type::GET_ID, 0);
+            // The ID and the status byte in one writable descriptor: two per chain, all distinct.
+            add_chain(&dev.core, 0, &[(at, 16, 0), (at + 0x20, 21, F_WRITE)], i * 2);
+        }
+        dev.queue_notified(0);
+        assert_eq!(used(&dev.core, 0).0, crate::virtio::PASS_BUDGET as u16, "one pass, one budget");
+        assert_eq!(dev.core.queue_events[0].read().unwrap(), 1, "the queue re-armed itself for the event loop");
+        dev.queue_notified(0);
+        assert_eq!(used(&dev.core, 0).0, chains, "the rest on the next pass");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn an_indirect_table_never_offered_is_not_followed() {
         const F_INDIRECT: u16 = 4;
         let path = image("indirect", 0);

@@ -292,9 +292,15 @@ impl VirtioCore {
 /// buffer added in between is not missed) when the ring looks empty.
 pub struct QueueProcessor;
 
+/// Chains one pass over a queue takes before other work gets its turn.
+pub const PASS_BUDGET: usize = 64;
+
 impl QueueProcessor {
-    /// Calls `handle` for each available chain of `core.queues[index]` until the ring is empty
-    /// or `handle` returns false (e.g. no room in the backend); returns how many it took.
+    /// Calls `handle` for each available chain of `core.queues[index]` until the ring is empty,
+    /// `handle` returns false (e.g. no room in the backend), or [`PASS_BUDGET`] chains were
+    /// taken; returns how many it took. A pass that hits the budget signals the queue's own
+    /// event again, so the event loop serves every other device before it comes back: a guest
+    /// that keeps its ring full cannot keep the device thread to itself.
     pub fn drain(
         core: &mut VirtioCore,
         index: usize,
@@ -320,6 +326,13 @@ impl QueueProcessor {
                     }
                 };
                 let Some(chain) = chain else { break };
+                if taken == PASS_BUDGET {
+                    QueueProcessor::unpop(core, index);
+                    if let Err(e) = core.queue_events[index].write(1) {
+                        core.guest_error("cannot re-arm a queue", format_args!("queue {index}: {e}"));
+                    }
+                    return taken;
+                }
                 taken += 1;
                 // Indirect tables were never offered: following one would let the driver name
                 // 65,535 descriptors per chain. Such a chain goes back unused.

@@ -14,7 +14,7 @@ pub(crate) mod testing;
 mod worker;
 
 pub use self::core::{
-    ActivateError, EventSource, QueueProcessor, Selectors, VirtioCore, VirtioDevice, VirtioInterrupt,
+    ActivateError, EventSource, PASS_BUDGET, QueueProcessor, Selectors, VirtioCore, VirtioDevice, VirtioInterrupt,
 };
 pub use mmio::{MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
 pub use worker::{DeviceWorker, ResyncHandle};
