@@ -404,3 +404,31 @@ fn a_guest_larger_than_the_host_is_refused_before_it_runs() {
         .expect_status(1)
         .expect_one_line_error("guest RAM of 1048576 MiB is more than this host's");
 }
+
+#[test]
+fn a_second_vmm_on_an_image_another_one_writes_is_refused() {
+    let dir = common::TempDir::new("cli-lock");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let socket = dir.join("first.sock");
+    let disk_arg = format!("path={}", disk.display());
+    let mut first = std::process::Command::new(common::vmm_bin());
+    first
+        .args(["run", "--kernel", common::microguest(), "--cmdline", "prog=idle", "--serial", "none"])
+        .args(["--disk", &disk_arg, "--api-sock"])
+        .arg(&socket)
+        .stdin(std::process::Stdio::null());
+    let _first = common::Reaped(first.spawn().unwrap());
+    vmm::api::ApiClient::connect_within(
+        &socket,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(60),
+    )
+    .expect("the first VM is up");
+    // Read-write and read-only alike: the first one writes it.
+    for arg in [disk_arg.clone(), format!("{disk_arg},readonly=on")] {
+        common::run_microguest("prog=hello", &["--disk", &arg])
+            .expect_status(1)
+            .expect_one_line_error("is in use by another process (it is locked)");
+    }
+}

@@ -1,6 +1,7 @@
 //! Opening device backends from their configuration: the one place that turns a `--disk`,
 //! `--net` or `--vsock` description (at boot or in a swap request) into a live backend.
 
+use devices::blk::backend::{LockedBackend, lock_image};
 use devices::blk::{BlockBackend, FileBackend, NbdBackend, NbdTarget, UringBackend};
 use devices::net::{NetBackend, TapBackend, UnixBackend};
 use devices::vsock::UnixVsockBackend;
@@ -15,10 +16,15 @@ fn failed(id: &str, reason: impl std::fmt::Display) -> DeviceError {
 /// Opens a disk's backend with the configured engine.
 pub fn open_disk(disk: &DiskConfig, id: &str) -> Result<Box<dyn BlockBackend>, DeviceError> {
     Ok(match (&disk.path, &disk.nbd) {
-        (Some(path), _) => match disk.engine {
-            BlockEngine::Sync => Box::new(FileBackend::open(path, disk.readonly).map_err(|e| failed(id, e))?),
-            BlockEngine::IoUring => Box::new(UringBackend::open(path, disk.readonly).map_err(|e| failed(id, e))?),
-        },
+        (Some(path), _) => {
+            // Locked first: an image another process writes is not opened at all.
+            let lock = lock_image(path, disk.readonly).map_err(|e| failed(id, e))?;
+            let backend: Box<dyn BlockBackend> = match disk.engine {
+                BlockEngine::Sync => Box::new(FileBackend::open(path, disk.readonly).map_err(|e| failed(id, e))?),
+                BlockEngine::IoUring => Box::new(UringBackend::open(path, disk.readonly).map_err(|e| failed(id, e))?),
+            };
+            Box::new(LockedBackend::new(backend, lock))
+        }
         (None, Some(address)) => {
             let target = match address {
                 NbdAddress::Tcp { host, port } => NbdTarget::Tcp { host: host.clone(), port: *port },

@@ -8,6 +8,7 @@
 
 mod fault;
 mod file;
+pub mod lock;
 mod mirror;
 mod nbd;
 mod probe;
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 
 pub use fault::{Fault, FaultyBackend};
 pub use file::FileBackend;
+pub use lock::{ImageLock, LockedBackend, lock_image};
 pub use mirror::{Half, MirrorBackend, MirrorControl, MirrorProgress};
 pub use nbd::{NbdBackend, NbdTarget};
 pub use probe::{ProbeError, probe};
@@ -166,6 +168,13 @@ pub enum BackendError {
         /// What the system call reported.
         #[source]
         source: io::Error,
+    },
+    /// Another process holds a conflicting lock on the image (it writes it, or reads it while
+    /// this one would write).
+    #[error("disk image {path} is in use by another process (it is locked); two VMs must not write one image")]
+    Locked {
+        /// The image's path.
+        path: PathBuf,
     },
     /// The image's size is not a whole number of 512-byte sectors.
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]

@@ -49,6 +49,10 @@ impl Drop for OwnDir {
 
 /// `vmm shadow`.
 pub fn run(args: &ShadowArgs) -> Result<u8, Failure> {
+    // The primary holds the disk images' locks until the switchover commits; the replication
+    // protocol, not a lock, keeps the two from writing at once (the primary never writes after
+    // freezing, the shadow never before activating).
+    devices::blk::backend::lock::set_enabled(false);
     let (dir, _own) = match &args.dir {
         Some(dir) => (dir.clone(), OwnDir(None)),
         None => {
