@@ -820,3 +820,75 @@ fn vsock_connection_survives_a_backend_socket_swap() {
     assert_eq!(exit, VmExit::Guest(0), "{text}");
     assert!(text.contains("vsock-echo: served 2 connections, echoed 270000 bytes, 0 still open"), "{text}");
 }
+
+/// Waits until the file at `path` contains `needle`; its text.
+fn wait_for_text(path: &Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} lacks {needle:?}:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn api(socket: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    let mut client = vmm::api::ApiClient::connect(socket, WAIT).unwrap();
+    let response = match body {
+        Some(body) => client.send_json(method, path, &body),
+        None => client.request(method, path, None),
+    }
+    .unwrap();
+    serde_json::from_slice(&response.body).unwrap_or_default()
+}
+
+#[test]
+fn after_a_migration_and_kill_9_the_resumed_vm_runs_on_the_new_image() {
+    let dir = TempDir::new("swap-resume");
+    let (old, new) = (image(&dir, "old.img", 16 << 20), image(&dir, "new.img", 16 << 20));
+    let (state, console) = (dir.join("vm.state.json"), dir.join("console.log"));
+    let cmdline =
+        format!("prog=blk-stress blocks={STRESS_BLOCKS} qd=16 until_input=1 seed={STRESS_SEED} progress_ms=0");
+    let socket = dir.join("vm.sock");
+    let mut first = std::process::Command::new(common::vmm_bin());
+    first
+        .args(["run", "--kernel", common::microguest(), "--cmdline", &cmdline])
+        .args(["--disk", &format!("path={}", old.display()), "--state-file"])
+        .arg(&state)
+        .args(["--serial", &format!("file:{}", console.display()), "--api-sock"])
+        .arg(&socket)
+        .stdin(std::process::Stdio::null());
+    let mut first = common::Reaped(first.spawn().unwrap());
+    wait_for_text(&console, "blk-stress: running");
+    assert!(std::fs::read_to_string(&state).unwrap().contains("old.img"), "the state names the image at start");
+    let swap = json!({"backend": {"path": new}, "mode": "migrate"});
+    let started = api(&socket, "POST", "/devices/disk0/swap", Some(swap));
+    let done = api(&socket, "GET", &format!("/swaps/{}?wait_ms=60000", started["id"]), None);
+    assert_eq!(done["state"], "committed", "{done}");
+    let recorded = std::fs::read_to_string(&state).unwrap();
+    assert!(recorded.contains("new.img") && !recorded.contains("old.img"), "the state follows the commit:\n{recorded}");
+    // kill -9: nothing is cleaned up, nothing is flushed by the VMM.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+
+    let (socket, console) = (dir.join("resumed.sock"), dir.join("resumed.log"));
+    let mut resumed = std::process::Command::new(common::vmm_bin());
+    resumed
+        .args(["run", "--resume-state"])
+        .arg(&state)
+        .args(["--serial", &format!("file:{}", console.display()), "--api-sock"])
+        .arg(&socket)
+        .stdin(std::process::Stdio::null());
+    let mut resumed = common::Reaped(resumed.spawn().unwrap());
+    wait_for_text(&console, "blk-stress: running");
+    let disk = api(&socket, "GET", "/devices/disk0", None);
+    assert!(disk["backend"].as_str().unwrap().contains("new.img"), "{disk}");
+    api(&socket, "POST", "/serial/input", Some(json!({"data": "q"})));
+    assert!(resumed.0.wait().unwrap().success());
+    // The guest's writes of this run are on the new image, block for block.
+    let text = wait_for_text(&console, "blk-stress: ops=");
+    let guest_digest = check_blk_stress_summary(&text, STRESS_BLOCKS);
+    assert_eq!(image_digest(&new, STRESS_BLOCKS, STRESS_SEED).0, guest_digest, "the resumed VM wrote the new image");
+}

@@ -192,6 +192,8 @@ pub struct SwapManager {
     memory: Mutex<MemorySwapHistory>,
     /// Set when the VM stops; swaps in progress see it through their [`SwapTarget`].
     vm_stopping: Arc<AtomicBool>,
+    /// Called after every committed device swap.
+    committed: Mutex<Option<record::CommitListener>>,
 }
 
 /// Memory swaps done so far (they run synchronously, so only their outcome is kept).
@@ -265,6 +267,11 @@ impl SwapManager {
         }
     }
 
+    /// Has `listener` called after every swap that commits from now on.
+    pub(crate) fn on_every_commit(&self, listener: record::CommitListener) {
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    }
+
     /// Validates and prepares a swap of device `id`, then runs the rest on its own thread.
     /// Errors mean nothing changed; a swap refused once its record exists (the new backend
     /// failed to open or is incompatible) stays in the list, as failed.
@@ -278,12 +285,14 @@ impl SwapManager {
         request.check_limits()?;
         let mode =
             serde_json::to_value(request.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let listener = self.committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let record = SwapHandle::new(
             self.next_id.fetch_add(1, Ordering::SeqCst) + 1,
             id,
             &mode,
             entry.handle.backend_description(),
-        );
+        )
+        .with_listener(listener);
         {
             // Checked and registered at once, so two requests cannot both start.
             let mut swaps = self.lock();

@@ -123,9 +123,14 @@ pub struct SwapHandle {
     inner: Arc<(Mutex<SwapRecord>, Condvar)>,
     /// Runs when the swap commits, before anyone can see it committed.
     on_commit: Arc<Mutex<Option<CommitHook>>>,
+    /// Runs after the swap committed (the VM records its new configuration there).
+    after_commit: Option<CommitListener>,
 }
 
 type CommitHook = Box<dyn FnOnce() + Send>;
+
+/// Called after every committed swap of a VM.
+pub type CommitListener = Arc<dyn Fn() + Send + Sync>;
 
 impl SwapHandle {
     /// A running swap of `device` from backend `from`, in [`Phase::Prepare`] from now.
@@ -145,7 +150,13 @@ impl SwapHandle {
             duration_us: None,
             started: Some(Instant::now()),
         };
-        Self { inner: Arc::new((Mutex::new(record), Condvar::new())), on_commit: Arc::default() }
+        Self { inner: Arc::new((Mutex::new(record), Condvar::new())), on_commit: Arc::default(), after_commit: None }
+    }
+
+    /// Has `listener` called once the swap has committed.
+    pub(crate) fn with_listener(mut self, listener: Option<CommitListener>) -> Self {
+        self.after_commit = listener;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, SwapRecord> {
@@ -209,10 +220,17 @@ impl SwapHandle {
         {
             hook();
         }
-        let mut r = self.lock();
-        r.state = state;
-        r.reason = reason;
-        r.duration_us = r.started.map(|s| s.elapsed().as_micros() as u64);
+        {
+            let mut r = self.lock();
+            r.state = state;
+            r.reason = reason;
+            r.duration_us = r.started.map(|s| s.elapsed().as_micros() as u64);
+        }
+        if state == SwapState::Committed
+            && let Some(listener) = &self.after_commit
+        {
+            listener();
+        }
         self.inner.1.notify_all();
     }
 

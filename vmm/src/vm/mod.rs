@@ -2,6 +2,7 @@
 
 mod replication;
 mod shm;
+mod state_file;
 
 pub(crate) use replication::IN_DOUBT;
 

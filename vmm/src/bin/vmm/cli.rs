@@ -127,6 +127,19 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Keep the VM's configuration in this file as it stands: written at start and after every
+    /// committed swap (atomically, mode 0600), so `--resume-state` restarts a killed VMM on the
+    /// images its devices use now.
+    #[arg(long, value_name = "PATH", conflicts_with = "resume_state")]
+    pub state_file: Option<PathBuf>,
+    /// Start the VM a `--state-file` describes (after a crash, say), and keep that file up to
+    /// date; only --serial and --api-sock go with it.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "ram_backing", "boot_protocol", "disks", "nets", "vsock", "shm", "shm_windows", "config", "restore"]
+    )]
+    pub resume_state: Option<PathBuf>,
     /// Continue the VM saved in this snapshot directory (`vmm ctl snapshot create`) instead of
     /// booting; the machine and its backends come from the snapshot, so only --serial,
     /// --api-sock and --memory apply.
@@ -243,7 +256,7 @@ fn subcommand_path() -> String {
 
 /// Merges the config file (if any) with the flags; flags win.
 pub fn resolve_config(args: &RunArgs) -> Result<VmConfig, Failure> {
-    let mut fields = match &args.config {
+    let mut fields = match args.config.as_ref().or(args.resume_state.as_ref()) {
         Some(path) => read_config_file(path).map_err(Failure::bad_input)?,
         None => Map::new(),
     };
@@ -322,6 +335,11 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         started.elapsed().as_secs_f64() * 1e3,
         process_cpu_ms()
     );
+    if let Some(path) = args.state_file.as_ref().or(args.resume_state.as_ref()) {
+        vm.keep_config_in(path)
+            .with_context(|| format!("cannot write the state file {}", path.display()))
+            .map_err(Failure::runtime)?;
+    }
     // Dropped (socket file removed) when this function returns.
     let _api = match &args.api_sock {
         Some(path) => Some(ApiServer::start(path, vm.clone()).map_err(|e| Failure::bad_input(anyhow!(e)))?),
