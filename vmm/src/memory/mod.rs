@@ -185,6 +185,17 @@ pub struct RamRegion {
     /// (copy-on-write) mapping of a snapshot's memory file (pages the guest wrote are anonymous,
     /// and may sit over the file's holes), or RAM filled on first touch (a lazy restore).
     contents_elsewhere: bool,
+    /// A RAM file this region created: removed with it (the guest's memory is not left on
+    /// disk; a file that was there before stays).
+    created_file: Option<PathBuf>,
+}
+
+impl Drop for RamRegion {
+    fn drop(&mut self) {
+        if let Some(path) = &self.created_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl RamRegion {
@@ -196,10 +207,10 @@ impl RamRegion {
         backing: &RamBacking,
         file_offset: u64,
     ) -> Result<Self, MemoryError> {
-        let mmap = map_backing(backing, size, file_offset)?;
+        let (mmap, created_file) = map_backing(backing, size, file_offset)?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
             .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
-        Ok(Self { slot, backing: backing.clone(), mapping: Arc::new(mapping), contents_elsewhere: false })
+        Ok(Self { slot, backing: backing.clone(), mapping: Arc::new(mapping), contents_elsewhere: false, created_file })
     }
 
     /// Maps `size` bytes of `file` from `file_offset`, privately: the guest reads the file's
@@ -225,7 +236,7 @@ impl RamRegion {
             .map_err(mmap_err)?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_addr))
             .ok_or_else(|| MemoryError::Layout(format!("region at {guest_addr:#x} overflows")))?;
-        Ok(Self { slot, backing, mapping: Arc::new(mapping), contents_elsewhere: true })
+        Ok(Self { slot, backing, mapping: Arc::new(mapping), contents_elsewhere: true, created_file: None })
     }
 
     pub fn guest_addr(&self) -> u64 {
@@ -499,8 +510,14 @@ fn host_memory() -> Option<HostMemory> {
     })
 }
 
-fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<MmapRegion<DirtyBitmap>, MemoryError> {
+/// Maps a region's backing; with a file backing, also the file's path if this call created it.
+fn map_backing(
+    backing: &RamBacking,
+    size: u64,
+    file_offset: u64,
+) -> Result<(MmapRegion<DirtyBitmap>, Option<PathBuf>), MemoryError> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let mut created = None;
     let (file, flags) = match backing {
         RamBacking::Anonymous => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
         RamBacking::Memfd => {
@@ -518,15 +535,18 @@ fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<Mmap
         }
         RamBacking::File { path } => {
             let file_err = |source| MemoryError::File { path: path.clone(), source };
-            // Guest RAM is the guest's secrets: a file created for it is the owner's alone.
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .map_err(file_err)?;
+            // Guest RAM is the guest's secrets: a file created for it is the owner's alone, and
+            // goes with the region.
+            let file = match OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path) {
+                Ok(file) => {
+                    created = Some(path.clone());
+                    file
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    OpenOptions::new().read(true).write(true).open(path).map_err(file_err)?
+                }
+                Err(e) => return Err(file_err(e)),
+            };
             let len = file.metadata().map_err(file_err)?.len();
             // Guest RAM starts as zeros (and a swap skips copying zero chunks), so a file with
             // data in it would be overwritten: it may be a disk image, or back another region.
@@ -542,11 +562,14 @@ fn map_backing(backing: &RamBacking, size: u64, file_offset: u64) -> Result<Mmap
             (Some(FileOffset::new(file, file_offset)), libc::MAP_SHARED)
         }
     };
-    MmapRegion::build(file, size as usize, prot, flags).map_err(|source| MemoryError::Mmap {
-        size,
-        backing: backing.clone(),
-        source,
-    })
+    let mapped = MmapRegion::build(file, size as usize, prot, flags);
+    let mapped = mapped.map_err(|source| MemoryError::Mmap { size, backing: backing.clone(), source });
+    if mapped.is_err()
+        && let Some(path) = &created
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok((mapped?, created))
 }
 
 /// Runs of pages of the mapping at `addr` that are present or swapped out, from
@@ -722,9 +745,15 @@ mod host_tests {
         let ram = GuestRam::new(2 << 20, &RamBacking::File { path: path.clone() });
         // SAFETY: as above.
         unsafe { libc::umask(old) };
-        let _ram = ram.unwrap();
+        let ram = ram.unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(ram);
+        assert!(!path.exists(), "a RAM file the VMM created goes with the VM");
+        // One that was there (empty) before stays.
+        std::fs::write(&path, b"").unwrap();
+        drop(GuestRam::new(2 << 20, &RamBacking::File { path: path.clone() }).unwrap());
+        assert!(path.exists(), "a file the user made stays");
         let _ = std::fs::remove_file(&path);
     }
 
