@@ -432,3 +432,33 @@ fn a_second_vmm_on_an_image_another_one_writes_is_refused() {
             .expect_one_line_error("is in use by another process (it is locked)");
     }
 }
+
+#[test]
+fn sigterm_leaves_none_of_the_files_the_vmm_created() {
+    let dir = common::TempDir::new("cli-sigterm");
+    let (socket, vsock, ram) = (dir.join("api.sock"), dir.join("vsock.sock"), dir.join("guest.ram"));
+    let mut cmd = std::process::Command::new(common::vmm_bin());
+    cmd.args(["run", "--kernel", common::microguest(), "--cmdline", "prog=idle", "--serial", "none"])
+        .args(["--vsock", &format!("cid=3,socket={}", vsock.display())])
+        .args(["--ram-backing", &format!("file={}", ram.display()), "--api-sock"])
+        .arg(&socket)
+        .stdin(std::process::Stdio::null());
+    let mut child = common::Reaped(cmd.spawn().unwrap());
+    vmm::api::ApiClient::connect_within(
+        &socket,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(60),
+    )
+    .expect("the VM is up");
+    for (path, what) in [(&socket, "API socket"), (&vsock, "vsock socket"), (&ram, "RAM file")] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the {what} is the owner's only");
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -94,6 +94,9 @@ pub fn restore_terminal() {
 /// escape key's commands act on `vm`.
 pub fn forward_stdin(vm: Arc<Vm>, mode: StdinMode) {
     let input = vm.serial_input();
+    // Weak: a thread blocked reading stdin must not keep the VM (and the files it removes when
+    // dropped) alive past the end of `run`.
+    let vm = Arc::downgrade(&vm);
     let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 256];
@@ -118,7 +121,9 @@ pub fn forward_stdin(vm: Arc<Vm>, mode: StdinMode) {
                             // when the guest is stuck.
                             b'x' | b'X' => {
                                 eprint!("\r\nvmm: stopped from the console (Ctrl-A x)\r\n");
-                                vm.stop();
+                                if let Some(vm) = vm.upgrade() {
+                                    vm.stop();
+                                }
                                 return;
                             }
                             ESCAPE => plain.push(ESCAPE),
@@ -171,7 +176,9 @@ pub struct StopSignals {
 
 #[derive(Default)]
 struct SignalTarget {
-    vm: Option<Arc<Vm>>,
+    /// Weak: the VM is dropped when `run` returns (removing its sockets and RAM file), even
+    /// though this thread lives on.
+    vm: Option<Weak<Vm>>,
     cleanup: Vec<PathBuf>,
 }
 
@@ -188,7 +195,7 @@ impl StopSignals {
             for signal in signals.forever() {
                 let (vm, cleanup) = {
                     let target = watched.lock().unwrap_or_else(|p| p.into_inner());
-                    (target.vm.clone(), target.cleanup.clone())
+                    (target.vm.as_ref().and_then(Weak::upgrade), target.cleanup.clone())
                 };
                 let Some(vm) = vm else {
                     restore_terminal();
@@ -225,7 +232,7 @@ impl StopSignals {
         if let Some(path) = api_socket {
             let _ = API_SOCKET.set(path.to_path_buf());
         }
-        self.target.lock().unwrap_or_else(|p| p.into_inner()).vm = Some(vm);
+        self.target.lock().unwrap_or_else(|p| p.into_inner()).vm = Some(Arc::downgrade(&vm));
         Ok(())
     }
 }
