@@ -12,6 +12,11 @@ use common::pty::Pty;
 
 const WAIT: Duration = Duration::from_secs(300);
 
+/// Held by the walkthroughs that load both CPUs (the swarm's wrk) or that judge timing (the
+/// shadow's validation watches a swap for a stall of 100 ms): on this two-core host, run side
+/// by side, the first starves the second's trial and fails its validation.
+static CPU_HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The first shell block after the line containing `after` in `file` (relative to the
 /// repository root).
 fn doc_block(file: &str, after: &str) -> String {
@@ -113,6 +118,7 @@ fn the_live_swap_walkthrough_works_as_pasted() {
 
 #[test]
 fn the_readme_shadow_walkthrough_works_as_pasted() {
+    let _alone = CPU_HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let dir = TempDir::new("readme-shadow");
     let _stop = StopVmm(dir.join("vm.sock"));
     let _stop_shadow = StopVmm(dir.join("shadow-api.sock"));
@@ -132,6 +138,7 @@ fn the_readme_shadow_walkthrough_works_as_pasted() {
 
 #[test]
 fn the_readme_swarm_walkthrough_works_as_pasted() {
+    let _alone = CPU_HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let dir = TempDir::new("readme-swarm");
     let private = format!("{}/", dir.path().display());
     // A free port instead of the README's 8080, so tests and other programs do not collide.

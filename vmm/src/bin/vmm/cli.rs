@@ -358,6 +358,8 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
     let exit = vm.wait();
     drop(_raw_terminal);
     log::info!("VM ended: {exit}");
+    drop(_api);
+    release(vm);
     if let vmm::VmExit::Crashed(crash) = &exit {
         return Err(Failure::runtime(anyhow!("{crash}")));
     }
@@ -365,6 +367,23 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         return Ok((128 + signal) as u8);
     }
     Ok(exit.process_status() as u8)
+}
+
+/// Drops the VM here, so that what it removes when dropped (its vsock socket, a RAM file it
+/// created) is gone before the process exits: a thread that stopped it (a signal, Ctrl-A x)
+/// may hold it a moment longer, and the process would not wait for that thread.
+fn release(mut vm: Arc<vmm::Vm>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(vm) {
+            Ok(vm) => return drop(vm),
+            Err(shared) if std::time::Instant::now() < deadline => {
+                vm = shared;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(_) => return log::warn!("the VM is still in use at exit; its files may stay"),
+        }
+    }
 }
 
 /// CPU time (user + system) this process has used so far, in milliseconds.
