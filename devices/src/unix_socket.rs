@@ -28,26 +28,31 @@ pub fn remove_if_stale(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Listens on `path` with mode 0600 from the moment the path exists: the socket is bound
-/// under a hidden name beside it, restricted, then renamed into place (never over a file that
-/// appeared meanwhile). A stale socket at `path` is replaced, a live one refused.
+/// Listens on `path`, reachable by its owner only from the first moment: the socket is bound
+/// inside a fresh 0700 directory beside `path` (nobody else can connect to it there), made
+/// 0600, then renamed into place, never over a file that appeared meanwhile. A stale socket at
+/// `path` is replaced, a live one refused.
 pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     remove_if_stale(path)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a socket path needs a file name"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let staging = path.with_file_name(format!(".{}.{}.{n}.binding", name.to_string_lossy(), std::process::id()));
+    let private = parent.join(format!(".{}.{n}.sock", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staging = private.join("s");
+    let placed = UnixListener::bind(&staging).and_then(|listener| {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+        rename_noreplace(&staging, path)?;
+        Ok(listener)
+    });
     let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging)?;
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| rename_noreplace(&staging, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
-    }
-    Ok(listener)
+    let _ = std::fs::remove_dir(&private);
+    placed.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Renames `from` to `to` unless `to` exists (the kernel checks, atomically).

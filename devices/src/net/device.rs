@@ -254,7 +254,7 @@ impl VirtioNet {
         let mergeable = self.core.has_feature(feature::MRG_RXBUF);
         let need = HDR_LEN + frame.len();
         let mem = self.core.mem();
-        let start_avail = self.core.queues[RX].next_avail();
+        let mut start_avail = self.core.queues[RX].next_avail();
 
         // First gather enough buffers, so num_buffers is known before anything is written.
         let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
@@ -265,11 +265,20 @@ impl VirtioNet {
                 return None;
             };
             let head = chain.head_index();
-            // An indirect table never offered is not followed: the buffer counts as empty.
-            let segs: Vec<(GuestAddress, usize)> = match self.core.indirect_not_negotiated(RX, head) {
-                true => Vec::new(),
-                false => chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect(),
-            };
+            // An indirect table never offered is not followed: the buffer goes back unused (or,
+            // met after other buffers of this frame, stops the frame where it is: only a guest
+            // mixing such buffers with good ones stalls, and only its own receive queue).
+            if self.core.indirect_not_negotiated(RX, head) {
+                if chains.is_empty() {
+                    self.core.complete(RX, head, 0);
+                    start_avail = self.core.queues[RX].next_avail();
+                    continue;
+                }
+                self.core.queues[RX].set_next_avail(start_avail);
+                return None;
+            }
+            let segs: Vec<(GuestAddress, usize)> =
+                chain.filter(|d| d.is_write_only()).map(|d| (d.addr(), d.len() as usize)).collect();
             capacity += segs.iter().map(|s| s.1).sum::<usize>();
             chains.push((head, segs));
             if !mergeable {

@@ -171,7 +171,7 @@ fn commit(
     control.flush_target(params.drain_timeout).map_err(|e| format!("cannot flush the target: {e}"))?;
     // The mirror comes out of the slot under a last quiesce and drain (their own timeline
     // entries); `Commit` is entered only once the target serves alone.
-    let _urgent = Urgent::enter();
+    let urgent = Urgent::enter();
     let mut attempt = 0;
     let mut source_dropped = false;
     let blackout = loop {
@@ -225,6 +225,8 @@ fn commit(
     drop(mirror);
     drop(control.take(Half::Source));
     record.phase(Phase::Commit, Some("mirror removed: the target serves alone, the source is closed".into()));
+    // The device runs again: what the commit writes to disk (a state file) runs at normal priority.
+    drop(urgent);
     record.finish(SwapState::Committed, None);
     Ok(())
 }

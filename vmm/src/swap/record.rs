@@ -129,8 +129,9 @@ pub struct SwapHandle {
 
 type CommitHook = Box<dyn FnOnce() + Send>;
 
-/// Called after every committed swap of a VM.
-pub type CommitListener = Arc<dyn Fn() + Send + Sync>;
+/// Called for every swap of a VM that commits, before the record says so; an error is shown
+/// in the record's reason (the swap stands).
+pub type CommitListener = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl SwapHandle {
     /// A running swap of `device` from backend `from`, in [`Phase::Prepare`] from now.
@@ -220,16 +221,19 @@ impl SwapHandle {
         {
             hook();
         }
+        // Before the record says committed: whoever sees the commit sees it recorded on disk.
+        let mut reason = reason;
+        if state == SwapState::Committed
+            && let Some(listener) = &self.after_commit
+            && let Err(e) = listener()
+        {
+            reason = Some(format!("committed, but {e}"));
+        }
         {
             let mut r = self.lock();
             r.state = state;
             r.reason = reason;
             r.duration_us = r.started.map(|s| s.elapsed().as_micros() as u64);
-        }
-        if state == SwapState::Committed
-            && let Some(listener) = &self.after_commit
-        {
-            listener();
         }
         self.inner.1.notify_all();
     }

@@ -6,7 +6,8 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::Vm;
 use crate::config::VmConfig;
@@ -23,12 +24,16 @@ impl Vm {
     pub fn keep_config_in(self: &Arc<Self>, path: &Path) -> std::io::Result<()> {
         write_atomically(path, &self.current_config())?;
         let (vm, path): (Weak<Vm>, PathBuf) = (Arc::downgrade(self), path.to_path_buf());
+        // Swaps of two devices may commit at once: each reads and writes the whole
+        // configuration under this lock, so the last write holds both.
+        let writing = Mutex::new(());
         self.swaps.on_every_commit(Arc::new(move || {
-            if let Some(vm) = vm.upgrade()
-                && let Err(e) = write_atomically(&path, &vm.current_config())
-            {
+            let _one_at_a_time = writing.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(vm) = vm.upgrade() else { return Ok(()) };
+            write_atomically(&path, &vm.current_config()).map_err(|e| {
                 log::error!("cannot record the VM's configuration in {}: {e}", path.display());
-            }
+                format!("recording the configuration in {} failed: {e}", path.display())
+            })
         }));
         Ok(())
     }
@@ -42,7 +47,9 @@ fn write_atomically(path: &Path, config: &VmConfig) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     let name = path.file_name().ok_or_else(|| std::io::Error::other("a state file needs a file name"))?;
-    let staging = dir.join(format!(".{}.{}.new", name.to_string_lossy(), std::process::id()));
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let staging = dir.join(format!(".{}.{}.{n}.new", name.to_string_lossy(), std::process::id()));
     let text = serde_json::to_vec_pretty(config).map_err(std::io::Error::other)?;
     let result = (|| {
         let mut file =

@@ -58,8 +58,14 @@ pub fn lock_image(path: &Path, read_only: bool) -> Result<ImageLock, BackendErro
     if let Some(existing) = held.get(&key).and_then(Weak::upgrade) {
         let mut exclusive = existing.exclusive.lock().unwrap_or_else(|p| p.into_inner());
         if !read_only && !*exclusive {
-            // Upgraded in place: flock converts the lock of this open file description.
-            flock(&existing.file, true).map_err(|e| locked(path, e))?;
+            // Upgraded in place: flock converts the lock of this open file description, but a
+            // conversion that fails has dropped the old lock; it is taken again.
+            if let Err(e) = flock(&existing.file, true) {
+                if let Err(again) = flock(&existing.file, false) {
+                    log::error!("disk image {}: its shared lock could not be taken again: {again}", path.display());
+                }
+                return Err(locked(path, e));
+            }
             *exclusive = true;
         }
         drop(exclusive);
