@@ -58,6 +58,8 @@ mod device_manager;
 mod exit;
 mod hv;
 mod memory;
+#[cfg(test)]
+mod mutate;
 mod quiesce;
 pub mod replication;
 pub mod snapshot;

@@ -679,6 +679,38 @@ mod tests {
     }
 
     #[test]
+    fn twenty_thousand_random_register_accesses_and_kicks_never_panic() {
+        use crate::bus::BusDevice;
+        let path = image("mmio-fuzz", 0);
+        let backend = Box::new(FileBackend::open(&path, false).unwrap());
+        let (_count, line) = irq();
+        let dev: Arc<std::sync::Mutex<dyn crate::virtio::VirtioDevice>> =
+            Arc::new(std::sync::Mutex::new(VirtioBlock::new(backend, "fuzz", line, memory()).unwrap()));
+        let mut transport = crate::virtio::MmioTransport::new(dev.clone());
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Mostly the registers that exist, a window's worth of offsets beyond.
+            let offset = ((x >> 8) % 0x200) & !(if x & 1 == 0 { 3 } else { 0 });
+            let width = [1usize, 2, 4, 8][(x >> 40) as usize % 4];
+            let value = (x >> 16).to_le_bytes();
+            if x & 0x10 == 0 {
+                let mut data = [0u8; 8];
+                transport.read(offset, &mut data[..width]);
+            } else {
+                transport.write(offset, &value[..width]);
+            }
+            if x & 0x300 == 0 {
+                let mut dev = dev.lock().unwrap_or_else(|p| p.into_inner());
+                dev.queue_notified(0);
+            }
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn a_full_ring_is_served_a_budget_at_a_time() {
         let path = image("budget", 0);
         let (mut dev, _) = device(&path, false);

@@ -336,6 +336,26 @@ mod tests {
     }
 
     #[test]
+    fn forty_thousand_mutated_requests_parse_or_fail_cleanly() {
+        let corpus: &[&[u8]] = &[
+            b"GET /vm HTTP/1.1\r\n\r\n",
+            b"PATCH /vm HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{\"state\": \"paused\"}",
+            b"POST /devices/disk0/swap?wait_ms=10 HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            b"PUT /shm/0 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ];
+        let mut m = crate::mutate::Mutator::new(0x5eed);
+        for i in 0..40_000 {
+            let input = m.mutate(corpus[i % corpus.len()]);
+            // Whatever the bytes: a request, the end, or an error with an HTTP status.
+            match parse(&input) {
+                Ok(Some(r)) => assert!(!r.method.is_empty() && r.path.starts_with('/'), "{input:?}"),
+                Ok(None) => {}
+                Err(e) => assert!(e.status().is_some_and(|s| (400..600).contains(&s)), "{input:?}: {e}"),
+            }
+        }
+    }
+
+    #[test]
     fn malformed_requests_map_to_statuses() {
         let status = |raw: &[u8]| parse(raw).unwrap_err().status();
         assert_eq!(status(b"GET /vm\r\n\r\n"), Some(400));

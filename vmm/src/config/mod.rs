@@ -318,6 +318,33 @@ fn check_file(what: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn forty_thousand_mutated_configurations_are_read_or_refused_with_a_field() {
+        let corpus: &[&[u8]] = &[
+            br#"{"kernel": "/k", "mem_mib": 64, "vcpus": 2, "cmdline": "prog=idle"}"#,
+            br#"{"kernel": "/k", "disks": [{"path": "/d.img", "engine": "io_uring", "readonly": true}], "nets": [{"unix": "/n.sock", "mac": "52:54:00:12:34:56", "mtu": 1500}]}"#,
+            br#"{"kernel": "/k", "vsock": {"cid": 3, "socket": "/v.sock"}, "ram_backing": {"kind": "file", "path": "/ram"}, "shm": [{"socket": "/f.sock", "region": "r", "party": 1}], "shm_windows": 2}"#,
+            br#"{"kernel": "/k", "disks": [{"nbd": "unix:/n.sock", "export": "e"}], "serial": "file:/s.log", "boot_protocol": "pvh"}"#,
+        ];
+        let mut m = crate::mutate::Mutator::new(0xc0f1);
+        let (mut read, mut refused) = (0, 0);
+        for i in 0..40_000 {
+            let input = m.mutate(corpus[i % corpus.len()]);
+            match json::from_slice::<VmConfig>(&input) {
+                // Read: checking it never panics either.
+                Ok(config) => {
+                    read += 1;
+                    let _ = config.validate_machine(Some(8));
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+        assert!(read > 0 && refused > 0, "the mutations reach both sides: {read} read, {refused} refused");
+    }
+
     use super::*;
 
     /// The example files the README points at are valid configurations.
