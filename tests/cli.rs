@@ -462,3 +462,39 @@ fn sigterm_leaves_none_of_the_files_the_vmm_created() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn resume_state_after_kill_9_reuses_a_file_ram_backing() {
+    let dir = common::TempDir::new("cli-resume-ram");
+    let (state, ram, socket) = (dir.join("vm.state"), dir.join("guest.ram"), dir.join("api.sock"));
+    let start = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::vmm_bin());
+        cmd.args(["run", "--serial", "none", "--api-sock"]).arg(&socket).args(args).stdin(std::process::Stdio::null());
+        let child = common::Reaped(cmd.spawn().unwrap());
+        let wait = std::time::Duration::from_secs(60);
+        vmm::api::ApiClient::connect_within(&socket, wait, wait).expect("the VM is up");
+        child
+    };
+    let ram_arg = format!("file={}", ram.display());
+    let mut first = start(&[
+        "--kernel",
+        common::microguest(),
+        "--cmdline",
+        "prog=memtouch mib=8 verify_until_input=1",
+        "--ram-backing",
+        &ram_arg,
+        "--state-file",
+        state.to_str().unwrap(),
+    ]);
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let _ = std::fs::remove_file(&socket);
+    assert!(std::fs::metadata(&ram).unwrap().len() > 0, "kill -9 leaves the RAM file behind");
+    // The resumed VM boots on it anyway: the dead guest's memory is emptied first.
+    let mut resumed = start(&["--resume-state", state.to_str().unwrap()]);
+    let mut api = vmm::api::ApiClient::connect(&socket, std::time::Duration::from_secs(60)).unwrap();
+    assert_eq!(api.request("GET", "/vm", None).unwrap().status, 200);
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(resumed.0.id() as i32, libc::SIGTERM) };
+    resumed.0.wait().unwrap();
+}

@@ -305,7 +305,13 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
             let serial = args.serial.clone().unwrap_or_default();
             VmBuilder::restore(dir, args.memory).serial(serial)
         }
-        None => VmBuilder::from_config(resolve_config(args)?),
+        None => {
+            let config = resolve_config(args)?;
+            if args.resume_state.is_some() {
+                forget_crashed_ram(&config.ram_backing)?;
+            }
+            VmBuilder::from_config(config)
+        }
     };
     let signals = StopSignals::catch().map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
     // The console is set up before the guest can print: the hint comes first, and keys typed
@@ -367,6 +373,24 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         return Ok((128 + signal) as u8);
     }
     Ok(exit.process_status() as u8)
+}
+
+/// A VMM killed with a file RAM backing leaves the file full of the old guest's memory, which
+/// a new VM would refuse to overwrite; on `--resume-state` that memory is dead (the guest boots
+/// again), so the file is emptied.
+fn forget_crashed_ram(backing: &vmm::RamBacking) -> Result<(), Failure> {
+    if let vmm::RamBacking::File { path } = backing
+        && std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
+    {
+        log::info!("{}: the crashed VM's RAM, emptied for the resumed one", path.display());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(0))
+            .with_context(|| format!("cannot empty the RAM file {}", path.display()))
+            .map_err(Failure::runtime)?;
+    }
+    Ok(())
 }
 
 /// Drops the VM here, so that what it removes when dropped (its vsock socket, a RAM file it
