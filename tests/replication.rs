@@ -230,6 +230,16 @@ fn twenty_switchovers_under_disk_load_lose_no_dma() {
         let Shadow { child: next, socket: next_socket, console: next_log, .. } = shadow;
         (child, socket, log) = (next, next_socket, next_log);
     }
+    // The VM's last home locked the image once the commit was done: another VMM is refused.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = common::run_microguest("prog=hello", &["--disk", &format!("path={},readonly=on", image.display())]);
+        if out.stderr.contains("is in use by another process") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shadow never locked the image: {}", out.stderr);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (status, _) = call(&socket, "POST", "/serial/input", Some(json!({"data": "q"})));
     assert_eq!(status, 200);
     assert_eq!(exit_status(&mut child), Some(0), "{}", console(&log));

@@ -325,9 +325,14 @@ impl Received {
                             Ok(other) => log::warn!("after the switchover the primary sent {other:?}"),
                             Err(e) => log::info!("the primary's link ended after the switchover: {e}"),
                         }
-                        // The VM stays here: its disk writes are for good.
+                        // The VM stays here: its disk writes are for good, and its images are its
+                        // own (the primary lets go of them as it exits).
                         if let Some(vm) = watched.upgrade() {
                             vm.keep_disk_writes();
+                            let unlocked = vm.lock_disks(Duration::from_secs(10));
+                            if !unlocked.is_empty() {
+                                log::warn!("shadow: could not lock {unlocked:?} after the commit");
+                            }
                         }
                     }
                 }

@@ -133,6 +133,8 @@ pub struct Vm {
     ram: GuestRam,
     /// Disks logging what they overwrite (a shadow's, until commit or rollback).
     undo: Vec<(String, UndoLog)>,
+    /// Image locks taken after the fact (a shadow's disks, once the switchover commits).
+    disk_locks: Mutex<Vec<devices::blk::backend::ImageLock>>,
 }
 
 /// What the builder assembled, handed to [`Vm::new`].
@@ -166,6 +168,7 @@ impl Vm {
             shm,
             ram,
             undo,
+            disk_locks: Mutex::default(),
         }
     }
 
@@ -200,6 +203,31 @@ impl Vm {
         for (_, log) in &self.undo {
             log.commit();
         }
+    }
+
+    /// Locks the images of the disks now in use (a shadow's, which opened them while the
+    /// primary held them): turns locking back on for this process, and tries each image for up
+    /// to `patience` while the primary lets go. Returns the images it could not lock.
+    pub fn lock_disks(&self, patience: Duration) -> Vec<String> {
+        devices::blk::backend::lock::set_enabled(true);
+        let disks: Vec<_> =
+            self.current_config().disks.into_iter().filter_map(|d| Some((d.path?, d.readonly))).collect();
+        let deadline = std::time::Instant::now() + patience;
+        let mut failed = Vec::new();
+        for (path, readonly) in disks {
+            loop {
+                match devices::blk::backend::lock_image(&path, readonly) {
+                    Ok(lock) => break self.disk_locks.lock().unwrap_or_else(|p| p.into_inner()).push(lock),
+                    Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                    Err(e) => {
+                        log::warn!("{e}");
+                        failed.push(path.display().to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        failed
     }
 
     /// The VM's virtio devices.
