@@ -743,9 +743,20 @@ fn two_shadows_at_once_and_a_switchover_to_either() {
     assert_eq!(state_of(second.target()), Some(json!("switched_over")), "{all}");
     // The other shadow is told nothing more: it gives up, and its copy goes.
     assert_ne!(exit_status(&mut first.child), Some(0), "the first shadow gives up");
-    let (_, all) = call(&primary.socket, "GET", "/replication", None);
-    let first_state = all["shadows"].as_array().unwrap().iter().find(|s| s["target"] == first.target()).cloned();
-    assert_eq!(first_state.map(|s| s["state"].clone()), Some(json!("stopped")), "{all}");
+    // Its replication thread records the stop once it has wound down, which may come a moment
+    // after the shadow's process is gone.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, all) = call(&primary.socket, "GET", "/replication", None);
+        let first_state = all["shadows"].as_array().unwrap().iter().find(|s| s["target"] == first.target()).cloned();
+        let state = first_state.map(|s| s["state"].clone());
+        if state == Some(json!("stopped")) {
+            break;
+        }
+        assert_eq!(state, Some(json!("replicating")), "stopping, if not stopped yet: {all}");
+        assert!(Instant::now() < deadline, "the first shadow never shows as stopped: {all}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     ApiClient::connect_within(&second.socket, WAIT, WAIT).expect("the second shadow's API answers");
     let (status, committed) = call(&primary.socket, "POST", "/replication/commit", None);
