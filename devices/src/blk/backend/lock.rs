@@ -42,14 +42,24 @@ fn registry() -> &'static Registry {
 /// A lock on one image, released when the last holder drops it.
 #[derive(Clone)]
 pub struct ImageLock {
-    _held: Option<Arc<Held>>,
+    held: Option<Arc<Held>>,
+}
+
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        // The last holder closes the lock's descriptor under the registry's mutex: a new
+        // holder (a swap to another engine on the same image) either shares the lock or takes
+        // it after it is gone, never while it is being let go.
+        let _registry = registry().lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.held.take());
+    }
 }
 
 /// Locks the image at `path`: exclusively unless `read_only`. Fails at once (never waits)
 /// when another process holds a conflicting lock.
 pub fn lock_image(path: &Path, read_only: bool) -> Result<ImageLock, BackendError> {
     if !ENABLED.load(Ordering::Relaxed) {
-        return Ok(ImageLock { _held: None });
+        return Ok(ImageLock { held: None });
     }
     let open_err = |source| BackendError::Open { path: path.to_path_buf(), source };
     let meta = std::fs::metadata(path).map_err(open_err)?;
@@ -69,14 +79,14 @@ pub fn lock_image(path: &Path, read_only: bool) -> Result<ImageLock, BackendErro
             *exclusive = true;
         }
         drop(exclusive);
-        return Ok(ImageLock { _held: Some(existing) });
+        return Ok(ImageLock { held: Some(existing) });
     }
     let file = File::open(path).map_err(open_err)?;
     flock(&file, !read_only).map_err(|e| locked(path, e))?;
     let entry = Arc::new(Held { file, exclusive: Mutex::new(!read_only) });
     held.retain(|_, weak| weak.strong_count() > 0);
     held.insert(key, Arc::downgrade(&entry));
-    Ok(ImageLock { _held: Some(entry) })
+    Ok(ImageLock { held: Some(entry) })
 }
 
 fn flock(file: &File, exclusive: bool) -> io::Result<()> {
