@@ -515,6 +515,16 @@ fn load(
     })
 }
 
+/// Four clients loading the swarm on a thread until the flag returned is set.
+fn start_load(
+    swarm: &SwarmProc,
+    tampering_tolerated: bool,
+) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<Answered>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (address, flag) = (swarm.address.clone(), stop.clone());
+    (stop, std::thread::spawn(move || load(&address, 4, flag, tampering_tolerated)))
+}
+
 fn counters(swarm: &SwarmProc) -> Value {
     swarm.wait_until("no request in flight", |s| s["requests"]["in_flight"] == 0)["requests"].clone()
 }
@@ -523,12 +533,7 @@ fn counters(swarm: &SwarmProc) -> Value {
 fn scaling_a_layer_up_and_down_under_load_answers_every_request_once() {
     let dir = TempDir::new("swarm-scale");
     let swarm = SwarmProc::start(&dir, three_layers(1, 4));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let address = swarm.address.clone();
-    let clients = {
-        let stop = stop.clone();
-        std::thread::spawn(move || load(&address, 4, stop, false))
-    };
+    let (stop, clients) = start_load(&swarm, false);
     let (code, body) = swarm.control("POST", "/layers/auth/scale", Some(json!({"instances": 3})));
     assert_eq!(code, 200, "{body}");
     let grown = swarm.wait_until("three auth VMs ready", |s| {
@@ -558,12 +563,7 @@ fn scaling_a_layer_up_and_down_under_load_answers_every_request_once() {
 fn a_layer_vm_killed_mid_load_loses_no_request() {
     let dir = TempDir::new("swarm-kill");
     let swarm = SwarmProc::start(&dir, three_layers(2, 2));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let address = swarm.address.clone();
-    let clients = {
-        let stop = stop.clone();
-        std::thread::spawn(move || load(&address, 4, stop, false))
-    };
+    let (stop, clients) = start_load(&swarm, false);
     let busy = swarm.wait_until("both auth VMs serving", |s| {
         SwarmProc::vms_of(s, "auth").iter().all(|v| v["served"].as_u64().unwrap() > 50)
     });
@@ -593,12 +593,7 @@ fn a_layer_vm_killed_mid_load_loses_no_request() {
 fn a_hostile_guest_on_a_layer_vm_ring_is_cut_off_and_its_requests_retried() {
     let dir = TempDir::new("swarm-hostile");
     let swarm = SwarmProc::start(&dir, three_layers(2, 2));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let address = swarm.address.clone();
-    let clients = {
-        let stop = stop.clone();
-        std::thread::spawn(move || load(&address, 4, stop, true))
-    };
+    let (stop, clients) = start_load(&swarm, true);
     let busy = swarm.wait_until("both auth VMs serving", |s| {
         SwarmProc::vms_of(s, "auth").iter().all(|v| v["served"].as_u64().unwrap() > 50)
     });

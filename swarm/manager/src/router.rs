@@ -365,6 +365,8 @@ impl Router {
     /// without holding up the others; one no VM of its layer could ever take is refused.
     fn dispatch(&mut self) -> bool {
         let mut any = false;
+        // Every lane has the configured slots: one buffer serves every request.
+        let mut buf = vec![0u8; self.config.slot_size as usize];
         for layer in 0..self.queued.len() {
             let mut woken = Vec::new();
             let mut waiting = VecDeque::new();
@@ -405,8 +407,9 @@ impl Router {
                     payload_len: request.payload.len() as u32,
                 };
                 let instance = self.instances.get_mut(&vm).expect("picked");
-                let mut buf = vec![0u8; instance.to_vm.max_message()];
-                let written = header.encode(&request.payload, &mut buf).map(|len| instance.to_vm.write(&buf[..len]));
+                let cap = instance.to_vm.max_message().min(buf.len());
+                let written =
+                    header.encode(&request.payload, &mut buf[..cap]).map(|len| instance.to_vm.write(&buf[..len]));
                 match written {
                     Some(Ok(())) => {
                         instance.in_flight.insert(id);
