@@ -209,7 +209,13 @@ fn a_region_attaches_and_detaches_while_traffic_runs() {
     let mut greeting = [0u8; 128];
     let len = lane.pop(&mut greeting).unwrap().expect("a greeting in lane 1");
     assert_eq!(&greeting[..len], b"hello from party 1");
-    assert!(regions[1].doorbell(0).unwrap().read().unwrap() > 0, "the guest rang party 0's doorbell");
+    // The guest prints its greeting, then rings: wait for the ring.
+    let doorbell = regions[1].doorbell(0).unwrap();
+    let mut fd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(doorbell), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for a descriptor that outlives the call.
+    let ready = unsafe { libc::poll(&mut fd, 1, WAIT.as_millis() as i32) };
+    assert_eq!(ready, 1, "the guest never rang party 0's doorbell");
+    assert!(doorbell.read().unwrap() > 0);
     // A window in use is not attached twice; one that does not exist is named.
     let (status, body) = pong.call("PUT", "/shm/1", Some(extra));
     assert_eq!(status, 409, "{body}");
