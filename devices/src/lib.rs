@@ -11,6 +11,9 @@
 pub mod blk;
 pub mod bus;
 pub mod exit;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod interrupt;
 pub mod legacy;
 pub mod lifecycle;

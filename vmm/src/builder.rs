@@ -12,6 +12,7 @@ use devices::legacy::{DebugExit, I8042, SerialConsole, SerialOutput, SerialSnaps
 use devices::net::{NetSettings, VirtioNet};
 use devices::vsock::VirtioVsock;
 use vm_memory::GuestAddressSpace;
+use vmm_sandbox::Sandbox;
 
 use crate::acpi::{self, AcpiConfig, AcpiError, MmioDevice};
 use crate::boot::{self, BootError, BootProtocol, BootSpec};
@@ -67,6 +68,9 @@ pub enum BuildError {
     /// A shared-memory region could not be attached.
     #[error(transparent)]
     Shm(#[from] ShmError),
+    /// The sandbox ([`VmBuilder::sandbox`]) could not be entered.
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] vmm_sandbox::SandboxError),
     /// A host resource (event loop, interrupt eventfd, thread...) could not be set up.
     #[error("cannot set up {what}: {source}")]
     Io {
@@ -98,6 +102,8 @@ pub struct VmBuilder {
     restore: Option<(PathBuf, MemoryMode)>,
     /// Log what the disks overwrite in this directory, so that it can be undone.
     undo_dir: Option<PathBuf>,
+    /// Closed around the process once the host resources are open.
+    sandbox: Sandbox,
 }
 
 impl VmBuilder {
@@ -108,7 +114,7 @@ impl VmBuilder {
 
     /// A VM described by `config` (devices included); it is validated by [`start`](Self::start).
     pub fn from_config(config: VmConfig) -> Self {
-        Self { config, serial_output: None, restore: None, undo_dir: None }
+        Self { config, serial_output: None, restore: None, undo_dir: None, sandbox: Sandbox::default() }
     }
 
     /// A VM that continues where the one saved in snapshot directory `dir` stopped, on the same
@@ -116,7 +122,13 @@ impl VmBuilder {
     /// can still be chosen ([`serial`](Self::serial), [`serial_output`](Self::serial_output));
     /// nothing else applies.
     pub fn restore(dir: impl Into<PathBuf>, memory: MemoryMode) -> Self {
-        Self { config: VmConfig::new(""), serial_output: None, restore: Some((dir.into(), memory)), undo_dir: None }
+        Self {
+            config: VmConfig::new(""),
+            serial_output: None,
+            restore: Some((dir.into(), memory)),
+            undo_dir: None,
+            sandbox: Sandbox::default(),
+        }
     }
 
     /// The configuration built so far (for a restore only its `serial` applies: the snapshot
@@ -179,6 +191,14 @@ impl VmBuilder {
     /// to hand the VM back to its primary); [`Vm::keep_disk_writes`] ends the logging.
     pub fn log_disk_overwrites(mut self, dir: impl Into<PathBuf>) -> Self {
         self.undo_dir = Some(dir.into());
+        self
+    }
+
+    /// Enters `sandbox` (a jail, seccomp filters) once the VM's host resources are open (KVM,
+    /// RAM, disk images, taps, sockets) and before its device loop and vCPUs start: they
+    /// start inside it, the vCPUs and the device loop each under their own narrower filter.
+    pub fn sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = sandbox;
         self
     }
 
@@ -262,6 +282,7 @@ impl VmBuilder {
                 undo.extend(log.map(|log| (entry.id.clone(), log)));
             }
         }
+        self.sandbox.enter()?;
         let (mmio, devices) = devices.start().map_err(|source| BuildError::Io { what: "device event loop", source })?;
         let ctx = Arc::new(ExitContext::new(Arc::new(pio), Arc::new(mmio), exit.clone()));
         let vcpus = Vcpus::start(vcpus, ctx).map_err(|source| BuildError::Io { what: "vCPU threads", source })?;

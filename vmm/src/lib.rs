@@ -56,6 +56,9 @@ mod builder;
 pub mod config;
 mod device_manager;
 mod exit;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod hv;
 mod memory;
 #[cfg(test)]

@@ -31,7 +31,15 @@ impl EventLoopBuilder {
         let endpoint = manager.remote_endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let (sandboxed, entered) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new().name("devices".into()).spawn(move || {
+            // The loop runs what the guest puts in the queues: narrowed to what devices need.
+            let entered = vmm_sandbox::seccomp::enter(vmm_sandbox::Role::Devices);
+            let failed = entered.is_err();
+            let _ = sandboxed.send(entered);
+            if failed {
+                return;
+            }
             while !stop_flag.load(Ordering::Acquire) {
                 if let Err(e) = manager.run() {
                     log::error!("device event loop: {e:?}");
@@ -39,7 +47,11 @@ impl EventLoopBuilder {
                 }
             }
         })?;
-        Ok(EventLoop { endpoint, stop, thread: Some(thread) })
+        match entered.recv() {
+            Ok(Ok(())) => Ok(EventLoop { endpoint, stop, thread: Some(thread) }),
+            Ok(Err(e)) => Err(std::io::Error::other(format!("the device thread's sandbox: {e}"))),
+            Err(_) => Err(std::io::Error::other("the device thread ended at its start")),
+        }
     }
 }
 

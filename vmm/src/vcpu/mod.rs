@@ -169,6 +169,11 @@ impl Drop for Vcpus {
 fn run_loop(index: usize, mut vcpu: KvmVcpu, ctx: &ExitContext, control: &RunControl<KvmVcpu>) -> KvmVcpu {
     // The creating thread may block signals; the kick must get through.
     let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
+    // The thread a guest drives most directly: narrowed to what KVM_RUN and its exits need.
+    if let Err(e) = vmm_sandbox::seccomp::enter(vmm_sandbox::Role::Vcpu) {
+        ctx.vmm_panicked(&vcpu, &format!("vCPU thread cannot enter its sandbox: {e}"));
+        return vcpu;
+    }
     // Whether the last KVM_RUN ended in an exit served here, whose result KVM has yet to apply.
     let mut exit_served = false;
     loop {

@@ -81,19 +81,25 @@ pub(super) fn zero_range(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// Advances an iovec list past `n` bytes.
+/// Completed operations the sync engine holds before it refuses more (`can_submit`).
+const MAX_UNREAPED: usize = 256;
+
+/// Advances an iovec list past `n` bytes: the buffers fully done go in one move (a request
+/// may carry hundreds of segments; removing them one at a time would be quadratic).
 fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
-    while n > 0 && !iovecs.is_empty() {
-        if n >= iovecs[0].iov_len {
-            n -= iovecs[0].iov_len;
-            iovecs.remove(0);
+    let mut done = 0;
+    while n > 0 && done < iovecs.len() {
+        if n >= iovecs[done].iov_len {
+            n -= iovecs[done].iov_len;
+            done += 1;
         } else {
             // SAFETY: stays inside the buffer, n < iov_len.
-            iovecs[0].iov_base = unsafe { iovecs[0].iov_base.cast::<u8>().add(n).cast() };
-            iovecs[0].iov_len -= n;
+            iovecs[done].iov_base = unsafe { iovecs[done].iov_base.cast::<u8>().add(n).cast() };
+            iovecs[done].iov_len -= n;
             n = 0;
         }
     }
+    iovecs.drain(..done);
 }
 
 /// `preadv` until every buffer is filled; past the end of the file, buffers are zero filled.
@@ -161,7 +167,9 @@ impl BlockBackend for FileBackend {
     }
 
     fn can_submit(&self) -> bool {
-        true
+        // Results wait here until the device reaps them: a queue's worth at most, however
+        // fast the guest submits.
+        self.done.len() < MAX_UNREAPED
     }
 
     fn poll_completions(&mut self, out: &mut Vec<Completion>) {

@@ -23,7 +23,7 @@ pub use fault::{Fault, FaultyBackend};
 pub use file::FileBackend;
 pub use lock::{ImageLock, LockedBackend, lock_image};
 pub use mirror::{Half, MirrorBackend, MirrorControl, MirrorProgress};
-pub use nbd::{NbdBackend, NbdTarget};
+pub use nbd::{NbdBackend, NbdTarget, NbdTimeouts};
 pub use probe::{ProbeError, probe};
 pub use uring::UringBackend;
 

@@ -13,6 +13,7 @@ use vmm::snapshot::MemoryMode;
 use vmm::{BootProtocol, BuildError, RamBacking, SerialConfig, VmBuilder, VmConfig};
 
 use crate::console::{self, RawTerminal, StdinMode, StopSignals};
+use crate::sandbox::{self, SandboxArgs};
 
 /// Exit status for bad input (flags, config file, kernel image).
 pub const STATUS_BAD_INPUT: u8 = 2;
@@ -154,6 +155,8 @@ pub struct RunArgs {
     /// (empty RAM, each page filled on first touch by a userfaultfd handler).
     #[arg(long, value_name = "MODE", requires = "restore", default_value = "eager", value_parser = parse_memory_mode)]
     pub memory: MemoryMode,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 fn parse_ram_backing(s: &str) -> Result<RamBacking, String> {
@@ -300,19 +303,28 @@ fn read_config_file(path: &Path) -> anyhow::Result<Map<String, Value>> {
 /// `vmm run`.
 pub fn run(args: &RunArgs) -> Result<u8, Failure> {
     let started = std::time::Instant::now();
+    // First: the PID namespace forks, which must happen while this is the only thread.
+    let jail = args.sandbox.prepare()?;
+    let jailed = |path: &Path| sandbox::jailed_path(jail.as_ref(), path);
+    let api_sock = args.api_sock.as_deref().map(jailed).transpose()?;
+    let state_file = args.state_file.as_ref().or(args.resume_state.as_ref()).map(|p| jailed(p)).transpose()?;
     let builder = match &args.restore {
         Some(dir) => {
             let serial = args.serial.clone().unwrap_or_default();
             VmBuilder::restore(dir, args.memory).serial(serial)
         }
         None => {
-            let config = resolve_config(args)?;
+            let mut config = resolve_config(args)?;
+            if let Some(vsock) = &mut config.vsock {
+                vsock.socket = jailed(&vsock.socket)?;
+            }
             if args.resume_state.is_some() {
                 forget_crashed_ram(&config.ram_backing)?;
             }
             VmBuilder::from_config(config)
         }
     };
+    let builder = builder.sandbox(args.sandbox.sandbox(jail));
     let signals = StopSignals::catch().map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
     // The console is set up before the guest can print: the hint comes first, and keys typed
     // from the first instant reach the guest raw.
@@ -341,18 +353,18 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
         started.elapsed().as_secs_f64() * 1e3,
         process_cpu_ms()
     );
-    if let Some(path) = args.state_file.as_ref().or(args.resume_state.as_ref()) {
+    if let Some(path) = &state_file {
         vm.keep_config_in(path)
             .with_context(|| format!("cannot write the state file {}", path.display()))
             .map_err(Failure::runtime)?;
     }
     // Dropped (socket file removed) when this function returns.
-    let _api = match &args.api_sock {
+    let _api = match &api_sock {
         Some(path) => Some(ApiServer::start(path, vm.clone()).map_err(|e| Failure::bad_input(anyhow!(e)))?),
         None => None,
     };
     signals
-        .stop(vm.clone(), args.api_sock.as_deref())
+        .stop(vm.clone(), api_sock.as_deref())
         .map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
     match stdin_mode {
         Some(StdinMode::Background) => {

@@ -12,6 +12,7 @@ mod console;
 mod ctl;
 mod demo;
 mod logger;
+mod sandbox;
 mod shadow;
 mod swarm;
 

@@ -30,6 +30,9 @@ pub struct ShadowArgs {
     /// The VM's serial console once it runs here: stdout, none or file:PATH [default: stdout].
     #[arg(long, value_name = "DEST", value_parser = crate::cli::parse_serial)]
     pub serial: Option<SerialConfig>,
+    /// Run without the seccomp filters (on by default, as for `vmm run`).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
@@ -53,6 +56,11 @@ pub fn run(args: &ShadowArgs) -> Result<u8, Failure> {
     // protocol, not a lock, keeps the two from writing at once (the primary never writes after
     // freezing, the shadow never before activating).
     devices::blk::backend::lock::set_enabled(false);
+    // Before any thread starts: they all inherit the control-plane filter, and the VM's vCPUs
+    // and device loop narrow it when the switchover starts them.
+    if !args.no_seccomp {
+        vmm_sandbox::seccomp::enable(vmm_sandbox::Process::Shadow).map_err(|e| Failure::runtime(anyhow!(e)))?;
+    }
     let (dir, _own) = match &args.dir {
         Some(dir) => (dir.clone(), OwnDir(None)),
         None => {

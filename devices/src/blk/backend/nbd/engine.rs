@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::protocol::*;
-use super::{Shared, connection_lost};
+use super::{NbdTarget, NbdTimeouts, Shared, connection_lost, open_session};
 use crate::blk::backend::{BlockOp, Completion, IoBuf, total_len};
 
 /// How long the I/O thread tries to say goodbye (NBD_CMD_DISC) before just closing.
@@ -16,11 +16,21 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The kernel's limit on iovecs per call; longer lists are sent in several calls.
 const IOV_MAX: usize = 1024;
 
-/// An operation with NBD requests outstanding.
+/// An operation with NBD requests outstanding; kept whole, to be sent again on a new
+/// connection if this one fails.
 struct OpState {
+    op: BlockOp,
     parts: usize,
     bytes: u64,
     error: Option<io::Error>,
+}
+
+/// What it takes to open the same export again.
+pub(super) struct Session {
+    pub target: NbdTarget,
+    pub export: String,
+    pub size: u64,
+    pub timeouts: NbdTimeouts,
 }
 
 /// A request waiting for its reply.
@@ -74,6 +84,9 @@ pub(super) struct Engine {
     rx: Rx,
     /// Completions not yet handed to the event loop.
     finished: Vec<Completion>,
+    session: Session,
+    /// When the server last sent something, or requests started waiting on an idle link.
+    last_progress: Instant,
 }
 
 /// The iovecs for `bufs` minus their first `skip` bytes, at most `IOV_MAX` of them.
@@ -140,6 +153,7 @@ impl Engine {
         read_only: bool,
         max_chunk: u64,
         name: String,
+        session: Session,
     ) -> Engine {
         Engine {
             fd: stream.as_raw_fd(),
@@ -156,14 +170,90 @@ impl Engine {
             sent: 0,
             rx: Rx::header(),
             finished: Vec::new(),
+            session,
+            last_progress: Instant::now(),
         }
     }
 
     pub(super) fn run(mut self) {
-        match self.serve() {
-            Ok(()) => self.disconnect(),
-            Err(reason) => self.fail_all(&reason),
+        loop {
+            match self.serve() {
+                Ok(()) => return self.disconnect(),
+                Err(reason) if self.reconnect(&reason) => continue,
+                Err(reason) => return self.fail_all(&reason),
+            }
         }
+    }
+
+    /// Opens the export again, retrying until the reconnect deadline, then sends every
+    /// operation still in flight once more (NBD commands are idempotent: a write repeated
+    /// lands the same bytes). Requests submitted meanwhile wait in the queue. `false`: the
+    /// deadline passed, the export changed, or the backend is stopping.
+    fn reconnect(&mut self, reason: &str) -> bool {
+        let timeout = self.session.timeouts.reconnect;
+        if timeout.is_zero() {
+            return false;
+        }
+        log::warn!(
+            "{}: {reason}; reconnecting for up to {} ms, {} operation(s) to retry",
+            self.name,
+            timeout.as_millis(),
+            self.ops.len()
+        );
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            if self.shared.lock().stop {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::error!("{}: the server did not come back within {} ms", self.name, timeout.as_millis());
+                return false;
+            }
+            match open_session(&self.session.target, &self.session.export, left.min(HANDSHAKE_TIMEOUT)) {
+                Ok((stream, export)) if export.size != self.session.size => {
+                    log::error!(
+                        "{}: the export came back with {} bytes instead of {}",
+                        self.name,
+                        export.size,
+                        self.session.size
+                    );
+                    drop(stream);
+                    return false;
+                }
+                Ok((stream, _)) => match stream.set_timeout(None).and_then(|()| stream.set_nonblocking()) {
+                    Ok(()) => {
+                        self.fd = stream.as_raw_fd();
+                        self._stream = stream;
+                        self.retry_all();
+                        log::warn!("{}: reconnected; {} operation(s) sent again", self.name, self.ops.len());
+                        return true;
+                    }
+                    Err(e) => log::debug!("{}: reconnect: {e}", self.name),
+                },
+                Err(e) => log::debug!("{}: reconnect: {e}", self.name),
+            }
+            // Sleeps, but wakes for a stop.
+            let mut pfd = libc::pollfd { fd: self.shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, pause.min(left).as_millis().max(1) as i32) };
+            let _ = self.shared.wake.read();
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Starts every unfinished operation afresh on the new connection.
+    fn retry_all(&mut self) {
+        self.awaiting.clear();
+        self.outgoing.clear();
+        self.sent = 0;
+        self.rx = Rx::header();
+        let ops: Vec<(u64, OpState)> = self.ops.drain().collect();
+        for (token, state) in ops {
+            self.start(token, state.op);
+        }
+        self.last_progress = Instant::now();
     }
 
     /// Moves requests and replies until told to stop (`Ok`) or the connection fails (`Err`).
@@ -187,8 +277,20 @@ impl Engine {
                 libc::pollfd { fd: self.fd, events: libc::POLLIN | out, revents: 0 },
                 libc::pollfd { fd: self.shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
+            // Requests waiting: the server has `timeouts.io` to say something.
+            let wait_ms = match self.awaiting.is_empty() {
+                true => -1,
+                false => {
+                    let io = self.session.timeouts.io;
+                    let left = io.saturating_sub(self.last_progress.elapsed());
+                    if left.is_zero() {
+                        return Err(format!("no answer from the server for {} ms", io.as_millis()));
+                    }
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+            };
             // SAFETY: two valid pollfds.
-            if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if unsafe { libc::poll(fds.as_mut_ptr(), 2, wait_ms) } < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -217,9 +319,9 @@ impl Engine {
         let unsupported = || Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         let read_only = || Err(io::Error::from_raw_os_error(libc::EROFS));
         let plan = match op {
-            BlockOp::Read { offset, bufs } => Ok(self.data_requests(CMD_READ, offset, &bufs)),
+            BlockOp::Read { offset, ref bufs } => Ok(self.data_requests(CMD_READ, offset, bufs)),
             BlockOp::Write { .. } if self.read_only => read_only(),
-            BlockOp::Write { offset, bufs } => Ok(self.data_requests(CMD_WRITE, offset, &bufs)),
+            BlockOp::Write { offset, ref bufs } => Ok(self.data_requests(CMD_WRITE, offset, bufs)),
             // Without NBD_FLAG_SEND_FLUSH the server has no volatile cache worth flushing.
             BlockOp::Flush if self.flags & FLAG_SEND_FLUSH == 0 => Ok(Vec::new()),
             BlockOp::Flush => Ok(vec![(CMD_FLUSH, 0, 0, Vec::new())]),
@@ -237,7 +339,11 @@ impl Engine {
             Ok(r) if r.is_empty() => return self.finished.push((token, Ok(0))),
             Ok(r) => r,
         };
-        self.ops.insert(token, OpState { parts: requests.len(), bytes: 0, error: None });
+        if self.awaiting.is_empty() {
+            // The server's time to answer starts now, not when it last answered.
+            self.last_progress = Instant::now();
+        }
+        self.ops.insert(token, OpState { op, parts: requests.len(), bytes: 0, error: None });
         for (cmd, offset, len, bufs) in requests {
             let handle = self.next_handle;
             self.next_handle = self.next_handle.wrapping_add(1);
@@ -337,6 +443,7 @@ impl Engine {
             if n == 0 {
                 return Err("the server closed the connection".into());
             }
+            self.last_progress = Instant::now();
             match &mut self.rx {
                 Rx::Header { buf, filled } => {
                     *filled += n as usize;

@@ -24,11 +24,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{BackendError, BlockBackend, BlockInfo, BlockOp, Completion};
-use engine::Engine;
+use engine::{Engine, Session};
 use protocol::*;
 
 /// Operations accepted and not yet reaped; `can_submit` refuses more. Large operations may
@@ -87,6 +88,34 @@ impl Shared {
     }
 }
 
+/// How long the NBD backend waits on a server before it gives up on the connection, and how
+/// long it then tries to open a new one before failing the guest's requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NbdTimeouts {
+    /// Requests waiting and not a byte from the server for this long: the connection is
+    /// treated as lost (a hung server, a black-holed link).
+    pub io: Duration,
+    /// After a lost connection: keep reconnecting for this long, then fail what is in flight
+    /// and everything after. Zero: fail at once.
+    pub reconnect: Duration,
+}
+
+impl Default for NbdTimeouts {
+    fn default() -> Self {
+        // Linux's nbd client waits 30 s per request by default; a server restart (a package
+        // upgrade, a failover) fits in the reconnect window.
+        NbdTimeouts { io: Duration::from_secs(30), reconnect: Duration::from_secs(30) }
+    }
+}
+
+/// Connects to `target` and negotiates export `name`: the blocking socket, and the export.
+fn open_session(target: &NbdTarget, name: &str, timeout: Duration) -> Result<(Stream, Export), String> {
+    let mut stream = Stream::connect(target).map_err(|e| format!("cannot connect: {e}"))?;
+    stream.set_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let export = handshake(&mut stream, name)?;
+    Ok((stream, export))
+}
+
 fn connection_lost(reason: &str) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, format!("NBD connection lost: {reason}"))
 }
@@ -100,8 +129,19 @@ pub struct NbdBackend {
 }
 
 impl NbdBackend {
-    /// Connects to `target` and opens `export` (the server's default export if `None`).
+    /// Connects to `target` and opens `export` (the server's default export if `None`), with
+    /// the default timeouts.
     pub fn connect(target: &NbdTarget, export: Option<&str>, read_only: bool) -> Result<Self, BackendError> {
+        Self::connect_with(target, export, read_only, NbdTimeouts::default())
+    }
+
+    /// [`connect`](Self::connect) with chosen timeouts.
+    pub fn connect_with(
+        target: &NbdTarget,
+        export: Option<&str>,
+        read_only: bool,
+        timeouts: NbdTimeouts,
+    ) -> Result<Self, BackendError> {
         let description = match export {
             Some(name) => format!("nbd {target} export={name}"),
             None => format!("nbd {target}"),
@@ -111,9 +151,7 @@ impl NbdBackend {
         if name.len() > MAX_NAME {
             return Err(fail(format!("export name longer than {MAX_NAME} bytes")));
         }
-        let mut stream = Stream::connect(target).map_err(|e| fail(format!("cannot connect: {e}")))?;
-        stream.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| fail(e.to_string()))?;
-        let export = handshake(&mut stream, name).map_err(fail)?;
+        let (mut stream, export) = open_session(target, name, HANDSHAKE_TIMEOUT).map_err(fail)?;
         let hang_up = |stream: &mut Stream| {
             let _ = stream.write_all(&request_header(CMD_DISC, 0, 0, 0));
         };
@@ -146,7 +184,9 @@ impl NbdBackend {
             wake: EventFd::new(EFD_NONBLOCK).map_err(setup)?,
             done: EventFd::new(EFD_NONBLOCK).map_err(setup)?,
         });
-        let engine = Engine::new(stream, shared.clone(), flags, read_only, max_chunk, info.description.clone());
+        let session = Session { target: target.clone(), export: name.to_string(), size: export.size, timeouts };
+        let engine =
+            Engine::new(stream, shared.clone(), flags, read_only, max_chunk, info.description.clone(), session);
         let thread = std::thread::Builder::new().name("nbd-io".into()).spawn(move || engine.run()).map_err(setup)?;
         Ok(Self { info, shared, thread: Some(thread), in_flight: 0 })
     }
@@ -293,6 +333,27 @@ mod tests {
             let _ = self.child.wait();
         }
 
+        /// Kills the server and starts a new one on the same image and socket (a restart).
+        fn restart(&mut self) {
+            self.kill();
+            let _ = std::fs::remove_file(self.socket());
+            let mut cmd = Command::new("qemu-nbd");
+            cmd.args(["--format=raw", "--persistent", "--shared=4"])
+                .arg(format!("--socket={}", self.socket().display()))
+                .arg(self.dir.0.join("disk.img"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            self.child = cmd.spawn().expect("cannot run qemu-nbd (package qemu-utils)");
+            self.wait_ready();
+        }
+
+        /// Stops (SIGSTOP) or continues (SIGCONT) the server: a hung one.
+        fn signal(&self, signal: i32) {
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(self.child.id() as i32, signal) };
+        }
+
         fn socket(&self) -> &Path {
             match &self.target {
                 NbdTarget::Unix { path } => path,
@@ -427,9 +488,10 @@ mod tests {
     }
 
     #[test]
-    fn qemu_nbd_killed_mid_use() {
+    fn qemu_nbd_killed_mid_use_without_reconnecting() {
         let mut server = QemuNbd::start("kill", 1 << 20, false, &[]);
-        let mut b = NbdBackend::connect(&server.target, None, false).unwrap();
+        let no_reconnect = NbdTimeouts { reconnect: Duration::ZERO, ..NbdTimeouts::default() };
+        let mut b = NbdBackend::connect_with(&server.target, None, false, no_reconnect).unwrap();
         let mut buf = vec![3u8; 4096];
         run(&mut b, BlockOp::Write { offset: 0, bufs: vec![iobuf(&mut buf)] }).unwrap();
         // Requests in flight as the server dies: each completes, with data or an error.
@@ -446,6 +508,60 @@ mod tests {
         let started = Instant::now();
         drop(b);
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_restarted_server_gets_the_operations_in_flight_again() {
+        let mut server = QemuNbd::start("restart", 1 << 20, false, &[]);
+        let mut b = NbdBackend::connect(&server.target, None, false).unwrap();
+        let mut pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
+        for i in 0..16u64 {
+            run(&mut b, BlockOp::Write { offset: i * 65536, bufs: vec![iobuf(&mut pattern)] }).unwrap();
+        }
+        // Reads in flight as the server dies, and a write submitted while it is gone.
+        let mut bufs = vec![vec![0u8; 65536]; 16];
+        for (i, d) in bufs.iter_mut().enumerate() {
+            b.submit(i as u64, BlockOp::Read { offset: i as u64 * 65536, bufs: vec![iobuf(d)] }).unwrap();
+        }
+        b.flush().unwrap();
+        server.kill();
+        let mut late = vec![0xeeu8; 4096];
+        b.submit(100, BlockOp::Write { offset: 0, bufs: vec![iobuf(&mut late)] }).unwrap();
+        b.flush().unwrap();
+        server.restart();
+        let done = wait_all(&mut b, 17);
+        for (token, result) in &done {
+            assert!(result.is_ok(), "operation {token} failed across the restart: {result:?}");
+        }
+        for (i, d) in bufs.iter().enumerate() {
+            // The first block may already hold the late write: only its tail is checked.
+            let from = if i == 0 { 4096 } else { 0 };
+            assert_eq!(&d[from..], &pattern[from..], "read {i} came back wrong after the reconnect");
+        }
+        let mut check = vec![0u8; 4096];
+        run(&mut b, BlockOp::Read { offset: 0, bufs: vec![iobuf(&mut check)] }).unwrap();
+        assert_eq!(check, late, "the write made while the server was down landed");
+    }
+
+    #[test]
+    fn a_hung_server_times_out_and_requests_fail_after_the_reconnect_deadline() {
+        let server = QemuNbd::start("hung", 1 << 20, false, &[]);
+        let timeouts = NbdTimeouts { io: Duration::from_millis(300), reconnect: Duration::from_millis(700) };
+        let mut b = NbdBackend::connect_with(&server.target, None, false, timeouts).unwrap();
+        let mut buf = vec![0u8; 4096];
+        run(&mut b, BlockOp::Read { offset: 0, bufs: vec![iobuf(&mut buf)] }).unwrap();
+        server.signal(libc::SIGSTOP);
+        let started = Instant::now();
+        b.submit(1, BlockOp::Read { offset: 0, bufs: vec![iobuf(&mut buf)] }).unwrap();
+        let done = wait_all(&mut b, 1);
+        let waited = started.elapsed();
+        server.signal(libc::SIGCONT);
+        let err = done[0].1.as_ref().expect_err("a hung server's request must fail, not wait for ever");
+        assert!(err.to_string().contains("NBD connection lost"), "{err}");
+        // The I/O timeout, then the reconnect window (a stopped server accepts the connection
+        // but never answers the handshake).
+        assert!(waited >= Duration::from_millis(1000), "failed after {waited:?}, before both timeouts");
+        assert!(waited < Duration::from_secs(5), "failed only after {waited:?}");
     }
 
     /// Plays a server qemu-nbd cannot: refuses NBD_OPT_GO (forcing the NBD_OPT_EXPORT_NAME
