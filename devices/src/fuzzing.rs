@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::blk::request::{Limits, parse};
 
 use crate::blk::{FileBackend, VirtioBlock};
 use crate::bus::{BusDevice, lock_device};
@@ -300,6 +303,62 @@ pub fn run(target: Target, input: &[u8]) {
     }
 }
 
+const CHAIN_MEM_SIZE: usize = 0x4_0000;
+const CHAIN_DESC_TABLE: u64 = 0x1000;
+const CHAIN_AVAIL_RING: u64 = 0x3000;
+const CHAIN_USED_RING: u64 = 0x4000;
+const CHAIN_DATA: u64 = 0x8000;
+
+/// Block request parsing alone, with guest-controlled everything: byte 0 = queue size
+/// exponent (bit 7: a read-only disk), byte 1 = how many chains the driver claims, then the
+/// descriptor table (`16 * size` bytes), the avail ring entries, and data for guest memory.
+/// Whatever the input, parsing returns a request or a rejection, and a request's buffers lie
+/// within the limits it was checked against.
+pub fn blk_descriptor_chain(input: &[u8]) {
+    if input.len() < 2 {
+        return;
+    }
+    let size = 1u16 << (input[0] % 9); // 1..=256
+    let claimed = input[1];
+    let rest = &input[2..];
+    let table_len = (16 * usize::from(size)).min(rest.len());
+    let (table, rest) = rest.split_at(table_len);
+    let ring_len = (2 * usize::from(claimed)).min(rest.len());
+    let (ring, data) = rest.split_at(ring_len);
+
+    let mem: crate::GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), CHAIN_MEM_SIZE)]).unwrap();
+    mem.write_slice(table, GuestAddress(CHAIN_DESC_TABLE)).unwrap();
+    mem.write_obj(0u16, GuestAddress(CHAIN_AVAIL_RING)).unwrap();
+    mem.write_obj(u16::from(claimed), GuestAddress(CHAIN_AVAIL_RING + 2)).unwrap();
+    mem.write_slice(ring, GuestAddress(CHAIN_AVAIL_RING + 4)).unwrap();
+    let room = CHAIN_MEM_SIZE - CHAIN_DATA as usize;
+    mem.write_slice(&data[..data.len().min(room)], GuestAddress(CHAIN_DATA)).unwrap();
+
+    let mut queue = Queue::new(256).unwrap();
+    queue.set_size(size);
+    queue.set_desc_table_address(Some(CHAIN_DESC_TABLE as u32), Some(0));
+    queue.set_avail_ring_address(Some(CHAIN_AVAIL_RING as u32), Some(0));
+    queue.set_used_ring_address(Some(CHAIN_USED_RING as u32), Some(0));
+    queue.set_ready(true);
+    let limits = Limits {
+        capacity_sectors: 4096,
+        read_only: input[0] & 0x80 != 0,
+        discard: true,
+        write_zeroes: true,
+        max_descriptors: 256,
+    };
+    let Ok(iter) = queue.iter(&mem) else { return };
+    for chain in iter.take(usize::from(size)) {
+        // Whatever the input, parsing returns a request or a rejection, never panics or hangs,
+        // and a request's buffers lie within the limits it was checked against.
+        if let Ok(req) = parse(chain, &mem, &limits) {
+            assert!(req.data_len <= crate::blk::request::MAX_REQUEST_BYTES);
+            let end = req.sector.saturating_add(req.data_len / 512).saturating_add(req.range_sectors.into());
+            assert!(end <= limits.capacity_sectors, "sector {} beyond the capacity", req.sector);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +379,9 @@ mod tests {
             for input in inputs {
                 run(target, &std::fs::read(&input).unwrap());
             }
+        }
+        for input in std::fs::read_dir(root.join("blk_descriptor_chain")).unwrap() {
+            blk_descriptor_chain(&std::fs::read(input.unwrap().path()).unwrap());
         }
         let _ = std::fs::remove_dir_all(scratch_dir());
     }

@@ -175,7 +175,12 @@ extern "C" fn report_forbidden(_signal: libc::c_int, info: *mut libc::siginfo_t,
     let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24) as *const i32) };
     let mut line = Line::default();
     line.push(b"vmm: seccomp: thread '");
-    let name = THREAD_NAME.with(Cell::get);
+    let mut name = THREAD_NAME.with(Cell::get);
+    if name[0] == 0 {
+        // A thread that inherited its filter without entering a role: ask the kernel.
+        // SAFETY: PR_GET_NAME writes at most 16 bytes into our buffer; prctl is on every list.
+        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    }
     line.push(&name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())]);
     line.push(b"' (");
     line.push(THREAD_ROLE.with(Cell::get).map_or("control", Role::name).as_bytes());

@@ -27,6 +27,9 @@ const COMMON: &[i64] = &[
     libc::SYS_munmap,
     libc::SYS_mprotect,
     libc::SYS_madvise,
+    // The allocator grows large buffers in place, and the main arena moves its break.
+    libc::SYS_mremap,
+    libc::SYS_brk,
     libc::SYS_futex,
     libc::SYS_sched_yield,
     libc::SYS_sched_getaffinity,
@@ -60,7 +63,12 @@ const DEVICES: &[i64] = &[
     libc::SYS_pwritev2,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    // discard and write-zeroes on an image file.
+    libc::SYS_fallocate,
     libc::SYS_lseek,
+    // A backend dropped on the loop (the old one after a swap) waits for its last I/O.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
     libc::SYS_fcntl,
     libc::SYS_io_uring_enter,
     libc::SYS_recvfrom,
@@ -71,6 +79,8 @@ const DEVICES: &[i64] = &[
     // vsock: a connection the guest opens to a host port is a new Unix stream socket.
     libc::SYS_socket,
     libc::SYS_connect,
+    // vsock: a host program connecting in is accepted by the loop.
+    libc::SYS_accept4,
     libc::SYS_getsockopt,
     libc::SYS_openat,
     libc::SYS_newfstatat,
@@ -83,8 +93,6 @@ const DEVICES: &[i64] = &[
 /// snapshots and replication write files and talk over sockets), and building a VM (the shadow
 /// builds one at its switchover).
 const CONTROL: &[i64] = &[
-    libc::SYS_brk,
-    libc::SYS_mremap,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
@@ -104,8 +112,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_prlimit64,
     libc::SYS_uname,
     libc::SYS_sysinfo,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
     libc::SYS_pipe2,
     libc::SYS_epoll_create1,
     libc::SYS_socketpair,
@@ -122,7 +128,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_io_uring_register,
     libc::SYS_memfd_create,
     libc::SYS_userfaultfd,
-    libc::SYS_fallocate,
     libc::SYS_ftruncate,
     libc::SYS_flock,
     libc::SYS_fchmod,

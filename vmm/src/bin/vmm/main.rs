@@ -5,7 +5,8 @@
 //! are one line, never a panic or a backtrace (flag errors are clap's, with the usage of the
 //! subcommand at fault). Exit status: the guest's debug-exit status, 0 for a clean guest
 //! shutdown or a stop (`vmm ctl stop`, Ctrl-A x), 1 when the VMM fails or the guest crashes,
-//! 2 for bad input, 128 + N when signal N (SIGINT, SIGTERM, SIGHUP) stopped the VM.
+//! 2 for bad input, 128 + N when signal N (SIGINT, SIGTERM, SIGHUP) stopped the VM, 159 when a
+//! thread made a system call its seccomp filter forbids.
 
 mod cli;
 mod console;
