@@ -186,3 +186,46 @@ fn jail_flags_are_checked_before_anything_starts() {
     .expect_status(2)
     .expect_one_line_error("outside the jail");
 }
+
+#[test]
+fn a_jailed_vmm_stops_on_sigterm_even_while_it_starts_and_leaves_nothing() {
+    if !is_root() {
+        eprintln!("SKIPPED: --jail needs root; this test did not run");
+        return;
+    }
+    let dir = TempDir::new("jail-term");
+    let jail = dir.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    std::os::unix::fs::chown(&jail, Some(NOBODY), Some(NOBODY)).unwrap();
+    for early in [true, false] {
+        let mut cmd = Command::new(common::vmm_bin());
+        cmd.args(["run", "--jail"])
+            .arg(&jail)
+            .args(["--uid", &NOBODY.to_string(), "--gid", &NOBODY.to_string()])
+            .args(["--kernel", common::microguest(), "--cmdline", "prog=idle", "--serial", "none"])
+            .args(["--api-sock", "api.sock"])
+            .stdin(Stdio::null());
+        let mut child = Reaped(cmd.spawn().unwrap());
+        // A hang fails the test instead of stalling the suite.
+        let _watchdog = common::peers::Watchdog::kill_after(child.0.id(), WAIT);
+        if !early {
+            vmm::api::ApiClient::connect_within(&jail.join("api.sock"), WAIT, WAIT).expect("the VM is up");
+        }
+        // Early: the signal lands while the VMM is still being built (its handlers may not
+        // exist yet), and must not be lost by PID 1 of the new namespace.
+        // SAFETY: signals our own child (the process waiting outside the namespace).
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        let status = child.0.wait().unwrap();
+        // Early enough, the signal ends the process before it installed anything (as it
+        // would any program); later, the VMM stops the guest and exits 143. Never a hang
+        // (the watchdog's SIGKILL), never a leftover file.
+        use std::os::unix::process::ExitStatusExt;
+        let stopped = status.code() == Some(128 + libc::SIGTERM) || status.signal() == Some(libc::SIGTERM);
+        assert!(stopped, "early={early}: {status:?}");
+        if !early {
+            assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+        }
+        let left: Vec<_> = std::fs::read_dir(&jail).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "early={early}: left behind {left:?}");
+    }
+}

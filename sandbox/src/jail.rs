@@ -4,7 +4,8 @@
 //! - **PID namespace** ([`enter_pid_namespace`], at process start): the VMM runs as PID 1 of
 //!   a namespace of its own, so it cannot see or signal any other process; the original
 //!   process only waits for it, passes on SIGTERM/SIGINT/SIGHUP and exits with its status.
-//! - **Mount, IPC and UTS namespaces, and `pivot_root`** into `DIR` ([`Jail::enter`]): the
+//! - **Mount, IPC and UTS namespaces** ([`Jail::isolate`], while the process has one thread)
+//!   **and `pivot_root`** into `DIR` ([`Jail::enter`]): the
 //!   host's file system is gone (detached, not just hidden by a chroot that a root process
 //!   could climb out of); paths given to the API afterwards (a disk to swap to, a snapshot
 //!   directory) are paths inside `DIR`.
@@ -71,6 +72,8 @@ pub struct Jail {
     uid: u32,
     gid: u32,
     limits: Limits,
+    /// The namespaces are entered ([`Jail::isolate`]).
+    isolated: bool,
 }
 
 impl Jail {
@@ -88,7 +91,7 @@ impl Jail {
         if !root.is_dir() {
             return Err(JailError::NotADirectory(root));
         }
-        Ok(Jail { root, uid, gid, limits: Limits::default() })
+        Ok(Jail { root, uid, gid, limits: Limits::default(), isolated: false })
     }
 
     pub fn with_limits(self, limits: Limits) -> Self {
@@ -121,14 +124,15 @@ impl Jail {
         Ok(relative.join(name))
     }
 
-    /// Enters the jail: new mount, IPC and UTS namespaces, `pivot_root` into the directory,
-    /// rlimits, then the unprivileged user. Call it once the host resources are open and
-    /// before starting threads that the guest can reach.
-    pub fn enter(&self) -> Result<(), JailError> {
-        let root =
-            CString::new(self.root.as_os_str().as_bytes()).map_err(|_| JailError::NotADirectory(self.root.clone()))?;
-        // SAFETY: namespace, mount and credential calls with valid C strings and no pointers
-        // kept; each result is checked.
+    /// Enters new mount, IPC and UTS namespaces, with every mount private. Only the calling
+    /// thread moves, so this must run while it is the only one: it fails otherwise.
+    pub fn isolate(&mut self) -> Result<(), JailError> {
+        let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+        if threads != 1 {
+            let e = std::io::Error::other(format!("{threads} threads exist; only the calling one would move"));
+            return Err(JailError::Call { what: "enter the jail's namespaces", source: e });
+        }
+        // SAFETY: namespace and mount calls with valid C strings; each result is checked.
         unsafe {
             check(
                 "create mount, IPC and UTS namespaces",
@@ -145,6 +149,27 @@ impl Jail {
                     std::ptr::null(),
                 ),
             )?;
+            let hostname = b"vmm-jail";
+            check("set the jail's host name", libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
+        }
+        self.isolated = true;
+        Ok(())
+    }
+
+    /// Closes the jail: `pivot_root` into the directory (every thread of the namespace
+    /// follows), rlimits, then the unprivileged user (every thread: glibc applies it to all).
+    /// Call [`isolate`](Self::isolate) first, before any thread starts; then this once the
+    /// host resources are open and before starting threads that the guest can reach.
+    pub fn enter(&self) -> Result<(), JailError> {
+        if !self.isolated {
+            let e = std::io::Error::other("Jail::isolate must run first, while the process has one thread");
+            return Err(JailError::Call { what: "enter the jail", source: e });
+        }
+        let root =
+            CString::new(self.root.as_os_str().as_bytes()).map_err(|_| JailError::NotADirectory(self.root.clone()))?;
+        // SAFETY: mount and directory calls with valid C strings and no pointers kept; each
+        // result is checked.
+        unsafe {
             // pivot_root needs the new root to be a mount point.
             check(
                 "bind-mount the jail directory",
@@ -164,11 +189,20 @@ impl Jail {
             )?;
             check("detach the host's file system", libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
             check("enter the jail's root", libc::chdir(c"/".as_ptr()))?;
-            let hostname = b"vmm-jail";
-            check("set the jail's host name", libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
+            // A write past RLIMIT_FSIZE fails with EFBIG instead of killing the VMM.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
         }
         self.set_limits()?;
-        self.drop_user()
+        self.drop_user()?;
+        // SAFETY: getpid and prctl on ourselves.
+        unsafe {
+            // Changing credentials cleared the parent-death signal: as PID 1 of our own
+            // namespace, die with the process waiting for us, as before.
+            if libc::getpid() == 1 {
+                check("set the parent-death signal", libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+            }
+        }
+        Ok(())
     }
 
     fn set_limits(&self) -> Result<(), JailError> {
@@ -203,7 +237,16 @@ impl Jail {
 /// The process the original `vmm` waits for, for the signal forwarder.
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward_signal(signal: libc::c_int) {
+/// The signals the original process passes on, and the child blocks until it can act on them.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+extern "C" fn forward_signal(signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+    // A terminal's Ctrl-C or hang-up goes to the whole process group, the VMM included:
+    // passing it on would deliver it twice (and a second signal means "stop now").
+    // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
+    if unsafe { (*info).si_code } == libc::SI_KERNEL {
+        return;
+    }
     let child = CHILD.load(Ordering::Relaxed);
     if child > 0 {
         // SAFETY: kill(2) is async-signal-safe.
@@ -211,14 +254,40 @@ extern "C" fn forward_signal(signal: libc::c_int) {
     }
 }
 
+fn stop_signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill our own set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in STOP_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+/// Lets SIGTERM, SIGINT and SIGHUP through again in the jailed VMM, once its handlers are in
+/// place: [`enter_pid_namespace`] blocks them, because PID 1 of a namespace drops a signal
+/// whose action is still the default, and one sent before the handlers existed would be lost.
+/// Call it on the main thread before it starts others (they inherit its mask).
+pub fn unblock_stop_signals() {
+    let set = stop_signal_set();
+    // SAFETY: pthread_sigmask with a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
 /// Moves the VMM into a PID namespace of its own. Returns in the new process (PID 1 there);
 /// the original process waits for it, passes on SIGTERM, SIGINT and SIGHUP, and exits with
 /// its status (128 + N if it was killed by signal N). Call it first thing, before any thread
 /// exists: `fork` keeps only the calling thread.
 pub fn enter_pid_namespace() -> Result<(), JailError> {
+    // Blocked across the fork: the parent unblocks them once it forwards them, the child once
+    // its own handlers exist (unblock_stop_signals); none is lost in between.
+    let set = stop_signal_set();
     // SAFETY: unshare and fork before any other thread exists; the child only returns.
     let child = unsafe {
         check("create a PID namespace", libc::unshare(libc::CLONE_NEWPID))?;
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         libc::fork()
     };
     match child {
@@ -234,9 +303,14 @@ pub fn enter_pid_namespace() -> Result<(), JailError> {
             CHILD.store(pid, Ordering::Relaxed);
             // SAFETY: handlers that only call kill(2); waitpid on our own child.
             unsafe {
-                for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-                    libc::signal(signal, forward_signal as *const () as libc::sighandler_t);
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = forward_signal as *const () as usize;
+                action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                for signal in STOP_SIGNALS {
+                    libc::sigaction(signal, &action, std::ptr::null_mut());
                 }
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
                 let mut status = 0;
                 loop {
                     if libc::waitpid(pid, &mut status, 0) == pid {
@@ -259,7 +333,7 @@ mod tests {
     use super::*;
 
     fn jail(root: &Path) -> Jail {
-        Jail { root: root.canonicalize().unwrap(), uid: 1000, gid: 1000, limits: Limits::default() }
+        Jail { root: root.canonicalize().unwrap(), uid: 1000, gid: 1000, limits: Limits::default(), isolated: false }
     }
 
     #[test]

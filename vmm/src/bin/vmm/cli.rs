@@ -326,6 +326,10 @@ pub fn run(args: &RunArgs) -> Result<u8, Failure> {
     };
     let builder = builder.sandbox(args.sandbox.sandbox(jail));
     let signals = StopSignals::catch().map_err(|e| Failure::runtime(anyhow!("cannot handle signals: {e}")))?;
+    if args.sandbox.jail.is_some() {
+        // Blocked since the fork into the PID namespace; the handlers now exist.
+        vmm_sandbox::jail::unblock_stop_signals();
+    }
     // The console is set up before the guest can print: the hint comes first, and keys typed
     // from the first instant reach the guest raw.
     let stdin_mode = (builder.config().serial == SerialConfig::Stdout).then(StdinMode::detect);

@@ -26,7 +26,7 @@ pub struct SandboxArgs {
     /// pivot_root), rlimits, and --uid/--gid as its user, entered once /dev/kvm, taps and
     /// images are open. Needs root. Relative paths are relative to DIR; the API socket, state
     /// file and vsock socket must lie inside it.
-    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
+    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"], conflicts_with = "restore")]
     pub jail: Option<PathBuf>,
     /// The unprivileged user the jailed VMM runs as.
     #[arg(long, value_name = "N", requires = "jail")]
@@ -43,8 +43,10 @@ impl SandboxArgs {
         let (Some(dir), Some(uid), Some(gid)) = (&self.jail, self.uid, self.gid) else {
             return Ok(None);
         };
-        let jail = Jail::new(dir, uid, gid).map_err(|e| Failure::bad_input(anyhow!(e)))?;
+        let mut jail = Jail::new(dir, uid, gid).map_err(|e| Failure::bad_input(anyhow!(e)))?;
         vmm_sandbox::jail::enter_pid_namespace().map_err(|e| Failure::runtime(anyhow!(e)))?;
+        // Still the only thread: the namespaces take the whole process.
+        jail.isolate().map_err(|e| Failure::runtime(anyhow!(e)))?;
         std::env::set_current_dir(jail.root())
             .with_context(|| format!("cannot work in the jail directory {}", jail.root().display()))
             .map_err(Failure::runtime)?;

@@ -194,6 +194,8 @@ impl Engine {
         if timeout.is_zero() {
             return false;
         }
+        // What finished before the failure goes to the guest now, not after the reconnect.
+        self.publish();
         log::warn!(
             "{}: {reason}; reconnecting for up to {} ms, {} operation(s) to retry",
             self.name,
@@ -407,6 +409,8 @@ impl Engine {
                 }
             }
             self.sent += n as usize;
+            // A long write going out is the link working too.
+            self.last_progress = Instant::now();
             if self.sent == REQUEST_LEN + total_len(&front.payload) as usize {
                 self.outgoing.pop_front();
                 self.sent = 0;
@@ -483,6 +487,11 @@ impl Engine {
 
     /// One request of an operation is answered; the operation finishes with its last one.
     fn part_done(&mut self, req: Awaiting, error: u32) -> Result<(), String> {
+        if error == libc::ESHUTDOWN as u32 {
+            // The protocol asks the client to disconnect now. The operation stays unfinished:
+            // a reconnect sends it again (a server restarting is not the guest's I/O error).
+            return Err("the server is shutting down".into());
+        }
         if let Some(op) = self.ops.get_mut(&req.token) {
             op.parts -= 1;
             if error != 0 {
@@ -495,10 +504,6 @@ impl Engine {
             {
                 self.finished.push((req.token, op.error.map_or(Ok(op.bytes), Err)));
             }
-        }
-        if error == libc::ESHUTDOWN as u32 {
-            // The protocol asks the client to disconnect now.
-            return Err("the server is shutting down".into());
         }
         Ok(())
     }
